@@ -1,0 +1,192 @@
+"""The ``probunet`` command line: thin wrappers over the library.
+
+User errors (bad path, bad config key, bad file) exit non-zero with one line on
+stderr and no traceback; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+
+logger = logging.getLogger("probunet")
+
+
+class UserError(Exception):
+    """An error caused by the user's input: reported in one line."""
+
+
+def _user_errors() -> tuple:
+    from .config import ConfigError
+    from .data.validate import DataError
+    from .train import TrainingError
+
+    return (UserError, ConfigError, DataError, TrainingError, FileNotFoundError, FileExistsError,
+            NotADirectoryError, IsADirectoryError, PermissionError, ValueError)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_synth(args) -> int:
+    from .data import synthetic
+
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    items = synthetic.generate(args.num_cases, args.size, args.spatial_dims, args.num_raters, args.seed)
+    params = {"num_cases": args.num_cases, "size": args.size, "spatial_dims": args.spatial_dims,
+              "num_raters": args.num_raters, "seed": args.seed}
+    synthetic.write_qubiq(items, out, params=params)
+    print(f"wrote {len(items)} cases ({args.spatial_dims}D, {args.size}px, {args.num_raters} raters) "
+          f"to {out} in {time.perf_counter() - t0:.1f}s; truth in {out / 'truth.json'}")
+    return 0
+
+
+def _default_run_dir(config: str) -> Path:
+    return Path("runs") / f"{Path(config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .train import fit
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = Path(args.out) if args.out else _default_run_dir(args.config)
+    summary = fit(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
+    from .train import dist_info
+
+    if dist_info().is_main:
+        print(f"run directory: {run_dir}")
+        print(f"  checkpoints: {run_dir / 'checkpoints'} (last.pt, best.pt)")
+        print(f"  metrics:     {run_dir / 'metrics.jsonl'} (TensorBoard: {run_dir / 'tensorboard'})")
+        if summary.get("figure"):
+            print(f"  samples:     {summary['figure']}")
+        if summary.get("val_ged") is not None:
+            print(f"  validation GED {summary['val_ged']:.4f}, sample diversity "
+                  f"{summary['val_sample_diversity']:.4f}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate_cli
+
+    return evaluate_cli(args)
+
+
+def cmd_predict(args) -> int:
+    from .predict import predict_cli
+
+    return predict_cli(args)
+
+
+def cmd_demo(args) -> int:
+    """synth -> train -> evaluate on the embedded synthetic default."""
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not empty; remove it or pass --out NEW_DIR")
+    config = Path(args.config)
+    data_dir, run_dir = out / "data", out / "run"
+    t0 = time.perf_counter()
+    print(f"[1/3] synthetic multi-rater dataset -> {data_dir}")
+    from .config import load_config
+
+    cfg = load_config(config, args.overrides)
+    s = cfg.data.synthetic
+    cmd_synth(argparse.Namespace(out=data_dir, num_cases=s.num_cases, size=s.size, spatial_dims=s.spatial_dims,
+                                 num_raters=s.num_raters, seed=s.seed))
+    print(f"[2/3] training ({cfg.train.steps} steps) -> {run_dir}")
+    cmd_train(argparse.Namespace(config=str(config), overrides=[*args.overrides, f"data.path={data_dir}"],
+                                 out=str(run_dir), resume=False, no_progress=args.no_progress))
+    print(f"[3/3] evaluation on the held-out test split")
+    rc = cmd_evaluate(argparse.Namespace(checkpoint=str(run_dir), num_samples=args.num_samples, out=None,
+                                         overrides=[], no_progress=args.no_progress, device="auto"))
+    print(f"done in {time.perf_counter() - t0:.0f}s; everything is under {out}")
+    return rc
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="probunet",
+        description="Probabilistic U-Net (Kohl et al. 2018): train, sample, evaluate and predict "
+                    "segmentations under annotator variability.")
+    p.add_argument("--version", action="version", version=f"probunet {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    p.add_argument("--quiet", action="store_true", help="only warnings and errors in the log")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("synth", help="write a synthetic multi-rater dataset (QUBIQ layout + truth.json)")
+    s.add_argument("out", metavar="OUT", help="output folder (must not exist or be empty)")
+    s.add_argument("--num-cases", type=int, default=400)
+    s.add_argument("--size", type=int, default=64, help="image side length in pixels")
+    s.add_argument("--spatial-dims", type=int, choices=(2, 3), default=2)
+    s.add_argument("--num-raters", type=int, default=4)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_synth)
+
+    t = sub.add_parser("train", help="train from a YAML config")
+    t.add_argument("config", metavar="CONFIG", help="YAML config (see configs/)")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=100")
+    t.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/<config>-<time>)")
+    t.add_argument("--resume", action="store_true", help="continue RUN_DIR from checkpoints/last.pt")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="GED, HM-IoU, calibration of a checkpoint on a data split")
+    e.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN")
+    e.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="overrides of the checkpoint's config, e.g. data.path=... eval.split=val")
+    e.add_argument("--num-samples", type=int, default=None, help="samples per image (default eval.num_samples)")
+    e.add_argument("--out", metavar="FILE", help="summary JSON path (default RUN_DIR/eval/summary.json)")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=cmd_evaluate)
+
+    r = sub.add_parser("predict", help="segment every image of a folder: samples, probability, uncertainty")
+    r.add_argument("checkpoint", metavar="CHECKPOINT")
+    r.add_argument("input_dir", metavar="INPUT_DIR")
+    r.add_argument("output_dir", metavar="OUTPUT_DIR")
+    r.add_argument("--num-samples", type=int, default=16)
+    r.set_defaults(func=cmd_predict)
+
+    d = sub.add_parser("demo", help="the main job: synth -> train -> evaluate on the synthetic default")
+    d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    d.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "configs" / "synthetic.yaml"))
+    d.add_argument("overrides", nargs="*", metavar="key=value")
+    d.add_argument("--num-samples", type=int, default=None)
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("probunet: interrupted", file=sys.stderr)
+        return 130
+    except _user_errors() as exc:
+        if args.debug:
+            raise
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        print(f"probunet {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

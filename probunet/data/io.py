@@ -1,0 +1,310 @@
+"""Reading and writing medical images with their geometry.
+
+``read_image(path) -> (array, meta)`` and ``write_image(array, meta, path)``.
+
+Readers
+    NIfTI (``.nii``, ``.nii.gz``) is read with nibabel; everything else that
+    SimpleITK reads (NRRD, MHA/MHD, PNG/JPEG/TIFF/BMP, single DICOM files, and a
+    *folder* holding one DICOM series) with SimpleITK.
+
+Axis order (one convention for every format)
+    Arrays are indexed ``(i, j[, k])`` = ``(x, y[, z])``: the order of the voxel
+    indices that the NIfTI affine and the ITK direction matrix act on. This is
+    nibabel's order as stored and MONAI's ``LoadImage`` order; SimpleITK's
+    ``GetArrayFromImage`` gives the reverse ``(z, y, x)``, so those arrays are
+    transposed here (and back on writing). For a 2D PNG this means the array is
+    ``(width, height)``: ``array[x, y]``. Multi-component images (RGB, or a 4D
+    NIfTI) put the components last: ``(x, y[, z], C)`` with
+    ``meta["num_components"] = C``.
+
+Geometry in ``meta`` (plain lists, so that it can go into JSON and checkpoints)
+    ``spacing`` (n,), ``origin`` (n,), ``direction`` (n x n, columns are the axis
+    directions) in ITK's LPS world convention, with n the number of spatial
+    axes; ``affine`` (4 x 4) voxel index -> RAS world in nibabel's convention
+    (for 2D images the third axis is a unit z axis). Both describe the same
+    geometry and either can be written to either format. NIfTI files also keep
+    ``qform_code``/``sform_code``; ``format`` is ``"nifti"`` or ``"itk"``.
+
+Writing
+    ``write_image`` chooses the format from the file extension, restores the
+    geometry exactly (a NIfTI read and written again has a bit-identical affine;
+    ITK spacing/origin/direction are written as read) and writes atomically: a
+    temporary file with the same extension in the same folder, renamed over the
+    target, so a crash never leaves half an image. DICOM is read-only.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ..utils import atomic_call
+from .validate import DataError
+
+logger = logging.getLogger(__name__)
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# Formats SimpleITK can write (by extension); others raise a clear DataError.
+# (Two-file formats such as .mhd/.raw are read but not written: the rename could not be atomic.)
+ITK_WRITE_SUFFIXES = (".nrrd", ".mha", ".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp", ".vtk")
+# Only these have no geometry on disk: spacing/origin/direction are dropped (logged).
+_NO_GEOMETRY = (".png", ".jpg", ".jpeg", ".bmp")
+
+_LPS = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS flip (its own inverse)
+
+
+def full_suffix(path: str | Path) -> str:
+    """The extension, ``.nii.gz`` counted as one: ``a/b.nii.gz`` -> ``.nii.gz``."""
+    name = Path(path).name.lower()
+    if name.endswith(".nii.gz"):
+        return ".nii.gz"
+    return Path(name).suffix
+
+
+def strip_suffix(path: str | Path) -> str:
+    """The file name without its (double) extension: ``case1.nii.gz`` -> ``case1``."""
+    name = Path(path).name
+    suffix = full_suffix(name)
+    return name[: len(name) - len(suffix)] if suffix else name
+
+
+def is_nifti(path: str | Path) -> bool:
+    return full_suffix(path) in NIFTI_SUFFIXES
+
+
+# ---------------------------------------------------------------- geometry
+
+
+def affine_from_itk(spacing, origin, direction) -> np.ndarray:
+    """RAS affine (4, 4) from ITK LPS ``spacing`` (n,), ``origin`` (n,), ``direction`` (n, n); n = 2 or 3."""
+    n = len(spacing)
+    lin = np.eye(3)
+    off = np.zeros(3)
+    lin[:n, :n] = np.asarray(direction, dtype=np.float64).reshape(n, n) @ np.diag(np.asarray(spacing, float))
+    off[:n] = np.asarray(origin, dtype=np.float64)
+    aff = np.eye(4)
+    aff[:3, :3] = _LPS @ lin
+    aff[:3, 3] = _LPS @ off
+    return aff
+
+
+def itk_from_affine(affine, ndim: int) -> tuple[list, list, list]:
+    """``(spacing, origin, direction)`` (ITK LPS, ``ndim`` axes) of a RAS affine (4, 4)."""
+    aff = np.asarray(affine, dtype=np.float64)
+    lin = _LPS @ aff[:3, :3]
+    off = _LPS @ aff[:3, 3]
+    lin, off = lin[:ndim, :ndim], off[:ndim]
+    spacing = np.linalg.norm(lin, axis=0)
+    safe = np.where(spacing > 0, spacing, 1.0)
+    direction = lin / safe
+    return spacing.tolist(), off.tolist(), direction.tolist()
+
+
+def _geometry_meta(ndim: int, spacing, origin, direction, affine) -> dict:
+    return {
+        "spacing": [float(s) for s in spacing],
+        "origin": [float(o) for o in origin],
+        "direction": [[float(v) for v in row] for row in np.asarray(direction, float).reshape(ndim, ndim)],
+        "affine": [[float(v) for v in row] for row in np.asarray(affine, float)],
+    }
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_image(path: str | Path) -> tuple[np.ndarray, dict]:
+    """Read an image and its geometry: ``array`` ``(x, y[, z])`` (``(..., C)`` for
+    multi-component images) in its stored dtype, and ``meta`` (see module doc).
+
+    Raises :class:`DataError` naming the file when it is missing or unreadable.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    try:
+        if path.is_dir():
+            return _read_dicom_series(path)
+        if is_nifti(path):
+            return _read_nifti(path)
+        return _read_itk(path)
+    except DataError:
+        raise
+    except Exception as exc:  # a reader's own error: name the file, keep the reason
+        reason = str(exc).strip().splitlines()
+        reason = reason[-1] if reason else exc.__class__.__name__
+        raise DataError(f"{path}: cannot read this image ({exc.__class__.__name__}: {reason[:300]})") from exc
+
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, dict]:
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    array = np.asanyarray(img.dataobj)  # applies scl_slope/inter only when set
+    if array.ndim > 4 or array.ndim < 2:
+        raise DataError(f"{path}: expected a 2D or 3D image (or 4D with channels last), got shape {array.shape}")
+    ndim = array.ndim if array.ndim <= 3 else 3
+    affine = np.asarray(img.affine, dtype=np.float64)
+    spacing, origin, direction = itk_from_affine(affine, min(ndim, 3))
+    meta = {"format": "nifti", "shape": list(array.shape[:ndim]), "dtype": str(array.dtype),
+            **_geometry_meta(ndim, spacing, origin, direction, affine)}
+    hdr = img.header
+    meta["qform_code"] = int(hdr["qform_code"])
+    meta["sform_code"] = int(hdr["sform_code"])
+    if array.ndim == 4:
+        meta["num_components"] = int(array.shape[3])
+    return np.asarray(array), meta
+
+
+def _itk_meta(img) -> dict:
+    ndim = img.GetDimension()
+    spacing, origin = img.GetSpacing(), img.GetOrigin()
+    direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(ndim, ndim)
+    affine = affine_from_itk(spacing, origin, direction) if ndim in (2, 3) else np.eye(4)
+    meta = {"format": "itk", "shape": list(img.GetSize()), **_geometry_meta(ndim, spacing, origin, direction, affine)}
+    if img.GetNumberOfComponentsPerPixel() > 1:
+        meta["num_components"] = int(img.GetNumberOfComponentsPerPixel())
+    return meta
+
+
+def _itk_to_array(img) -> np.ndarray:
+    import SimpleITK as sitk
+
+    array = sitk.GetArrayFromImage(img)  # (z, y, x) [+ components]
+    ndim = img.GetDimension()
+    order = list(range(ndim))[::-1] + list(range(ndim, array.ndim))
+    return np.ascontiguousarray(np.transpose(array, order))
+
+
+def _read_itk(path: Path) -> tuple[np.ndarray, dict]:
+    import SimpleITK as sitk
+
+    img = sitk.ReadImage(str(path))
+    if img.GetDimension() not in (2, 3):
+        raise DataError(f"{path}: expected a 2D or 3D image, got {img.GetDimension()} dimensions")
+    array = _itk_to_array(img)
+    meta = _itk_meta(img)
+    meta["dtype"] = str(array.dtype)
+    return array, meta
+
+
+def _read_dicom_series(path: Path) -> tuple[np.ndarray, dict]:
+    import SimpleITK as sitk
+
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
+    if not series:
+        raise DataError(f"{path}: a folder was given as an image, but it holds no DICOM series")
+    if len(series) > 1:
+        raise DataError(f"{path}: holds {len(series)} DICOM series ({', '.join(series[:5])}); "
+                        f"give a folder with exactly one series")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0]))
+    img = reader.Execute()
+    array = _itk_to_array(img)
+    meta = _itk_meta(img)
+    meta.update({"format": "dicom", "dtype": str(array.dtype), "series_uid": series[0]})
+    return array, meta
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _spatial_ndim(array: np.ndarray, meta: dict) -> int:
+    if meta.get("num_components"):
+        return array.ndim - 1
+    if "spacing" in meta:
+        return len(meta["spacing"])
+    return array.ndim
+
+
+def write_image(array: np.ndarray, meta: Optional[dict], path: str | Path) -> Path:
+    """Write ``array`` (``(x, y[, z])``, as returned by :func:`read_image`) with the
+    geometry in ``meta`` to ``path``; the format follows the extension.
+
+    ``meta`` may be None or lack geometry (identity geometry is written). A meta
+    from a NIfTI file can be written as NRRD/MHA and vice versa. The dtype is kept
+    (bool is written as uint8). Written atomically (temp file + rename).
+    """
+    path = Path(path)
+    meta = dict(meta or {})
+    array = np.asarray(array)
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    suffix = full_suffix(path)
+    ndim = _spatial_ndim(array, meta)
+    if ndim not in (2, 3) or array.ndim not in (ndim, ndim + 1):
+        raise DataError(f"{path}: cannot write an array of shape {array.shape} with {ndim} spatial axes")
+    if "spacing" in meta and len(meta["spacing"]) != ndim:
+        raise DataError(f"{path}: the geometry in meta has {len(meta['spacing'])} axes, the array {ndim}")
+    if suffix in NIFTI_SUFFIXES:
+        return _write_nifti(array, meta, path, ndim, suffix)
+    if suffix in ITK_WRITE_SUFFIXES:
+        return _write_itk(array, meta, path, ndim, suffix)
+    raise DataError(f"{path}: cannot write extension '{suffix or '(none)'}'; use .nii.gz, .nrrd, .mha or .png "
+                    f"(DICOM and two-file .mhd/.raw are read-only here)")
+
+
+def _affine_of(meta: dict, ndim: int) -> np.ndarray:
+    if "affine" in meta:
+        return np.asarray(meta["affine"], dtype=np.float64)
+    if "spacing" in meta:
+        return affine_from_itk(meta["spacing"], meta.get("origin", [0.0] * ndim),
+                               meta.get("direction", np.eye(ndim).tolist()))
+    return np.eye(4)
+
+
+def _itk_geometry_of(meta: dict, ndim: int) -> tuple[list, list, list]:
+    if "spacing" in meta:
+        return (list(meta["spacing"]), list(meta.get("origin", [0.0] * ndim)),
+                list(meta.get("direction", np.eye(ndim).tolist())))
+    if "affine" in meta:
+        return itk_from_affine(meta["affine"], ndim)
+    return [1.0] * ndim, [0.0] * ndim, np.eye(ndim).tolist()
+
+
+def _write_nifti(array, meta, path: Path, ndim: int, suffix: str) -> Path:
+    import nibabel as nib
+
+    affine = _affine_of(meta, ndim)
+    img = nib.Nifti1Image(array, affine)
+    # Keep the codes as read; a geometry that came from ITK is scanner space (1).
+    img.set_qform(affine, code=int(meta.get("qform_code", 1)))
+    img.set_sform(affine, code=int(meta.get("sform_code", 1)))
+    atomic_call(path, lambda tmp: nib.save(img, tmp), suffix=suffix)
+    return path
+
+
+def _write_itk(array, meta, path: Path, ndim: int, suffix: str) -> Path:
+    import SimpleITK as sitk
+
+    vector = array.ndim == ndim + 1
+    order = list(range(ndim))[::-1] + ([ndim] if vector else [])
+    try:
+        img = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(array, order)), isVector=vector)
+    except Exception as exc:
+        raise DataError(f"{path}: SimpleITK cannot hold an array of dtype {array.dtype} ({exc})") from exc
+    spacing, origin, direction = _itk_geometry_of(meta, ndim)
+    if suffix in _NO_GEOMETRY:
+        if not np.allclose(spacing, 1.0) or not np.allclose(origin, 0.0):
+            logger.warning("%s: %s files hold no spacing/origin/direction; the geometry is not written", path,
+                           suffix)
+    else:
+        img.SetSpacing([float(s) for s in spacing])
+        img.SetOrigin([float(o) for o in origin])
+        img.SetDirection([float(v) for v in np.asarray(direction, dtype=np.float64).reshape(-1)])
+
+    def write(tmp: str) -> None:
+        try:
+            sitk.WriteImage(img, tmp, useCompression=suffix not in (".png", ".jpg", ".jpeg", ".bmp"))
+        except RuntimeError as exc:
+            raise DataError(f"{path}: SimpleITK cannot write this image ({str(exc).strip().splitlines()[-1]})") \
+                from exc
+
+    atomic_call(path, write, suffix=suffix)
+    return path
+
+
+__all__ = ["read_image", "write_image", "affine_from_itk", "itk_from_affine", "full_suffix", "strip_suffix",
+           "is_nifti"]

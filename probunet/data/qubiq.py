@@ -1,0 +1,111 @@
+"""``data.format: qubiq``: the QUBIQ challenge layout.
+
+::
+
+    <data.path>/<case>/image.nii.gz
+    <data.path>/<case>/task01_seg01.nii.gz   # task TT (data.task), rater RR
+    <data.path>/<case>/task01_seg02.nii.gz
+    ...
+
+Raters are counted per case (``task<TT>_seg*.nii.gz`` sorted by rater number).
+Images of shape ``(x, y[, z])`` get a channel axis; an image with one axis more
+than its masks (e.g. QUBIQ brain-tumor, ``(x, y, 4)``) has its channels last.
+Sub-folders with neither ``image.nii*`` nor task files are skipped (logged).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from . import io
+from .validate import DataError, check_same_geometry, require_items, to_image, to_labels
+
+logger = logging.getLogger(__name__)
+
+_SEG = re.compile(r"^task(\d+)_seg(\d+)\.nii(\.gz)?$", re.IGNORECASE)
+
+
+def _find_image(case_dir: Path):
+    for name in ("image.nii.gz", "image.nii"):
+        if (case_dir / name).is_file():
+            return case_dir / name
+    return None
+
+
+def _rater_files(case_dir: Path, task: int) -> list[tuple[int, Path]]:
+    found = []
+    for p in case_dir.iterdir():
+        m = _SEG.match(p.name)
+        if m and int(m.group(1)) == task:
+            found.append((int(m.group(2)), p))
+    found.sort()
+    numbers = [n for n, _ in found]
+    if len(set(numbers)) != len(numbers):
+        raise DataError(f"{case_dir}: two files for the same rater of task {task:02d} "
+                        f"({', '.join(p.name for _, p in found)})")
+    return found
+
+
+def read_case(case_dir: Path, task: int, *, binarize: bool = False, check_geometry: bool = True) -> dict:
+    """One QUBIQ case folder -> item (see probunet.data)."""
+    import numpy as np
+
+    image_path = _find_image(case_dir)
+    if image_path is None:
+        raise DataError(f"{case_dir}: no image.nii.gz in this case folder")
+    raters = _rater_files(case_dir, task)
+    if not raters:
+        tasks = sorted({int(m.group(1)) for p in case_dir.iterdir() if (m := _SEG.match(p.name))})
+        hint = f" (tasks here: {', '.join(f'{t:02d}' for t in tasks)}; set data.task)" if tasks else ""
+        raise DataError(f"{case_dir}: no rater masks task{task:02d}_seg*.nii.gz{hint}")
+    image, image_meta = io.read_image(image_path)
+    labels = []
+    for _, mask_path in raters:
+        mask, mask_meta = io.read_image(mask_path)
+        if mask_meta.get("num_components"):
+            raise DataError(f"{mask_path}: rater mask has {mask_meta['num_components']} components; expected a "
+                            f"single label map")
+        spatial = image.ndim if image.ndim == mask.ndim else image.ndim - 1
+        if mask.ndim != spatial or tuple(mask.shape) != tuple(image.shape[:spatial]):
+            raise DataError(f"{mask_path}: rater mask shape {tuple(mask.shape)} does not match the image shape "
+                            f"{tuple(image.shape)} of {image_path}")
+        if check_geometry:
+            check_same_geometry(image_meta, mask_meta, str(mask_path), str(image_path))
+        labels.append(to_labels(mask, str(mask_path), binarize=binarize))
+    spatial_ndim = labels[0].ndim
+    if image.ndim == spatial_ndim + 1:  # channels last: geometry is that of the spatial axes
+        image_meta["shape"] = list(image.shape[:spatial_ndim])
+    case_id = case_dir.name
+    meta = {
+        "group": case_id,
+        "image_path": str(image_path),
+        "mask_paths": [str(p) for _, p in raters],
+        "raters": [n for n, _ in raters],
+        **{k: image_meta[k] for k in ("spacing", "origin", "direction", "affine", "shape") if k in image_meta},
+    }
+    return {"image": to_image(image, str(image_path), spatial_ndim),
+            "labels": np.stack(labels).astype(np.int64, copy=False), "case_id": case_id, "meta": meta}
+
+
+def read_cases(data_cfg) -> list[dict]:
+    """Every case under ``data_cfg.path`` for task ``data_cfg.task``, sorted by folder name."""
+    root = Path(data_cfg.path)
+    if not root.is_dir():
+        raise DataError(f"{root}: data.path is not a folder (expected <root>/<case>/image.nii.gz and "
+                        f"task{int(data_cfg.task):02d}_seg<RR>.nii.gz)")
+    task = int(data_cfg.task)
+    binarize = bool(getattr(data_cfg, "binarize", False))
+    check_geometry = bool(getattr(data_cfg, "check_geometry", True))
+    items = []
+    for case_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        has_image = _find_image(case_dir) is not None
+        has_segs = any(_SEG.match(p.name) for p in case_dir.iterdir())
+        if not has_image and not has_segs:
+            logger.debug("qubiq: skipping %s (no image.nii.gz, no task files)", case_dir)
+            continue
+        items.append(read_case(case_dir, task, binarize=binarize, check_geometry=check_geometry))
+    require_items(items, root, f"case folders with image.nii.gz and task{task:02d}_seg*.nii.gz")
+    logger.info("qubiq: %d cases, task %02d, from %s", len(items), task, root)
+    return items

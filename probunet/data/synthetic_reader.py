@@ -1,0 +1,19 @@
+"""``data.format: synthetic``: generated in memory, or read from a ``probunet synth`` folder."""
+
+from __future__ import annotations
+
+from . import synthetic
+
+
+def read_cases(data_cfg) -> list[dict]:
+    if not data_cfg.path:
+        s = data_cfg.synthetic
+        return synthetic.generate(s.num_cases, s.size, s.spatial_dims, s.num_raters, s.seed)
+    from .qubiq import read_cases as read_qubiq
+
+    items = read_qubiq(data_cfg)
+    truth = synthetic.read_truth(data_cfg.path)
+    for item in items:
+        if item["case_id"] in truth:
+            item["meta"]["truth"] = truth[item["case_id"]]
+    return items

@@ -1,0 +1,104 @@
+"""The Probabilistic U-Net's training objective.
+
+ELBO form (Kohl et al. 2018): cross-entropy summed over pixels and averaged over
+the batch, plus beta * KL(q(z|x,y) || p(z|x)) averaged over the batch. Both
+terms are per-image quantities averaged the same way, so the effective beta
+does not depend on the batch size.
+
+GECO form (Rezende & Viola 2018), as the hierarchical Prob U-Net trains:
+minimise KL subject to the mean per-pixel CE staying under a goal kappa, with a
+Lagrange multiplier lambda updated from a moving average of the constraint:
+``loss = lambda * (CE_mean - kappa) + KL``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def cross_entropy_terms(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (B, C, *spatial), target (B, *spatial) int -> (CE summed over pixels (B,), mean CE (B,)), fp32."""
+    ce = F.cross_entropy(logits.float(), target.long(), reduction="none")  # (B, *spatial)
+    ce = ce.flatten(1)  # (B, N)
+    return ce.sum(dim=1), ce.mean(dim=1)
+
+
+def beta_schedule(beta: float, step: int, warmup_steps: int) -> float:
+    """Linear KL warm-up: beta * min(1, (step + 1) / warmup_steps); constant without warm-up."""
+    if warmup_steps <= 0:
+        return float(beta)
+    return float(beta) * min(1.0, (step + 1) / warmup_steps)
+
+
+def elbo_loss(logits: torch.Tensor, target: torch.Tensor, kl: torch.Tensor,
+              beta: float = 1.0) -> dict[str, torch.Tensor]:
+    """Negative ELBO.
+
+    logits (B, C, *spatial), target (B, *spatial) integer labels, kl (B,).
+    Returns a dict of scalars: ``loss`` = mean_b(CE_sum) + beta * mean_b(KL),
+    ``ce_sum`` (per image, summed over pixels, batch mean), ``ce_mean`` (per pixel),
+    ``kl`` (batch mean).
+    """
+    ce_sum, ce_mean = cross_entropy_terms(logits, target)
+    kl_mean = kl.float().mean()
+    ce_sum_mean = ce_sum.mean()
+    return {
+        "loss": ce_sum_mean + beta * kl_mean,
+        "ce_sum": ce_sum_mean,
+        "ce_mean": ce_mean.mean(),
+        "kl": kl_mean,
+    }
+
+
+class Geco(nn.Module):
+    """GECO constraint on the mean per-pixel CE (Rezende & Viola 2018).
+
+    ``lambda`` and the constraint's moving average are buffers, so they live in
+    the state dict and resume with the checkpoint.
+    """
+
+    def __init__(self, goal: float, alpha: float = 0.99, step_size: float = 0.01,
+                 lambda_init: float = 1.0, lambda_min: float = 1e-3, lambda_max: float = 1e4):
+        super().__init__()
+        self.goal = goal
+        self.alpha = alpha
+        self.step_size = step_size
+        self.lambda_min = lambda_min
+        self.lambda_max = lambda_max
+        self.register_buffer("lagmul", torch.tensor(float(lambda_init)))
+        self.register_buffer("constraint_ma", torch.tensor(0.0))
+        self.register_buffer("initialised", torch.tensor(False))
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, kl: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Same inputs as :func:`elbo_loss`; also updates lambda (no gradient through it)."""
+        ce_sum, ce_mean = cross_entropy_terms(logits, target)
+        kl_mean = kl.float().mean()
+        constraint = ce_mean.mean() - self.goal
+        with torch.no_grad():
+            c = constraint.detach()
+            ma = torch.where(self.initialised, self.alpha * self.constraint_ma + (1 - self.alpha) * c, c)
+            self.constraint_ma.copy_(ma)
+            self.initialised.fill_(True)
+            new = self.lagmul * torch.exp(self.step_size * ma)
+            self.lagmul.copy_(new.clamp(self.lambda_min, self.lambda_max))
+        # Straight-through: the gradient sees the current constraint, its value the moving average.
+        smoothed = constraint + (self.constraint_ma - constraint).detach()
+        return {
+            "loss": self.lagmul * smoothed + kl_mean,
+            "ce_sum": ce_sum.mean(),
+            "ce_mean": ce_mean.mean(),
+            "kl": kl_mean,
+            "geco_lambda": self.lagmul.detach().clone(),
+        }
+
+
+def build_geco(geco_cfg) -> Optional[Geco]:
+    if not geco_cfg.enabled:
+        return None
+    return Geco(goal=geco_cfg.goal, alpha=geco_cfg.alpha, step_size=geco_cfg.step_size,
+                lambda_init=geco_cfg.lambda_init, lambda_min=geco_cfg.lambda_min,
+                lambda_max=geco_cfg.lambda_max)

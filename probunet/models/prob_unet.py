@@ -1,0 +1,188 @@
+"""The Probabilistic U-Net (Kohl et al., NeurIPS 2018)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributions import Independent
+
+from .fcomb import Fcomb
+from .gaussian import GaussianHead, analytic_kl, standard_gaussian
+from .unet import Encoder, UNet
+
+
+@dataclass
+class ProbUNetOutput:
+    """What :meth:`ProbabilisticUNet.forward` returns.
+
+    logits (B, C, *spatial); prior / posterior: distributions with batch_shape (B,)
+    and event_shape (latent_dim,), posterior None without ``seg``; kl (B,)
+    KL(q(z|x,y) || p(z|x)) or None without ``seg``; z (B, latent_dim) the latent used.
+    """
+
+    logits: torch.Tensor
+    prior: Independent
+    posterior: Optional[Independent]
+    kl: Optional[torch.Tensor]
+    z: torch.Tensor
+
+
+class LatentEncoder(nn.Module):
+    """Prior net p(z|x) or posterior net q(z|x,y): the U-Net's encoder shape,
+    spatial mean, then a projection to mu and log-sigma.
+
+    input (B, C, *spatial) -> distribution with batch_shape (B,), event (latent_dim,).
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, features: Sequence[int],
+                 latent_dim: int, convs_per_level: int = 3, norm: Optional[str] = None):
+        super().__init__()
+        self.encoder = Encoder(spatial_dims, in_channels, features, convs_per_level, norm=norm)
+        self.head = GaussianHead(features[-1], latent_dim)
+
+    def forward(self, x: torch.Tensor) -> Independent:
+        return self.head(self.encoder(x)[-1])
+
+
+class ProbabilisticUNet(nn.Module):
+    """Conditional VAE around a U-Net for sampling plausible segmentations.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: image channels C_in.
+        num_classes: label classes C, background included (>= 2).
+        features: channels per U-Net level (also the prior/posterior encoders).
+        latent_dim: dimension of z.
+        fcomb_layers: number of 1x1 convs in f_comb, the last giving logits.
+        prior: ``"conditional"`` (p(z|x), a prior net as in Kohl et al.) or
+            ``"standard"`` (fixed N(0, I)).
+        convs_per_level: 3x3 convs per level (3 in the reference).
+        norm: None (reference) or a MONAI norm name.
+    """
+
+    def __init__(self, spatial_dims: int = 2, in_channels: int = 1, num_classes: int = 2,
+                 features: Sequence[int] = (32, 64, 128, 192), latent_dim: int = 6,
+                 fcomb_layers: int = 4, prior: str = "conditional", convs_per_level: int = 3,
+                 norm: Optional[str] = None):
+        super().__init__()
+        if prior not in ("conditional", "standard"):
+            raise ValueError(f"prior must be 'conditional' or 'standard', got {prior!r}")
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.latent_dim = latent_dim
+        self.prior_type = prior
+        self.unet = UNet(spatial_dims, in_channels, features, convs_per_level, norm=norm)
+        self.prior_net = (LatentEncoder(spatial_dims, in_channels, features, latent_dim, convs_per_level, norm)
+                          if prior == "conditional" else None)
+        self.posterior_net = LatentEncoder(spatial_dims, in_channels + num_classes, features, latent_dim,
+                                           convs_per_level, norm)
+        self.fcomb = Fcomb(spatial_dims, self.unet.out_channels, latent_dim, num_classes, fcomb_layers)
+
+    @property
+    def divisor(self) -> int:
+        """Spatial sizes must be multiples of this."""
+        return self.unet.divisor
+
+    def check_input(self, image: torch.Tensor) -> None:
+        if image.dim() != self.spatial_dims + 2:
+            raise ValueError(f"image must be (B, C, *spatial) with {self.spatial_dims} spatial dims, "
+                             f"got shape {tuple(image.shape)}")
+        if image.shape[1] != self.in_channels:
+            raise ValueError(f"image has {image.shape[1]} channels, the model expects {self.in_channels}")
+        bad = [s for s in image.shape[2:] if s % self.divisor]
+        if bad:
+            raise ValueError(f"spatial size {tuple(image.shape[2:])} must be divisible by {self.divisor} "
+                             f"(2**(levels-1)); pad or crop the image")
+
+    def prior(self, image: torch.Tensor) -> Independent:
+        """p(z|x) for image (B, C_in, *spatial); N(0, I) with ``prior='standard'``."""
+        if self.prior_net is None:
+            return standard_gaussian(image.shape[0], self.latent_dim, image.device)
+        return self.prior_net(image)
+
+    def posterior(self, image: torch.Tensor, seg: torch.Tensor) -> Independent:
+        """q(z|x,y): image (B, C_in, *spatial), seg (B, *spatial) integer labels."""
+        onehot = F.one_hot(seg.long(), self.num_classes).movedim(-1, 1).to(image.dtype)
+        return self.posterior_net(torch.cat([image, onehot], dim=1))
+
+    def forward(self, image: torch.Tensor, *, seg: Optional[torch.Tensor] = None) -> ProbUNetOutput:
+        """image (B, C_in, *spatial), seg (B, *spatial) integer labels or None.
+
+        With ``seg``, z is a reparameterised sample of the posterior (training);
+        without, a sample of the prior.
+        """
+        self.check_input(image)
+        features = self.unet(image)
+        prior = self.prior(image)
+        posterior = kl = None
+        if seg is not None:
+            if seg.shape != (image.shape[0], *image.shape[2:]):
+                raise ValueError(f"seg must be (B, *spatial) = {(image.shape[0], *image.shape[2:])}, "
+                                 f"got {tuple(seg.shape)}")
+            posterior = self.posterior(image, seg)
+            z = posterior.rsample()
+            kl = analytic_kl(posterior, prior)
+        else:
+            z = prior.rsample()
+        logits = self.fcomb(features, z)
+        return ProbUNetOutput(logits=logits, prior=prior, posterior=posterior, kl=kl, z=z)
+
+    def sample(self, image: torch.Tensor, num_samples: int, *, chunk_size: Optional[int] = 32,
+               generator: Optional[torch.Generator] = None, mean: bool = False) -> torch.Tensor:
+        """Draw ``num_samples`` segmentations per image from the prior.
+
+        image (B, C_in, *spatial) -> logits (B, S, C, *spatial).
+
+        The U-Net and the prior net run once per image; only f_comb runs per
+        sample, batched over ``chunk_size`` samples at a time (None: all at once)
+        to bound memory. All latents are drawn up front, so the result does not
+        depend on ``chunk_size``. With ``mean=True`` every sample uses the prior
+        mean instead (a deterministic segmentation). Runs without autograd when
+        gradients are disabled or the model is in eval mode.
+        """
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        ctx = torch.inference_mode() if (not self.training or not torch.is_grad_enabled()) else _null()
+        with ctx:
+            self.check_input(image)
+            features = self.unet(image)
+            prior = self.prior(image)
+            loc, scale = prior.base_dist.loc, prior.base_dist.scale  # (B, D) fp32
+            b = image.shape[0]
+            if mean:
+                eps = torch.zeros(b, num_samples, self.latent_dim, device=loc.device)
+            else:
+                eps = torch.randn(b, num_samples, self.latent_dim, device=loc.device, generator=generator) \
+                    if generator is None or generator.device == loc.device else \
+                    torch.randn(b, num_samples, self.latent_dim, generator=generator).to(loc.device)
+            z = loc.unsqueeze(1) + scale.unsqueeze(1) * eps  # (B, S, D)
+            feat_term = self.fcomb.feature_term(features)  # (B, F, *spatial), once per image
+            step = num_samples if not chunk_size else max(1, int(chunk_size))
+            chunks = [self.fcomb.combine(feat_term, z[:, i:i + step]) for i in range(0, num_samples, step)]
+            return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def build_model(model_cfg) -> ProbabilisticUNet:
+    """Build a :class:`ProbabilisticUNet` from a :class:`probunet.config.ModelConfig`."""
+    return ProbabilisticUNet(
+        spatial_dims=model_cfg.spatial_dims, in_channels=model_cfg.in_channels,
+        num_classes=model_cfg.num_classes, features=tuple(model_cfg.features),
+        latent_dim=model_cfg.latent_dim, fcomb_layers=model_cfg.fcomb_layers,
+        prior=model_cfg.prior, convs_per_level=model_cfg.convs_per_level, norm=model_cfg.norm,
+    )
