@@ -150,11 +150,43 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_evaluate)
 
-    r = sub.add_parser("predict", help="segment every image of a folder: samples, probability, uncertainty")
-    r.add_argument("checkpoint", metavar="CHECKPOINT")
-    r.add_argument("input_dir", metavar="INPUT_DIR")
+    r = sub.add_parser(
+        "predict", help="segment every image of a folder: samples, probability, uncertainty",
+        description="Per image of INPUT_DIR (NIfTI, NRRD, MHA, TIFF, DICOM, ...; PNG for 2D models), write "
+                    "OUTPUT_DIR/<case>/ sample_000.., probability, entropy, consensus in the input's format and "
+                    "geometry, and OUTPUT_DIR/summary.csv. Exit 0: all written; 1: some cases failed (see the "
+                    "summary); 2: bad arguments.")
+    r.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file or run directory")
+    r.add_argument("input_dir", metavar="INPUT_DIR", help="folder of images (never written to)")
     r.add_argument("output_dir", metavar="OUTPUT_DIR")
-    r.add_argument("--num-samples", type=int, default=16)
+    r.add_argument("--num-samples", type=int, default=16, help="samples per image (default 16)")
+    r.add_argument("--recursive", action="store_true", help="also images in sub-folders (mirrored in OUTPUT_DIR)")
+    r.add_argument("--file-list", metavar="FILE",
+                   help="text file, one image per line (relative to INPUT_DIR or absolute), instead of scanning")
+    r.add_argument("--overwrite", action="store_true", help="recompute cases whose output folder exists")
+    r.add_argument("--seed", type=int, default=0, help="seed of the latent samples (default 0)")
+    r.add_argument("--axis", default="auto", choices=("auto", "0", "1", "2"),
+                   help="2D model on 3D volumes: slicing axis of the (x, y, z) array; auto: the coarsest spacing")
+    r.add_argument("--roi", metavar="SIZE", default=None,
+                   help="sliding-window size, e.g. 64 or 96,96,32; default: the training patch (data.crop_size); "
+                        "0: always the whole image")
+    r.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap (default 0.25)")
+    r.add_argument("--blend", choices=("gaussian", "constant"), default="gaussian",
+                   help="blending of overlapping windows")
+    r.add_argument("--prior-window", choices=("image", "roi"), default="image",
+                   help="when sliding: the prior p(z|x) from the whole image (default) or its central window")
+    r.add_argument("--batch-size", type=int, default=None,
+                   help="images / slices / windows per forward pass (default 16 for 2D models, 1 for 3D)")
+    r.add_argument("--sample-chunk", type=int, default=None, help="samples per f_comb pass (default: auto)")
+    r.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    r.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default=None,
+                   help="autocast (default: train.amp of the checkpoint)")
+    r.add_argument("--output-format", choices=("same", "nii.gz", "nii", "nrrd", "mha"), default="same",
+                   help="file format of the outputs (default: the input's)")
+    r.add_argument("--workers", type=int, default=2, help="threads reading/writing images (default 2)")
+    r.add_argument("--shard", metavar="K/N", default=None,
+                   help="only cases K, K+N, ...; writes summary.shard-K-of-N.csv (see scripts/predict_batch.py)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_predict)
 
     d = sub.add_parser("demo", help="the main job: synth -> train -> evaluate on the synthetic default")

@@ -237,6 +237,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"config key '{key}': expected a number, got {value!r}") from None
     if tp is str:
+        if isinstance(value, bool):  # YAML 1.1 reads off/no/false as False
+            return "off" if not value else "on"
         if isinstance(value, (dict, list)):
             raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
         return str(value)

@@ -63,9 +63,9 @@ __all__ = [
     "consensus_scores",
 ]
 
-# Elements per one-hot operand chunk (float32): 2**24 elements = 64 MiB. Also
+# Elements per one-hot operand chunk (float32): 2**22 elements = 16 MiB. Also
 # keeps every per-chunk count below 2**24, where float32 integers are exact.
-_CHUNK_ELEMENTS = 2**24
+_CHUNK_ELEMENTS = 2**22
 
 
 # ----------------------------------------------------------------------------
@@ -249,7 +249,10 @@ def iou(
         size_a.append(ma.sum(dim=dims))
         size_b.append(mb.sum(dim=dims))
     lead = shape[: len(shape) - nd]
-    stack = lambda ts: torch.stack([t.expand(lead) for t in ts], dim=-1)  # (*lead, K)
+
+    def stack(counts: list[Tensor]) -> Tensor:  # K tensors broadcastable to lead -> (*lead, K)
+        return torch.stack([t.expand(lead) for t in counts], dim=-1)
+
     out = _iou_from_counts(stack(inter), stack(size_a), stack(size_b), empty_iou)
     return out.to(_out_dtype())
 

@@ -523,3 +523,31 @@ def test_consensus_empty():
     out = M.consensus_scores(batch([Z2]), batch([Z2, Z2]))
     same(out["dice"], [1.0])
     same(M.consensus_scores(batch([Z2]), batch([Z2]), empty_score=0.0)["iou"], [0.0])
+
+
+# --------------------------------------------------------------------------
+# devices
+# --------------------------------------------------------------------------
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_results_stay_on_input_device(device):
+    # the S=3, A=2 HM-IoU case and the 2x2 GED case, computed on `device`
+    s = batch([Y1, S_A, S_B]).to(device)
+    r = batch([Y1, Y2]).to(device)
+    c = M.ged_components(s, r)
+    # d_sy rows: Y1 (0, 1), S_A (.5, 1), S_B (1, .5): cross = 4 / 6
+    # d_ss off-diagonal: d(Y1,S_A)=.5, d(Y1,S_B)=1, d(S_A,S_B)=1 -> 2 * 2.5 / 9
+    # d_yy: 2 * 1 / 4 -> GED = 8/6 - 5/9 - 1/2
+    ged = M.ged_from_components(c)
+    assert ged.device.type == torch.device(device).type
+    same(ged.cpu(), [8 / 6 - 5 / 9 - 0.5])
+    hm = M.hungarian_matched_iou_from_iou(1.0 - c.d_sy)
+    assert hm.device.type == torch.device(device).type
+    same(hm.cpu(), [3.5 / 6])
+    cal = M.calibration(*[t.to(device) for t in _calibration_case()], num_bins=2)
+    same(cal.ece.cpu(), [0.125, 0.0])
+    p = _two_pixel_probs().to(device)
+    same(M.mutual_information(p, from_logits=False).cpu(), [[[LN2, LN2 - H_QUARTER]]])

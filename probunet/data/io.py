@@ -112,6 +112,19 @@ def _geometry_meta(ndim: int, spacing, origin, direction, affine) -> dict:
     }
 
 
+def trim_geometry(meta: dict, spatial: int) -> dict:
+    """The geometry of the first ``spatial`` axes (an image (x, y, C) stored as a 3D
+    NIfTI has a 3-axis geometry; its masks have 2)."""
+    meta = dict(meta)
+    if "shape" in meta:
+        meta["shape"] = list(meta["shape"])[:spatial]
+    if "spacing" in meta and len(meta["spacing"]) > spatial:
+        meta["spacing"] = list(meta["spacing"])[:spatial]
+        meta["origin"] = list(meta["origin"])[:spatial]
+        meta["direction"] = [list(r)[:spatial] for r in meta["direction"][:spatial]]
+    return meta
+
+
 # ---------------------------------------------------------------- reading
 
 
@@ -306,5 +319,5 @@ def _write_itk(array, meta, path: Path, ndim: int, suffix: str) -> Path:
     return path
 
 
-__all__ = ["read_image", "write_image", "affine_from_itk", "itk_from_affine", "full_suffix", "strip_suffix",
+__all__ = ["read_image", "write_image", "trim_geometry", "affine_from_itk", "itk_from_affine", "full_suffix", "strip_suffix",
            "is_nifti"]

@@ -67,16 +67,17 @@ def read_case(case_dir: Path, task: int, *, binarize: bool = False, check_geomet
         if mask_meta.get("num_components"):
             raise DataError(f"{mask_path}: rater mask has {mask_meta['num_components']} components; expected a "
                             f"single label map")
-        spatial = image.ndim if image.ndim == mask.ndim else image.ndim - 1
-        if mask.ndim != spatial or tuple(mask.shape) != tuple(image.shape[:spatial]):
+        spatial = mask.ndim
+        if image.ndim not in (spatial, spatial + 1) or tuple(mask.shape) != tuple(image.shape[:spatial]) or \
+                (labels and mask.shape != labels[0].shape):
             raise DataError(f"{mask_path}: rater mask shape {tuple(mask.shape)} does not match the image shape "
                             f"{tuple(image.shape)} of {image_path}")
         if check_geometry:
-            check_same_geometry(image_meta, mask_meta, str(mask_path), str(image_path))
+            check_same_geometry(io.trim_geometry(image_meta, spatial), io.trim_geometry(mask_meta, spatial),
+                                str(mask_path), str(image_path))
         labels.append(to_labels(mask, str(mask_path), binarize=binarize))
     spatial_ndim = labels[0].ndim
-    if image.ndim == spatial_ndim + 1:  # channels last: geometry is that of the spatial axes
-        image_meta["shape"] = list(image.shape[:spatial_ndim])
+    image_meta = io.trim_geometry(image_meta, spatial_ndim)  # channels last: geometry of the spatial axes
     case_id = case_dir.name
     meta = {
         "group": case_id,

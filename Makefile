@@ -1,0 +1,34 @@
+# probunet: the two commands of the README.
+#   make demo   set up .venv and run the main job (synthetic data -> train -> evaluate -> figures)
+#   make test   set up .venv and run the test suite
+# On a CPU machine torch is pinned to the CPU wheel first, so pip never pulls CUDA builds.
+# On a GPU machine: make demo TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" (or your own build).
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.probunet-installed
+
+.PHONY: setup demo test benchmark clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e ".[dev,tensorboard,examples]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/probunet demo --out runs/demo-$$(date +%Y%m%d-%H%M%S)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+benchmark: $(STAMP)
+	$(PY) scripts/benchmark.py --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache

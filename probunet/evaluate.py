@@ -1,0 +1,573 @@
+"""Evaluation of a trained Probabilistic U-Net over a dataset split.
+
+``evaluate(model, cfg, items, ...)`` draws N samples per image (seeded, batched,
+under ``torch.inference_mode``) and scores them against the image's raters:
+
+- D^2_GED and its three terms E[d(S,Y)], E[d(S,S')], E[d(Y,Y')] (d = 1 - IoU),
+- Hungarian-matched IoU (both sets tiled to lcm(S, A)),
+- S_NCC (PHiSeg), Dice / IoU of the sample consensus vs. the raters' majority
+  vote, and ECE of the sampled vs. rater foreground frequency (per case, and
+  pooled over the split for the reliability diagram).
+
+On the synthetic dataset (items with ``meta["truth"]``) the samples are also
+scored against fresh references drawn from the true rater distribution
+(``GED_true``, ``HM-IoU_true``) and, per lesion, the sampled presence frequency
+is compared with the true presence probability (the experiment of Kohl et al.
+2018 on their synthetic Cityscapes task).
+
+Files (``out_dir`` or next to ``--out FILE``): ``summary.json`` (mean and
+standard error of every metric, the conventions, the data config),
+``per_case.csv``, ``reliability.png`` and, with truth, ``lesions.csv`` and
+``lesions.png``. Results depend only on the checkpoint, the data, ``eval.seed``,
+``eval.batch_size`` and the number of samples: a rerun writes identical files.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import __version__, metrics
+from .utils import atomic_call, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_KIND = "probunet-evaluation"
+NUM_BINS = 10
+
+# per-case CSV columns: (column, description) in file order
+CASE_METRICS = {
+    "ged": "D^2_GED = 2 E[d(S,Y)] - E[d(S,S')] - E[d(Y,Y')] vs. the raters",
+    "ged_cross": "E[d(S,Y)]: mean sample-to-rater distance",
+    "sample_diversity": "E[d(S,S')]: mean sample-to-sample distance",
+    "reference_diversity": "E[d(Y,Y')]: mean rater-to-rater distance",
+    "hm_iou": "Hungarian-matched IoU, samples vs. raters",
+    "s_ncc": "S_NCC (PHiSeg): NCC of the sample variance map and the rater error maps",
+    "consensus_dice": "Dice of the sample majority vs. the rater majority",
+    "consensus_iou": "IoU of the sample majority vs. the rater majority",
+    "ece": "expected calibration error of this case (sampled vs. rater foreground frequency)",
+}
+TRUTH_METRICS = {
+    "ged_true": "D^2_GED vs. fresh references from the true rater distribution",
+    "hm_iou_true": "Hungarian-matched IoU vs. the fresh true references",
+    "reference_diversity_true": "E[d(Y,Y')] of the fresh true references",
+    "lesion_presence_mae": "mean |sampled presence frequency - true presence probability| over the case's lesions",
+}
+LESION_COLUMNS = ["case", "lesion", "contrast", "true_p", "sampled_freq", "rater_freq"]
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def _finite_or_none(x):
+    """JSON-safe value: NaN / Inf -> None, numpy scalars -> Python."""
+    if isinstance(x, dict):
+        return {k: _finite_or_none(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite_or_none(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return float(x) if math.isfinite(float(x)) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def mean_and_sem(values) -> dict:
+    """Mean, standard deviation (ddof=1) and standard error over the finite values.
+
+    ``n`` is the number of finite values, ``num_nan`` the others (NaN cases, e.g.
+    S_NCC on an image where the model is certain everywhere).
+    """
+    v = np.asarray(values, dtype=np.float64)
+    ok = v[np.isfinite(v)]
+    n = int(ok.size)
+    mean = float(ok.mean()) if n else float("nan")
+    std = float(ok.std(ddof=1)) if n > 1 else float("nan")
+    sem = std / math.sqrt(n) if n > 1 else float("nan")
+    return {"mean": mean, "sem": sem, "std": std, "n": n, "num_nan": int(v.size - n)}
+
+
+def _pearson(x, y) -> float:
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.size < 2 or x.std() == 0 or y.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def _csv_text(rows: list[dict], columns: list[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([repr(float(row[c])) if isinstance(row[c], (float, np.floating)) else row[c]
+                         for c in columns])
+    return buf.getvalue()
+
+
+def _batches(items: list[dict], batch_size: int) -> list[list[int]]:
+    """Consecutive runs of at most ``batch_size`` item indices sharing one image shape."""
+    out: list[list[int]] = []
+    for i, item in enumerate(items):
+        shape = np.shape(item["image"])
+        if out and len(out[-1]) < batch_size and np.shape(items[out[-1][0]]["image"]) == shape:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
+def _references(item: dict) -> np.ndarray:
+    """The case's real rater masks ``(A, *spatial)``: raters padded in by the reader are dropped."""
+    labels = np.asarray(item["labels"])
+    present = item.get("meta", {}).get("rater_present")
+    if present is not None and len(present) == labels.shape[0] and any(present) and not all(present):
+        labels = labels[np.asarray(present, dtype=bool)]
+    return labels
+
+
+def output_paths(summary_path: str | Path) -> dict[str, Path]:
+    """The files written next to the summary JSON.
+
+    ``summary.json`` gets ``per_case.csv``, ``reliability.png``, ``lesions.csv`` and
+    ``lesions.png`` beside it; any other name ``NAME.json`` gets ``NAME_per_case.csv`` etc.
+    """
+    summary_path = Path(summary_path)
+    prefix = "" if summary_path.stem == "summary" else summary_path.stem + "_"
+    folder = summary_path.parent
+    return {"summary": summary_path, "per_case": folder / f"{prefix}per_case.csv",
+            "reliability": folder / f"{prefix}reliability.png", "lesions": folder / f"{prefix}lesions.csv",
+            "lesions_plot": folder / f"{prefix}lesions.png"}
+
+
+def lesion_scatter(path: str | Path, rows: list[dict], *, title: str = "lesion presence") -> Path:
+    """Sampled presence frequency (y) against the true presence probability (x), one dot per
+    lesion; the raters' observed frequency in grey for comparison."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    true_p = np.array([r["true_p"] for r in rows], dtype=np.float64)
+    sampled = np.array([r["sampled_freq"] for r in rows], dtype=np.float64)
+    raters = np.array([r["rater_freq"] for r in rows], dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfect")
+    ax.scatter(true_p, raters, s=10, c="0.7", marker="x", label="raters")
+    ax.scatter(true_p, sampled, s=14, c="C0", label="model samples")
+    mae = float(np.mean(np.abs(sampled - true_p))) if rows else float("nan")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("true presence probability")
+    ax.set_ylabel("presence frequency")
+    ax.set_title(f"{title} (MAE {mae:.3f}, r {_pearson(sampled, true_p):.2f})", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    out = atomic_call(path, lambda p: fig.savefig(p, dpi=110, format="png"), suffix=".png")
+    plt.close(fig)
+    return out
+
+
+# ----------------------------------------------------------------------------- library
+
+
+def evaluate(model, cfg, items: list[dict], *, num_samples: int, seed: int, device, progress: bool = False,
+             out_dir: Optional[str | Path] = None, summary_path: Optional[str | Path] = None,
+             checkpoint: Optional[str] = None, split: Optional[str] = None) -> dict:
+    """Sample ``num_samples`` segmentations per item and score them against the raters.
+
+    Args:
+        model: a :class:`~probunet.ProbabilisticUNet` (its train/eval mode is restored).
+        cfg: the :class:`~probunet.config.Config` (``model.num_classes``, ``eval.*``,
+            ``train.amp`` for autocast, ``data`` recorded in the summary).
+        items: dataset items ``{"image" (C, *spatial), "labels" (A, *spatial), "case_id",
+            "meta"}``; ``meta["truth"]`` (synthetic data) adds the truth block.
+        num_samples: S, samples per image.
+        seed: seeds the latent draws (a CPU generator, so CPU and GPU draw the same
+            latents) and the fresh true references (``(seed, case index)``).
+        device: torch device (or name) to run on.
+        progress: show a tqdm bar over cases.
+        out_dir: write ``summary.json``, ``per_case.csv``, ``reliability.png`` (and
+            ``lesions.csv``, ``lesions.png`` with truth) there. ``summary_path``
+            instead names the summary JSON itself (see :func:`output_paths`).
+        checkpoint, split: recorded in the summary (split defaults to ``cfg.eval.split``).
+
+    Returns:
+        The summary dict (what ``summary.json`` holds) plus ``"per_case"`` (list of
+        row dicts, the CSV) and ``"lesions"`` (list of per-lesion row dicts).
+    """
+    from .train import amp_dtype, autocast
+
+    if not items:
+        raise ValueError("nothing to evaluate: the list of cases is empty")
+    if num_samples < 1:
+        raise ValueError(f"the number of samples must be >= 1, got {num_samples}")
+    device = torch.device(device)
+    num_classes = int(cfg.model.num_classes)
+    empty_iou = float(cfg.eval.empty_iou)
+    kw = {"num_classes": num_classes, "empty_iou": empty_iou}
+    batch_size = max(1, int(cfg.eval.batch_size))
+    chunk = max(1, int(cfg.eval.sample_chunk))
+    num_true = int(cfg.eval.num_true_references)
+    dtype = amp_dtype(cfg.train.amp, device)
+    has_truth = any("truth" in it.get("meta", {}) for it in items)
+
+    was_training = model.training
+    model.to(device).eval()
+    generator = torch.Generator().manual_seed(int(seed))
+    rows: list[dict] = []
+    lesion_rows: list[dict] = []
+    calibrations = []
+    hm_nan_warned = False
+
+    def hm_iou(d_sy: torch.Tensor) -> float:
+        nonlocal hm_nan_warned
+        try:
+            return float(metrics.hungarian_matched_iou_from_iou(1.0 - d_sy)[0])
+        except ValueError as exc:  # NaN IoU under empty_iou=nan
+            if not hm_nan_warned:
+                logger.warning("HM-IoU is NaN for some cases: %s", exc)
+                hm_nan_warned = True
+            return float("nan")
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(items), desc="evaluate", unit="case", dynamic_ncols=True)
+    try:
+        with torch.inference_mode():
+            for batch in _batches(items, batch_size):
+                image = torch.stack([torch.as_tensor(items[i]["image"]) for i in batch]).to(device)
+                with autocast(device, dtype):
+                    logits = model.sample(image, num_samples, chunk_size=chunk, generator=generator)
+                logits = logits.float()  # (B, S, C, *spatial)
+                labels = logits.argmax(dim=2)  # (B, S, *spatial)
+                for j, index in enumerate(batch):
+                    item = items[index]
+                    refs = torch.as_tensor(_references(item)).to(device)[None]  # (1, A, *spatial)
+                    sam = labels[j:j + 1]  # (1, S, *spatial)
+                    comp = metrics.ged_components(sam, refs, **kw)
+                    cal = metrics.calibration(sam, refs, num_bins=NUM_BINS, num_classes=num_classes)
+                    cons = metrics.consensus_scores(sam, refs, num_classes=num_classes)
+                    row = {
+                        "case_id": item["case_id"], "index": index, "num_raters": int(refs.shape[1]),
+                        "ged": float(metrics.ged_from_components(comp)[0]),
+                        "ged_cross": float(comp.cross[0]),
+                        "sample_diversity": float(comp.sample_diversity[0]),
+                        "reference_diversity": float(comp.reference_diversity[0]),
+                        "hm_iou": hm_iou(comp.d_sy),
+                        "s_ncc": float(metrics.variance_ncc(logits[j:j + 1], refs, from_logits=True)[0]),
+                        "consensus_dice": float(cons["dice"][0]),
+                        "consensus_iou": float(cons["iou"][0]),
+                        "ece": float(cal.ece[0]),
+                    }
+                    calibrations.append(metrics.Calibration(*(t.cpu() for t in cal)))
+                    truth = item.get("meta", {}).get("truth")
+                    if has_truth:
+                        row.update({k: float("nan") for k in TRUTH_METRICS})
+                    if truth is not None:
+                        row.update(_truth_scores(sam, truth, item, index, seed, num_true, kw, hm_iou,
+                                                 lesion_rows))
+                    rows.append(row)
+                    if bar is not None:
+                        bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
+
+    pooled = metrics.aggregate_calibration(calibrations)
+    summary = {
+        "kind": SUMMARY_KIND,
+        "probunet_version": __version__,
+        "checkpoint": None if checkpoint is None else str(checkpoint),
+        "split": split or cfg.eval.split,
+        "num_cases": len(rows),
+        "num_samples": int(num_samples),
+        "seed": int(seed),
+        "batch_size": batch_size,
+        "metrics": {k: mean_and_sem([r[k] for r in rows]) for k in CASE_METRICS},
+        "calibration": {
+            "ece": float(pooled.ece),
+            "num_bins": NUM_BINS,
+            "bin_edges": pooled.bin_edges.tolist(),
+            "counts": pooled.counts.tolist(),
+            "mean_predicted": pooled.mean_predicted.tolist(),
+            "mean_observed": pooled.mean_observed.tolist(),
+        },
+        "conventions": {
+            "distance": "d(a, b) = 1 - IoU over the foreground classes 1..C-1, mean over classes",
+            "empty_iou": empty_iou if math.isfinite(empty_iou) else "nan",
+            "ged_pairs": "expectations over all ordered pairs, i == j included",
+            "hm_iou": "both sets tiled to lcm(S, A) elements, Hungarian matching on 1 - IoU (Kohl et al. 2019)",
+            "references": "the dataset's raters of each case (raters padded in by the reader excluded)",
+            "consensus": "strict majority of the samples vs. strict majority of the raters (a tie is background); "
+                         "empty vs. empty scores 1",
+            "calibration": f"per-pixel sampled vs. rater foreground frequency, {NUM_BINS} equal-width bins, "
+                           f"all pixels; 'calibration.ece' pools the pixels of the split, 'metrics.ece' is "
+                           f"the mean of per-case ECEs",
+            "s_ncc": "PHiSeg variance_ncc: mean over raters of NCC(E_s CE(pbar, p_s), E_s CE(y, p_s))",
+            "summary_statistics": "mean and standard error (std with ddof=1 / sqrt(n)) over the cases with a "
+                                  "finite value; n counts them, num_nan the others",
+            "num_classes": num_classes,
+        },
+        "descriptions": dict(CASE_METRICS),
+        "data": _data_dict(cfg),
+        "eval": _eval_dict(cfg),
+    }
+    if has_truth:
+        summary["truth"] = _truth_summary(rows, lesion_rows, num_true)
+
+    summary["files"] = {}
+    if out_dir is not None or summary_path is not None:
+        paths = output_paths(summary_path if summary_path is not None else Path(out_dir) / "summary.json")
+        files = {"summary": paths["summary"], "per_case": paths["per_case"],
+                 "reliability": paths["reliability"]}
+        if has_truth:
+            files.update(lesions=paths["lesions"], lesions_plot=paths["lesions_plot"])
+        summary["files"] = {k: str(v) for k, v in files.items()}
+        _write_outputs(summary, rows, lesion_rows, pooled, files, has_truth)
+    m = summary["metrics"]
+    logger.info("evaluated %d cases x %d samples: GED %.4f +- %.4f, HM-IoU %.4f +- %.4f, diversity %.4f, "
+                "ECE %.4f", len(rows), num_samples, m["ged"]["mean"], m["ged"]["sem"], m["hm_iou"]["mean"],
+                m["hm_iou"]["sem"], m["sample_diversity"]["mean"], summary["calibration"]["ece"])
+    return {**summary, "per_case": rows, "lesions": lesion_rows}
+
+
+def _data_dict(cfg) -> dict:
+    return cfg.to_dict()["data"]
+
+
+def _eval_dict(cfg) -> dict:
+    return cfg.to_dict()["eval"]
+
+
+def _truth_scores(sam: torch.Tensor, truth: dict, item: dict, index: int, seed: int, num_true: int,
+                  kw: dict, hm_iou, lesion_rows: list) -> dict:
+    """Scores of one case's samples ``(1, S, *spatial)`` against its true rater distribution."""
+    from .data import synthetic
+
+    rng = np.random.default_rng([int(seed), int(index)])
+    true_refs = synthetic.draw_references(truth, num_true, rng)  # (K, *spatial)
+    true_refs = torch.as_tensor(true_refs).to(sam.device)[None]  # (1, K, *spatial)
+    comp = metrics.ged_components(sam, true_refs, **kw)
+    sampled = synthetic.lesion_presence(sam[0].cpu().numpy(), truth).mean(axis=0)  # (S, L) -> (L,)
+    raters = synthetic.lesion_presence(_references(item), truth).mean(axis=0)  # (A, L) -> (L,)
+    true_p = np.array([les["presence_probability"] for les in truth["lesions"]], dtype=np.float64)
+    for k, les in enumerate(truth["lesions"]):
+        lesion_rows.append({"case": item["case_id"], "lesion": k, "contrast": float(les["contrast"]),
+                            "true_p": float(true_p[k]), "sampled_freq": float(sampled[k]),
+                            "rater_freq": float(raters[k])})
+    return {
+        "ged_true": float(metrics.ged_from_components(comp)[0]),
+        "hm_iou_true": hm_iou(comp.d_sy),
+        "reference_diversity_true": float(comp.reference_diversity[0]),
+        "lesion_presence_mae": float(np.mean(np.abs(sampled - true_p))) if true_p.size else float("nan"),
+    }
+
+
+def _truth_summary(rows: list[dict], lesion_rows: list[dict], num_true: int) -> dict:
+    true_p = np.array([r["true_p"] for r in lesion_rows], dtype=np.float64)
+    sampled = np.array([r["sampled_freq"] for r in lesion_rows], dtype=np.float64)
+    raters = np.array([r["rater_freq"] for r in lesion_rows], dtype=np.float64)
+    nan = float("nan")
+    return {
+        "num_references": num_true,
+        "references": "fresh masks drawn from the recorded true rater distribution (synthetic.draw_references), "
+                      "rng seeded by (eval.seed, case index)",
+        "metrics": {k: mean_and_sem([r[k] for r in rows]) for k in TRUTH_METRICS},
+        "descriptions": dict(TRUTH_METRICS),
+        "lesions": {
+            "num_lesions": int(true_p.size),
+            "presence": "a lesion is present in a mask when >= half of its core is foreground "
+                        "(synthetic.lesion_presence); sampled_freq = fraction of the model's samples, "
+                        "rater_freq = fraction of the dataset's raters",
+            "mae_sampled_vs_true": float(np.mean(np.abs(sampled - true_p))) if true_p.size else nan,
+            "corr_sampled_vs_true": _pearson(sampled, true_p),
+            "mae_raters_vs_true": float(np.mean(np.abs(raters - true_p))) if true_p.size else nan,
+            "corr_raters_vs_true": _pearson(raters, true_p),
+        },
+    }
+
+
+def _write_outputs(summary: dict, rows: list[dict], lesion_rows: list[dict], pooled, files: dict,
+                   has_truth: bool) -> None:
+    from .viz import reliability_diagram
+
+    columns = ["case_id", "index", "num_raters", *CASE_METRICS, *(TRUTH_METRICS if has_truth else ())]
+    atomic_write_text(files["per_case"], _csv_text(rows, columns))
+    ece = float(pooled.ece)
+    reliability_diagram(files["reliability"], pooled.bin_edges.numpy(), pooled.mean_predicted.numpy(),
+                        pooled.mean_observed.numpy(), pooled.counts.numpy(),
+                        ece=ece if math.isfinite(ece) else None,
+                        title=f"{summary['split']} split, {summary['num_cases']} cases, "
+                              f"{summary['num_samples']} samples")
+    if has_truth:
+        atomic_write_text(files["lesions"], _csv_text(lesion_rows, LESION_COLUMNS))
+        lesion_scatter(files["lesions_plot"], lesion_rows,
+                       title=f"lesion presence, {summary['split']} split")
+    # the summary last: its presence means the others are complete
+    atomic_write_text(files["summary"], json.dumps(_finite_or_none(summary), indent=1) + "\n")
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def run_dir_of(given: Path, checkpoint: Path) -> Path:
+    """RUN_DIR: the given run folder, or RUN for RUN/checkpoints/x.pt, else the checkpoint's folder."""
+    if given.is_dir():
+        return given
+    if checkpoint.parent.name == "checkpoints":
+        return checkpoint.parent.parent
+    return checkpoint.parent
+
+
+def config_for_evaluation(ckpt_config: dict, overrides: list[str]):
+    """The checkpoint's resolved config with ``key=value`` overrides; ``model.*`` is fixed."""
+    from .config import ConfigError, apply_overrides, from_dict, parse_override
+
+    for text in overrides or []:
+        path, _ = parse_override(text)
+        if path[0] == "model":
+            raise ConfigError(f"override '{text}': the model is defined by the checkpoint; model.* cannot be "
+                              f"changed at evaluation")
+    return from_dict(apply_overrides(ckpt_config, list(overrides or [])))
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _check_outputs(paths: dict[str, Path], checkpoint: Path, data_path: Optional[str]) -> None:
+    """Never overwrite the checkpoint, the input data, or a file that is not an evaluation summary."""
+    for p in paths.values():
+        if p.exists() and p.resolve() == checkpoint.resolve():
+            raise ValueError(f"--out {paths['summary']}: would overwrite the checkpoint {checkpoint}")
+        if data_path and _is_within(p, Path(data_path)):
+            raise ValueError(f"--out {paths['summary']}: refusing to write evaluation results inside the input "
+                             f"data folder {data_path}; choose another --out")
+        if p.is_dir():
+            raise IsADirectoryError(f"cannot write {p}: it is a directory")
+    summary = paths["summary"]
+    if summary.is_file():
+        try:
+            ok = json.loads(summary.read_text(encoding="utf-8")).get("kind") == SUMMARY_KIND
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            ok = False
+        if not ok:
+            raise FileExistsError(f"--out {summary}: exists and is not a probunet evaluation summary; "
+                                  f"refusing to overwrite it")
+
+
+def _resolve_device(name: str) -> torch.device:
+    from .utils import resolve_device
+
+    try:
+        return resolve_device(name or "auto")
+    except RuntimeError as exc:
+        raise ValueError(f"--device {name}: {exc}") from None
+
+
+def _model_mismatch(exc: Exception, checkpoint: Path) -> Exception:
+    """Name the checkpoint in data errors that are really a model/data mismatch."""
+    from .data import DataError
+
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+    if any(k in msg for k in ("model.in_channels", "model.num_classes", "model.spatial_dims")):
+        return DataError(f"the data does not match the checkpoint {checkpoint}: {msg}")
+    return exc
+
+
+def evaluate_cli(args) -> int:
+    """``probunet evaluate CHECKPOINT_OR_RUN [--num-samples N] [--out FILE] [key=value ...]``."""
+    from .data import DataError, load_splits
+    from .train import load_model
+
+    given = Path(args.checkpoint)
+    if not given.exists():
+        raise FileNotFoundError(f"checkpoint or run directory not found: {given}")
+    model, _, ckpt = load_model(given)
+    ckpt_path = Path(ckpt["path"])
+    cfg = config_for_evaluation(ckpt["config"], list(getattr(args, "overrides", None) or []))
+    num_samples = args.num_samples if getattr(args, "num_samples", None) is not None else cfg.eval.num_samples
+    if num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
+    cfg.eval.num_samples = int(num_samples)
+    device = _resolve_device(getattr(args, "device", "auto"))
+
+    if getattr(args, "out", None):
+        out = Path(args.out)
+        summary_path = out / "summary.json" if out.is_dir() or str(args.out).endswith(("/", os.sep)) else out
+    else:
+        summary_path = run_dir_of(given, ckpt_path) / "eval" / "summary.json"
+    paths = output_paths(summary_path)
+    _check_outputs(paths, ckpt_path, cfg.data.path)
+
+    try:
+        splits = load_splits(cfg)
+    except DataError as exc:
+        raise _model_mismatch(exc, ckpt_path) from None
+    items = splits[cfg.eval.split]
+    if not items:
+        sizes = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
+        raise ValueError(f"the {cfg.eval.split} split is empty ({sizes} cases); choose another eval.split=... "
+                         f"or change data.split")
+    divisor = int(getattr(model, "divisor", 1))
+    for item in items:
+        shape = tuple(np.shape(item["image"])[1:])
+        if any(s % divisor for s in shape):
+            raise DataError(f"case {item['case_id']}: spatial size {shape} is not divisible by {divisor}, as the "
+                            f"checkpoint's U-Net needs; set data.crop_size=... to a multiple of {divisor}")
+
+    logger.info("evaluating %s on the %s split (%d cases, %d samples each) on %s", ckpt_path, cfg.eval.split,
+                len(items), num_samples, device)
+    result = evaluate(model, cfg, items, num_samples=num_samples, seed=cfg.eval.seed, device=device,
+                      progress=not getattr(args, "no_progress", False), summary_path=summary_path,
+                      checkpoint=str(ckpt_path), split=cfg.eval.split)
+    _print_summary(result)
+    return 0
+
+
+def _fmt(stat: dict) -> str:
+    if stat["mean"] is None or not math.isfinite(stat["mean"]):
+        return "n/a"
+    sem = stat["sem"]
+    return f"{stat['mean']:.4f} +- {sem:.4f}" if sem is not None and math.isfinite(sem) else f"{stat['mean']:.4f}"
+
+
+def _print_summary(result: dict) -> None:
+    m = result["metrics"]
+    print(f"{result['checkpoint']}: {result['split']} split, {result['num_cases']} cases, "
+          f"{result['num_samples']} samples per image (mean +- standard error)")
+    print(f"  GED            {_fmt(m['ged'])}  (E[d(S,Y)] {_fmt(m['ged_cross'])}, "
+          f"E[d(S,S')] {_fmt(m['sample_diversity'])}, E[d(Y,Y')] {_fmt(m['reference_diversity'])})")
+    print(f"  HM-IoU         {_fmt(m['hm_iou'])}")
+    print(f"  S_NCC          {_fmt(m['s_ncc'])}")
+    print(f"  consensus Dice {_fmt(m['consensus_dice'])}, IoU {_fmt(m['consensus_iou'])}")
+    ece = result["calibration"]["ece"]
+    print(f"  ECE            {ece:.4f} (pooled), {_fmt(m['ece'])} (per case)")
+    truth = result.get("truth")
+    if truth:
+        t, les = truth["metrics"], truth["lesions"]
+        print(f"  vs. true rater distribution ({truth['num_references']} fresh references): "
+              f"GED {_fmt(t['ged_true'])}, HM-IoU {_fmt(t['hm_iou_true'])}")
+        corr = les["corr_sampled_vs_true"]
+        print(f"  lesion presence ({les['num_lesions']} lesions): MAE {les['mae_sampled_vs_true']:.4f}, "
+              f"r {corr:.3f} (raters: MAE {les['mae_raters_vs_true']:.4f})" if corr is not None and
+              math.isfinite(corr) else f"  lesion presence ({les['num_lesions']} lesions): MAE "
+              f"{les['mae_sampled_vs_true']:.4f} (raters: MAE {les['mae_raters_vs_true']:.4f})")
+    for name, path in result["files"].items():
+        print(f"  {name + ':':15s}{path}")
