@@ -47,7 +47,7 @@ class SyntheticConfig:
 class SplitConfig:
     # fractions: test_fraction of all patients/series to test, then val_fraction of the rest
     # to validation (the LIDC papers' protocol, with a fixed seed). file: a user's split.
-    protocol: str = "fractions"  # fractions | file
+    protocol: str = "fractions"  # fractions | file | release (lidc_crops: the release's own folders)
     seed: int = 0
     test_fraction: float = 0.2
     val_fraction: float = 0.2
@@ -55,8 +55,9 @@ class SplitConfig:
     unlisted: str = "error"  # split file: a case not listed is an error | ignore (dropped, logged)
 
     def __post_init__(self):
-        if self.protocol not in ("fractions", "file"):
-            raise ConfigError(f"config key 'data.split.protocol': {self.protocol!r} is not one of: fractions, file")
+        if self.protocol not in ("fractions", "file", "release"):
+            raise ConfigError(f"config key 'data.split.protocol': {self.protocol!r} is not one of: "
+                              f"fractions, file, release")
         if self.unlisted not in ("error", "ignore"):
             raise ConfigError(f"config key 'data.split.unlisted': {self.unlisted!r} is not one of: error, ignore")
         if self.file and self.protocol == "fractions":
@@ -100,8 +101,7 @@ class DataConfig:
     binarize: bool = False  # rater masks: every value > 0 becomes 1 (masks stored as 0/255)
     check_geometry: bool = True  # masks must share the image's spacing/origin/direction
     pickle_files: Optional[tuple] = None  # lidc_pickle: file names under data.path (default: all *.pickle)
-    lidc_split: Optional[str] = None  # lidc_crops: train | val | test sub-folder to read; None: all
-    cache: bool = True  # hold the whole (preprocessed) set in memory
+    group_pattern: Optional[str] = None  # regex on the case id whose first group is the patient id
     num_workers: int = 0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
@@ -114,6 +114,14 @@ class DataConfig:
                               f"got {list(self.ct_window)}")
         if self.num_raters is not None and self.num_raters < 1:
             raise ConfigError("config key 'data.num_raters': must be >= 1 (or null to infer)")
+        if self.group_pattern:
+            import re
+
+            try:
+                re.compile(self.group_pattern)
+            except re.error as exc:
+                raise ConfigError(f"config key 'data.group_pattern': not a valid regular expression ({exc})") \
+                    from None
 
 
 def _crop_size(value):
@@ -273,7 +281,6 @@ _CHOICES = {
     "data.format": ("synthetic", "lidc_pickle", "lidc_crops", "qubiq", "folder"),
     "data.missing_raters": ("pad", "error"),
     "data.normalize": ("none", "zscore", "ct_window"),
-    "data.lidc_split": (None, "train", "val", "test"),
     "train.amp": ("auto", "bf16", "fp16", "off"),
     "train.rater": ("random", "all"),
     "eval.split": ("train", "val", "test"),

@@ -186,8 +186,10 @@ def evaluate(model, cfg, items: list[dict], *, num_samples: int, seed: int, devi
 
     Args:
         model: a :class:`~probunet.ProbabilisticUNet` (its train/eval mode is restored).
-        cfg: the :class:`~probunet.config.Config` (``model.num_classes``, ``eval.*``,
-            ``train.amp`` for autocast, ``data`` recorded in the summary).
+        cfg: the :class:`~probunet.config.Config` (``model.num_classes``, ``eval.*``;
+            ``data`` is recorded in the summary). Sampling runs in full precision
+            (fp32, no autocast whatever ``train.amp`` says), so that bf16/fp16 rounding
+            never flips the argmax of a sample and the numbers do not depend on AMP.
         items: dataset items ``{"image" (C, *spatial), "labels" (A, *spatial), "case_id",
             "meta"}``; ``meta["truth"]`` (synthetic data) adds the truth block.
         num_samples: S, samples per image.
@@ -204,8 +206,6 @@ def evaluate(model, cfg, items: list[dict], *, num_samples: int, seed: int, devi
         The summary dict (what ``summary.json`` holds) plus ``"per_case"`` (list of
         row dicts, the CSV) and ``"lesions"`` (list of per-lesion row dicts).
     """
-    from .train import amp_dtype, autocast
-
     if not items:
         raise ValueError("nothing to evaluate: the list of cases is empty")
     if num_samples < 1:
@@ -217,7 +217,6 @@ def evaluate(model, cfg, items: list[dict], *, num_samples: int, seed: int, devi
     batch_size = max(1, int(cfg.eval.batch_size))
     chunk = max(1, int(cfg.eval.sample_chunk))
     num_true = int(cfg.eval.num_true_references)
-    dtype = amp_dtype(cfg.train.amp, device)
     has_truth = any("truth" in it.get("meta", {}) for it in items)
 
     was_training = model.training
@@ -247,8 +246,7 @@ def evaluate(model, cfg, items: list[dict], *, num_samples: int, seed: int, devi
         with torch.inference_mode():
             for batch in _batches(items, batch_size):
                 image = torch.stack([torch.as_tensor(items[i]["image"]) for i in batch]).to(device)
-                with autocast(device, dtype):
-                    logits = model.sample(image, num_samples, chunk_size=chunk, generator=generator)
+                logits = model.sample(image, num_samples, chunk_size=chunk, generator=generator)
                 logits = logits.float()  # (B, S, C, *spatial)
                 labels = logits.argmax(dim=2)  # (B, S, *spatial)
                 for j, index in enumerate(batch):
@@ -295,6 +293,8 @@ def evaluate(model, cfg, items: list[dict], *, num_samples: int, seed: int, devi
         "num_samples": int(num_samples),
         "seed": int(seed),
         "batch_size": batch_size,
+        "device": str(device),
+        "precision": "float32 (no autocast)",
         "metrics": {k: mean_and_sem([r[k] for r in rows]) for k in CASE_METRICS},
         "calibration": {
             "ece": float(pooled.ece),
@@ -477,8 +477,12 @@ def _resolve_device(name: str) -> torch.device:
 
     try:
         return resolve_device(name or "auto")
-    except RuntimeError as exc:
-        raise ValueError(f"--device {name}: {exc}") from None
+    except RuntimeError:
+        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device auto "
+                         f"or --device cpu") from None
+    except Exception as exc:  # a malformed device string
+        raise ValueError(f"--device {name}: not a device ({exc.__class__.__name__}); use auto, cpu, cuda "
+                         f"or cuda:N") from None
 
 
 def _model_mismatch(exc: Exception, checkpoint: Path) -> Exception:

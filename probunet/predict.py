@@ -37,8 +37,9 @@ size, of the order of cases and of sharding, and ``--num-samples 32`` extends th
 first 16. ``z_s = mu + sigma * eps_s`` with the prior ``p(z|x) = N(mu, sigma)``:
 
 * whole image (it fits the training patch, or no patch is known): the image is
-  zero-padded to a multiple of ``model.divisor``, the U-Net runs once and f_comb
-  once per sample; the padding is cropped off.
+  padded to a multiple of ``model.divisor`` (with its per-channel minimum, as
+  training pads crops), the U-Net runs once and f_comb once per sample; the
+  padding is cropped off.
 * larger than the training patch: MONAI's ``sliding_window_inference`` over the
   U-Net + f_comb, the predictor returning the logits of all samples of a chunk
   as ``S*C`` channels. The prior (global average pooled, so any size that is a
@@ -181,18 +182,23 @@ def latent_eps(seed: int, case_id: str, num_samples: int, latent_dim: int) -> to
     return torch.stack(rows)
 
 
+def _pad_to(x: torch.Tensor, sizes: Sequence[int]) -> tuple[torch.Tensor, tuple]:
+    """Pad x (N, C, *sp) to at least ``sizes`` per axis, split evenly (the extra voxel
+    after), with each image's per-channel minimum, as training's crop/pad
+    (:func:`probunet.data.transforms.crop_item`) pads; returns the crop back."""
+    target = [max(s, int(t)) for s, t in zip(x.shape[2:], sizes)]
+    crop = (slice(None), slice(None), *(slice((t - s) // 2, (t - s) // 2 + s) for s, t in zip(x.shape[2:], target)))
+    if list(x.shape[2:]) == target:
+        return x, crop
+    fill = x.flatten(2).amin(dim=2) if x[0, 0].numel() else torch.zeros(x.shape[:2], device=x.device)  # (N, C)
+    out = fill.reshape(*x.shape[:2], *([1] * (x.dim() - 2))).expand(*x.shape[:2], *target).clone()
+    out[crop] = x
+    return out, crop
+
+
 def _pad_to_multiple(x: torch.Tensor, divisor: int) -> tuple[torch.Tensor, tuple]:
-    """Zero-pad x (N, C, *sp) symmetrically to multiples of divisor; returns the crop back."""
-    pads, crop = [], [slice(None), slice(None)]
-    for s in x.shape[2:]:
-        total = (-s) % divisor
-        lo = total // 2
-        pads.append((lo, total - lo))
-        crop.append(slice(lo, lo + s))
-    flat = [v for p in reversed(pads) for v in p]  # F.pad wants the last axis first
-    if any(flat):
-        x = F.pad(x, flat)
-    return x, tuple(crop)
+    """Pad x (N, C, *sp) to multiples of divisor (see :func:`_pad_to`)."""
+    return _pad_to(x, [-(-s // divisor) * divisor for s in x.shape[2:]])
 
 
 def _centre_crop(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -273,6 +279,7 @@ class _Runner:
             else:
                 from monai.inferers import sliding_window_inference
 
+                big, big_crop = _pad_to(x, self.roi_size)  # our padding, not MONAI's (constant 0)
                 for s0 in range(0, num_samples, chunk):
                     zc = z[:, s0:s0 + chunk]  # (N, s, D)
 
@@ -281,8 +288,9 @@ class _Runner:
                         out = model.fcomb.combine(model.fcomb.feature_term(model.unet(win)), zc[b])
                         return out.flatten(1, 2).float()  # (w, s*C, *roi)
 
-                    out = sliding_window_inference(x, self.roi_size, self.batch_size, predictor,
+                    out = sliding_window_inference(big, self.roi_size, self.batch_size, predictor,
                                                    overlap=self.overlap, mode=self.blend, with_coord=True)
+                    out = out[(slice(None), slice(None), *big_crop[2:])]
                     reduce(out.reshape(n, zc.shape[1], num_classes, *spatial), s0)
         return (prob_sum / num_samples).cpu(), labels.cpu()
 
@@ -676,8 +684,9 @@ class _Prepared:
     row: dict
     t0: float
     meta: dict = field(default_factory=dict)
-    units: Optional[torch.Tensor] = None
+    units: Optional[torch.Tensor] = None  # (N, C, *unit_spatial); released once stacked for the model
     axis: Optional[int] = None
+    mode: str = ""
     error: Optional[str] = None
     skip: bool = False
 
@@ -724,6 +733,8 @@ def predict_folder(checkpoint, input_dir: str | Path, output_dir: str | Path, *,
         (the function raises only for problems with the arguments).
     """
     input_dir, output_dir = Path(input_dir), Path(output_dir)
+    predictor = checkpoint if isinstance(checkpoint, Predictor) else \
+        Predictor.from_checkpoint(checkpoint, **predictor_kwargs)
     cases = find_inputs(input_dir, recursive=recursive, file_list=file_list)
     shard = _shard(shard)
     if not cases:
@@ -735,8 +746,6 @@ def predict_folder(checkpoint, input_dir: str | Path, output_dir: str | Path, *,
     output_format = output_format or "same"
     if output_format not in OUTPUT_FORMATS:
         raise ValueError(f"output format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}")
-    predictor = checkpoint if isinstance(checkpoint, Predictor) else \
-        Predictor.from_checkpoint(checkpoint, **predictor_kwargs)
     ckpt_name = str(checkpoint) if not isinstance(checkpoint, Predictor) else ""
     output_dir.mkdir(parents=True, exist_ok=True)
     logger.info("predict: %d case(s) from %s -> %s (%d samples, device %s, roi %s, batch %d)", len(cases),
@@ -769,6 +778,7 @@ def predict_folder(checkpoint, input_dir: str | Path, output_dir: str | Path, *,
             image = predictor.to_channels_first(array, meta, where=str(case.path))
             item.meta = meta
             item.units, item.axis = predictor.prepare(image, meta.get("spacing"))
+            item.mode = predictor.mode_of(item.units.shape[2:], item.axis)
         except Exception as exc:  # one bad case never stops the others
             item.error = _error_message(exc)
         return item
@@ -776,7 +786,7 @@ def predict_folder(checkpoint, input_dir: str | Path, output_dir: str | Path, *,
     def finish(item: _Prepared, mean_prob, labels, seconds: float) -> dict:
         row, case_dir = item.row, output_dir / item.case.case_id
         try:
-            pred = predictor.finish(mean_prob, labels, item.axis, predictor.mode_of(item.units.shape[2:], item.axis))
+            pred = predictor.finish(mean_prob, labels, item.axis, item.mode)
             suffixes = output_suffixes(item.case.path, output_format)
             row.update(case_statistics(pred, item.meta, predictor.num_classes,
                                        has_geometry=suffixes[0] not in _NO_FLOAT))
@@ -834,8 +844,11 @@ def predict_folder(checkpoint, input_dir: str | Path, output_dir: str | Path, *,
                 return
             t0 = time.perf_counter()
             try:
+                counts = [g.units.shape[0] for g in group]
                 units = torch.cat([g.units for g in group])
                 eps = torch.cat([predictor.eps(g.case.case_id).expand(g.units.shape[0], -1, -1) for g in group])
+                for g in group:
+                    g.units = None  # only the stacked copy is kept
                 mean_prob, labels = predictor.runner.run(units, eps)
             except Exception as exc:  # e.g. out of memory: these cases fail, the rest go on
                 for g in group:
@@ -844,8 +857,7 @@ def predict_folder(checkpoint, input_dir: str | Path, output_dir: str | Path, *,
                 return
             share = (time.perf_counter() - t0) / units.shape[0]
             i = 0
-            for g in group:
-                n = g.units.shape[0]
+            for g, n in zip(group, counts):
                 writes.append(pool.submit(finish, g, mean_prob[i:i + n], labels[i:i + n], share * n))
                 i += n
             group.clear()

@@ -15,20 +15,15 @@ import torch
 logger = logging.getLogger("probunet")
 
 
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     """Write via a temp file in the same folder, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_call(path, write)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -64,6 +59,7 @@ def atomic_call(path: str | Path, writer: Callable[[str], None], suffix: str = "
     os.close(fd)
     try:
         writer(tmp)
+        os.chmod(tmp, _umask_mode())  # mkstemp creates 0600; give the file normal permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

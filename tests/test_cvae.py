@@ -18,6 +18,15 @@ ROOT = Path(__file__).resolve().parents[1]
 Y_SHAPE = (1, 8, 8)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The models here are tiny; one intra-op thread is fastest and avoids thrashing a busy CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _batch(b=6, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = F.one_hot(torch.arange(b) % 10, 10).float()
@@ -116,17 +125,18 @@ def test_elbo_is_minus_recon_minus_kl_for_a_sharp_posterior():
 @pytest.mark.parametrize("prior", ["conditional", "standard"])
 def test_loss_decreases_on_a_tiny_batch(prior):
     torch.manual_seed(0)
-    model = ConditionalVAE(10, Y_SHAPE, latent_dim=2, prior=prior, hidden=(64, 64))
+    model = ConditionalVAE(10, Y_SHAPE, latent_dim=2, prior=prior, hidden=(32, 32))
     x, y = _batch(8)
+    y = (y > 0.5).float()  # binary targets: the loss can fall well below its start
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []
-    for _ in range(30):
+    for _ in range(40):
         out = model(x, y=y)
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
         losses.append(out["loss"].item())
-    assert sum(losses[-5:]) / 5 < 0.95 * sum(losses[:5]) / 5
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
 
 
 def test_sample_reproducible_and_mean():

@@ -26,16 +26,19 @@ NUM_SAMPLES = 6  # with 4 raters: HM-IoU tiles both sets to lcm(6, 4) = 12
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """One tiny trained run (configs/debug.yaml: 32x32, features [4, 8], 6 steps)."""
+    """One tiny trained run (configs/debug.yaml: 32x32, features [4, 8], 3 steps)."""
     run_dir = tmp_path_factory.mktemp("evaluate") / "run"
-    fit(load_config(ROOT / "configs" / "debug.yaml"), run_dir)
+    fit(load_config(ROOT / "configs" / "debug.yaml", ["train.steps=3", "train.device=cpu"]),
+        run_dir)  # validates at step 3
     return run_dir
 
 
 @pytest.fixture(scope="module")
 def evaluated(run):
-    """``probunet evaluate RUN --num-samples 6`` into the default RUN/eval folder."""
-    rc = main(["--quiet", "evaluate", str(run), "--num-samples", str(NUM_SAMPLES), "--no-progress"])
+    """``probunet evaluate RUN --num-samples 6`` into the default RUN/eval folder (on the CPU, so that
+    the hand check below recomputes the very same numbers on any machine)."""
+    rc = main(["--quiet", "evaluate", str(run), "--num-samples", str(NUM_SAMPLES), "--no-progress",
+               "--device", "cpu"])
     assert rc == 0
     return run / "eval"
 
@@ -143,7 +146,7 @@ def test_summary_matches_metrics_on_the_same_samples(evaluated, run):
 def test_rerun_gives_identical_numbers(evaluated, run, tmp_path):
     out = tmp_path / "again.json"
     assert main(["--quiet", "evaluate", str(run), "--num-samples", str(NUM_SAMPLES), "--no-progress",
-                 "--out", str(out)]) == 0
+                 "--device", "cpu", "--out", str(out)]) == 0
     paths = output_paths(out)
     assert paths["per_case"].name == "again_per_case.csv"
     first = json.loads((evaluated / "summary.json").read_text())
@@ -166,6 +169,20 @@ def test_library_call_without_truth(run, tmp_path):
     columns, _ = _read_csv(tmp_path / "e" / "per_case.csv")
     assert not set(TRUTH_METRICS) & set(columns)
     assert not model.training  # the mode load_model gave is restored
+
+
+def test_library_call_3d():
+    """3D volumes (untrained model, 2 cases of 16^3) through evaluate() without writing files."""
+    from probunet.data import prepare_items, synthetic
+
+    cfg = load_config(ROOT / "configs" / "debug.yaml", ["model.spatial_dims=3", "eval.batch_size=1"])
+    items = prepare_items(synthetic.generate(num_cases=2, size=16, spatial_dims=3), cfg)
+    model = build_model(cfg.model)
+    result = evaluate(model, cfg, items, num_samples=3, seed=0, device="cpu")
+    assert result["files"] == {} and result["num_cases"] == 2
+    assert sum(result["calibration"]["counts"]) == 2 * 16**3
+    assert all(math.isfinite(r["ged"]) and math.isfinite(r["ged_true"]) for r in result["per_case"])
+    assert model.training  # build_model gives train mode; evaluate restores it
 
 
 def test_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):

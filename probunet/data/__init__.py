@@ -18,8 +18,8 @@ import torch
 from torch.utils.data import Dataset
 
 from .splits import split_items, write_split
-from .transforms import normalize_image, train_transform
-from .validate import DataError, validate_items
+from .transforms import crop_item, normalize_image, train_transform
+from .validate import DataError, check_same_shapes, harmonize_raters, validate_items
 
 logger = logging.getLogger(__name__)
 
@@ -43,13 +43,46 @@ def read_cases(data_cfg) -> list[dict]:
 
 
 def prepare_items(items: list[dict], cfg) -> list[dict]:
-    """Normalise intensities and check every item against the model config."""
+    """Make read items trainable, checking each before training starts.
+
+    In order: the same number of raters for every case (``data.num_raters``,
+    ``data.missing_raters``), patient groups from ``data.group_pattern``, checks
+    of every item (shapes, NaN/Inf, integer labels within ``model.num_classes``,
+    channels and spatial dims as the model expects), intensity normalisation
+    (``data.normalize``), the centre crop / pad to ``data.crop_size``, and a
+    common spatial shape across cases. Errors are :class:`DataError` naming the file.
+    """
+    data_cfg = cfg.data
+    if not items:
+        raise DataError(f"{data_cfg.path}: the dataset is empty: no cases were found")
     for item in items:
-        item["image"] = normalize_image(item["image"], cfg.data)
         item["labels"] = np.asarray(item["labels"]).astype(np.int64, copy=False)
-    validate_items(items, num_classes=cfg.model.num_classes, in_channels=cfg.model.in_channels,
-                   spatial_dims=cfg.model.spatial_dims)
+    harmonize_raters(items, data_cfg.num_raters, data_cfg.missing_raters)
+    if getattr(data_cfg, "group_pattern", None):
+        apply_group_pattern(items, data_cfg.group_pattern)
+    kwargs = dict(num_classes=cfg.model.num_classes, in_channels=cfg.model.in_channels,
+                  spatial_dims=cfg.model.spatial_dims)
+    validate_items(items, **kwargs)
+    for item in items:
+        item["image"] = normalize_image(item["image"], data_cfg)
+        if data_cfg.crop_size is not None:
+            crop_item(item, data_cfg.crop_size)
+    validate_items(items, **kwargs)
+    check_same_shapes(items)
     return items
+
+
+def apply_group_pattern(items: list[dict], pattern: str) -> None:
+    """``meta["group"]`` from the case id: the regex's first group (or whole match)."""
+    import re
+
+    rx = re.compile(pattern)
+    for item in items:
+        m = rx.search(item["case_id"])
+        if m is None:
+            raise DataError(f"{item.get('meta', {}).get('image_path', item['case_id'])}: case id "
+                            f"{item['case_id']!r} does not match data.group_pattern {pattern!r}")
+        item.setdefault("meta", {})["group"] = m.group(1) if rx.groups else m.group(0)
 
 
 def load_splits(cfg, run_dir: Optional[str | Path] = None) -> dict[str, list[dict]]:

