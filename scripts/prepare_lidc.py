@@ -200,9 +200,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=100, help="patients per pickle file")
     p.add_argument("--nifti", action="store_true", help="also write each crop as NIfTI (qubiq layout)")
     p.add_argument("--annotations-only", action="store_true",
-                   help="no images: write the crops' masks and cases.csv only (checks the annotation part)")
+                   help="no images: cluster readers, place the crops and write cases.csv only")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
+
+
+def no_dicom_message(root: Path, num_scans: int, num_series: int) -> str:
+    return (f"{root}: no DICOM images found for any of the {num_scans} selected scans (expected the TCIA "
+            f"download: <root>/LIDC-IDRI-NNNN/<study>/<series>/*.dcm; {num_series} DICOM series found there). "
+            f"Download the CT images from TCIA (see data/README.md), or run with --annotations-only to check "
+            f"the annotation part alone")
 
 
 def run(args) -> int:
@@ -227,7 +234,6 @@ def run(args) -> int:
             raise PrepareError(f"{args.dicom_root}: --dicom-root is not a folder")
     if args.out.exists() and any(args.out.iterdir()):
         raise PrepareError(f"{args.out}: output folder exists and is not empty; choose a new folder")
-    args.out.mkdir(parents=True, exist_ok=True)
 
     index = None if args.annotations_only else DicomIndex(args.dicom_root)
     rows: list[dict] = []
@@ -248,6 +254,8 @@ def run(args) -> int:
         if index is not None:
             series_dir = index.find(scan["patient_id"], scan["series_uid"])
             if series_dir is None:
+                if index.count() == 0:  # the whole root was searched: nothing there at all
+                    raise PrepareError(no_dicom_message(args.dicom_root, len(scans), 0))
                 no_images.append(scan["patient_id"])
                 logger.warning("%s: no DICOM series %s under %s; skipped", scan["patient_id"], scan["series_uid"],
                                args.dicom_root)
@@ -270,10 +278,7 @@ def run(args) -> int:
                 write_nifti(args.out, key, entry, sp)
         logger.info("[%d/%d] %s: %d crops", i + 1, len(scans), scan["patient_id"], len(crops))
     if index is not None and len(no_images) == len(scans):
-        raise PrepareError(f"{args.dicom_root}: no DICOM images found for any of the {len(scans)} selected scans "
-                           f"(expected the TCIA download: <root>/LIDC-IDRI-NNNN/<study>/<series>/*.dcm; "
-                           f"{index.count()} DICOM series found there). Download the CT images from TCIA, or run "
-                           f"with --annotations-only to check the annotation part alone")
+        raise PrepareError(no_dicom_message(args.dicom_root, len(scans), index.count()))
     flush()
     from probunet.utils import atomic_call
 

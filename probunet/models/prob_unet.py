@@ -160,9 +160,9 @@ class ProbabilisticUNet(nn.Module):
             if mean:
                 eps = torch.zeros(b, num_samples, self.latent_dim, device=loc.device)
             else:
-                eps = torch.randn(b, num_samples, self.latent_dim, device=loc.device, generator=generator) \
-                    if generator is None or generator.device == loc.device else \
-                    torch.randn(b, num_samples, self.latent_dim, generator=generator).to(loc.device)
+                # Draw where the generator lives (a CPU generator gives the same latents on any device).
+                where = generator.device if generator is not None else loc.device
+                eps = torch.randn(b, num_samples, self.latent_dim, device=where, generator=generator).to(loc.device)
             z = loc.unsqueeze(1) + scale.unsqueeze(1) * eps  # (B, S, D)
             feat_term = self.fcomb.feature_term(features)  # (B, F, *spatial), once per image
             step = num_samples if not chunk_size else max(1, int(chunk_size))
