@@ -360,6 +360,12 @@ def test_padding_to_divisor_is_cropped_back(ckpts):
     pred = P.Predictor.from_checkpoint(ckpts["2d"], num_samples=2, roi_size=0)
     p = pred(np.random.default_rng(0).normal(size=(15, 11)).astype(np.float32))
     assert p.samples.shape == (2, 15, 11) and p.probability.shape == (2, 15, 11) and p.entropy.shape == (15, 11)
+    # padding as training pads crops: each channel's minimum, split evenly, extra voxel after
+    x = torch.arange(2 * 2 * 3, dtype=torch.float32).reshape(1, 2, 2, 3) + 5
+    padded, crop = P._pad_to_multiple(x, 4)
+    assert padded.shape == (1, 2, 4, 4)
+    torch.testing.assert_close(padded[crop], x)
+    assert padded[0, 0, 0, 0] == 5 and padded[0, 1, 3, 3] == 11 and padded[0, 0, 1, 3] == 5
 
 
 # ----------------------------------------------------------------------------- sampling
