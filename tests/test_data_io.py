@@ -188,3 +188,13 @@ def test_write_rejects_mismatched_meta_and_unknown_extension(tmp_path):
 def test_suffix_helpers():
     assert io.full_suffix("a/b.nii.gz") == ".nii.gz" and io.strip_suffix("case1.nii.gz") == "case1"
     assert io.full_suffix("x.NRRD") == ".nrrd" and io.strip_suffix("y.mha") == "y"
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint8, np.int16, np.float32, np.float64, bool])
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
+def test_dtypes_are_kept(tmp_path, dtype, suffix):
+    a = (np.arange(24).reshape(4, 3, 2) % 2).astype(dtype)
+    io.write_image(a, None, tmp_path / f"a{suffix}")
+    b, _ = io.read_image(tmp_path / f"a{suffix}")
+    assert b.dtype == (np.uint8 if dtype is bool else dtype)
+    np.testing.assert_array_equal(a, b)

@@ -158,3 +158,15 @@ def test_different_sizes_need_crop_size(tmp_path):
     np.testing.assert_array_equal(b["labels"][0, :, 0], 0)
     np.testing.assert_array_equal(b["labels"][0, :, 1:7], 1)
     assert b["meta"]["crop"]["start"] == [1, -1]
+
+
+def test_2d_slices_stored_with_depth_one(tmp_path):
+    img = np.random.default_rng(0).random((6, 5, 1)).astype(np.float32)
+    m = np.zeros((6, 5, 1), np.uint8)
+    m[1:3, 1:3] = 1
+    _case(tmp_path, "c1", img, [m, m])
+    cfg = _cfg(tmp_path, "data.split.test_fraction=0", "data.split.val_fraction=0")
+    (item,) = load_splits(cfg)["train"]
+    assert item["image"].shape == (1, 6, 5) and item["labels"].shape == (2, 6, 5)
+    np.testing.assert_array_equal(item["image"][0], img[..., 0])
+    assert len(item["meta"]["spacing"]) == 2

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pytest
 
 from probunet.cli import main
 from probunet.data import synthetic
@@ -56,8 +55,8 @@ def test_bad_data_is_a_one_line_error(tmp_path, capsys):
     synthetic.write_qubiq(synthetic.generate(3, 16, 2, 2, seed=0), tmp_path / "q")
     bad = tmp_path / "q" / "case_0001" / "task01_seg02.nii.gz"
     nib.save(nib.Nifti1Image(np.full((16, 16), 0.5, np.float32), np.eye(4)), str(bad))
-    rc = main(["--quiet", "train", "--no-progress", "--out", str(tmp_path / "run"), str(REPO / "configs" / "qubiq.yaml"),
-               f"data.path={tmp_path / 'q'}", *TINY])
+    rc = main(["--quiet", "train", "--no-progress", "--out", str(tmp_path / "run"),
+               str(REPO / "configs" / "qubiq.yaml"), f"data.path={tmp_path / 'q'}", *TINY])
     assert rc != 0
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert str(bad) in err and "non-integer" in err and "Traceback" not in err

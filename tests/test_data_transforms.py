@@ -65,7 +65,6 @@ def test_augmentation_is_joint_and_keeps_labels_integer(spatial_dims):
     set_determinism(seed=0)
     cfg = _cfg("data.augment.enabled=true", "data.augment.affine=true", "data.augment.prob=1.0")
     tf = train_transform(cfg, spatial_dims)
-    rng = np.random.default_rng(0)
     shape = (16,) * spatial_dims
     labels = np.zeros((3, *shape), np.int64)
     for r in range(3):  # distinct asymmetric blobs per rater

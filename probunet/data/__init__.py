@@ -58,6 +58,8 @@ def prepare_items(items: list[dict], cfg) -> list[dict]:
     for item in items:
         item["labels"] = np.asarray(item["labels"]).astype(np.int64, copy=False)
     harmonize_raters(items, data_cfg.num_raters, data_cfg.missing_raters)
+    if cfg.model.spatial_dims == 2:
+        squeeze_singleton_depth(items)
     if getattr(data_cfg, "group_pattern", None):
         apply_group_pattern(items, data_cfg.group_pattern)
     kwargs = dict(num_classes=cfg.model.num_classes, in_channels=cfg.model.in_channels,
@@ -70,6 +72,18 @@ def prepare_items(items: list[dict], cfg) -> list[dict]:
     validate_items(items, **kwargs)
     check_same_shapes(items)
     return items
+
+
+def squeeze_singleton_depth(items: list[dict]) -> None:
+    """2D slices stored as 3D volumes of depth 1 ``(x, y, 1)`` become 2D ``(x, y)``."""
+    from .io import trim_geometry
+
+    for item in items:
+        image, labels = np.asarray(item["image"]), np.asarray(item["labels"])
+        if image.ndim == 4 and labels.ndim == 4 and image.shape[-1] == 1 and labels.shape[-1] == 1:
+            item["image"], item["labels"] = image[..., 0], labels[..., 0]
+            item["meta"] = trim_geometry(item.get("meta", {}), 2)
+            logger.debug("%s: 3D of depth 1 read as 2D", item["case_id"])
 
 
 def apply_group_pattern(items: list[dict], pattern: str) -> None:

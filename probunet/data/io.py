@@ -238,13 +238,16 @@ def write_image(array: np.ndarray, meta: Optional[dict], path: str | Path) -> Pa
 
     ``meta`` may be None or lack geometry (identity geometry is written). A meta
     from a NIfTI file can be written as NRRD/MHA and vice versa. The dtype is kept
-    (bool is written as uint8). Written atomically (temp file + rename).
+    (bool is written as uint8, float16 as float32; PNG holds only uint8/uint16).
+    Written atomically (temp file + rename).
     """
     path = Path(path)
     meta = dict(meta or {})
     array = np.asarray(array)
     if array.dtype == bool:
         array = array.astype(np.uint8)
+    elif array.dtype == np.float16:
+        array = array.astype(np.float32)
     suffix = full_suffix(path)
     ndim = _spatial_ndim(array, meta)
     if ndim not in (2, 3) or array.ndim not in (ndim, ndim + 1):
@@ -281,7 +284,8 @@ def _write_nifti(array, meta, path: Path, ndim: int, suffix: str) -> Path:
     import nibabel as nib
 
     affine = _affine_of(meta, ndim)
-    img = nib.Nifti1Image(array, affine)
+    # int64 is kept as asked (nibabel wants that said explicitly)
+    img = nib.Nifti1Image(array, affine, dtype=array.dtype if array.dtype in (np.int64, np.uint64) else None)
     # Keep the codes as read; a geometry that came from ITK is scanner space (1).
     img.set_qform(affine, code=int(meta.get("qform_code", 1)))
     img.set_sform(affine, code=int(meta.get("sform_code", 1)))
@@ -319,5 +323,6 @@ def _write_itk(array, meta, path: Path, ndim: int, suffix: str) -> Path:
     return path
 
 
-__all__ = ["read_image", "write_image", "trim_geometry", "affine_from_itk", "itk_from_affine", "full_suffix", "strip_suffix",
+__all__ = ["read_image", "write_image", "trim_geometry", "affine_from_itk", "itk_from_affine", "full_suffix",
+           "strip_suffix",
            "is_nifti"]
