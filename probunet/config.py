@@ -169,8 +169,9 @@ class TrainConfig:
     rater: str = "random"  # random | all
     grad_clip: Optional[float] = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    channels_last: bool = False
-    compile: bool = False
+    channels_last: Optional[bool] = None  # None: on for 2D models (faster convs on CPU and GPU); 3D: ignored
+    compile: bool = False  # torch.compile the training model; falls back to eager with a warning
+    cudnn_benchmark: bool = True  # CUDA: let cuDNN time its conv algorithms for the (fixed) input shapes
     log_every: int = 25
     val_every: int = 500
     val_cases: int = 32

@@ -1,21 +1,38 @@
 """Training: ``fit(cfg, run_dir)`` with mixed precision, checkpoints and exact resume.
 
 Determinism: the batch of step ``k`` (cases, raters, augmentation) and the
-model's random draws at step ``k`` depend only on ``train.seed`` and ``k``, so a
-run resumed from a checkpoint ends exactly where an uninterrupted run would.
+model's random draws at step ``k`` depend only on ``train.seed``, ``k`` (and the
+rank under DDP), so a run resumed from a checkpoint ends exactly where an
+uninterrupted run would.
+
+Speed: the step has no host-device synchronisation. Non-finite steps are
+detected on the device (loss and gradient norm), skipped inside the fused Adam
+kernel (``found_inf``), and counted on the device; the host looks at the count
+every few steps (``train.log_every`` / ``train.max_bad_steps``). Batches come
+from cached arrays, pinned and copied asynchronously (or from DataLoader
+workers with ``data.num_workers``).
+
+Several processes: under ``torchrun`` (``WORLD_SIZE`` > 1) ``fit`` starts the
+process group itself (NCCL on GPUs, gloo on CPUs), wraps the model in
+DistributedDataParallel, gives each rank its shard of every epoch
+(DistributedSampler), reduces the logged and validation metrics across ranks,
+and lets rank 0 alone write files. Resume reads the checkpoint on rank 0 and
+broadcasts it, so nodes need not share a file system for it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import os
 import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -26,6 +43,7 @@ from .config import Config, from_dict, save_config
 from .data import MultiRaterDataset, load_splits, train_transform
 from .losses import beta_schedule, build_geco, elbo_loss
 from .models import build_model
+from .models.unet import to_channels_last
 from .utils import atomic_save, atomic_write_text, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -126,8 +144,9 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _step_seed(seed: int, step: int) -> int:
-    return (seed * 1_000_003 + step) % (2**63 - 1)
+def _step_seed(seed: int, step: int, rank: int = 0) -> int:
+    # Rank 0's seeds are those of a single-process run; other ranks get their own.
+    return (seed * 1_000_003 + step + rank * 7_919_000_003) % (2**63 - 1)
 
 
 @dataclass
@@ -142,13 +161,84 @@ class DistInfo:
 
 
 def dist_info() -> DistInfo:
+    """This process's place: from the process group when one is running, else from
+    torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), else a single process."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        import os
-
         return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-    return DistInfo()
+    try:
+        return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                        int(os.environ.get("LOCAL_RANK", 0)))
+    except ValueError:
+        return DistInfo()
+
+
+def init_distributed(device_name: str = "auto") -> bool:
+    """Start the default process group when launched by torchrun (``WORLD_SIZE`` > 1).
+
+    NCCL when the run uses CUDA (each process on GPU ``LOCAL_RANK``), gloo on CPU;
+    rendezvous from torchrun's environment (``env://``). Returns True when this
+    call started it (the caller then destroys it). A script that trains several
+    times in one torchrun launch calls this once first: ``fit`` then uses that
+    group and leaves it running (a process group started again after being
+    destroyed can meet the old one's keys in torchrun's store and hang).
+    """
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+        return False
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if device.index is None:
+            device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+    return True
+
+
+def _broadcast_from_main(fn: Callable[[], object], dist: DistInfo):
+    """Run ``fn`` on rank 0 and hand its result (or its exception) to every rank."""
+    if dist.world_size <= 1:
+        return fn()
+    import torch.distributed as tdist
+
+    box: list = [None]
+    if dist.is_main:
+        try:
+            box[0] = ("ok", fn())
+        except Exception as exc:  # every rank raises the same error
+            box[0] = ("error", exc)
+    tdist.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "error":
+        raise value
+    return value
+
+
+def _all_reduce(t: torch.Tensor, dist: DistInfo, op: str = "sum") -> torch.Tensor:
+    if dist.world_size > 1:
+        import torch.distributed as tdist
+
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM if op == "sum" else tdist.ReduceOp.MAX)
+    return t
+
+
+def weights_digest(state_dict: dict) -> str:
+    """SHA-256 over the names, shapes, dtypes and bytes of a state dict's tensors
+    (exact: equal only for bitwise-identical weights)."""
+    h = hashlib.sha256()
+    for k in sorted(state_dict):
+        v = state_dict[k]
+        if not isinstance(v, torch.Tensor):
+            continue
+        t = v.detach().cpu().contiguous().reshape(-1)  # logical (C) order, whatever the memory format
+        h.update(f"{k}:{tuple(v.shape)}:{t.dtype};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 class BatchStream:
@@ -156,7 +246,9 @@ class BatchStream:
 
     Case order per epoch comes from a ``DistributedSampler`` (one replica unless
     running under torchrun) reshuffled each epoch; the rater of each image and the
-    augmentation of step ``k`` are seeded by ``(seed, k)``.
+    augmentation of step ``k`` are seeded by ``(seed, k, rank)``. The whole split
+    is cached as two arrays (labels as uint8 where the classes fit); a batch is
+    gathered from them, one rater per image picked before the copy.
     """
 
     def __init__(self, dataset: MultiRaterDataset, batch_size: int, seed: int, rater: str,
@@ -164,6 +256,7 @@ class BatchStream:
         self.dataset = dataset
         self.batch_size = batch_size
         self.seed = seed
+        self.rank = dist.rank
         self.rater = rater
         self.transform = transform
         self.sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank,
@@ -172,9 +265,11 @@ class BatchStream:
         self._epoch = None
         self._order: list[int] = []
         items = dataset.items
-        self.images = torch.stack([torch.as_tensor(i["image"]) for i in items])  # (N, C, *spatial)
+        self.images = torch.stack([torch.as_tensor(i["image"]) for i in items]).float()  # (N, C, *spatial)
         num_raters = max(i["labels"].shape[0] for i in items)
-        self.labels = torch.stack([torch.as_tensor(_pad_raters(i["labels"], num_raters)) for i in items])
+        labels = torch.stack([torch.as_tensor(_pad_raters(np.asarray(i["labels"]), num_raters)) for i in items])
+        small = labels.numel() == 0 or (int(labels.min()) >= 0 and int(labels.max()) < 256)
+        self.labels = labels.to(torch.uint8) if small else labels.long()  # (N, A, *spatial)
         self.num_raters = torch.tensor([i["labels"].shape[0] for i in items])  # (N,)
 
     def _indices(self, step: int) -> list[int]:
@@ -192,16 +287,22 @@ class BatchStream:
         return out
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """image (B, C, *spatial) float32, target (B', *spatial) int64 and the
-        matching images: B' = B (one random rater each) or B * A (all raters)."""
+        """image (B, C, *spatial) float32, target (B', *spatial) integer labels (uint8 when
+        the classes fit, else int64) and the matching images: B' = B (one random rater
+        each) or B * A (all raters)."""
         idx = torch.tensor(self._indices(step))
-        g = torch.Generator().manual_seed(_step_seed(self.seed, step))
-        images, labels = self.images[idx], self.labels[idx]  # (B, C, *sp), (B, A, *sp)
+        seed = _step_seed(self.seed, step, self.rank)
+        g = torch.Generator().manual_seed(seed)
         if self.transform is not None:
-            self.transform.set_random_state(seed=_step_seed(self.seed, step) % (2**32))
+            images, labels = self.images[idx], self.labels[idx].long()  # (B, C, *sp), (B, A, *sp)
+            self.transform.set_random_state(seed=seed % (2**32))
             outs = [self.transform({"image": im, "labels": lb}) for im, lb in zip(images, labels)]
             images = torch.stack([torch.as_tensor(o["image"]).float() for o in outs])
-            labels = torch.stack([torch.as_tensor(o["labels"]).round().long() for o in outs])
+            labels = torch.stack([torch.as_tensor(o["labels"]).round().to(self.labels.dtype) for o in outs])
+        elif self.rater == "all":
+            images, labels = self.images[idx], self.labels[idx]
+        else:
+            images, labels = self.images[idx], None
         if self.rater == "all":
             a = labels.shape[1]
             images = images.repeat_interleave(a, dim=0)
@@ -210,8 +311,45 @@ class BatchStream:
             return images[keep], target[keep]
         counts = self.num_raters[idx]
         choice = (torch.rand(len(idx), generator=g) * counts).long()  # uniform among the case's raters
-        target = labels[torch.arange(len(idx)), choice]
+        if labels is None:
+            target = self.labels[idx, choice]  # gathers one rater per image only
+        else:
+            target = labels[torch.arange(len(idx)), choice]
         return images, target
+
+
+class _StepBatches(torch.utils.data.Dataset):
+    """``BatchStream`` as a map-style dataset over steps, for DataLoader workers."""
+
+    def __init__(self, stream: BatchStream, steps: int):
+        self.stream, self.steps = stream, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, step: int):
+        return self.stream.batch(step)
+
+
+def _batches(stream: BatchStream, start: int, stop: int, device: torch.device, num_workers: int):
+    """(step, image, target) for steps ``start..stop-1``, on ``device``.
+
+    With workers, DataLoader processes build the batches ahead (the batch of a
+    step does not depend on which process builds it). On CUDA the batches are
+    pinned and copied asynchronously.
+    """
+    pin = device.type == "cuda"
+    if num_workers > 0 and stop > start:
+        loader = torch.utils.data.DataLoader(
+            _StepBatches(stream, stop), batch_size=None, sampler=range(start, stop), num_workers=num_workers,
+            pin_memory=pin, prefetch_factor=4, persistent_workers=False)
+        source = zip(range(start, stop), loader)
+    else:
+        source = ((step, stream.batch(step)) for step in range(start, stop))
+    for step, (image, target) in source:
+        if pin and not image.is_pinned():
+            image, target = image.pin_memory(), target.pin_memory()
+        yield step, image.to(device, non_blocking=True), target.to(device, non_blocking=True).long()
 
 
 def _pad_raters(labels: np.ndarray, num: int) -> np.ndarray:
@@ -222,30 +360,98 @@ def _pad_raters(labels: np.ndarray, num: int) -> np.ndarray:
 
 
 def validation_ged(model, items: list[dict], cfg: Config, device: torch.device,
-                   dtype: Optional[torch.dtype]) -> dict:
-    """GED (and sample diversity) on a fixed validation subset, raters as references."""
+                   dtype: Optional[torch.dtype], dist: Optional[DistInfo] = None) -> dict:
+    """GED (and sample diversity) on a fixed validation subset, raters as references.
+
+    Under DDP each rank evaluates its share of the batches and the sums are
+    reduced, so every rank returns the same numbers; batch ``j`` is sampled with
+    its own seed, so they do not depend on the number of ranks.
+    """
     from . import metrics
 
+    dist = dist or DistInfo()
     model.eval()
-    g = torch.Generator(device=device).manual_seed(cfg.train.seed + 12345)
-    geds, divs = [], []
     bs = max(1, cfg.eval.batch_size)
-    for i in range(0, len(items), bs):
-        chunk = items[i:i + bs]
-        shapes = {c["labels"].shape for c in chunk}
-        groups = [chunk] if len(shapes) == 1 else [[c] for c in chunk]
-        for grp in groups:
-            image = torch.stack([torch.as_tensor(c["image"]) for c in grp]).to(device)
-            refs = torch.stack([torch.as_tensor(c["labels"]) for c in grp]).to(device)
-            with autocast(device, dtype):
-                logits = model.sample(image, cfg.train.val_samples, generator=g)
-            samples = logits.argmax(dim=2)  # (B, S, *spatial)
-            kw = {"num_classes": cfg.model.num_classes, "empty_iou": cfg.eval.empty_iou}
-            geds.append(metrics.generalized_energy_distance(samples, refs, **kw).float().cpu())
-            divs.append(metrics.sample_diversity(samples, **kw).float().cpu())
+    chunks = [items[i:i + bs] for i in range(0, len(items), bs)]
+    groups: list[list[dict]] = []
+    for chunk in chunks:
+        shapes = {(c["image"].shape, c["labels"].shape) for c in chunk}
+        groups.extend([chunk] if len(shapes) == 1 else [[c] for c in chunk])
+    # [GED sum, GED count, diversity sum, diversity count], NaN-aware
+    acc = torch.zeros(4, dtype=torch.float64, device=device)
+    g = torch.Generator(device=device)
+    kw = {"num_classes": cfg.model.num_classes, "empty_iou": cfg.eval.empty_iou}
+    for j in range(dist.rank, len(groups), dist.world_size):
+        grp = groups[j]
+        g.manual_seed(cfg.train.seed + 12345 + j)
+        image = torch.stack([torch.as_tensor(c["image"]) for c in grp]).float().to(device)
+        refs = torch.stack([torch.as_tensor(c["labels"]) for c in grp]).to(device)
+        with autocast(device, dtype):
+            logits = model.sample(image, cfg.train.val_samples, generator=g)
+        samples = logits.argmax(dim=2)  # (B, S, *spatial)
+        for slot, values in ((0, metrics.generalized_energy_distance(samples, refs, **kw)),
+                             (2, metrics.sample_diversity(samples, **kw))):
+            values = values.double()
+            ok = ~torch.isnan(values)
+            acc[slot] += torch.where(ok, values, 0).sum()
+            acc[slot + 1] += ok.sum()
+    _all_reduce(acc, dist)
     model.train()
-    ged = torch.cat(geds)
-    return {"val_ged": float(torch.nanmean(ged)), "val_sample_diversity": float(torch.nanmean(torch.cat(divs)))}
+    ged, n_ged, div, n_div = acc.tolist()
+    return {"val_ged": ged / n_ged if n_ged else float("nan"),
+            "val_sample_diversity": div / n_div if n_div else float("nan")}
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                      params: list, *, grad_clip: Optional[float] = None,
+                      dist: Optional[DistInfo] = None) -> torch.Tensor:
+    """Backward pass and optimizer step without a host-device synchronisation.
+
+    The step is skipped when the loss or a gradient is not finite: by the
+    GradScaler with fp16 (which also skips, and backs off from, the overflows
+    of its scaled gradients: those are not counted as bad), else by the fused
+    Adam kernel's ``found_inf`` (an optimizer without it falls back to a
+    synchronising check). Under DDP the verdict is the same on every rank.
+    Returns the verdict, a bool tensor (True: non-finite loss or gradients)
+    left on the device.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    bad = ~torch.isfinite(loss.detach().float())
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    elif not scaler.is_enabled():
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else None
+    else:
+        norm = None
+    if norm is not None and not scaler.is_enabled():
+        # fp16's scaled gradients overflow now and then by design: the scaler's business, not a bad step
+        bad = bad | ~torch.isfinite(norm.float())
+    if dist is not None and dist.world_size > 1:
+        bad = _all_reduce(bad.float(), dist, "max") > 0
+    if scaler.is_enabled():  # fp16: the scaler skips inf/NaN gradient steps and backs off its scale
+        scaler.step(optimizer)
+        scaler.update()
+    elif getattr(optimizer, "_step_supports_amp_scaling", False):
+        # fused Adam: the kernel reads found_inf on the device and skips the update (and the step count)
+        optimizer.grad_scale = None
+        optimizer.found_inf = bad.float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf
+    elif not bool(bad):  # other optimizers: one synchronisation per step
+        optimizer.step()
+    return bad
+
+
+def _fused_adam_ok(device: torch.device) -> bool:
+    return device.type in ("cuda", "cpu")
 
 
 # ----------------------------------------------------------------------------- fit
@@ -257,20 +463,41 @@ def fit(cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: boo
     ``RUN_DIR/config.yaml`` (resolved), ``RUN_DIR/splits.json``,
     ``RUN_DIR/metrics.jsonl``, TensorBoard events, ``RUN_DIR/checkpoints/last.pt``
     and ``best.pt`` (lowest validation GED). Returns a summary dict.
+
+    Under torchrun it runs data-parallel (see the module notes); only rank 0
+    writes, and every rank returns the summary.
     """
-    run_dir = Path(run_dir)
+    started = init_distributed(cfg.train.device)
+    try:
+        return _fit(cfg, Path(run_dir), resume=resume, progress=progress)
+    finally:
+        if started:
+            import torch.distributed as tdist
+
+            if tdist.is_initialized():
+                tdist.destroy_process_group()
+
+
+def _fit(cfg: Config, run_dir: Path, *, resume: bool, progress: bool) -> dict:
     ckpt_dir = run_dir / "checkpoints"
     dist = dist_info()
     last_path = ckpt_dir / "last.pt"
-    if resume and not last_path.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint to resume from at {last_path}")
-    if not resume and last_path.exists():
-        raise FileExistsError(f"run directory {run_dir} already holds a checkpoint; "
-                              f"pass --resume to continue it or choose another --out")
     device = resolve_device(cfg.train.device)
     if dist.world_size > 1 and device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
+        device = torch.device("cuda", dist.local_rank if device.index is None else device.index)
         torch.cuda.set_device(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = bool(cfg.train.cudnn_benchmark)
+
+    def check_and_load():
+        if resume and not last_path.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint to resume from at {last_path}")
+        if not resume and last_path.exists():
+            raise FileExistsError(f"run directory {run_dir} already holds a checkpoint; "
+                                  f"pass --resume to continue it or choose another --out")
+        return load_checkpoint(last_path, map_location="cpu") if resume else None
+
+    ckpt = _broadcast_from_main(check_and_load, dist)
     dtype = amp_dtype(cfg.train.amp, device)
     torch.manual_seed(cfg.train.seed)
 
@@ -282,20 +509,22 @@ def fit(cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: boo
                          cfg.train.rater, dist, transform)
     val_items = splits["val"][: cfg.train.val_cases]
 
+    channels_last = cfg.model.spatial_dims == 2 and (
+        cfg.train.channels_last if cfg.train.channels_last is not None else True)
     model = build_model(cfg.model).to(device)
-    if cfg.train.channels_last and cfg.model.spatial_dims == 2:
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     geco = build_geco(cfg.train.geco)
     if geco is not None:
         geco = geco.to(device)
-    fused = device.type == "cuda"
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = _fused_adam_ok(device)
+    optimizer = torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                                  fused=fused or None)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     start_step, best = 0, math.inf
-    if resume:
-        ckpt = load_checkpoint(last_path, map_location=device)
+    if ckpt is not None:
         if ckpt["config"]["model"] != cfg.to_dict()["model"]:
             raise ValueError(f"--resume: the model section of the config differs from {last_path}'s")
         model.load_state_dict(ckpt["model"])
@@ -306,12 +535,14 @@ def fit(cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: boo
         start_step, best = int(ckpt["step"]), float(ckpt.get("best_metric", math.inf))
         _set_rng_state(ckpt["rng"])
         logger.info("resumed %s at step %d", last_path, start_step)
+        del ckpt
 
     train_model = model
     if dist.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    eager_model = train_model
     if cfg.train.compile:
         try:
             train_model = torch.compile(train_model)
@@ -357,55 +588,93 @@ def fit(cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: boo
         bar = tqdm(total=cfg.train.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
     model.train()
+    # Device-side bookkeeping: no host sync inside the step.
     sums: dict[str, torch.Tensor] = {}
-    count, bad_steps, t0 = 0, 0, time.perf_counter()
-    last_val = {}
-    step = start_step
-    for step in range(start_step, cfg.train.steps):
-        torch.manual_seed(_step_seed(cfg.train.seed, step))
-        image, target = stream.batch(step)
-        image = image.to(device, non_blocking=True)
-        target = target.to(device, non_blocking=True)
-        if cfg.train.channels_last and cfg.model.spatial_dims == 2:
-            image = image.contiguous(memory_format=torch.channels_last)
-        with autocast(device, dtype):
-            out = train_model(image, seg=target)
-        beta = beta_schedule(cfg.train.beta, step, cfg.train.kl_warmup_steps)
-        terms = geco(out.logits, target, out.kl) if geco is not None else \
-            elbo_loss(out.logits, target, out.kl, beta=beta)
-        loss = terms["loss"]
-        if not torch.isfinite(loss):
-            bad_steps += 1
-            optimizer.zero_grad(set_to_none=True)
-            logger.warning("non-finite loss at step %d: step skipped", step)
-            if bad_steps >= cfg.train.max_bad_steps:
-                raise TrainingError(f"loss was NaN/Inf {bad_steps} times in a row, last at step {step}; "
-                                    f"lower train.lr, set train.amp=off, or check the data")
-            continue
-        bad_steps = 0
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.train.grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+    zero = torch.zeros((), device=device)
+    good_steps, images_seen = zero.clone(), 0
+    bad_run, bad_total = zero.clone(), zero.clone()
+    trip_step, last_bad = torch.full((), -1.0, device=device), torch.full((), -1.0, device=device)
+    check_every = max(1, min(cfg.train.log_every, cfg.train.max_bad_steps))
+    t0 = time.perf_counter()
+    last_val: dict = {}
+    compiled_first = cfg.train.compile and train_model is not eager_model
 
+    def check_bad_steps(done: int) -> None:
+        """The one place the host looks at the non-finite step counters."""
+        nonlocal bad_total
+        total, run, trip, last = (int(v) for v in torch.stack([bad_total, bad_run, trip_step, last_bad]).tolist())
+        if total:
+            logger.warning("non-finite loss or gradients: %d step(s) skipped up to step %d (last at step %d)",
+                           total, done, last)
+            bad_total = zero.clone()
+        if trip >= 0:
+            raise TrainingError(f"loss was NaN/Inf {cfg.train.max_bad_steps} times in a row, last at step {trip}; "
+                                f"lower train.lr, set train.amp=off, or check the data")
+
+    for step, image, target in _batches(stream, start_step, cfg.train.steps, device, cfg.data.num_workers):
+        torch.manual_seed(_step_seed(cfg.train.seed, step, dist.rank))
+        if channels_last:
+            image = to_channels_last(image)
+        beta = beta_schedule(cfg.train.beta, step, cfg.train.kl_warmup_steps)
+        geco_state = {k: v.clone() for k, v in geco.state_dict().items()} if compiled_first and geco else None
+        try:
+            with autocast(device, dtype):
+                out = train_model(image, seg=target)
+            terms = geco(out.logits, target, out.kl) if geco is not None else \
+                elbo_loss(out.logits, target, out.kl, beta=beta)
+            bad = backward_and_step(terms["loss"], optimizer, scaler, params, grad_clip=cfg.train.grad_clip,
+                                    dist=dist)
+        except Exception as exc:
+            if not compiled_first:
+                raise
+            # torch.compile compiles lazily, at the first step: fall back to eager and redo the step
+            logger.warning("torch.compile failed at the first step (%s: %s); training without it",
+                           exc.__class__.__name__, str(exc).splitlines()[0][:300] if str(exc) else "")
+            train_model, compiled_first = eager_model, False
+            if geco_state is not None:
+                geco.load_state_dict(geco_state)
+            torch.manual_seed(_step_seed(cfg.train.seed, step, dist.rank))
+            with autocast(device, dtype):
+                out = train_model(image, seg=target)
+            terms = geco(out.logits, target, out.kl) if geco is not None else \
+                elbo_loss(out.logits, target, out.kl, beta=beta)
+            bad = backward_and_step(terms["loss"], optimizer, scaler, params, grad_clip=cfg.train.grad_clip,
+                                    dist=dist)
+        compiled_first = False
+
+        badf = bad.float()
+        ok = 1.0 - badf
         for k, v in terms.items():
-            sums[k] = sums.get(k, 0) + v.detach().float()
-        count += 1
+            v = v.detach().float()
+            sums[k] = sums.get(k, zero) + torch.where(bad, zero, v)
+        good_steps = good_steps + ok
+        images_seen += image.shape[0]
+        bad_run = bad_run * badf + badf
+        bad_total = bad_total + badf
+        last_bad = torch.where(bad, float(step), last_bad)
+        trip_step = torch.where((bad_run >= cfg.train.max_bad_steps) & (trip_step < 0), float(step), trip_step)
         done = step + 1
+
+        if done % check_every == 0 or done == cfg.train.steps:
+            check_bad_steps(done)
         if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-            record = {"step": done, **{f"train_{k}": float(v) / count for k, v in sums.items()},
-                      "beta": beta, "images_per_s": count * image.shape[0] / (time.perf_counter() - t0)}
-            record["train_sample_diversity"] = _batch_diversity(model, image[:4], cfg, device, dtype)
-            sums, count, t0 = {}, 0, time.perf_counter()
+            keys = sorted(sums)
+            packed = torch.stack([sums[k] for k in keys] + [good_steps]).double()
+            _all_reduce(packed, dist)
+            values = packed.tolist()
+            n = values[-1]
+            elapsed = time.perf_counter() - t0
+            record = {"step": done, **{f"train_{k}": (v / n if n else None) for k, v in zip(keys, values)},
+                      "beta": beta, "images_per_s": images_seen * dist.world_size / elapsed}
+            if dist.is_main:
+                record["train_sample_diversity"] = _batch_diversity(model, image[:4], cfg, device, dtype)
+            sums, good_steps, images_seen, t0 = {}, zero.clone(), 0, time.perf_counter()
             log(record)
-            if bar is not None:
+            if bar is not None and record.get("train_loss") is not None:
                 bar.set_postfix(loss=f"{record['train_loss']:.1f}", ce=f"{record['train_ce_mean']:.3f}",
                                 kl=f"{record['train_kl']:.2f}", div=f"{record['train_sample_diversity']:.2f}")
         if val_items and (done % cfg.train.val_every == 0 or done == cfg.train.steps):
-            last_val = validation_ged(model, val_items, cfg, device, dtype)
+            last_val = validation_ged(model, val_items, cfg, device, dtype, dist)
             log({"step": done, **last_val})
             if last_val["val_ged"] < best:
                 best = last_val["val_ged"]
@@ -418,6 +687,13 @@ def fit(cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: boo
         bar.close()
     if writer is not None:
         writer.close()
+
+    replicas = None
+    if dist.world_size > 1:
+        replicas = _replica_digests(model, dist)
+        if len(set(replicas)) != 1:
+            raise TrainingError(f"the {dist.world_size} DDP replicas hold different weights after training "
+                                f"(SHA-256 per rank: {', '.join(d[:12] for d in replicas)})")
     figure = None
     show = (splits["test"] or splits["val"] or splits["train"])[:4]
     if dist.is_main and show and len({i["image"].shape for i in show}) == 1:
@@ -431,10 +707,21 @@ def fit(cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: boo
     summary = {"run_dir": str(run_dir), "steps": cfg.train.steps, "device": str(device),
                "amp": str(dtype).replace("torch.", "") if dtype else "off",
                "best_val_ged": best if math.isfinite(best) else None, **last_val,
-               "last_checkpoint": str(last_path), "figure": figure}
+               "last_checkpoint": str(last_path), "figure": figure, "world_size": dist.world_size}
+    if replicas is not None:
+        summary["replica_weights_sha256"] = replicas
     if dist.is_main:
         atomic_write_text(run_dir / "train_summary.json", json.dumps(summary, indent=1))
     return summary
+
+
+def _replica_digests(model, dist: DistInfo) -> list[str]:
+    """Every rank's :func:`weights_digest` of the model, gathered on all ranks."""
+    import torch.distributed as tdist
+
+    digests: list = [None] * dist.world_size
+    tdist.all_gather_object(digests, weights_digest(model.state_dict()))
+    return digests
 
 
 def _batch_diversity(model, image, cfg, device, dtype) -> float:

@@ -8,25 +8,107 @@ second term is a per-channel constant over space. It is therefore computed as a
 per-sample bias, and for S samples of one image ``W_f * features`` is computed
 once and reused: no broadcast latent tensor is ever built.
 
-Without autograd on a CPU, :meth:`Fcomb.combine` runs the remaining 1x1 convs as
-matrix products over cache-sized tiles of (sample, pixel) rows, in reused
-buffers, writing the logits straight into the output: the per-sample
-intermediates never leave the cache. Everywhere else (training, CUDA) it runs
-them as one batched convolution per chunk of samples.
+:meth:`Fcomb.combine` runs the remaining layers once per chunk of samples, all
+samples of the chunk in one call of ``Fcomb.rest``. With autograd or on a GPU
+that call is one batched convolution over (B*S, F, *spatial). For CPU
+inference it is a tiled schedule instead: (sample, pixel) rows of one image go
+through the layers as matrix products in two cache-sized buffers that are
+reused, tiles spread over the CPU threads, and the last layer writes its
+logits straight into the output. The per-sample intermediates never leave the
+cache, which is what bounds this memory-bound stage on a CPU.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Rows (pixels x samples) per tile of the CPU inference path: two (rows, hidden)
-# buffers of this size stay in the L2/L3 cache.
+from .unet import cpu_parallel_map
+
+# Rows ((sample, pixel) pairs) per tile of the CPU inference path: its two
+# (rows, hidden) fp32 buffers (2 MiB each at 32 channels) stay in the cache.
 CPU_TILE_ROWS = 16384
+# Rows per unit of work handed to a thread (a few tiles, to amortise the hand-off).
+CPU_UNIT_ROWS = 4 * CPU_TILE_ROWS
+
+
+@dataclass
+class _TiledJob:
+    """Arguments of one tiled call of :class:`_Layers` (CPU inference)."""
+
+    feat_pm: torch.Tensor  # (B, P, F) pixel-major W_f * features
+    bias: torch.Tensor  # (B, S, F) W_z * z + b of this chunk's samples
+    out: torch.Tensor  # (B, S, C, P) where the logits go
+
+
+class _Layers(nn.Sequential):
+    """f_comb's layers after the first: ReLU, 1x1 conv, ..., 1x1 conv to logits.
+
+    Called with a tensor (B', F, *spatial) it is the plain ``nn.Sequential``;
+    called with a :class:`_TiledJob` it runs the CPU inference schedule.
+    """
+
+    tile_rows = CPU_TILE_ROWS
+    unit_rows = CPU_UNIT_ROWS
+
+    def forward(self, x):
+        if isinstance(x, _TiledJob):
+            return self._tiled(x)
+        return super().forward(x)
+
+    @torch.no_grad()
+    def _tiled(self, job: _TiledJob) -> torch.Tensor:
+        a, bias, out = job.feat_pm, job.bias, job.out
+        b, p, f = a.shape
+        s = bias.shape[1]
+        dt = a.dtype
+        convs = [m for m in self if not isinstance(m, nn.ReLU)]
+        hidden = [(m.weight.reshape(m.out_channels, -1).t().to(dt), m.bias.to(dt)) for m in convs[:-1]]
+        w_last = convs[-1].weight.reshape(convs[-1].out_channels, -1).to(dt)  # (C, F)
+        b_last = convs[-1].bias.to(dt).reshape(1, -1, 1)
+        c = w_last.shape[0]
+        rows = max(1, int(self.tile_rows))
+        if p <= rows:
+            per_tile, pix = max(1, rows // p), p  # a tile is several whole samples
+        else:
+            per_tile, pix = 1, rows  # a tile is a range of pixels of one sample
+        per_unit = per_tile * max(1, int(self.unit_rows) // (per_tile * min(p, pix)))
+        units = [(i, s0, min(s, s0 + per_unit)) for i in range(b) for s0 in range(0, s, per_unit)]
+        local = threading.local()  # each thread's two tile buffers, reused across its units
+
+        def run(unit) -> None:
+            i, s_begin, s_end = unit
+            buf = getattr(local, "buf", None)
+            if buf is None:
+                buf = local.buf = [torch.empty(per_tile * pix, f, dtype=dt) for _ in range(2)]
+            for s0 in range(s_begin, s_end, per_tile):
+                k = min(per_tile, s_end - s0)
+                for p0 in range(0, p, pix):
+                    n = min(pix, p - p0)
+                    h, other = buf[0][: k * n], buf[1][: k * n]
+                    # layer 1 = W_f * features + (W_z * z + b), then ReLU: (k, n, F)
+                    torch.add(a[i, p0:p0 + n].unsqueeze(0), bias[i, s0:s0 + k].unsqueeze(1), out=h.view(k, n, f))
+                    h.relu_()
+                    for w_t, bb in hidden:  # hidden 1x1 conv: (rows, F) @ (F, F) + b, ReLU
+                        torch.addmm(bb, h, w_t, out=other)
+                        other.relu_()
+                        h, other = other, h
+                    # last 1x1 conv, as (k, C, n) blocks of the (B, S, C, P) output
+                    hk = h.view(k, n, f).transpose(1, 2)
+                    dst = out[i, s0:s0 + k, :, p0:p0 + n]
+                    if dst.is_contiguous():
+                        torch.baddbmm(b_last, w_last.expand(k, c, f), hk, out=dst)
+                    else:
+                        dst.copy_(torch.baddbmm(b_last, w_last.expand(k, c, f), hk))
+
+        cpu_parallel_map(run, units)
+        return out
 
 
 class Fcomb(nn.Module):
@@ -48,8 +130,7 @@ class Fcomb(nn.Module):
         for i in range(1, num_layers):
             rest.append(nn.ReLU(inplace=True))
             rest.append(conv(hidden, num_classes if i == num_layers - 1 else hidden, 1))
-        self.rest = nn.Sequential(*rest)
-        self.tile_rows = CPU_TILE_ROWS
+        self.rest = _Layers(*rest)
 
     def feature_term(self, features: torch.Tensor) -> torch.Tensor:
         """W_f * features: (B, F, *spatial) -> (B, F_out, *spatial)."""
@@ -61,15 +142,20 @@ class Fcomb(nn.Module):
         """W_z * z + b: (..., latent_dim) -> (..., F_out)."""
         return F.linear(z, self.first.weight[:, self.feature_channels:], self.first.bias)
 
-    def combine(self, feat_term: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """Logits for S latents per image.
+    def combine(self, feat_term: torch.Tensor, z: torch.Tensor, *,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits for S latents per image, all S in one call of the layers.
 
         feat_term (B, F_out, *spatial) from :meth:`feature_term`, z (B, S, latent_dim)
-        -> logits (B, S, C, *spatial).
+        -> logits (B, S, C, *spatial). ``out``, optional, is a (B, S, C, *spatial)
+        tensor (a view into a larger one is fine) that receives the logits.
         """
-        if self._use_tiled(feat_term):
-            return self._combine_tiled(feat_term, z)
-        return self._combine_batched(feat_term, z)
+        if self.uses_tiled_path(feat_term):
+            return self._combine_tiled(feat_term, z, out)
+        logits = self._combine_batched(feat_term, z)
+        if out is None:
+            return logits
+        return out.copy_(logits)
 
     def forward(self, features: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """features (B, F, *spatial), z (B, latent_dim) -> logits (B, C, *spatial)."""
@@ -77,15 +163,14 @@ class Fcomb(nn.Module):
 
     # ------------------------------------------------------------------ paths
 
-    def _use_tiled(self, feat_term: torch.Tensor) -> bool:
-        if feat_term.device.type != "cpu" or len(self.rest) == 0:
+    def uses_tiled_path(self, feat_term: torch.Tensor) -> bool:
+        """CPU inference (no autograd) with at least one layer after the first."""
+        if feat_term.device.type != "cpu" or len(self.rest) == 0 or torch.compiler.is_compiling():
             return False
-        if torch.is_grad_enabled() and (feat_term.requires_grad or self.first.weight.requires_grad):
-            return False  # autograd needs the differentiable path
-        return True
+        return not (torch.is_grad_enabled() and (feat_term.requires_grad or self.first.weight.requires_grad))
 
     def _combine_batched(self, feat_term: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """All S samples of the batch in one call: (B*S, F_out, *spatial) intermediates."""
+        """(B*S, F_out, *spatial) intermediates; differentiable."""
         b, s = z.shape[:2]
         bias = self.latent_term(z.to(feat_term.dtype))  # (B, S, F_out)
         bias = bias.reshape(b, s, -1, *([1] * self.spatial_dims))
@@ -98,58 +183,31 @@ class Fcomb(nn.Module):
         out = self.rest(h)  # (B*S, C, *spatial)
         return out.reshape(b, s, *out.shape[1:])
 
-    @torch.no_grad()
-    def _combine_tiled(self, feat_term: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """The CPU inference path; same result as :meth:`_combine_batched`.
-
-        Rows are (sample, pixel) pairs of one image; a tile of rows goes through
-        bias + ReLU, then every hidden 1x1 conv as ``addmm`` + in-place ReLU in
-        two reused buffers, and the last conv writes (C, pixels) blocks of the
-        output directly, so the result is an ordinary contiguous tensor.
-        """
+    def _combine_tiled(self, feat_term: torch.Tensor, z: torch.Tensor,
+                       out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The CPU inference path; the same logits as :meth:`_combine_batched`."""
         with torch.autocast("cpu", enabled=False):
             dt = feat_term.dtype
             b, f = feat_term.shape[:2]
             s = z.shape[1]
             spatial = tuple(feat_term.shape[2:])
             p = math.prod(spatial)
-            # Pixel-major view (B, P, F): free when feat_term is channels-last.
-            a = feat_term.movedim(1, -1).reshape(b, p, f)
-            bias = self.latent_term(z.to(dt))  # (B, S, F)
-            convs = [m for m in self.rest if not isinstance(m, nn.ReLU)]
-            hidden = [(m.weight.reshape(m.out_channels, -1).t().to(dt), m.bias.to(dt)) for m in convs[:-1]]
-            last = convs[-1]
-            w_last = last.weight.reshape(last.out_channels, -1).to(dt)  # (C, F)
-            b_last = last.bias.to(dt).reshape(1, -1, 1)
-            c = w_last.shape[0]
-            out = torch.empty(b, s, c, p, dtype=dt, device=feat_term.device)  # (B, S, C, P)
-
-            rows = max(1, int(self.tile_rows))
-            if p <= rows:
-                per_tile, pix = max(1, rows // p), p  # whole images, several samples
-            else:
-                per_tile, pix = 1, rows  # one sample, a range of pixels
-            buf = [torch.empty(per_tile * pix, f, dtype=dt) for _ in range(2)]
-            for i in range(b):
-                for s0 in range(0, s, per_tile):
-                    k = min(per_tile, s - s0)
-                    for p0 in range(0, p, pix):
-                        n = min(pix, p - p0)
-                        h = buf[0][: k * n]
-                        # layer 1: W_f * features + (W_z * z + b), ReLU   (k, n, F)
-                        torch.add(a[i, p0:p0 + n].unsqueeze(0), bias[i, s0:s0 + k].unsqueeze(1),
-                                  out=h.view(k, n, f))
-                        h.relu_()
-                        other = buf[1][: k * n]
-                        for w_t, bb in hidden:  # 1x1 conv = (rows, F) @ (F, F_out) + b, ReLU
-                            torch.addmm(bb, h, w_t, out=other)
-                            other.relu_()
-                            h, other = other, h
-                        # last 1x1 conv, written as (k, C, n) logits blocks
-                        dst = out[i, s0:s0 + k, :, p0:p0 + n]
-                        hk = h.view(k, n, f).transpose(1, 2)
-                        if dst.is_contiguous():
-                            torch.baddbmm(b_last, w_last.expand(k, c, f), hk, out=dst)
-                        else:
-                            dst.copy_(torch.baddbmm(b_last, w_last.expand(k, c, f), hk))
-            return out.view(b, s, c, *spatial)
+            # Pixel-major (B, P, F): a view when feat_term is channels-last, else one copy.
+            feat_pm = feat_term.movedim(1, -1).reshape(b, p, f)
+            w_z = self.first.weight[:, self.feature_channels:].to(dt)
+            bias = F.linear(z.to(dt), w_z, self.first.bias.to(dt))  # (B, S, F): W_z * z + b
+            c = self.num_classes
+            flat = None
+            if out is not None and out.dtype == dt:
+                try:
+                    flat = out.view(b, s, c, p)
+                except RuntimeError:  # not viewable: fill a fresh tensor, copy below
+                    flat = None
+            target = flat if flat is not None else torch.empty(b, s, c, p, dtype=dt)
+            self.rest(_TiledJob(feat_pm, bias, target))
+            logits = target.view(b, s, c, *spatial)
+            if out is None:
+                return logits
+            if flat is None:
+                out.copy_(logits)
+            return out
