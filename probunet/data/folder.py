@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from . import io
-from .validate import DataError, check_same_geometry, require_items, to_image, to_labels
+from .validate import DataError, read_rater_masks, require_items, to_image
 
 logger = logging.getLogger(__name__)
 
@@ -127,23 +127,9 @@ def read_case(case: str, image_path: Path, masks: list[tuple[str, Path]], *, bin
     if not masks:
         raise DataError(f"{image_path}: no rater masks found for case {case!r} (check data.mask_pattern)")
     image, image_meta = io.read_image(image_path)
-    labels = []
-    spatial = None
-    for _, mask_path in masks:
-        mask, mask_meta = io.read_image(mask_path)
-        if mask_meta.get("num_components"):
-            raise DataError(f"{mask_path}: rater mask has {mask_meta['num_components']} components; expected a "
-                            f"single label map")
-        if spatial is None:
-            spatial = mask.ndim
-        if mask.ndim != spatial or image.ndim not in (spatial, spatial + 1) or \
-                tuple(mask.shape) != tuple(image.shape[:spatial]):
-            raise DataError(f"{mask_path}: rater mask shape {tuple(mask.shape)} does not match the image shape "
-                            f"{tuple(image.shape)} of {image_path}")
-        if check_geometry:
-            check_same_geometry(io.trim_geometry(image_meta, spatial), io.trim_geometry(mask_meta, spatial),
-                                str(mask_path), str(image_path))
-        labels.append(to_labels(mask, str(mask_path), binarize=binarize))
+    labels = read_rater_masks([m for _, m in masks], image, image_meta, image_path, binarize=binarize,
+                              check_geometry=check_geometry)
+    spatial = labels[0].ndim
     geometry = io.trim_geometry(image_meta, spatial)
     meta = {
         "group": case,

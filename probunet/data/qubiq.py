@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 
 from . import io
-from .validate import DataError, check_same_geometry, require_items, to_image, to_labels
+from .validate import DataError, read_rater_masks, require_items, to_image
 
 logger = logging.getLogger(__name__)
 
@@ -61,21 +61,8 @@ def read_case(case_dir: Path, task: int, *, binarize: bool = False, check_geomet
         hint = f" (tasks here: {', '.join(f'{t:02d}' for t in tasks)}; set data.task)" if tasks else ""
         raise DataError(f"{case_dir}: no rater masks task{task:02d}_seg*.nii.gz{hint}")
     image, image_meta = io.read_image(image_path)
-    labels = []
-    for _, mask_path in raters:
-        mask, mask_meta = io.read_image(mask_path)
-        if mask_meta.get("num_components"):
-            raise DataError(f"{mask_path}: rater mask has {mask_meta['num_components']} components; expected a "
-                            f"single label map")
-        spatial = mask.ndim
-        if image.ndim not in (spatial, spatial + 1) or tuple(mask.shape) != tuple(image.shape[:spatial]) or \
-                (labels and mask.shape != labels[0].shape):
-            raise DataError(f"{mask_path}: rater mask shape {tuple(mask.shape)} does not match the image shape "
-                            f"{tuple(image.shape)} of {image_path}")
-        if check_geometry:
-            check_same_geometry(io.trim_geometry(image_meta, spatial), io.trim_geometry(mask_meta, spatial),
-                                str(mask_path), str(image_path))
-        labels.append(to_labels(mask, str(mask_path), binarize=binarize))
+    labels = read_rater_masks([m for _, m in raters], image, image_meta, image_path, binarize=binarize,
+                              check_geometry=check_geometry)
     spatial_ndim = labels[0].ndim
     image_meta = io.trim_geometry(image_meta, spatial_ndim)  # channels last: geometry of the spatial axes
     case_id = case_dir.name

@@ -184,3 +184,32 @@ def require_items(items: Sequence, root, what: str) -> None:
     """Empty dataset error naming the folder and what was looked for."""
     if not items:
         raise DataError(f"{root}: the dataset is empty: no {what} found")
+
+
+def read_rater_masks(mask_paths, image, image_meta: dict, image_path, *, binarize: bool = False,
+                     check_geometry: bool = True) -> list:
+    """Read each rater's mask for an image already read with ``io.read_image``.
+
+    Every mask must be a single label map with the image's spatial shape (the
+    image may have a trailing channel axis), the same shape as the other raters'
+    and, with ``check_geometry``, the image's geometry. Returns the label arrays;
+    errors name the mask file.
+    """
+    from . import io
+
+    labels = []
+    for mask_path in mask_paths:
+        mask, mask_meta = io.read_image(mask_path)
+        if mask_meta.get("num_components"):
+            raise DataError(f"{mask_path}: rater mask has {mask_meta['num_components']} components; expected a "
+                            f"single label map")
+        spatial = mask.ndim
+        if image.ndim not in (spatial, spatial + 1) or tuple(mask.shape) != tuple(image.shape[:spatial]) or \
+                (labels and mask.shape != labels[0].shape):
+            raise DataError(f"{mask_path}: rater mask shape {tuple(mask.shape)} does not match the image shape "
+                            f"{tuple(image.shape)} of {image_path}")
+        if check_geometry:
+            check_same_geometry(io.trim_geometry(image_meta, spatial), io.trim_geometry(mask_meta, spatial),
+                                str(mask_path), str(image_path))
+        labels.append(to_labels(mask, str(mask_path), binarize=binarize))
+    return labels
