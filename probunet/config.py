@@ -169,8 +169,9 @@ class TrainConfig:
     rater: str = "random"  # random | all
     grad_clip: Optional[float] = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    channels_last: Optional[bool] = None  # None: on for 2D models (faster convs on CPU and GPU); 3D: ignored
+    channels_last: Optional[bool] = None  # None: on for 2D models on a GPU (faster cuDNN convs); 3D: ignored
     compile: bool = False  # torch.compile the training model; falls back to eager with a warning
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
     cudnn_benchmark: bool = True  # CUDA: let cuDNN time its conv algorithms for the (fixed) input shapes
     log_every: int = 25
     val_every: int = 500
@@ -179,6 +180,11 @@ class TrainConfig:
     checkpoint_every: int = 500
     max_bad_steps: int = 10
     geco: GecoConfig = field(default_factory=GecoConfig)
+
+    def __post_init__(self):
+        modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+        if self.compile_mode not in modes:
+            raise ConfigError(f"config key 'train.compile_mode': {self.compile_mode!r} is not one of: {', '.join(modes)}")
 
 
 @dataclass

@@ -509,8 +509,9 @@ def _fit(cfg: Config, run_dir: Path, *, resume: bool, progress: bool) -> dict:
                          cfg.train.rater, dist, transform)
     val_items = splits["val"][: cfg.train.val_cases]
 
+    # channels-last: ~1.3x on a GPU (cuDNN NHWC kernels); no gain measured for CPU training
     channels_last = cfg.model.spatial_dims == 2 and (
-        cfg.train.channels_last if cfg.train.channels_last is not None else True)
+        cfg.train.channels_last if cfg.train.channels_last is not None else device.type == "cuda")
     model = build_model(cfg.model).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -545,7 +546,7 @@ def _fit(cfg: Config, run_dir: Path, *, resume: bool, progress: bool) -> dict:
     eager_model = train_model
     if cfg.train.compile:
         try:
-            train_model = torch.compile(train_model)
+            train_model = torch.compile(train_model, mode=cfg.train.compile_mode)
         except Exception as exc:  # compile is an optimisation: never fatal
             logger.warning("torch.compile failed (%s); training without it", exc)
 
@@ -616,7 +617,8 @@ def _fit(cfg: Config, run_dir: Path, *, resume: bool, progress: bool) -> dict:
         if channels_last:
             image = to_channels_last(image)
         beta = beta_schedule(cfg.train.beta, step, cfg.train.kl_warmup_steps)
-        geco_state = {k: v.clone() for k, v in geco.state_dict().items()} if compiled_first and geco else None
+        geco_state = ({k: v.clone() for k, v in geco.state_dict().items()}
+                      if compiled_first and geco is not None else None)
         try:
             with autocast(device, dtype):
                 out = train_model(image, seg=target)

@@ -140,7 +140,7 @@ def train_steps(args, device, dtype, image, target, channels_last: bool):
         image = to_channels_last(image)
     prob_fwd, unet_fwd = prob, unet
     if args.compile:
-        prob_fwd, unet_fwd = torch.compile(prob), torch.compile(unet)
+        prob_fwd, unet_fwd = torch.compile(prob, mode=args.compile_mode), torch.compile(unet, mode=args.compile_mode)
     fused = device.type in ("cuda", "cpu")
 
     def setup(model):
@@ -177,10 +177,13 @@ def fmt_s(seconds: float) -> str:
 def run(args) -> dict:
     from probunet.train import amp_dtype
 
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    from probunet.utils import resolve_device
+
+    try:  # as training and evaluation do it (on a CPU: flushing of denormal floats, too)
+        device = resolve_device(args.device)
+    except (RuntimeError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from None
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("error: --device cuda but CUDA is not available")
         if device.index is not None:
             torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
@@ -189,7 +192,8 @@ def run(args) -> dict:
     dtype = amp_dtype({"auto": "auto", "fp32": "off", "bf16": "bf16", "fp16": "fp16"}[args.dtype], device)
     dname = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     batch = args.batch_size or TARGETS["cuda" if device.type == "cuda" else "cpu"]["batch"]
-    channels_last = args.channels_last != "off"
+    # as fit() does: channels-last training on GPUs (sample() uses it on CPUs by itself)
+    channels_last = args.channels_last == "on" or (args.channels_last == "auto" and device.type == "cuda")
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2) + (2 if device.type == "cuda" else 0)
     repeats = args.repeats or (3 if args.quick else 5)
     per = 10 if device.type == "cuda" else 1  # steps per timed repeat on a GPU (keeps the CPU ahead as in training)
@@ -276,7 +280,7 @@ def environment(device, dname, batch, args, channels_last, warmup, repeats, per)
            "torch": torch.__version__, "dtype": dname, "batch": batch, "size": args.size,
            "features": list(args.features), "latent_dim": args.latent_dim, "fcomb_layers": args.fcomb_layers,
            "num_samples": args.num_samples, "chunk_size": args.chunk_size, "channels_last": channels_last,
-           "compile": bool(args.compile), "threads": torch.get_num_threads(), "warmup": warmup,
+           "compile": args.compile_mode if args.compile else False, "threads": torch.get_num_threads(), "warmup": warmup,
            "repeats": repeats, "steps_per_repeat": per}
     if device.type == "cpu" and hasattr(os, "getloadavg"):
         env["cpus"] = os.cpu_count()
@@ -346,8 +350,10 @@ def parse_args(argv=None):
     p.add_argument("--fcomb-layers", type=int, default=LIDC["fcomb_layers"])
     p.add_argument("--num-samples", type=int, default=LIDC["num_samples"])
     p.add_argument("--chunk-size", type=int, default=32, help="samples per batched f_comb call")
-    p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
+                   help="channels-last training models; auto: on a GPU (as train.channels_last)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training models")
+    p.add_argument("--compile-mode", default="default", help="torch.compile mode (default, reduce-overhead, ...)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)

@@ -112,6 +112,15 @@ def test_cpu_parallel_map_keeps_order_and_modes():
                                range(7), workers=3)
     assert [o[0] for o in out] == list(range(7))
     assert all(o[1] for o in out) and all(o[2] == 1 for o in out)
+    from probunet.models.unet import _flushes_denormals
+
+    before = _flushes_denormals()
+    try:
+        for flag in (True, False):  # the caller's denormal flushing carries over to the threads
+            torch.set_flush_denormal(flag)
+            assert cpu_parallel_map(lambda _: _flushes_denormals(), range(4), workers=2) == [flag] * 4
+    finally:
+        torch.set_flush_denormal(before)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         dtypes = cpu_parallel_map(lambda a: (a @ a).dtype, [torch.randn(4, 4)] * 3, workers=2)
     assert dtypes == [torch.bfloat16] * 3

@@ -57,9 +57,11 @@ def cpu_parallel_map(fn: Callable, items: Sequence, workers: Optional[int] = Non
     grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
     autocast, ac_dtype = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
     threads = torch.get_num_threads()
+    flush = _flushes_denormals()
 
     def run(item):
         torch.set_num_threads(1)  # this thread only (the OpenMP/MKL settings are per thread)
+        torch.set_flush_denormal(flush)  # a per-thread CPU flag too
         try:
             with torch.inference_mode(inference), torch.set_grad_enabled(grad), \
                     torch.autocast("cpu", dtype=ac_dtype, enabled=autocast):
@@ -68,6 +70,12 @@ def cpu_parallel_map(fn: Callable, items: Sequence, workers: Optional[int] = Non
             torch.set_num_threads(threads)
 
     return list(_executor(n).map(run, items))
+
+
+def _flushes_denormals() -> bool:
+    """Whether this thread flushes denormal floats to zero (``torch.set_flush_denormal``)."""
+    with torch.inference_mode():
+        return float(torch.full((1,), 1e-39) * 2.0) == 0.0
 
 
 def split_over_threads(module: nn.Module, x: torch.Tensor) -> bool:
