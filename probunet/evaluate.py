@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from . import __version__, metrics
+from .data import real_raters
 from .utils import atomic_call, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -123,15 +124,6 @@ def _batches(items: list[dict], batch_size: int) -> list[list[int]]:
         else:
             out.append([i])
     return out
-
-
-def _references(item: dict) -> np.ndarray:
-    """The case's real rater masks ``(A, *spatial)``: raters padded in by the reader are dropped."""
-    labels = np.asarray(item["labels"])
-    present = item.get("meta", {}).get("rater_present")
-    if present is not None and len(present) == labels.shape[0] and any(present) and not all(present):
-        labels = labels[np.asarray(present, dtype=bool)]
-    return labels
 
 
 def output_paths(summary_path: str | Path) -> dict[str, Path]:
@@ -251,7 +243,7 @@ def evaluate(model, cfg, items: list[dict], *, num_samples: int, seed: int, devi
                 labels = logits.argmax(dim=2)  # (B, S, *spatial)
                 for j, index in enumerate(batch):
                     item = items[index]
-                    refs = torch.as_tensor(_references(item)).to(device)[None]  # (1, A, *spatial)
+                    refs = torch.as_tensor(real_raters(item)).to(device)[None]  # (1, A, *spatial)
                     sam = labels[j:j + 1]  # (1, S, *spatial)
                     comp = metrics.ged_components(sam, refs, **kw)
                     cal = metrics.calibration(sam, refs, num_bins=NUM_BINS, num_classes=num_classes)
@@ -361,7 +353,7 @@ def _truth_scores(sam: torch.Tensor, truth: dict, item: dict, index: int, seed: 
     true_refs = torch.as_tensor(true_refs).to(sam.device)[None]  # (1, K, *spatial)
     comp = metrics.ged_components(sam, true_refs, **kw)
     sampled = synthetic.lesion_presence(sam[0].cpu().numpy(), truth).mean(axis=0)  # (S, L) -> (L,)
-    raters = synthetic.lesion_presence(_references(item), truth).mean(axis=0)  # (A, L) -> (L,)
+    raters = synthetic.lesion_presence(real_raters(item), truth).mean(axis=0)  # (A, L) -> (L,)
     true_p = np.array([les["presence_probability"] for les in truth["lesions"]], dtype=np.float64)
     for k, les in enumerate(truth["lesions"]):
         lesion_rows.append({"case": item["case_id"], "lesion": k, "contrast": float(les["contrast"]),

@@ -40,7 +40,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from . import __version__
 from .config import Config, from_dict, save_config
-from .data import MultiRaterDataset, load_splits, train_transform
+from .data import MultiRaterDataset, load_splits, real_raters, train_transform
 from .losses import beta_schedule, build_geco, elbo_loss
 from .models import build_model
 from .models.unet import to_channels_last
@@ -266,11 +266,12 @@ class BatchStream:
         self._order: list[int] = []
         items = dataset.items
         self.images = torch.stack([torch.as_tensor(i["image"]) for i in items]).float()  # (N, C, *spatial)
-        num_raters = max(i["labels"].shape[0] for i in items)
-        labels = torch.stack([torch.as_tensor(_pad_raters(np.asarray(i["labels"]), num_raters)) for i in items])
+        real = [real_raters(i) for i in items]  # padded-in raters are never training targets
+        num_raters = max(r.shape[0] for r in real)
+        labels = torch.stack([torch.as_tensor(_pad_raters(r, num_raters)) for r in real])
         small = labels.numel() == 0 or (int(labels.min()) >= 0 and int(labels.max()) < 256)
         self.labels = labels.to(torch.uint8) if small else labels.long()  # (N, A, *spatial)
-        self.num_raters = torch.tensor([i["labels"].shape[0] for i in items])  # (N,)
+        self.num_raters = torch.tensor([r.shape[0] for r in real])  # (N,) real raters per case
 
     def _indices(self, step: int) -> list[int]:
         out = []
@@ -375,7 +376,7 @@ def validation_ged(model, items: list[dict], cfg: Config, device: torch.device,
     chunks = [items[i:i + bs] for i in range(0, len(items), bs)]
     groups: list[list[dict]] = []
     for chunk in chunks:
-        shapes = {(c["image"].shape, c["labels"].shape) for c in chunk}
+        shapes = {(c["image"].shape, real_raters(c).shape) for c in chunk}
         groups.extend([chunk] if len(shapes) == 1 else [[c] for c in chunk])
     # [GED sum, GED count, diversity sum, diversity count], NaN-aware
     acc = torch.zeros(4, dtype=torch.float64, device=device)
@@ -385,7 +386,7 @@ def validation_ged(model, items: list[dict], cfg: Config, device: torch.device,
         grp = groups[j]
         g.manual_seed(cfg.train.seed + 12345 + j)
         image = torch.stack([torch.as_tensor(c["image"]) for c in grp]).float().to(device)
-        refs = torch.stack([torch.as_tensor(c["labels"]) for c in grp]).to(device)
+        refs = torch.stack([torch.as_tensor(real_raters(c)) for c in grp]).to(device)
         with autocast(device, dtype):
             logits = model.sample(image, cfg.train.val_samples, generator=g)
         samples = logits.argmax(dim=2)  # (B, S, *spatial)

@@ -115,3 +115,20 @@ def test_training_options_run(tmp_path, extra):
     cfg = load_config("configs/debug.yaml", ["train.steps=2", *FAST, *extra])
     fit(cfg, tmp_path / "run")
     assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
+
+
+def test_padded_raters_are_never_training_targets():
+    import numpy as np
+
+    from probunet.data import MultiRaterDataset
+    from probunet.train import BatchStream, DistInfo
+
+    image = np.zeros((1, 8, 8), np.float32)
+    real = np.ones((1, 8, 8), np.int64)
+    pad = np.zeros((3, 8, 8), np.int64)
+    items = [{"image": image, "labels": np.concatenate([real, pad]), "case_id": f"c{i}",
+              "meta": {"rater_present": [True, False, False, False]}} for i in range(4)]
+    stream = BatchStream(MultiRaterDataset(items), 4, 0, "random", DistInfo())
+    for step in range(10):
+        _, target = stream.batch(step)
+        assert torch.all(target == 1)  # only the real rater (all ones) is ever drawn

@@ -112,6 +112,16 @@ def load_splits(cfg, run_dir: Optional[str | Path] = None) -> dict[str, list[dic
     return splits
 
 
+def real_raters(item: dict) -> np.ndarray:
+    """The case's real rater masks ``(A', *spatial)``: raters a reader padded in
+    (``meta["rater_present"]`` false, with ``data.missing_raters: pad``) are left out."""
+    labels = np.asarray(item["labels"])
+    present = item.get("meta", {}).get("rater_present")
+    if present is not None and len(present) == labels.shape[0] and any(present) and not all(present):
+        labels = labels[np.asarray(present, dtype=bool)]
+    return labels
+
+
 class MultiRaterDataset(Dataset):
     """Items as tensors: ``image`` (C, *spatial) float32, ``labels`` (A, *spatial) int64.
 
@@ -138,4 +148,4 @@ class MultiRaterDataset(Dataset):
 
 
 __all__ = ["DataError", "MultiRaterDataset", "READERS", "load_splits", "normalize_image", "prepare_items",
-           "read_cases", "split_items", "train_transform", "validate_items", "write_split"]
+           "read_cases", "real_raters", "split_items", "train_transform", "validate_items", "write_split"]
