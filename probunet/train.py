@@ -620,13 +620,17 @@ def _fit(cfg: Config, run_dir: Path, *, resume: bool, progress: bool) -> dict:
         beta = beta_schedule(cfg.train.beta, step, cfg.train.kl_warmup_steps)
         geco_state = ({k: v.clone() for k, v in geco.state_dict().items()}
                       if compiled_first and geco is not None else None)
-        try:
+        def one_step():
             with autocast(device, dtype):
                 out = train_model(image, seg=target)
             terms = geco(out.logits, target, out.kl) if geco is not None else \
                 elbo_loss(out.logits, target, out.kl, beta=beta)
             bad = backward_and_step(terms["loss"], optimizer, scaler, params, grad_clip=cfg.train.grad_clip,
                                     dist=dist)
+            return terms, bad
+
+        try:
+            terms, bad = one_step()
         except Exception as exc:
             if not compiled_first:
                 raise
@@ -637,12 +641,7 @@ def _fit(cfg: Config, run_dir: Path, *, resume: bool, progress: bool) -> dict:
             if geco_state is not None:
                 geco.load_state_dict(geco_state)
             torch.manual_seed(_step_seed(cfg.train.seed, step, dist.rank))
-            with autocast(device, dtype):
-                out = train_model(image, seg=target)
-            terms = geco(out.logits, target, out.kl) if geco is not None else \
-                elbo_loss(out.logits, target, out.kl, beta=beta)
-            bad = backward_and_step(terms["loss"], optimizer, scaler, params, grad_clip=cfg.train.grad_clip,
-                                    dist=dist)
+            terms, bad = one_step()
         compiled_first = False
 
         badf = bad.float()
