@@ -70,6 +70,9 @@ def cmd_train(args) -> int:
         if summary.get("val_ged") is not None:
             print(f"  validation GED {summary['val_ged']:.4f}, sample diversity "
                   f"{summary['val_sample_diversity']:.4f}")
+        message = (summary.get("collapse") or {}).get("message")
+        if message:
+            print(f"warning: {message}")
     return 0
 
 

@@ -32,6 +32,7 @@ class ModelConfig:
     prior: str = "conditional"  # conditional | standard
     convs_per_level: int = 3
     norm: Optional[str] = None  # None (reference code) | batch | instance | group
+    init: str = "he_normal"  # he_normal (reference code) | torch (PyTorch's default init)
 
 
 @dataclass
@@ -166,6 +167,7 @@ class TrainConfig:
     seed: int = 0
     beta: float = 1.0
     kl_warmup_steps: int = 0
+    free_bits: float = 0.0  # KL floor in nats per latent dimension (batch mean); 0: off
     rater: str = "random"  # random | all
     grad_clip: Optional[float] = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -285,6 +287,7 @@ def _build(cls, data: dict, prefix: str = ""):
 _CHOICES = {
     "model.prior": ("conditional", "standard"),
     "model.norm": (None, "batch", "instance", "group"),
+    "model.init": ("he_normal", "torch"),
     "data.format": ("synthetic", "lidc_pickle", "lidc_crops", "qubiq", "folder"),
     "data.missing_raters": ("pad", "error"),
     "data.normalize": ("none", "zscore", "ct_window"),
@@ -322,6 +325,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("config key 'train.lr': must be > 0")
     if t.beta < 0:
         raise ConfigError("config key 'train.beta': must be >= 0")
+    if not t.free_bits >= 0:
+        raise ConfigError("config key 'train.free_bits': must be >= 0 (nats per latent dimension)")
     if cfg.eval.num_samples < 1:
         raise ConfigError("config key 'eval.num_samples': must be >= 1")
     if cfg.data.format != "synthetic" and not cfg.data.path:

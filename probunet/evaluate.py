@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from . import __version__, metrics
+from .collapse import diversity_warning
 from .data import real_raters
 from .utils import atomic_call, atomic_write_text
 
@@ -318,6 +319,12 @@ def evaluate(model, cfg, items: list[dict], *, num_samples: int, seed: int, devi
     }
     if has_truth:
         summary["truth"] = _truth_summary(rows, lesion_rows, num_true)
+    summary["conventions"]["line"] = conventions_line(summary)
+    m = summary["metrics"]
+    warning = diversity_warning(m["sample_diversity"]["mean"], m["reference_diversity"]["mean"])
+    summary["warnings"] = [warning] if warning else []
+    if warning:
+        logger.warning(warning)
 
     summary["files"] = {}
     if out_dir is not None or summary_path is not None:
@@ -333,6 +340,16 @@ def evaluate(model, cfg, items: list[dict], *, num_samples: int, seed: int, devi
                 "ECE %.4f", len(rows), num_samples, m["ged"]["mean"], m["ged"]["sem"], m["hm_iou"]["mean"],
                 m["hm_iou"]["sem"], m["sample_diversity"]["mean"], summary["calibration"]["ece"])
     return {**summary, "per_case": rows, "lesions": lesion_rows}
+
+
+def conventions_line(summary: dict) -> str:
+    """The protocol in one line, to print under a table of results."""
+    empty = summary["conventions"]["empty_iou"]
+    empty_rule = "IoU 1 (d = 0)" if empty == 1.0 else ("NaN, cases skipped" if empty == "nan" else f"IoU {empty}")
+    return (f"Protocol: {summary['num_samples']} samples per image, {summary['num_cases']} {summary['split']} cases; "
+            f"d = 1 - IoU over the foreground classes; two empty masks: {empty_rule}; GED over all ordered "
+            f"pairs, self-pairs (i = j) included; HM-IoU: Hungarian matching after tiling both sets to "
+            f"lcm(S, A); references: each case's real raters; mean +- standard error over cases.")
 
 
 def _data_dict(cfg) -> dict:
@@ -567,3 +584,6 @@ def _print_summary(result: dict) -> None:
               f"{les['mae_sampled_vs_true']:.4f} (raters: MAE {les['mae_raters_vs_true']:.4f})")
     for name, path in result["files"].items():
         print(f"  {name + ':':15s}{path}")
+    print(result["conventions"]["line"])
+    for warning in result.get("warnings", []):
+        print(f"warning: {warning}")

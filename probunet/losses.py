@@ -34,20 +34,38 @@ def beta_schedule(beta: float, step: int, warmup_steps: int) -> float:
     return float(beta) * min(1.0, (step + 1) / warmup_steps)
 
 
+def kl_objective(kl: torch.Tensor, kl_dims: Optional[torch.Tensor] = None, free_bits: float = 0.0) -> torch.Tensor:
+    """The KL term that is minimised: mean_b(KL), or with ``free_bits`` > 0 the "free bits"
+    form (Kingma et al. 2016) sum_d max(mean_b KL_d, free_bits).
+
+    kl (B,), kl_dims (B, D) the KL per latent dimension (needed when ``free_bits`` > 0).
+    Below the floor a dimension's KL costs nothing, so the optimiser gains nothing by
+    pushing the posterior onto the prior there: a guard against posterior collapse.
+    """
+    if free_bits <= 0:
+        return kl.float().mean()
+    if kl_dims is None:
+        raise ValueError("free_bits > 0 needs the KL per latent dimension (kl_dims)")
+    return kl_dims.float().mean(dim=0).clamp(min=float(free_bits)).sum()
+
+
 def elbo_loss(logits: torch.Tensor, target: torch.Tensor, kl: torch.Tensor,
-              beta: float = 1.0) -> dict[str, torch.Tensor]:
+              beta: float = 1.0, *, kl_dims: Optional[torch.Tensor] = None,
+              free_bits: float = 0.0) -> dict[str, torch.Tensor]:
     """Negative ELBO.
 
-    logits (B, C, *spatial), target (B, *spatial) integer labels, kl (B,).
-    Returns a dict of scalars: ``loss`` = mean_b(CE_sum) + beta * mean_b(KL),
-    ``ce_sum`` (per image, summed over pixels, batch mean), ``ce_mean`` (per pixel),
-    ``kl`` (batch mean).
+    logits (B, C, *spatial), target (B, *spatial) integer labels, kl (B,),
+    kl_dims (B, D) optional, the KL per latent dimension (for ``free_bits``).
+    Returns a dict of scalars: ``loss`` = mean_b(CE_sum) + beta * KL term (see
+    :func:`kl_objective`; mean_b(KL) without free bits), ``ce_sum`` (per image,
+    summed over pixels, batch mean), ``ce_mean`` (per pixel), ``kl`` (batch mean,
+    the true KL also with free bits).
     """
     ce_sum, ce_mean = cross_entropy_terms(logits, target)
     kl_mean = kl.float().mean()
     ce_sum_mean = ce_sum.mean()
     return {
-        "loss": ce_sum_mean + beta * kl_mean,
+        "loss": ce_sum_mean + beta * kl_objective(kl, kl_dims, free_bits),
         "ce_sum": ce_sum_mean,
         "ce_mean": ce_mean.mean(),
         "kl": kl_mean,
@@ -73,7 +91,8 @@ class Geco(nn.Module):
         self.register_buffer("constraint_ma", torch.tensor(0.0))
         self.register_buffer("initialised", torch.tensor(False))
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor, kl: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, kl: torch.Tensor, *,
+                kl_dims: Optional[torch.Tensor] = None, free_bits: float = 0.0) -> dict[str, torch.Tensor]:
         """Same inputs as :func:`elbo_loss`; also updates lambda (no gradient through it)."""
         ce_sum, ce_mean = cross_entropy_terms(logits, target)
         kl_mean = kl.float().mean()
@@ -88,7 +107,7 @@ class Geco(nn.Module):
         # Straight-through: the gradient sees the current constraint, its value the moving average.
         smoothed = constraint + (self.constraint_ma - constraint).detach()
         return {
-            "loss": self.lagmul * smoothed + kl_mean,
+            "loss": self.lagmul * smoothed + kl_objective(kl, kl_dims, free_bits),
             "ce_sum": ce_sum.mean(),
             "ce_mean": ce_mean.mean(),
             "kl": kl_mean,

@@ -39,6 +39,7 @@ import torch
 from torch.utils.data.distributed import DistributedSampler
 
 from . import __version__
+from .collapse import CollapseMonitor
 from .config import Config, from_dict, save_config
 from .data import MultiRaterDataset, load_splits, real_raters, train_transform
 from .losses import beta_schedule, build_geco, elbo_loss
@@ -599,6 +600,7 @@ def _fit(cfg: Config, run_dir: Path, *, resume: bool, progress: bool) -> dict:
     check_every = max(1, min(cfg.train.log_every, cfg.train.max_bad_steps))
     t0 = time.perf_counter()
     last_val: dict = {}
+    collapse = CollapseMonitor()
     compiled_first = cfg.train.compile and train_model is not eager_model
 
     def check_bad_steps(done: int) -> None:
@@ -623,8 +625,9 @@ def _fit(cfg: Config, run_dir: Path, *, resume: bool, progress: bool) -> dict:
         def one_step():
             with autocast(device, dtype):
                 out = train_model(image, seg=target)
-            terms = geco(out.logits, target, out.kl) if geco is not None else \
-                elbo_loss(out.logits, target, out.kl, beta=beta)
+            fb = cfg.train.free_bits
+            terms = geco(out.logits, target, out.kl, kl_dims=out.kl_dims, free_bits=fb) if geco is not None else \
+                elbo_loss(out.logits, target, out.kl, beta=beta, kl_dims=out.kl_dims, free_bits=fb)
             bad = backward_and_step(terms["loss"], optimizer, scaler, params, grad_clip=cfg.train.grad_clip,
                                     dist=dist)
             return terms, bad
@@ -671,6 +674,10 @@ def _fit(cfg: Config, run_dir: Path, *, resume: bool, progress: bool) -> dict:
             if dist.is_main:
                 record["train_sample_diversity"] = _batch_diversity(model, image[:4], cfg, device, dtype)
             sums, good_steps, images_seen, t0 = {}, zero.clone(), 0, time.perf_counter()
+            if dist.is_main:
+                warning = collapse.update(done, record.get("train_kl"), record.get("train_sample_diversity"))
+                if warning:
+                    logger.warning(warning)
             log(record)
             if bar is not None and record.get("train_loss") is not None:
                 bar.set_postfix(loss=f"{record['train_loss']:.1f}", ce=f"{record['train_ce_mean']:.3f}",
@@ -709,7 +716,8 @@ def _fit(cfg: Config, run_dir: Path, *, resume: bool, progress: bool) -> dict:
     summary = {"run_dir": str(run_dir), "steps": cfg.train.steps, "device": str(device),
                "amp": str(dtype).replace("torch.", "") if dtype else "off",
                "best_val_ged": best if math.isfinite(best) else None, **last_val,
-               "last_checkpoint": str(last_path), "figure": figure, "world_size": dist.world_size}
+               "last_checkpoint": str(last_path), "figure": figure, "world_size": dist.world_size,
+               "collapse": collapse.report()}
     if replicas is not None:
         summary["replica_weights_sha256"] = replicas
     if dist.is_main:

@@ -30,6 +30,11 @@ Output (``--out``):
     python scripts/prepare_lidc.py --dicom-root /data/LIDC-IDRI --out data/lidc
     python scripts/prepare_lidc.py --dicom-root /data/LIDC-IDRI --out /tmp/l --patients LIDC-IDRI-0001
     python scripts/prepare_lidc.py --annotations-only --out /tmp/l --limit 5   # masks only, no images needed
+    python scripts/prepare_lidc.py --synthetic-images --crop-size 64 --out data/lidc_style   # no CT needed
+
+``--synthetic-images`` builds the LIDC-style set of the quality benchmark: the
+real readers' masks with a CT-like image synthesised from them
+(:mod:`probunet.data.lidc_style`), so no DICOM download is needed.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ except ImportError:  # running from a source checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from probunet.data import lidc_pickle as lp  # noqa: E402
+from probunet.data.lidc_style import crop_seed, synthesize_ct  # noqa: E402
 from probunet.data.validate import DataError  # noqa: E402
 
 logger = logging.getLogger("prepare_lidc")
@@ -201,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nifti", action="store_true", help="also write each crop as NIfTI (qubiq layout)")
     p.add_argument("--annotations-only", action="store_true",
                    help="no images: cluster readers, place the crops and write cases.csv only")
+    p.add_argument("--synthetic-images", action="store_true",
+                   help="no DICOM: synthesise a CT-like image from each crop's reader masks (the LIDC-style "
+                        "set of scripts/benchmark_quality.py)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --synthetic-images (default 0)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -227,7 +237,9 @@ def run(args) -> int:
         scans = scans[:args.limit]
     if not scans:
         raise PrepareError(f"{db_path}: no scans selected")
-    if not args.annotations_only:
+    if args.annotations_only and args.synthetic_images:
+        raise PrepareError("--annotations-only and --synthetic-images exclude each other")
+    if not args.annotations_only and not args.synthetic_images:
         if args.dicom_root is None:
             raise PrepareError("--dicom-root is required (the LIDC-IDRI DICOM folder), or use --annotations-only")
         if not args.dicom_root.is_dir():
@@ -235,7 +247,7 @@ def run(args) -> int:
     if args.out.exists() and any(args.out.iterdir()):
         raise PrepareError(f"{args.out}: output folder exists and is not empty; choose a new folder")
 
-    index = None if args.annotations_only else DicomIndex(args.dicom_root)
+    index = None if (args.annotations_only or args.synthetic_images) else DicomIndex(args.dicom_root)
     rows: list[dict] = []
     shard: dict = {}
     shard_patients: list[str] = []
@@ -272,9 +284,12 @@ def run(args) -> int:
             rows.append(row)
             if args.annotations_only:
                 continue
+            if args.synthetic_images:
+                rng = np.random.default_rng(crop_seed(args.seed, key))
+                entry["image"] = synthesize_ct(np.stack(entry["masks"]), rng, window=tuple(args.window))
             shard[key] = entry
             if args.nifti:
-                sp = (args.spacing,) * 2 if args.spacing else pixel_spacing
+                sp = (args.spacing,) * 2 if args.spacing else (pixel_spacing or (scan["pixel_spacing"],) * 2)
                 write_nifti(args.out, key, entry, sp)
         logger.info("[%d/%d] %s: %d crops", i + 1, len(scans), scan["patient_id"], len(crops))
     if index is not None and len(no_images) == len(scans):
@@ -291,7 +306,8 @@ def run(args) -> int:
 
     atomic_call(args.out / "cases.csv", write_csv, suffix=".csv")
     msg = (f"{len(rows)} crops from {len(scans) - len(no_images)} scans -> {args.out}"
-           + (f" ({len(written)} pickle file(s))" if written else " (annotations only: cases.csv)"))
+           + (f" ({len(written)} pickle file(s)" + (", synthetic images" if args.synthetic_images else "") + ")"
+              if written else " (annotations only: cases.csv)"))
     if no_images:
         msg += f"; {len(no_images)} scan(s) without DICOM images skipped (e.g. {no_images[0]})"
     print(msg)

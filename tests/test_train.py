@@ -93,7 +93,7 @@ def test_checkpoint_with_code_is_refused(tmp_path):
 def test_repeated_nan_stops_training_naming_the_step(tmp_path, monkeypatch):
     from probunet import train as train_mod
 
-    def nan_loss(logits, target, kl, beta=1.0):
+    def nan_loss(logits, target, kl, beta=1.0, **kwargs):
         v = logits.float().mean() * float("nan")
         return {"loss": v, "ce_sum": v, "ce_mean": v, "kl": v}
 

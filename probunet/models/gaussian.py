@@ -34,8 +34,9 @@ def standard_gaussian(batch: int, latent_dim: int, device, dtype=torch.float32) 
     return Independent(Normal(zeros, torch.ones_like(zeros)), 1)
 
 
-def analytic_kl(q: Independent, p: Independent) -> torch.Tensor:
-    """KL(q || p) of two diagonal Gaussians, in fp32. Returns (B,)."""
+def analytic_kl(q, p) -> torch.Tensor:
+    """KL(q || p) of two diagonal Gaussians, in fp32: (B,) for ``Independent`` distributions,
+    (B, D) per dimension for their ``Normal`` base distributions."""
     return kl_divergence(q, p)
 
 

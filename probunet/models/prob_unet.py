@@ -10,6 +10,7 @@ from torch import nn
 from torch.distributions import Independent
 
 from .fcomb import Fcomb
+from .init import init_weights
 from .gaussian import GaussianHead, analytic_kl, standard_gaussian
 from .unet import Encoder, UNet, cpu_parallel_map, split_over_threads, to_channels_last
 
@@ -20,7 +21,9 @@ class ProbUNetOutput:
 
     logits (B, C, *spatial); prior / posterior: distributions with batch_shape (B,)
     and event_shape (latent_dim,), posterior None without ``seg``; kl (B,)
-    KL(q(z|x,y) || p(z|x)) or None without ``seg``; z (B, latent_dim) the latent used.
+    KL(q(z|x,y) || p(z|x)) or None without ``seg``; z (B, latent_dim) the latent used;
+    kl_dims (B, latent_dim) the KL per latent dimension (``kl`` is its sum), None
+    without ``seg``.
     """
 
     logits: torch.Tensor
@@ -28,6 +31,7 @@ class ProbUNetOutput:
     posterior: Optional[Independent]
     kl: Optional[torch.Tensor]
     z: torch.Tensor
+    kl_dims: Optional[torch.Tensor] = None
 
 
 class LatentEncoder(nn.Module):
@@ -72,12 +76,16 @@ class ProbabilisticUNet(nn.Module):
             ``"standard"`` (fixed N(0, I)).
         convs_per_level: 3x3 convs per level (3 in the reference).
         norm: None (reference) or a MONAI norm name.
+        init: weight initialisation of every convolution (U-Net, both latent
+            encoders, f_comb): ``"he_normal"`` (reference code; default) or
+            ``"torch"`` (PyTorch's default); see :mod:`probunet.models.init`.
+            The mu / log-sigma heads keep their own near-zero start.
     """
 
     def __init__(self, spatial_dims: int = 2, in_channels: int = 1, num_classes: int = 2,
                  features: Sequence[int] = (32, 64, 128, 192), latent_dim: int = 6,
                  fcomb_layers: int = 4, prior: str = "conditional", convs_per_level: int = 3,
-                 norm: Optional[str] = None):
+                 norm: Optional[str] = None, init: str = "he_normal"):
         super().__init__()
         if prior not in ("conditional", "standard"):
             raise ValueError(f"prior must be 'conditional' or 'standard', got {prior!r}")
@@ -88,12 +96,16 @@ class ProbabilisticUNet(nn.Module):
         self.num_classes = num_classes
         self.latent_dim = latent_dim
         self.prior_type = prior
-        self.unet = UNet(spatial_dims, in_channels, features, convs_per_level, norm=norm)
+        self.unet = UNet(spatial_dims, in_channels, features, convs_per_level, norm=norm, init=init)
         self.prior_net = (LatentEncoder(spatial_dims, in_channels, features, latent_dim, convs_per_level, norm)
                           if prior == "conditional" else None)
         self.posterior_net = LatentEncoder(spatial_dims, in_channels + num_classes, features, latent_dim,
                                            convs_per_level, norm)
         self.fcomb = Fcomb(spatial_dims, self.unet.out_channels, latent_dim, num_classes, fcomb_layers)
+        for part in (self.posterior_net.encoder, self.fcomb,
+                     self.prior_net.encoder if self.prior_net is not None else None):
+            if part is not None:
+                init_weights(part, init)
 
     @property
     def divisor(self) -> int:
@@ -135,7 +147,7 @@ class ProbabilisticUNet(nn.Module):
         self.check_input(image)
         features = self.unet(image)
         prior = self.prior(image)
-        posterior = kl = None
+        posterior = kl = kl_dims = None
         if seg is not None:
             if seg.shape != (image.shape[0], *image.shape[2:]):
                 raise ValueError(f"seg must be (B, *spatial) = {(image.shape[0], *image.shape[2:])}, "
@@ -143,12 +155,13 @@ class ProbabilisticUNet(nn.Module):
             posterior = self.posterior(image, seg)
             with torch.autocast(image.device.type, enabled=False):
                 z = posterior.rsample()
-                kl = analytic_kl(posterior, prior)
+                kl_dims = analytic_kl(posterior.base_dist, prior.base_dist)  # (B, D)
+                kl = kl_dims.sum(dim=1)
         else:
             with torch.autocast(image.device.type, enabled=False):
                 z = prior.rsample()
         logits = self.fcomb(features, z)
-        return ProbUNetOutput(logits=logits, prior=prior, posterior=posterior, kl=kl, z=z)
+        return ProbUNetOutput(logits=logits, prior=prior, posterior=posterior, kl=kl, z=z, kl_dims=kl_dims)
 
     def sample(self, image: torch.Tensor, num_samples: int, *, chunk_size: Optional[int] = 32,
                generator: Optional[torch.Generator] = None, mean: bool = False) -> torch.Tensor:
@@ -233,4 +246,5 @@ def build_model(model_cfg) -> ProbabilisticUNet:
         num_classes=model_cfg.num_classes, features=tuple(model_cfg.features),
         latent_dim=model_cfg.latent_dim, fcomb_layers=model_cfg.fcomb_layers,
         prior=model_cfg.prior, convs_per_level=model_cfg.convs_per_level, norm=model_cfg.norm,
+        init=getattr(model_cfg, "init", "he_normal"),
     )

@@ -19,6 +19,8 @@ from monai.networks.blocks import Convolution
 from monai.networks.layers.factories import Pool
 from torch import nn
 
+from .init import init_weights
+
 
 # ----------------------------------------------------------------------------- CPU inference threads
 
@@ -166,7 +168,8 @@ class UNet(nn.Module):
 
     def __init__(self, spatial_dims: int = 2, in_channels: int = 1,
                  features: Sequence[int] = (32, 64, 128, 192), convs_per_level: int = 3,
-                 act="relu", norm: Optional[str] = None, num_classes: Optional[int] = None):
+                 act="relu", norm: Optional[str] = None, num_classes: Optional[int] = None,
+                 init: str = "he_normal"):
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -183,6 +186,7 @@ class UNet(nn.Module):
         if num_classes is not None:
             self.head = nn.Conv2d(self.out_channels, num_classes, 1) if spatial_dims == 2 else \
                 nn.Conv3d(self.out_channels, num_classes, 1)
+        init_weights(self, init)  # see probunet.models.init: He-normal as the reference code
 
     @property
     def divisor(self) -> int:
