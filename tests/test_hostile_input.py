@@ -266,3 +266,207 @@ def test_complex_image_in_a_pickle_is_refused(tmp_path):
                                                      "series_uid": "1"}}, path)
     with pytest.raises(DataError, match=r"cplx\.pickle\['LIDC-IDRI-0001_s0'\]: the image is complex-valued"):
         lidc_pickle.read_cases(type("D", (), {"path": str(path), "pickle_files": None, "binarize": False})())
+
+
+# ----------------------------------------------------------------------------- config ranges and model size
+
+from probunet.config import (ConfigError, MAX_MODEL_PARAMETERS, ModelConfig, estimate_model_parameters,  # noqa: E402
+                             from_dict, load_config)
+
+
+@pytest.mark.parametrize("kw", [
+    {},
+    {"features": (4, 8), "latent_dim": 2, "fcomb_layers": 2},
+    {"spatial_dims": 3, "features": (4, 8, 16), "norm": "batch"},
+    {"norm": "group", "features": (8, 16), "prior": "standard", "fcomb_layers": 1, "num_classes": 3,
+     "in_channels": 2, "convs_per_level": 2},
+    {"norm": "instance", "features": (8, 16, 24), "latent_dim": 11},
+])
+def test_parameter_estimate_equals_the_built_model(kw):
+    from probunet.models import build_model
+
+    m = ModelConfig(**kw)
+    assert estimate_model_parameters(m) == sum(p.numel() for p in build_model(m).parameters())
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.checkpoint_every=0", "train.checkpoint_every"),
+    ("train.log_every=0", "train.log_every"),
+    ("train.val_every=-3", "train.val_every"),
+    ("train.device=tpu", "train.device"),
+    ("train.device=cuda:x", "train.device"),
+    ("train.steps=0", "train.steps"),
+    ("train.steps=.nan", "train.steps"),
+    ("train.steps=.inf", "train.steps"),
+    ("train.steps=1e400", "train.steps"),
+    ("train.batch_size=0", "train.batch_size"),
+    ("train.lr=.inf", "train.lr"),
+    ("train.lr=.nan", "train.lr"),
+    ("train.lr=0", "train.lr"),
+    ("train.grad_clip=.nan", "train.grad_clip"),
+    ("train.beta=-1", "train.beta"),
+    ("train.max_bad_steps=0", "train.max_bad_steps"),
+    ("model.num_classes=1000000", "model.num_classes"),
+    ("model.num_classes=1", "model.num_classes"),
+    ("model.latent_dim=0", "model.latent_dim"),
+    ("model.latent_dim=1e9", "model.latent_dim"),
+    ("model.fcomb_layers=0", "model.fcomb_layers"),
+    ("model.convs_per_level=0", "model.convs_per_level"),
+    ("model.convs_per_level=1000", "model.convs_per_level"),
+    ("model.in_channels=0", "model.in_channels"),
+    ("model.features=[a,b]", "model.features"),
+    ("model.features=[]", "model.features"),
+    ("model.features=[0,4]", "model.features"),
+    ("model.features=[4.5,8]", "model.features"),
+    ("model.features=[100000]", "model.features"),
+    ("model.features=[4,4,4,4,4,4,4,4,4,4,4]", "model.features"),
+    ("data.ct_window=[a,1]", "data.ct_window"),
+    ("eval.batch_size=0", "eval.batch_size"),
+    ("data.augment.prob=2", "data.augment.prob"),
+])
+def test_out_of_range_values_name_the_key(override, key):
+    with pytest.raises(ConfigError) as exc:
+        load_config(ROOT / "configs/debug.yaml", [override])
+    msg = str(exc.value)
+    assert f"'{key}'" in msg and "\n" not in msg, msg
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", "mps"])
+def test_valid_devices_pass_validation(device):
+    assert load_config(None, [f"train.device={device}"]).train.device == device
+
+
+def test_a_model_too_large_is_refused_from_its_config_alone(monkeypatch):
+    import probunet.models as models
+
+    def never(*a, **k):  # pragma: no cover - must not be reached
+        raise AssertionError("build_model called")
+
+    monkeypatch.setattr(models, "build_model", never)
+    with pytest.raises(ConfigError, match=r"'model\.features': the model would have .* parameters .* GB"):
+        load_config(None, ["model.features=[8192, 8192, 8192, 8192]"])
+    with pytest.raises(ConfigError, match=r"'model\.features': the model would have"):
+        load_config(None, ["model.spatial_dims=3", "model.features=[2048, 2048]", "model.convs_per_level=8"])
+    m = load_config(None, ["model.features=[1024, 2048, 4096]"]).model  # large but under the limit
+    assert estimate_model_parameters(m) < MAX_MODEL_PARAMETERS
+    # a config stored in a checkpoint goes through the same checks
+    stored = load_config(ROOT / "configs/debug.yaml").to_dict()
+    stored["model"]["latent_dim"] = 1e9
+    with pytest.raises(ConfigError, match=r"'model\.latent_dim': must be in \[1, 4096\], got 1000000000"):
+        from_dict(stored)
+
+
+def test_binary_config_file_names_the_file(tmp_path, capsys):
+    from probunet.cli import main
+
+    path = tmp_path / "weights.yaml"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe" + bytes(range(256)))
+    with pytest.raises(ConfigError, match=r"weights\.yaml: not a YAML text file"):
+        load_config(path)
+    assert main(["--quiet", "train", str(path), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "weights.yaml" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.checkpoint_every=0", "train.checkpoint_every"),
+    ("train.device=tpu", "train.device"),
+    ("model.num_classes=1000000", "model.num_classes"),
+    ("model.features=[a,b]", "model.features"),
+    ("train.steps=.nan", "train.steps"),
+    ("train.lr=.inf", "train.lr"),
+])
+def test_cli_range_errors_exit_2_one_line(tmp_path, capsys, override, key):
+    from probunet.cli import main
+
+    rc = main(["--quiet", "train", str(ROOT / "configs/debug.yaml"), "--out", str(tmp_path / "r"), override])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and f"'{key}'" in err, err
+    assert not (tmp_path / "r").exists()
+
+
+# ----------------------------------------------------------------------------- options and overrides in any order
+
+
+def test_options_and_overrides_in_any_order(tmp_path):
+    import yaml
+
+    from probunet.cli import main
+
+    debug = str(ROOT / "configs/debug.yaml")
+    fast = ["train.val_every=100", "train.checkpoint_every=100"]
+    runs = {
+        "after": ["train", debug, "--out", str(tmp_path / "after"), "train.steps=2", *fast, "--no-progress"],
+        "between": ["train", debug, "train.steps=2", "--out", str(tmp_path / "between"), fast[0], "--no-progress",
+                    fast[1]],
+        "before": ["train", debug, "train.steps=2", *fast, "--out", str(tmp_path / "before"), "--no-progress"],
+    }
+    for name, argv in runs.items():
+        assert main(["--quiet", *argv]) == 0, name
+        saved = yaml.safe_load((tmp_path / name / "config.yaml").read_text())
+        assert saved["train"]["steps"] == 2 and saved["train"]["val_every"] == 100, name
+        assert saved["train"]["checkpoint_every"] == 100, name
+    # a later override wins, in command-line order across the options
+    assert main(["--quiet", "train", debug, "train.steps=5", "--out", str(tmp_path / "last"), "train.steps=1",
+                 *fast, "--no-progress"]) == 0
+    assert yaml.safe_load((tmp_path / "last" / "config.yaml").read_text())["train"]["steps"] == 1
+    run = tmp_path / "after"
+    for name, argv in {
+        "ev_after": ["evaluate", str(run), "--num-samples", "2", "--out", str(tmp_path / "ev_after.json"),
+                     "eval.split=val", "--no-progress"],
+        "ev_before": ["evaluate", str(run), "eval.split=val", "--num-samples", "2", "--no-progress", "--out",
+                      str(tmp_path / "ev_before.json")],
+    }.items():
+        assert main(["--quiet", *argv]) == 0, name
+        summary = json.loads((tmp_path / f"{name}.json").read_text())
+        assert summary["split"] == "val" and summary["num_samples"] == 2, name
+    # once through the console entry point, overrides after the options
+    proc = subprocess.run([sys.executable, "-m", "probunet", "--quiet", "evaluate", str(run), "--num-samples", "2",
+                           "--out", str(tmp_path / "ev_cli.json"), "--no-progress", "eval.split=train"],
+                          capture_output=True, text=True, env=_env(), timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "ev_cli.json").read_text())["split"] == "train"
+    proc = subprocess.run([sys.executable, "-m", "probunet", "--quiet", "train", debug, "--out",
+                           str(tmp_path / "cli"), "train.steps=1", *fast, "--no-progress"],
+                          capture_output=True, text=True, env=_env(), timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert yaml.safe_load((tmp_path / "cli" / "config.yaml").read_text())["train"]["steps"] == 1
+
+
+def test_unknown_options_are_still_refused(capsys):
+    from probunet.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "configs/debug.yaml", "train.steps=2", "--bogus"])
+    assert exc.value.code == 2 and "--bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # predict takes no overrides
+        main(["predict", "ck.pt", "in", "out", "train.steps=2"])
+    assert exc.value.code == 2 and "train.steps=2" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- complex images
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd"])
+def test_complex_images_are_refused_naming_the_file(tmp_path, suffix):
+    from probunet.data.io import read_image
+
+    array = (np.arange(16 * 16).reshape(16, 16) * (1 + 2j)).astype(np.complex64)
+    path = tmp_path / f"cplx{suffix}"
+    if suffix == ".nii.gz":
+        import nibabel as nib
+
+        nib.save(nib.Nifti1Image(array, np.eye(4)), str(path))
+    else:
+        import SimpleITK as sitk
+
+        sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+    with pytest.raises(DataError, match=rf"cplx{suffix.replace('.', '[.]')}: the image is complex-valued") as exc:
+        read_image(path)
+    assert "\n" not in str(exc.value)
+    real = tmp_path / f"real{suffix}"
+    if suffix == ".nii.gz":
+        nib.save(nib.Nifti1Image(array.real.copy(), np.eye(4)), str(real))
+    else:
+        sitk.WriteImage(sitk.GetImageFromArray(array.real.copy()), str(real))
+    assert read_image(real)[0].dtype == np.float32
