@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train from a YAML config")
     t.add_argument("config", metavar="CONFIG", help="YAML config (see configs/)")
-    t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=100")
+    t.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. train.steps=100 (before or after the options)")
     t.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/<config>-<time>)")
     t.add_argument("--resume", action="store_true", help="continue RUN_DIR from checkpoints/last.pt")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -202,9 +203,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """``parser.parse_args`` where ``key=value`` overrides may come before, between or after the
+    options (``train CONFIG --out R train.steps=20``): argparse alone takes the positionals of a
+    sub-command only in one run, so overrides after an option are collected here, in order."""
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        if hasattr(args, "overrides") and not any(e.startswith("-") for e in extras):
+            args.overrides = [*(args.overrides or []), *extras]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    return args
+
+
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if not getattr(args, "command", None):

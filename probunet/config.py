@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,7 +112,11 @@ class DataConfig:
 
     def __post_init__(self):
         self.crop_size = _crop_size(self.crop_size)
-        if len(self.ct_window) != 2 or float(self.ct_window[0]) >= float(self.ct_window[1]):
+        try:
+            window = [float(v) for v in self.ct_window]
+        except (TypeError, ValueError, OverflowError):
+            window = None
+        if window is None or len(window) != 2 or not all(math.isfinite(v) for v in window) or window[0] >= window[1]:
             raise ConfigError(f"config key 'data.ct_window': expected [low, high] with low < high, "
                               f"got {list(self.ct_window)}")
         if self.num_raters is not None and self.num_raters < 1:
@@ -239,19 +245,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value.lower() in ("true", "yes", "1")
         raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
     if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
-        try:
-            f = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}") from None
-        if f != int(f):
-            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
-        return int(f)
+        return _to_int(value, key)
     if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
         try:
             return float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"config key '{key}': expected a number, got {value!r}") from None
     if tp is str:
         if isinstance(value, bool):  # YAML 1.1 reads off/no/false as False
@@ -270,6 +270,31 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config section '{key}': expected a mapping, got {value!r}")
         return _build(tp, value, key)
     return value
+
+
+def _to_int(value: Any, key: str) -> int:
+    """An integer from an int, an integral finite float, or their text; else ConfigError naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"config key '{key}': expected an integer, got {_shown(value)}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+        try:
+            value = float(value)
+        except (ValueError, OverflowError):
+            raise ConfigError(f"config key '{key}': expected an integer, got {_shown(value)}") from None
+    if not math.isfinite(value) or value != int(value):
+        raise ConfigError(f"config key '{key}': expected an integer, got {_shown(value)}")
+    return int(value)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _build(cls, data: dict, prefix: str = ""):
@@ -297,40 +322,161 @@ _CHOICES = {
 }
 
 
+# Model size limits: each key's range, and the whole model (estimated from the config, before
+# anything is built or allocated).
+MODEL_LIMITS = {
+    "in_channels": (1, 1024),
+    "num_classes": (2, 1000),
+    "latent_dim": (1, 4096),
+    "fcomb_layers": (1, 64),
+    "convs_per_level": (1, 32),
+    "levels": (1, 10),  # len(model.features)
+    "channels": (1, 8192),  # each entry of model.features
+}
+MAX_MODEL_PARAMETERS = 2_000_000_000
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def _norm_parameters(norm: Optional[str], channels: int) -> int:
+    """Learnable parameters of MONAI's norm layer after a conv (batch/group: affine; instance: none)."""
+    return 2 * channels if norm in ("batch", "group") else 0
+
+
+def estimate_model_parameters(model_cfg) -> int:
+    """The number of parameters :func:`probunet.models.build_model` would create for ``model_cfg``,
+    computed from the config alone (nothing is built). Exact for the Probabilistic U-Net of
+    :mod:`probunet.models`: U-Net, prior net (conditional prior), posterior net and f_comb."""
+    d = int(model_cfg.spatial_dims)
+    k = 3 ** d
+    feats = [int(f) for f in model_cfg.features]
+    cpl = int(model_cfg.convs_per_level)
+    latent, classes, cin = int(model_cfg.latent_dim), int(model_cfg.num_classes), int(model_cfg.in_channels)
+    norm = model_cfg.norm
+
+    def conv(a: int, b: int) -> int:  # 3x3(x3) conv with bias, then the norm
+        return a * b * k + b + _norm_parameters(norm, b)
+
+    def block(a: int, b: int) -> int:
+        return conv(a, b) + (cpl - 1) * conv(b, b)
+
+    def encoder(c: int) -> int:
+        total, prev = 0, c
+        for f in feats:
+            total += block(prev, f)
+            prev = f
+        return total
+
+    def latent_encoder(c: int) -> int:
+        return encoder(c) + feats[-1] * 2 * latent + 2 * latent  # + the Gaussian head (linear)
+
+    unet = encoder(cin) + sum(block(feats[i + 1] + feats[i], feats[i]) for i in range(len(feats) - 1))
+    prior = latent_encoder(cin) if model_cfg.prior == "conditional" else 0
+    posterior = latent_encoder(cin + classes)
+    layers = int(model_cfg.fcomb_layers)
+    first_out = feats[0] if layers > 1 else classes
+    fcomb = (feats[0] + latent) * first_out + first_out
+    for i in range(1, layers):
+        out = classes if i == layers - 1 else feats[0]
+        fcomb += feats[0] * out + out
+    return unet + prior + posterior + fcomb
+
+
+def _check_model(m) -> None:
+    if m.spatial_dims not in (2, 3):
+        raise ConfigError(f"config key 'model.spatial_dims': must be 2 or 3, got {m.spatial_dims}")
+    for key in ("in_channels", "num_classes", "latent_dim", "fcomb_layers", "convs_per_level"):
+        lo, hi = MODEL_LIMITS[key]
+        v = getattr(m, key)
+        if not lo <= v <= hi:
+            what = " (background + foreground)" if key == "num_classes" and v < lo else ""
+            raise ConfigError(f"config key 'model.{key}': must be in [{lo}, {hi}]{what}, got {v}")
+    feats = []
+    for f in m.features:
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or f != int(f):
+            feats = None
+            break
+        feats.append(int(f))
+    lo, hi = MODEL_LIMITS["channels"]
+    if not feats or any(not lo <= f <= hi for f in feats):
+        raise ConfigError(f"config key 'model.features': expected a list of channel counts in [{lo}, {hi}] "
+                          f"(one per level), got {_shown(list(m.features))}")
+    if len(feats) > MODEL_LIMITS["levels"][1]:
+        raise ConfigError(f"config key 'model.features': at most {MODEL_LIMITS['levels'][1]} levels, "
+                          f"got {len(feats)}")
+    m.features = tuple(feats)
+    n = estimate_model_parameters(m)
+    if n > MAX_MODEL_PARAMETERS:
+        # Name the key whose default value shrinks the model most.
+        default = ModelConfig()
+        culprit = min(("features", "convs_per_level", "latent_dim", "num_classes", "in_channels", "fcomb_layers"),
+                      key=lambda key: estimate_model_parameters(dataclasses.replace(m, **{key: getattr(default, key)})))
+        raise ConfigError(f"config key 'model.{culprit}': the model would have {n:.3g} parameters "
+                          f"(~{4 * n / 1e9:.3g} GB of fp32 weights, ~{16 * n / 1e9:.3g} GB to train with Adam), "
+                          f"over the limit of {MAX_MODEL_PARAMETERS:.0e}")
+
+
+def _check_number(key: str, value, *, lo=None, lo_open=False, hi=None, optional=False) -> None:
+    """A finite number within [lo, hi] (lo excluded with lo_open); None allowed with optional."""
+    if value is None and optional:
+        return
+    ok = value is not None and math.isfinite(value)
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if ok and hi is not None:
+        ok = value <= hi
+    if not ok:
+        bound = " and ".join(b for b in ((f"> {lo}" if lo_open else f">= {lo}") if lo is not None else "",
+                                         f"<= {hi}" if hi is not None else "") if b)
+        raise ConfigError(f"config key '{key}': must be a finite number{' ' + bound if bound else ''}, got {value}")
+
+
+def _check_int(key: str, value: int, lo: int) -> None:
+    if value < lo:
+        raise ConfigError(f"config key '{key}': must be >= {lo}, got {value}")
+
+
 def validate(cfg: Config) -> Config:
-    """Check value ranges and choices; raise ConfigError naming the key."""
+    """Check value ranges and choices (and the model's size, estimated before anything is built);
+    raise ConfigError naming the key."""
     for key, choices in _CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
             shown = ", ".join(str(c) for c in choices)
             raise ConfigError(f"config key '{key}': {value!r} is not one of: {shown}")
-    m = cfg.model
-    if m.spatial_dims not in (2, 3):
-        raise ConfigError(f"config key 'model.spatial_dims': must be 2 or 3, got {m.spatial_dims}")
-    if m.num_classes < 2:
-        raise ConfigError("config key 'model.num_classes': must be >= 2 (background + foreground)")
-    if len(m.features) < 1 or any(int(f) <= 0 for f in m.features):
-        raise ConfigError(f"config key 'model.features': expected positive channel counts, got {m.features}")
-    m.features = tuple(int(f) for f in m.features)
-    if m.latent_dim < 1:
-        raise ConfigError("config key 'model.latent_dim': must be >= 1")
-    if m.fcomb_layers < 1:
-        raise ConfigError("config key 'model.fcomb_layers': must be >= 1")
+    _check_model(cfg.model)
     t = cfg.train
-    for key in ("steps", "batch_size"):
-        if getattr(t, key) < 1:
-            raise ConfigError(f"config key 'train.{key}': must be >= 1")
-    if t.lr <= 0:
-        raise ConfigError("config key 'train.lr': must be > 0")
-    if t.beta < 0:
-        raise ConfigError("config key 'train.beta': must be >= 0")
-    if not t.free_bits >= 0:
-        raise ConfigError("config key 'train.free_bits': must be >= 0 (nats per latent dimension)")
-    if cfg.eval.num_samples < 1:
-        raise ConfigError("config key 'eval.num_samples': must be >= 1")
-    if cfg.data.format != "synthetic" and not cfg.data.path:
-        raise ConfigError(f"config key 'data.path': required for data.format={cfg.data.format}")
+    for key in ("steps", "batch_size", "log_every", "val_every", "checkpoint_every", "val_samples",
+                "max_bad_steps"):
+        _check_int(f"train.{key}", getattr(t, key), 1)
+    for key in ("val_cases", "kl_warmup_steps"):
+        _check_int(f"train.{key}", getattr(t, key), 0)
+    if not _DEVICE.fullmatch(str(t.device)):
+        raise ConfigError(f"config key 'train.device': {t.device!r} is not one of: auto, cpu, cuda, cuda:N, mps")
+    _check_number("train.lr", t.lr, lo=0, lo_open=True)
+    _check_number("train.weight_decay", t.weight_decay, lo=0)
+    _check_number("train.beta", t.beta, lo=0)
+    _check_number("train.free_bits", t.free_bits, lo=0)
+    _check_number("train.grad_clip", t.grad_clip, lo=0, lo_open=True, optional=True)
+    g = t.geco
+    _check_number("train.geco.goal", g.goal)
+    _check_number("train.geco.alpha", g.alpha, lo=0, hi=1)
+    _check_number("train.geco.step_size", g.step_size, lo=0)
+    for key in ("lambda_init", "lambda_min", "lambda_max"):
+        _check_number(f"train.geco.{key}", getattr(g, key), lo=0)
+    e = cfg.eval
+    for key in ("num_samples", "batch_size", "sample_chunk", "num_true_references"):
+        _check_int(f"eval.{key}", getattr(e, key), 1)
+    d = cfg.data
+    _check_int("data.num_workers", d.num_workers, 0)
+    for key in ("num_cases", "size", "num_raters"):
+        _check_int(f"data.synthetic.{key}", getattr(d.synthetic, key), 1)
+    a = d.augment
+    _check_number("data.augment.prob", a.prob, lo=0, hi=1)
+    for key in ("affine_rotate_deg", "affine_scale", "intensity_shift", "intensity_scale"):
+        _check_number(f"data.augment.{key}", getattr(a, key))
+    if d.format != "synthetic" and not d.path:
+        raise ConfigError(f"config key 'data.path': required for data.format={d.format}")
     return cfg
 
 
@@ -379,8 +525,13 @@ def load_yaml(path: str | Path) -> dict:
     try:
         with open(path, encoding="utf-8") as fh:
             data = yaml.safe_load(fh)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path}: not a YAML text file (byte {exc.start} is not UTF-8 text; "
+                          f"is it a binary file?)") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path}: not valid YAML ({exc.__class__.__name__})") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path}: not valid YAML (nested too deeply)") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

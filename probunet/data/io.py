@@ -132,23 +132,29 @@ def read_image(path: str | Path) -> tuple[np.ndarray, dict]:
     """Read an image and its geometry: ``array`` ``(x, y[, z])`` (``(..., C)`` for
     multi-component images) in its stored dtype, and ``meta`` (see module doc).
 
-    Raises :class:`DataError` naming the file when it is missing or unreadable.
+    Raises :class:`DataError` naming the file when it is missing or unreadable, or holds a
+    complex-valued image (refused rather than cast to real).
     """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
     try:
         if path.is_dir():
-            return _read_dicom_series(path)
-        if is_nifti(path):
-            return _read_nifti(path)
-        return _read_itk(path)
+            array, meta = _read_dicom_series(path)
+        elif is_nifti(path):
+            array, meta = _read_nifti(path)
+        else:
+            array, meta = _read_itk(path)
     except DataError:
         raise
     except Exception as exc:  # a reader's own error: name the file, keep the reason
         reason = str(exc).strip().splitlines()
         reason = reason[-1] if reason else exc.__class__.__name__
         raise DataError(f"{path}: cannot read this image ({exc.__class__.__name__}: {reason[:300]})") from exc
+    if np.iscomplexobj(array):
+        raise DataError(f"{path}: the image is complex-valued ({array.dtype}); expected real intensities "
+                        f"(casting would silently drop the imaginary part): save its magnitude or real part")
+    return array, meta
 
 
 def _read_nifti(path: Path) -> tuple[np.ndarray, dict]:
