@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .validate import DataError
+from .errors import DataError
 
 logger = logging.getLogger(__name__)
 
