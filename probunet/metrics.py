@@ -2,7 +2,7 @@
 
 Pure tensor functions: batched, device-agnostic, no I/O, no configuration.
 
-Layout (see DESIGN.md, "Tensor layout"); the set axis is always dim 1:
+Tensor layout; the set axis is always dim 1:
 
 - references / raters: integer label maps ``(B, A, *spatial)``
 - samples: integer label maps ``(B, S, *spatial)``

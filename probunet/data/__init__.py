@@ -19,7 +19,8 @@ from torch.utils.data import Dataset
 
 from .splits import split_items, write_split
 from .transforms import crop_item, normalize_image, train_transform
-from .validate import DataError, check_same_shapes, harmonize_raters, validate_items
+from .errors import DataError
+from .validate import check_same_shapes, harmonize_raters, validate_items
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from . import io
-from .validate import DataError, read_rater_masks, require_items, to_image
+from .errors import DataError
+from .validate import read_rater_masks, require_items, to_image
 
 logger = logging.getLogger(__name__)
 

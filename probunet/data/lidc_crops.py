@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .validate import DataError, require_items
+from .errors import DataError
+from .validate import require_items
 
 logger = logging.getLogger(__name__)
 

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import DataError
 from .lidc_manifest import patient_for_series, resolve_split_file
-from .validate import DataError
 
 logger = logging.getLogger(__name__)
 

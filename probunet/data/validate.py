@@ -12,11 +12,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .errors import DataError  # re-exported: `from probunet.data.validate import DataError` keeps working
+
 logger = logging.getLogger(__name__)
-
-
-class DataError(ValueError):
-    """Bad input data. The message names the file (or case) and what is wrong."""
 
 
 def where(item: dict) -> str:

@@ -1,11 +1,14 @@
-"""Networks: the Probabilistic U-Net, its parts, and the generic conditional VAE."""
+"""Networks: the model interface and registry, the Probabilistic U-Net, its parts, and the generic conditional VAE."""
 
+from .base import (LossForward, SegmentationSampler, build_model, model_names, pick_raters,
+                   register_model)
 from .fcomb import Fcomb
 from .gaussian import GaussianHead, analytic_kl, diagonal_gaussian, standard_gaussian
-from .prob_unet import LatentEncoder, ProbabilisticUNet, ProbUNetOutput, build_model
+from .prob_unet import LatentEncoder, LossSettings, ProbabilisticUNet, ProbUNetOutput  # registers "prob_unet"
 from .unet import Encoder, UNet
 
 __all__ = [
-    "Encoder", "Fcomb", "GaussianHead", "LatentEncoder", "ProbUNetOutput", "ProbabilisticUNet",
-    "UNet", "analytic_kl", "build_model", "diagonal_gaussian", "standard_gaussian",
+    "Encoder", "Fcomb", "GaussianHead", "LatentEncoder", "LossForward", "LossSettings", "ProbUNetOutput",
+    "ProbabilisticUNet", "SegmentationSampler", "UNet", "analytic_kl", "build_model", "diagonal_gaussian",
+    "model_names", "pick_raters", "register_model", "standard_gaussian",
 ]

@@ -123,8 +123,7 @@ class _LatentHead(nn.Module):
         self.head = GaussianHead(hidden, latent_dim)
 
     def forward(self, h: torch.Tensor) -> Independent:
-        # GaussianHead averages over trailing spatial dims; give it a size-1 one.
-        return self.head(self.hidden(h).unsqueeze(-1))
+        return self.head(self.hidden(h))
 
 
 class ConditionalVAE(nn.Module):

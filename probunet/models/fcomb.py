@@ -21,94 +21,35 @@ cache, which is what bounds this memory-bound stage on a CPU.
 from __future__ import annotations
 
 import math
-import threading
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .unet import cpu_parallel_map
+from ._cpu import CPU_TILE_ROWS, CPU_UNIT_ROWS, TiledJob, run_tiled_layers
 
-# Rows ((sample, pixel) pairs) per tile of the CPU inference path: its two
-# (rows, hidden) fp32 buffers (2 MiB each at 32 channels) stay in the cache.
-CPU_TILE_ROWS = 16384
-# Rows per unit of work handed to a thread (a few tiles, to amortise the hand-off).
-CPU_UNIT_ROWS = 4 * CPU_TILE_ROWS
-
-
-@dataclass
-class _TiledJob:
-    """Arguments of one tiled call of :class:`_Layers` (CPU inference)."""
-
-    feat_pm: torch.Tensor  # (B, P, F) pixel-major W_f * features
-    bias: torch.Tensor  # (B, S, F) W_z * z + b of this chunk's samples
-    out: torch.Tensor  # (B, S, C, P) where the logits go
+_TiledJob = TiledJob  # old private name
 
 
 class _Layers(nn.Sequential):
     """f_comb's layers after the first: ReLU, 1x1 conv, ..., 1x1 conv to logits.
 
     Called with a tensor (B', F, *spatial) it is the plain ``nn.Sequential``;
-    called with a :class:`_TiledJob` it runs the CPU inference schedule.
+    called with a :class:`~probunet.models._cpu.TiledJob` it runs the CPU inference schedule
+    (:func:`~probunet.models._cpu.run_tiled_layers`).
     """
 
     tile_rows = CPU_TILE_ROWS
     unit_rows = CPU_UNIT_ROWS
 
     def forward(self, x):
-        if isinstance(x, _TiledJob):
+        if isinstance(x, TiledJob):
             return self._tiled(x)
         return super().forward(x)
 
-    @torch.no_grad()
-    def _tiled(self, job: _TiledJob) -> torch.Tensor:
-        a, bias, out = job.feat_pm, job.bias, job.out
-        b, p, f = a.shape
-        s = bias.shape[1]
-        dt = a.dtype
-        convs = [m for m in self if not isinstance(m, nn.ReLU)]
-        hidden = [(m.weight.reshape(m.out_channels, -1).t().to(dt), m.bias.to(dt)) for m in convs[:-1]]
-        w_last = convs[-1].weight.reshape(convs[-1].out_channels, -1).to(dt)  # (C, F)
-        b_last = convs[-1].bias.to(dt).reshape(1, -1, 1)
-        c = w_last.shape[0]
-        rows = max(1, int(self.tile_rows))
-        if p <= rows:
-            per_tile, pix = max(1, rows // p), p  # a tile is several whole samples
-        else:
-            per_tile, pix = 1, rows  # a tile is a range of pixels of one sample
-        per_unit = per_tile * max(1, int(self.unit_rows) // (per_tile * min(p, pix)))
-        units = [(i, s0, min(s, s0 + per_unit)) for i in range(b) for s0 in range(0, s, per_unit)]
-        local = threading.local()  # each thread's two tile buffers, reused across its units
-
-        def run(unit) -> None:
-            i, s_begin, s_end = unit
-            buf = getattr(local, "buf", None)
-            if buf is None:
-                buf = local.buf = [torch.empty(per_tile * pix, f, dtype=dt) for _ in range(2)]
-            for s0 in range(s_begin, s_end, per_tile):
-                k = min(per_tile, s_end - s0)
-                for p0 in range(0, p, pix):
-                    n = min(pix, p - p0)
-                    h, other = buf[0][: k * n], buf[1][: k * n]
-                    # layer 1 = W_f * features + (W_z * z + b), then ReLU: (k, n, F)
-                    torch.add(a[i, p0:p0 + n].unsqueeze(0), bias[i, s0:s0 + k].unsqueeze(1), out=h.view(k, n, f))
-                    h.relu_()
-                    for w_t, bb in hidden:  # hidden 1x1 conv: (rows, F) @ (F, F) + b, ReLU
-                        torch.addmm(bb, h, w_t, out=other)
-                        other.relu_()
-                        h, other = other, h
-                    # last 1x1 conv, as (k, C, n) blocks of the (B, S, C, P) output
-                    hk = h.view(k, n, f).transpose(1, 2)
-                    dst = out[i, s0:s0 + k, :, p0:p0 + n]
-                    if dst.is_contiguous():
-                        torch.baddbmm(b_last, w_last.expand(k, c, f), hk, out=dst)
-                    else:
-                        dst.copy_(torch.baddbmm(b_last, w_last.expand(k, c, f), hk))
-
-        cpu_parallel_map(run, units)
-        return out
+    def _tiled(self, job: TiledJob) -> torch.Tensor:
+        return run_tiled_layers(self, job, self.tile_rows, self.unit_rows)
 
 
 class Fcomb(nn.Module):
@@ -204,7 +145,7 @@ class Fcomb(nn.Module):
                 except RuntimeError:  # not viewable: fill a fresh tensor, copy below
                     flat = None
             target = flat if flat is not None else torch.empty(b, s, c, p, dtype=dt)
-            self.rest(_TiledJob(feat_pm, bias, target))
+            self.rest(TiledJob(feat_pm, bias, target))
             logits = target.view(b, s, c, *spatial)
             if out is None:
                 return logits

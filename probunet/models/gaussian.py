@@ -22,16 +22,19 @@ def diagonal_gaussian(mu: torch.Tensor, log_sigma: torch.Tensor) -> Independent:
     """An axis-aligned Gaussian over the last dim; computed in fp32.
 
     mu, log_sigma: (B, D). Returns a distribution with batch_shape (B,), event_shape (D,).
+    Built with ``validate_args=False``: validating the scale (> 0, true by
+    construction: exp of a clamped log-sigma) reads a device tensor on the host,
+    a GPU synchronisation in every training step.
     """
     mu = mu.float()
     log_sigma = log_sigma.float().clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX)
-    return Independent(Normal(mu, torch.exp(log_sigma)), 1)
+    return Independent(Normal(mu, torch.exp(log_sigma), validate_args=False), 1, validate_args=False)
 
 
 def standard_gaussian(batch: int, latent_dim: int, device, dtype=torch.float32) -> Independent:
     """The fixed prior N(0, I) with batch_shape (batch,)."""
     zeros = torch.zeros(batch, latent_dim, device=device, dtype=dtype)
-    return Independent(Normal(zeros, torch.ones_like(zeros)), 1)
+    return Independent(Normal(zeros, torch.ones_like(zeros), validate_args=False), 1, validate_args=False)
 
 
 def analytic_kl(q, p) -> torch.Tensor:
@@ -41,9 +44,11 @@ def analytic_kl(q, p) -> torch.Tensor:
 
 
 class GaussianHead(nn.Module):
-    """1x1 conv (as a linear layer on the spatially averaged features) to mu and log-sigma.
+    """A linear layer from pooled features to mu and log-sigma (the 1x1 conv of Kohl et al.
+    applied after the spatial mean, which is the same map).
 
-    features (B, C, *spatial) -> Independent Normal with batch_shape (B,), event (latent_dim,).
+    pooled features (B, C) -> Independent Normal with batch_shape (B,), event (latent_dim,),
+    in fp32. The caller pools (e.g. the spatial mean of an encoder's last feature map).
     """
 
     def __init__(self, in_features: int, latent_dim: int):
@@ -55,8 +60,9 @@ class GaussianHead(nn.Module):
         nn.init.normal_(self.proj.weight, std=1e-3)
         nn.init.zeros_(self.proj.bias)
 
-    def forward(self, feats: torch.Tensor) -> Independent:
-        pooled = feats.flatten(2).mean(dim=2)  # (B, C): spatial mean
+    def forward(self, pooled: torch.Tensor) -> Independent:
+        if pooled.dim() != 2:
+            raise ValueError(f"GaussianHead takes pooled features (B, C), got shape {tuple(pooled.shape)}")
         params = self.proj(pooled.float())  # (B, 2D)
         mu, log_sigma = params.split(self.latent_dim, dim=1)
         return diagonal_gaussian(mu, log_sigma)

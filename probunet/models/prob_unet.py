@@ -2,17 +2,45 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.distributions import Independent
 
+from ..losses import Geco, beta_schedule, build_geco, elbo_loss
+from ._cpu import cpu_parallel_map, split_over_threads, to_channels_last
+from .base import pick_raters, register_model
 from .fcomb import Fcomb
 from .init import init_weights
 from .gaussian import GaussianHead, analytic_kl, standard_gaussian
-from .unet import Encoder, UNet, cpu_parallel_map, split_over_threads, to_channels_last
+from .unet import Encoder, UNet
+
+
+@dataclass
+class LossSettings:
+    """How :meth:`ProbabilisticUNet.training_loss` trains (from ``train.*`` of the config).
+
+    beta, kl_warmup_steps: the ELBO's KL weight and its linear warm-up
+    (:func:`probunet.losses.beta_schedule`); rater: ``random`` (one rater per
+    image) or ``all``; geco: a :class:`probunet.losses.Geco` to train with the
+    GECO constraint instead of the ELBO, or None; free_bits: the KL floor per
+    latent dimension (:func:`probunet.losses.kl_objective`).
+
+    The Geco module is held here, not registered as a submodule: its buffers
+    (lambda, the constraint's moving average) stay out of the model's state dict,
+    so checkpoint keys are those of the bare network, old checkpoints load, and
+    the trainer keeps saving the Geco state on its own (``checkpoint["geco"]``)
+    and moves it to the device (``model.to`` does not).
+    """
+
+    beta: float = 1.0
+    kl_warmup_steps: int = 0
+    rater: str = "random"
+    geco: Optional[Geco] = None
+    free_bits: float = 0.0
 
 
 @dataclass
@@ -52,10 +80,8 @@ class LatentEncoder(nn.Module):
             pooled = torch.cat(cpu_parallel_map(self._pooled, x.split(1)))
         else:
             pooled = self._pooled(x)
-        # mu and log-sigma in fp32, also under autocast (GaussianHead's spatial mean of
-        # a (B, C, 1, ...) map is the identity).
-        with torch.autocast(x.device.type, enabled=False), _unvalidated():
-            return self.head(pooled.float().reshape(*pooled.shape, *([1] * (x.dim() - 2))))
+        with torch.autocast(x.device.type, enabled=False):  # mu and log-sigma in fp32, also under autocast
+            return self.head(pooled.float())
 
     def _pooled(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.encoder(x)[-1]
@@ -106,6 +132,68 @@ class ProbabilisticUNet(nn.Module):
                      self.prior_net.encoder if self.prior_net is not None else None):
             if part is not None:
                 init_weights(part, init)
+        self.loss_settings = LossSettings()  # a plain object: nothing in the state dict
+
+    # -- the model interface (probunet.models.base.SegmentationSampler) -----------
+
+    @property
+    def noise_shape(self) -> tuple:
+        """Shape of one sample's standard-normal draw: the latent ``eps`` (latent_dim,)."""
+        return (self.latent_dim,)
+
+    def configure_loss(self, *, beta: float = 1.0, kl_warmup_steps: int = 0, rater: str = "random",
+                       geco: Optional[Geco] = None, free_bits: float = 0.0) -> "ProbabilisticUNet":
+        """Set the :class:`LossSettings` used by :meth:`training_loss`; returns the model."""
+        if rater not in ("random", "all"):
+            raise ValueError(f"rater must be 'random' or 'all', got {rater!r}")
+        if kl_warmup_steps < 0:
+            raise ValueError(f"kl_warmup_steps must be >= 0, got {kl_warmup_steps}")
+        if not free_bits >= 0:
+            raise ValueError(f"free_bits must be >= 0, got {free_bits}")
+        self.loss_settings = LossSettings(float(beta), int(kl_warmup_steps), rater, geco, float(free_bits))
+        return self
+
+    def beta_at(self, step: int) -> float:
+        """The KL weight of step ``step`` (with the warm-up)."""
+        ls = self.loss_settings
+        return beta_schedule(ls.beta, step, ls.kl_warmup_steps)
+
+    def training_loss(self, image: torch.Tensor, labels: torch.Tensor, *, step: int,
+                      num_raters: Optional[torch.Tensor] = None,
+                      generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+        """The training objective of one batch.
+
+        image (B, C_in, *spatial); labels (B, A, *spatial) integer maps of all raters,
+        of which the first ``num_raters[b]`` are real (all when None). The targets are
+        chosen by :func:`probunet.models.base.pick_raters` (``loss_settings.rater``;
+        ``generator`` draws the random rater). The loss is the negative ELBO
+        (:func:`probunet.losses.elbo_loss`, beta with its warm-up at ``step``) or,
+        with ``loss_settings.geco``, the GECO objective (which updates its lambda).
+
+        Returns scalars ``loss``, ``ce_sum``, ``ce_mean``, ``kl`` (and ``geco_lambda``),
+        as the loss functions do; call under autocast for mixed precision (the loss
+        itself is computed in fp32).
+        """
+        ls = self.loss_settings
+        image, target = pick_raters(image, labels, ls.rater, num_raters=num_raters, generator=generator)
+        out = self(image, seg=target)
+        if ls.geco is not None:
+            return ls.geco(out.logits, target, out.kl, kl_dims=out.kl_dims, free_bits=ls.free_bits)
+        return elbo_loss(out.logits, target, out.kl, beta=self.beta_at(step), kl_dims=out.kl_dims,
+                         free_bits=ls.free_bits)
+
+    def sample_context(self, image: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The image-level conditioning of :meth:`sample`: the prior's ``loc`` and ``scale`` (B, D), fp32.
+
+        The prior net pools globally, so any size that is a multiple of
+        :attr:`divisor` is valid: for sliding windows it runs once on the whole
+        image and each window is sampled with ``context=`` these rows.
+        """
+        self.check_input(image)
+        ctx = torch.inference_mode() if (not self.training or not torch.is_grad_enabled()) else nullcontext()
+        with ctx:
+            prior = self.prior(image)
+            return {"loc": prior.base_dist.loc.float(), "scale": prior.base_dist.scale.float()}
 
     @property
     def divisor(self) -> int:
@@ -126,8 +214,7 @@ class ProbabilisticUNet(nn.Module):
     def prior(self, image: torch.Tensor) -> Independent:
         """p(z|x) for image (B, C_in, *spatial); N(0, I) with ``prior='standard'``."""
         if self.prior_net is None:
-            with _unvalidated():
-                return standard_gaussian(image.shape[0], self.latent_dim, image.device)
+            return standard_gaussian(image.shape[0], self.latent_dim, image.device)
         return self.prior_net(image)
 
     def posterior(self, image: torch.Tensor, seg: torch.Tensor) -> Independent:
@@ -164,7 +251,8 @@ class ProbabilisticUNet(nn.Module):
         return ProbUNetOutput(logits=logits, prior=prior, posterior=posterior, kl=kl, z=z, kl_dims=kl_dims)
 
     def sample(self, image: torch.Tensor, num_samples: int, *, chunk_size: Optional[int] = 32,
-               generator: Optional[torch.Generator] = None, mean: bool = False) -> torch.Tensor:
+               generator: Optional[torch.Generator] = None, mean: bool = False,
+               noise: Optional[torch.Tensor] = None, context: Optional[Dict[str, Any]] = None) -> torch.Tensor:
         """Draw ``num_samples`` segmentations per image from the prior.
 
         image (B, C_in, *spatial) -> logits (B, S, C, *spatial).
@@ -178,14 +266,25 @@ class ProbabilisticUNet(nn.Module):
         prior mean instead (a deterministic segmentation). Runs under
         ``torch.inference_mode`` when gradients are disabled or the model is in
         eval mode.
+
+        ``noise`` (B, S, latent_dim), optional: the standard-normal draws ``eps``
+        themselves (``z = mu + sigma * eps``) instead of drawing them from
+        ``generator``. ``context``, optional: :meth:`sample_context` of the image
+        (or of a larger image this one is a window of) instead of the prior of
+        ``image`` itself.
         """
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        ctx = torch.inference_mode() if (not self.training or not torch.is_grad_enabled()) else _null()
+        ctx = torch.inference_mode() if (not self.training or not torch.is_grad_enabled()) else nullcontext()
         with ctx:
             self.check_input(image)
             b, dev = image.shape[0], image.device
-            if mean:
+            if noise is not None:
+                if tuple(noise.shape) != (b, num_samples, self.latent_dim):
+                    raise ValueError(f"noise must be (B, S, latent_dim) = ({b}, {num_samples}, {self.latent_dim}), "
+                                     f"got {tuple(noise.shape)}")
+                eps = noise.to(dev, torch.float32)
+            elif mean:
                 eps = torch.zeros(b, num_samples, self.latent_dim, device=dev)
             elif generator is None or generator.device.type == dev.type:
                 eps = torch.randn(b, num_samples, self.latent_dim, device=dev, generator=generator)
@@ -194,8 +293,14 @@ class ProbabilisticUNet(nn.Module):
             if dev.type == "cpu" and self.spatial_dims == 2:
                 image = to_channels_last(image)  # ~2x faster convs on CPU (oneDNN)
             features = self.unet(image)
-            prior = self.prior(image)
-            loc, scale = prior.base_dist.loc, prior.base_dist.scale  # (B, D) fp32
+            if context is None:
+                prior = self.prior(image)
+                loc, scale = prior.base_dist.loc, prior.base_dist.scale  # (B, D) fp32
+            else:
+                loc, scale = context["loc"].to(dev, torch.float32), context["scale"].to(dev, torch.float32)
+                if loc.shape != (b, self.latent_dim) or scale.shape != (b, self.latent_dim):
+                    raise ValueError(f"context loc/scale must be (B, latent_dim) = ({b}, {self.latent_dim}), "
+                                     f"got {tuple(loc.shape)} and {tuple(scale.shape)}")
             z = loc.unsqueeze(1) + scale.unsqueeze(1) * eps  # (B, S, D)
             feat_term = self.fcomb.feature_term(features)  # (B, F, *spatial), once per image
             step = num_samples if not chunk_size else max(1, int(chunk_size))
@@ -210,35 +315,6 @@ class ProbabilisticUNet(nn.Module):
             return out
 
 
-class _unvalidated:
-    """Build distributions without argument validation inside this block.
-
-    Validating a Normal's scale (> 0, true here by construction: exp of a clamped
-    log-sigma) reads a device tensor on the host: a GPU synchronisation in every
-    training step. The distributions made here skip it.
-    """
-
-    def __enter__(self):
-        from torch.distributions import Distribution
-
-        self._prev = Distribution._validate_args
-        Distribution.set_default_validate_args(False)
-
-    def __exit__(self, *exc):
-        from torch.distributions import Distribution
-
-        Distribution.set_default_validate_args(self._prev)
-        return False
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def build_model(model_cfg) -> ProbabilisticUNet:
     """Build a :class:`ProbabilisticUNet` from a :class:`probunet.config.ModelConfig`."""
     return ProbabilisticUNet(
@@ -248,3 +324,13 @@ def build_model(model_cfg) -> ProbabilisticUNet:
         prior=model_cfg.prior, convs_per_level=model_cfg.convs_per_level, norm=model_cfg.norm,
         init=getattr(model_cfg, "init", "he_normal"),
     )
+
+
+@register_model("prob_unet")
+def _build_from_config(model_cfg, train_cfg=None) -> ProbabilisticUNet:
+    """Registry builder: :func:`build_model`, with the loss settings of ``train_cfg`` when given."""
+    model = build_model(model_cfg)
+    if train_cfg is not None:
+        model.configure_loss(beta=train_cfg.beta, kl_warmup_steps=train_cfg.kl_warmup_steps, rater=train_cfg.rater,
+                             geco=build_geco(train_cfg.geco), free_bits=getattr(train_cfg, "free_bits", 0.0))
+    return model

@@ -8,10 +8,7 @@ resolution, goes to f_comb.
 
 from __future__ import annotations
 
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,97 +17,8 @@ from monai.networks.layers.factories import Pool
 from torch import nn
 
 from .init import init_weights
-
-
-# ----------------------------------------------------------------------------- CPU inference threads
-
-_POOL: Optional[ThreadPoolExecutor] = None
-_POOL_KEY: tuple = ()
-_POOL_LOCK = threading.Lock()
-
-
-def _executor(workers: int) -> ThreadPoolExecutor:
-    global _POOL, _POOL_KEY
-    key = (os.getpid(), workers)  # a forked child rebuilds its own pool
-    with _POOL_LOCK:
-        if _POOL is None or _POOL_KEY != key:
-            if _POOL is not None and _POOL_KEY[0] == key[0]:
-                _POOL.shutdown(wait=False)
-            _POOL = ThreadPoolExecutor(workers, thread_name_prefix="probunet-cpu")
-            _POOL_KEY = key
-        return _POOL
-
-
-def cpu_parallel_map(fn: Callable, items: Sequence, workers: Optional[int] = None) -> list:
-    """``[fn(item) for item in items]``, spread over threads that each run torch ops single-threaded.
-
-    For CPU inference: independent pieces of work (images of a batch, tiles of
-    samples) on ``workers`` threads (default: ``torch.get_num_threads()``), each
-    one-threaded, instead of every op split over all threads. Small ops keep
-    every core busy without a barrier per op, which also keeps the speed on a
-    shared machine where a core is taken away now and then. The caller's grad,
-    inference and CPU autocast modes carry over to the threads; results come in
-    item order and do not depend on the number of workers.
-    """
-    items = list(items)
-    n = min(int(workers or torch.get_num_threads()), len(items))
-    if n <= 1:
-        return [fn(item) for item in items]
-    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
-    autocast, ac_dtype = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
-    threads = torch.get_num_threads()
-    flush = _flushes_denormals()
-
-    def run(item):
-        torch.set_num_threads(1)  # this thread only (the OpenMP/MKL settings are per thread)
-        torch.set_flush_denormal(flush)  # a per-thread CPU flag too
-        try:
-            with torch.inference_mode(inference), torch.set_grad_enabled(grad), \
-                    torch.autocast("cpu", dtype=ac_dtype, enabled=autocast):
-                return fn(item)
-        finally:
-            torch.set_num_threads(threads)
-
-    return list(_executor(n).map(run, items))
-
-
-def _flushes_denormals() -> bool:
-    """Whether this thread flushes denormal floats to zero (``torch.set_flush_denormal``)."""
-    with torch.inference_mode():
-        return float(torch.full((1,), 1e-39) * 2.0) == 0.0
-
-
-def split_over_threads(module: nn.Module, x: torch.Tensor) -> bool:
-    """Whether ``module``'s forward of ``x`` may run image by image on threads.
-
-    Only for CPU inference (no autograd, eval mode: batch statistics do not mix
-    images) of a batch of several images with more than one thread allowed.
-    """
-    return (x.device.type == "cpu" and x.shape[0] > 1 and not module.training and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling() and torch.get_num_threads() > 1)
-
-
-def to_channels_last(x: torch.Tensor) -> torch.Tensor:
-    """``x`` (B, C, H, W) in channels-last memory order, also when C == 1.
-
-    PyTorch treats a one-channel contiguous tensor as both layouts and runs its
-    convolution in NCHW; with channels-last strides (a free view for C == 1)
-    the first convolution, and so the whole network, runs channels-last.
-    """
-    if x.dim() != 4:
-        return x
-    if x.shape[1] == 1 and x.is_contiguous():
-        b, _, h, w = x.shape
-        return x.as_strided(x.shape, (h * w, 1, w, 1))
-    return x.contiguous(memory_format=torch.channels_last)
-
-
-def cat_batch(parts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``torch.cat(parts)`` along the batch that keeps a channels-last layout."""
-    if parts[0].dim() in (4, 5) and parts[0].is_contiguous(
-            memory_format=torch.channels_last if parts[0].dim() == 4 else torch.channels_last_3d):
-        return torch.cat([p.movedim(1, -1) for p in parts]).movedim(-1, 1)
-    return torch.cat(list(parts))
+# The CPU speed machinery lives in ._cpu; these names are re-exported for existing imports.
+from ._cpu import _flushes_denormals, cat_batch, cpu_parallel_map, split_over_threads, to_channels_last  # noqa: F401
 
 
 def _norm_arg(norm: Optional[str]):
