@@ -147,9 +147,9 @@ class FolderLock:
 
     NAME = ".probunet.lock"
 
-    def __init__(self, folder: str | Path, *, shared: bool = False, what: str = "folder"):
+    def __init__(self, folder: str | Path, *, shared: bool = False, what: str = "folder", name: str = NAME):
         self.folder, self.shared, self.what = Path(folder), shared, what
-        self.path = self.folder / self.NAME
+        self.path = self.folder / name
         self._fd = None
 
     def acquire(self) -> "FolderLock":
