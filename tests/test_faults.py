@@ -407,3 +407,21 @@ def test_predict_removes_stale_temps_of_an_interrupted_run(run, tmp_path):
     stale.write_bytes(b"half")
     predict_folder(run, inp, out, num_samples=2, overwrite=True)
     assert not stale.exists() and (out / "c1" / "case.json").is_file()
+
+
+# ----------------------------------------------------------------------------- scripts/fault_check.py
+
+
+def test_fault_check_quick(tmp_path):
+    """The fault-injection script's small form: a kill during a checkpoint write is
+    survived bit-identically, no fuzzed file crashes or hangs a process, no
+    non-finite checkpoint is written, every hostile input gets its outcome."""
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "fault_check.py"), "--quick", "--fuzz", "12",
+                        "--work", str(tmp_path / "work")], capture_output=True, text=True, cwd=REPO,
+                       env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = r.stdout
+    assert "kills survived / tried: 1 / 1  (1 killed during a checkpoint write)" in out
+    assert "crashed or hung: 0  [PASS]" in out
+    assert "checkpoints with a non-finite tensor: 0" in out
+    assert out.count("[PASS]") >= 1 + 1 + 8 + 12 and "[FAIL]" not in out and "ALL PASS" in out
