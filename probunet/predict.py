@@ -59,8 +59,13 @@ on; :func:`predict_folder` reports the number of failures and the CLI exits 1.
 A case folder that holds a ``case.json`` is skipped (status ``skipped``, its
 statistics carried over) unless ``overwrite``; a non-empty folder without one
 (an interrupted run) is an error unless ``overwrite``. Nothing is written under
-the input folder (an output folder inside it, or containing it, is refused), and
-every file is written atomically (temporary file + rename).
+the input folder (an output folder inside it, or containing it, is refused) nor
+outside OUTPUT_DIR (a case whose output folder resolves elsewhere, e.g. a
+``../`` entry of a file list, is an error row), and every file is written
+atomically (temporary file + rename). One run at a time per OUTPUT_DIR: the run
+holds an OS file lock on ``OUTPUT_DIR/.probunet.lock`` (shared by the shards of
+one ``--shard`` run), and a folder that cannot be written is refused before the
+model is loaded.
 """
 
 from __future__ import annotations
