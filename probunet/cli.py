@@ -26,8 +26,9 @@ def _user_errors() -> tuple:
     from .config import ConfigError
     from .data.validate import DataError
     from .train import TrainingError
+    from .utils import FolderBusyError
 
-    return (UserError, ConfigError, DataError, TrainingError, FileNotFoundError, FileExistsError,
+    return (UserError, ConfigError, DataError, TrainingError, FolderBusyError, FileNotFoundError, FileExistsError,
             NotADirectoryError, IsADirectoryError, PermissionError, ValueError)
 
 

@@ -507,7 +507,7 @@ def _model_mismatch(exc: Exception, checkpoint: Path) -> Exception:
 def evaluate_cli(args) -> int:
     """``probunet evaluate CHECKPOINT_OR_RUN [--num-samples N] [--out FILE] [key=value ...]``."""
     from .data import DataError, load_splits
-    from .train import load_model
+    from .checkpoint import load_model
 
     given = Path(args.checkpoint)
     if not given.exists():

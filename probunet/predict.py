@@ -59,8 +59,13 @@ on; :func:`predict_folder` reports the number of failures and the CLI exits 1.
 A case folder that holds a ``case.json`` is skipped (status ``skipped``, its
 statistics carried over) unless ``overwrite``; a non-empty folder without one
 (an interrupted run) is an error unless ``overwrite``. Nothing is written under
-the input folder (an output folder inside it, or containing it, is refused), and
-every file is written atomically (temporary file + rename).
+the input folder (an output folder inside it, or containing it, is refused) nor
+outside OUTPUT_DIR (a case whose output folder resolves elsewhere, e.g. a
+``../`` entry of a file list, is an error row), and every file is written
+atomically (temporary file + rename). One run at a time per OUTPUT_DIR: the run
+holds an OS file lock on ``OUTPUT_DIR/.probunet.lock`` (shared by the shards of
+one ``--shard`` run), and a folder that cannot be written is refused before the
+model is loaded.
 """
 
 from __future__ import annotations
@@ -75,6 +80,7 @@ import re
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -87,7 +93,7 @@ from . import __version__
 from .data import io
 from .data.transforms import normalize_image
 from .data.validate import DataError
-from .utils import atomic_write_text, resolve_device
+from .utils import FolderLock, atomic_write_text, check_writable, remove_stale_temps, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -375,7 +381,7 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path: str | Path, **kwargs) -> "Predictor":
         """Load a checkpoint file or run directory (``best.pt``, else ``last.pt``)."""
-        from .train import load_model
+        from .checkpoint import load_model
 
         model, cfg, _ = load_model(path)
         return cls(model, cfg, **kwargs)
@@ -733,8 +739,10 @@ def predict_folder(checkpoint, input_dir: str | Path, output_dir: str | Path, *,
         (the function raises only for problems with the arguments).
     """
     input_dir, output_dir = Path(input_dir), Path(output_dir)
-    predictor = checkpoint if isinstance(checkpoint, Predictor) else \
-        Predictor.from_checkpoint(checkpoint, **predictor_kwargs)
+    if not isinstance(checkpoint, Predictor):
+        from .checkpoint import resolve_checkpoint_path
+
+        resolve_checkpoint_path(checkpoint)  # a missing checkpoint first; it is loaded once OUTPUT_DIR is ours
     cases = find_inputs(input_dir, recursive=recursive, file_list=file_list)
     shard = _shard(shard)
     if not cases:
@@ -746,8 +754,41 @@ def predict_folder(checkpoint, input_dir: str | Path, output_dir: str | Path, *,
     output_format = output_format or "same"
     if output_format not in OUTPUT_FORMATS:
         raise ValueError(f"output format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PermissionError(f"OUTPUT_DIR {output_dir} cannot be created "
+                              f"({exc.strerror or exc.__class__.__name__})") from None
+    check_writable(output_dir, "OUTPUT_DIR")  # before any model is loaded or run
+    with ExitStack() as locks:
+        # One run per OUTPUT_DIR (exclusive lock); the shards of one run share it, each shard alone.
+        locks.enter_context(FolderLock(output_dir, shared=shard is not None, what="OUTPUT_DIR"))
+        if shard is not None:
+            locks.enter_context(FolderLock(output_dir, what=f"OUTPUT_DIR (shard {shard[0]}/{shard[1]})",
+                                           name=f".probunet.shard-{shard[0]}-of-{shard[1]}.lock"))
+        else:  # alone in the folder: temp files of an interrupted run are nobody's
+            remove_stale_temps(output_dir, recursive=True)
+        predictor = checkpoint if isinstance(checkpoint, Predictor) else \
+            Predictor.from_checkpoint(checkpoint, **predictor_kwargs)
+        return _predict_cases(predictor, checkpoint, cases, input_dir, output_dir, overwrite=overwrite,
+                              output_format=output_format, workers=workers, shard=shard, progress=progress)
+
+
+def _case_dir(output_dir: Path, case: InputCase) -> Path:
+    """``OUTPUT_DIR/<case id>``; DataError when it resolves outside OUTPUT_DIR (``..`` in a
+    --file-list entry, a symlink): nothing is ever written outside OUTPUT_DIR."""
+    case_dir = output_dir / case.case_id
+    root = output_dir.resolve()
+    resolved = case_dir.resolve()
+    if resolved == root or not resolved.is_relative_to(root) or ".." in Path(case.case_id).parts:
+        raise DataError(f"{case.path}: its output folder {case_dir} lies outside OUTPUT_DIR {output_dir} "
+                        f"(a '..' in the file list?); skipped")
+    return case_dir
+
+
+def _predict_cases(predictor: "Predictor", checkpoint, cases: list, input_dir: Path, output_dir: Path, *,
+                   overwrite: bool, output_format: str, workers: int, shard, progress: bool) -> PredictSummary:
     ckpt_name = str(checkpoint) if not isinstance(checkpoint, Predictor) else ""
-    output_dir.mkdir(parents=True, exist_ok=True)
     logger.info("predict: %d case(s) from %s -> %s (%d samples, device %s, roi %s, batch %d)", len(cases),
                 input_dir, output_dir, predictor.num_samples, predictor.device, predictor.roi_size,
                 predictor.batch_size)
@@ -757,10 +798,11 @@ def predict_folder(checkpoint, input_dir: str | Path, output_dir: str | Path, *,
 
     def prepare(case: InputCase) -> _Prepared:
         t0 = time.perf_counter()
-        case_dir = output_dir / case.case_id
-        row = {"case": case.case_id, "input": str(case.path), "output": str(case_dir)}
+        row = {"case": case.case_id, "input": str(case.path), "output": ""}
         item = _Prepared(case, row, t0)
         try:
+            case_dir = _case_dir(output_dir, case)
+            row["output"] = str(case_dir)
             done = case_dir / "case.json"
             if not overwrite and done.is_file():
                 old = json.loads(done.read_text(encoding="utf-8"))

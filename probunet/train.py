@@ -40,16 +40,17 @@ from torch.utils.data.distributed import DistributedSampler
 
 from . import __version__
 from .collapse import CollapseMonitor
-from .config import Config, from_dict, save_config
+from .config import Config, save_config
 from .data import MultiRaterDataset, load_splits, real_raters, train_transform
 from .losses import beta_schedule, build_geco, elbo_loss
 from .models import build_model
 from .models.unet import to_channels_last
-from .utils import atomic_save, atomic_write_text, resolve_device
+from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, load_model, non_finite, save_checkpoint
+from .utils import FolderLock, atomic_write_text, remove_stale_temps, resolve_device
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1
+RUN_MARKER = ".probunet-run"  # written first into every run directory: "probunet wrote this folder"
 
 
 class TrainingError(RuntimeError):
@@ -91,38 +92,6 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(_to_tuples(state["python"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """Load a probunet checkpoint with ``weights_only=True`` (no code runs from the file).
-
-    Raises FileNotFoundError / ValueError naming the file.
-    """
-    path = Path(path)
-    if path.is_dir():
-        cand = path / "checkpoints" / "best.pt"
-        path = cand if cand.is_file() else path / "checkpoints" / "last.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # unpickling errors, truncated files, foreign formats
-        raise ValueError(f"{path}: not a loadable probunet checkpoint ({exc.__class__.__name__}: "
-                         f"{str(exc).splitlines()[0][:200]})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"{path}: not a probunet checkpoint (no model weights and config)")
-    ckpt["path"] = str(path)
-    return ckpt
-
-
-def load_model(path: str | Path, map_location="cpu"):
-    """Model (eval mode) and its resolved config from a checkpoint or run directory."""
-    ckpt = load_checkpoint(path, map_location)
-    cfg = from_dict(ckpt["config"])
-    model = build_model(cfg.model)
-    model.load_state_dict(ckpt["model"])
-    model.eval()
-    return model, cfg, ckpt
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -480,7 +449,81 @@ def fit(cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: boo
                 tdist.destroy_process_group()
 
 
+def _foreign_files(run_dir: Path) -> list[str]:
+    """Entries of an existing run directory that show probunet did not create it (no marker)."""
+    if not run_dir.is_dir() or (run_dir / RUN_MARKER).is_file():
+        return []
+    return sorted(p.name for p in run_dir.iterdir())
+
+
+def _claim_run_dir(run_dir: Path, resume: bool) -> FolderLock:
+    """Check that ``run_dir`` may be written, lock it, mark it as a probunet run, and
+    remove the temporary files an interrupted run left. Returns the held lock.
+
+    "Written by probunet" means: the folder holds ``RUN_MARKER``, which every run
+    writes first. A folder with other files and no marker is refused; a run
+    directory from before markers existed is accepted with ``--resume`` (its
+    ``checkpoints/last.pt`` must load as a probunet checkpoint).
+    """
+    last_path = run_dir / "checkpoints" / "last.pt"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise NotADirectoryError(f"--out {run_dir} is a file, not a folder")
+    if resume and not last_path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint to resume from at {last_path}")
+    if not resume and last_path.exists():
+        raise FileExistsError(f"run directory {run_dir} already holds a checkpoint; "
+                              f"pass --resume to continue it or choose another --out")
+    foreign = _foreign_files(run_dir)
+    if foreign and not resume:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise FileExistsError(f"--out {run_dir} holds files probunet did not write ({shown}); train into a new "
+                              f"or empty folder (or resume a probunet run with --resume)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(run_dir, what="run directory").acquire()
+    try:
+        if not (run_dir / RUN_MARKER).is_file():
+            atomic_write_text(run_dir / RUN_MARKER, json.dumps({"probunet_version": __version__}) + "\n")
+        remove_stale_temps(run_dir)
+        remove_stale_temps(run_dir / "checkpoints")
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _drop_metrics_after(metrics_path: Path, step: int) -> int:
+    """Keep the rows of ``metrics.jsonl`` up to ``step`` (a resumed run logs the later
+    steps again); unreadable lines (a write cut by a kill) go too. Returns rows dropped."""
+    if not metrics_path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in metrics_path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+            ok = isinstance(rec, dict) and int(rec["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if ok:
+            keep.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        atomic_write_text(metrics_path, "".join(l + "\n" for l in keep))
+        logger.info("%s: dropped %d row(s) after step %d (logged after the checkpoint resumed from)",
+                    metrics_path, dropped, step)
+    return dropped
+
+
 def _fit(cfg: Config, run_dir: Path, *, resume: bool, progress: bool) -> dict:
+    locks: list[FolderLock] = []
+    try:
+        return _fit_locked(cfg, run_dir, resume=resume, progress=progress, locks=locks)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _fit_locked(cfg: Config, run_dir: Path, *, resume: bool, progress: bool, locks: list) -> dict:
     ckpt_dir = run_dir / "checkpoints"
     dist = dist_info()
     last_path = ckpt_dir / "last.pt"
@@ -492,11 +535,7 @@ def _fit(cfg: Config, run_dir: Path, *, resume: bool, progress: bool) -> dict:
         torch.backends.cudnn.benchmark = bool(cfg.train.cudnn_benchmark)
 
     def check_and_load():
-        if resume and not last_path.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint to resume from at {last_path}")
-        if not resume and last_path.exists():
-            raise FileExistsError(f"run directory {run_dir} already holds a checkpoint; "
-                                  f"pass --resume to continue it or choose another --out")
+        locks.append(_claim_run_dir(run_dir, resume))
         return load_checkpoint(last_path, map_location="cpu") if resume else None
 
     ckpt = _broadcast_from_main(check_and_load, dist)
@@ -527,6 +566,7 @@ def _fit(cfg: Config, run_dir: Path, *, resume: bool, progress: bool) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     start_step, best = 0, math.inf
+    ckpt_loaded = ckpt is not None
     if ckpt is not None:
         if ckpt["config"]["model"] != cfg.to_dict()["model"]:
             raise ValueError(f"--resume: the model section of the config differs from {last_path}'s")
@@ -553,8 +593,10 @@ def _fit(cfg: Config, run_dir: Path, *, resume: bool, progress: bool) -> dict:
             logger.warning("torch.compile failed (%s); training without it", exc)
 
     writer = None
+    metrics_path = run_dir / "metrics.jsonl"
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        _drop_metrics_after(metrics_path, start_step)
         save_config(cfg, run_dir / "config.yaml")
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -562,17 +604,35 @@ def _fit(cfg: Config, run_dir: Path, *, resume: bool, progress: bool) -> dict:
             writer = SummaryWriter(str(run_dir / "tensorboard"))
         except Exception as exc:  # tensorboard is optional
             logger.warning("TensorBoard logging disabled (%s)", exc)
-    metrics_path = run_dir / "metrics.jsonl"
+    saved = {"last.pt": start_step if ckpt_loaded else None}
 
     def save(name: str, step: int) -> None:
         if not dist.is_main:
             return
-        atomic_save({
-            "format": CHECKPOINT_FORMAT, "probunet_version": __version__,
-            "model": model.state_dict(), "config": cfg.to_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(), "geco": geco.state_dict() if geco is not None else None,
-            "step": step, "best_metric": best, "rng": _rng_state(),
-        }, ckpt_dir / name)
+        try:
+            save_checkpoint({
+                "format": CHECKPOINT_FORMAT, "probunet_version": __version__,
+                "model": model.state_dict(), "config": cfg.to_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "geco": geco.state_dict() if geco is not None else None,
+                "step": step, "best_metric": best, "rng": _rng_state(),
+            }, ckpt_dir / name)
+        except CheckpointError as exc:
+            raise TrainingError(f"step {step}: {exc}; training stopped, {_kept()}") from None
+        saved[name] = step
+
+    def _kept() -> str:
+        if saved["last.pt"] is None:
+            return "no checkpoint was written"
+        return f"the last good checkpoint stays: {last_path} (step {saved['last.pt']})"
+
+    def check_weights(done: int) -> None:
+        """Stop when the weights themselves went non-finite (a step that was finite but too large)."""
+        if bool(torch.stack([torch.isfinite(p.detach()).all() for p in params]).all()):
+            return
+        names = non_finite({"model": model.state_dict()})
+        raise TrainingError(f"step {done}: the model weights are no longer finite (NaN/Inf in "
+                            f"{names[0] if names else 'a parameter'}): the training cannot take a finite step; "
+                            f"lower train.lr or check the data; training stopped, {_kept()}")
 
     def log(record: dict) -> None:
         if not dist.is_main:
@@ -613,7 +673,8 @@ def _fit(cfg: Config, run_dir: Path, *, resume: bool, progress: bool) -> dict:
             bad_total = zero.clone()
         if trip >= 0:
             raise TrainingError(f"loss was NaN/Inf {cfg.train.max_bad_steps} times in a row, last at step {trip}; "
-                                f"lower train.lr, set train.amp=off, or check the data")
+                                f"lower train.lr, set train.amp=off, or check the data; {_kept()}")
+        check_weights(done)
 
     for step, image, target in _batches(stream, start_step, cfg.train.steps, device, cfg.data.num_workers):
         torch.manual_seed(_step_seed(cfg.train.seed, step, dist.rank))

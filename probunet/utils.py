@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -90,3 +91,91 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- folders shared with other runs
+
+# atomic_call's temporary files: ".<stem>.<8 random chars>.tmp[<suffix>]"
+_TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp(\.[A-Za-z0-9.]+)?$")
+
+
+def remove_stale_temps(folder: str | Path, *, recursive: bool = False) -> list[Path]:
+    """Delete the temporary files an interrupted :func:`atomic_call` left in ``folder``.
+
+    Only names of the form atomic_call gives its temp files are touched. Call it
+    while holding the folder's :class:`FolderLock`, so no live writer owns them.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in folder.rglob(".*") if recursive else folder.glob(".*"):
+        if _TEMP_NAME.match(p.name) and p.is_file() and not p.is_symlink():
+            try:
+                p.unlink()
+                removed.append(p)
+            except FileNotFoundError:
+                pass
+    if removed:
+        logger.info("removed %d temporary file(s) left by an interrupted run in %s", len(removed), folder)
+    return removed
+
+
+def check_writable(folder: str | Path, what: str = "folder") -> None:
+    """Raise PermissionError naming ``folder`` unless a file can be created in it."""
+    folder = Path(folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".probunet-probe.", dir=folder)
+    except OSError as exc:
+        raise PermissionError(f"{what} {folder} is not writable ({exc.strerror or exc.__class__.__name__})") from None
+    os.close(fd)
+    os.unlink(tmp)
+
+
+class FolderBusyError(RuntimeError):
+    """Another process holds the folder's lock."""
+
+
+class FolderLock:
+    """An OS file lock (``fcntl.flock``) on ``folder/.probunet.lock``.
+
+    ``shared=False``: this process alone uses the folder; ``shared=True``: several
+    cooperating processes may (prediction shards), but no exclusive holder. The OS
+    releases the lock when the process exits in any way (kill -9 included), so a
+    crashed run never leaves the folder locked; the lock file itself stays.
+    """
+
+    NAME = ".probunet.lock"
+
+    def __init__(self, folder: str | Path, *, shared: bool = False, what: str = "folder", name: str = NAME):
+        self.folder, self.shared, self.what = Path(folder), shared, what
+        self.path = self.folder / name
+        self._fd = None
+
+    def acquire(self) -> "FolderLock":
+        import fcntl
+
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise PermissionError(f"{self.what} {self.folder} is not writable "
+                                  f"({exc.strerror or exc.__class__.__name__})") from None
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise FolderBusyError(f"{self.what} {self.folder} is in use by another probunet process (it holds "
+                                  f"{self.path}); wait for it to finish or choose another folder") from None
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -1,0 +1,649 @@
+"""Fault injection for probunet: kills, damaged files, non-finite numbers, hostile inputs.
+
+::
+
+    python scripts/fault_check.py            # default sizes: 20 kills, 1000 fuzzed files per kind
+    python scripts/fault_check.py --quick    # a small version (the test suite runs it)
+
+Four parts, one table at the end (exit 0 when every figure is as required):
+
+1. kills: a small training run (configs/debug.yaml) is killed with SIGKILL at N
+   moments, half at random times and half in the middle of a checkpoint write
+   (the worker writes checkpoints in slow chunks and announces them), then
+   resumed (``--resume``; a fresh start when no checkpoint existed yet). Every
+   checkpoint left by the kill must load; the final weights and optimizer state
+   must be bit-identical to an uninterrupted run; ``metrics.jsonl`` must list
+   the same steps; no temporary file may remain.
+2. fuzz: N mutated copies each of a valid LIDC pickle, checkpoint and NIfTI
+   (random byte flips, truncations, inserted pickle opcodes), loaded one by one in
+   worker processes. A worker reports each file before loading it, so a crash or
+   hang is charged to that file and a new worker goes on with the next. Outcomes:
+   loaded (for checkpoints: with the original weights), refused with a one-line
+   error naming the file, other errors, crashed/hung (must be 0).
+3. non-finite injection: NaN/Inf in the loss, the gradients, the weights and the
+   optimizer state at chosen steps, and an infinite learning rate: no checkpoint
+   with a non-finite tensor may be written, ever.
+4. hostile inputs of issue 11, each with its expected outcome.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import random
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+DEBUG = str(REPO / "configs" / "debug.yaml")
+TRAIN_ARGS = ["train.steps=12", "train.checkpoint_every=2", "train.log_every=1", "train.val_every=4",
+              "train.val_cases=2", "train.val_samples=2"]
+HANG_S = 60.0
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+# ============================================================================ workers (subprocesses)
+
+
+def _worker_train(argv: list[str]) -> int:
+    """``_train``: ``probunet train`` with checkpoint writes slowed down and announced on stdout."""
+    import torch
+
+    real_save = torch.save
+
+    def slow_save(obj, f, *a, **kw):
+        if not isinstance(f, (str, os.PathLike)):
+            return real_save(obj, f, *a, **kw)
+        buf = io.BytesIO()
+        real_save(obj, buf, *a, **kw)
+        data = buf.getvalue()
+        print(f"SAVE {f}", flush=True)
+        with open(f, "wb") as fh:
+            n = max(1, len(data) // 4)
+            for i in range(0, len(data), n):
+                fh.write(data[i:i + n])
+                fh.flush()
+                time.sleep(0.01)
+
+    torch.save = slow_save
+    from probunet.cli import main
+
+    return main(["--quiet", "train", *argv, "--no-progress"])
+
+
+def _load_one(kind: str, path: str, ref_digest: str) -> tuple[str, str]:
+    from probunet.checkpoint import load_model, state_digest
+    from probunet.data import io as pio
+    from probunet.data import lidc_pickle
+
+    try:
+        if kind == "pickle":
+            items = lidc_pickle.items_from_dict(lidc_pickle.safe_load(path), path)
+            return "ok", f"{len(items)} item(s)"
+        if kind == "nifti":
+            array, meta = pio.read_image(path)
+            return "ok", f"{array.shape}"
+        model, cfg, ckpt = load_model(path)
+        same = state_digest({"model": model.state_dict()}) == ref_digest
+        return ("ok" if same else "altered"), ""
+    except BaseException as exc:  # noqa: BLE001 - classifying every outcome is the point
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        msg = str(exc).strip()
+        one_line = bool(msg) and "\n" not in msg and Path(path).name in msg
+        return ("refused" if one_line else "other_error"), f"{exc.__class__.__name__}: {msg[:300]}"
+
+
+def _worker_load(argv: list[str]) -> int:
+    """``_load JOBS START REF_DIGEST``: load jobs[START:] one by one, reporting each."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))  # a giant allocation fails, not the machine
+    jobs = json.loads(Path(argv[0]).read_text())
+    start, ref = int(argv[1]), argv[2]
+    import logging
+
+    logging.disable(logging.CRITICAL)
+    for i in range(start, len(jobs)):
+        kind, path = jobs[i]
+        print(f"START {i}", flush=True)
+        outcome, msg = _load_one(kind, path, ref)
+        print("DONE " + json.dumps([i, outcome, msg]), flush=True)
+    return 0
+
+
+# ============================================================================ 1. kills
+
+
+def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, **kw)
+
+
+def _train_cmd(run_dir: Path, resume: bool = False) -> list[str]:
+    return [sys.executable, __file__, "_train", DEBUG, *TRAIN_ARGS, "--out", str(run_dir),
+            *(["--resume"] if resume else [])]
+
+
+def _final_digest(run_dir: Path) -> str:
+    from probunet.checkpoint import load_checkpoint, state_digest
+
+    c = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    return state_digest({"model": c["model"], "optimizer": c["optimizer"], "step": c["step"]})
+
+
+def _metric_steps(run_dir: Path) -> list:
+    p = run_dir / "metrics.jsonl"
+    return [(json.loads(l)["step"], sorted(json.loads(l))) for l in p.read_text().splitlines()] if p.is_file() else []
+
+
+def kills(n: int, work: Path, rng: random.Random) -> dict:
+    from probunet.checkpoint import load_checkpoint
+
+    ref = work / "ref"
+    t0 = time.perf_counter()
+    r = _run(_train_cmd(ref))
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"fault_check: the reference training run failed:\n{r.stderr[-2000:]}")
+    ref_digest, ref_steps = _final_digest(ref), _metric_steps(ref)
+    saves = sum(1 for l in r.stdout.splitlines() if l.startswith("SAVE "))
+    res = {"tried": 0, "survived": 0, "during_write": 0, "checkpoints_checked": 0, "unloadable": 0,
+           "failures": [], "ref_seconds": wall}
+    for k in range(n):
+        run_dir = work / f"kill{k:03d}"
+        during_write = k % 2 == 0  # --quick's single kill lands in a write
+        proc = subprocess.Popen(_train_cmd(run_dir), env=_env(), cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True)
+        if during_write:  # in the middle of the j-th checkpoint write
+            target, seen = rng.randint(1, max(1, saves)), 0
+            deadline = time.monotonic() + 10 * wall + 30
+            while time.monotonic() < deadline:
+                line = proc.stdout.readline()
+                if not line:
+                    break
+                seen += line.startswith("SAVE ")
+                if seen >= target:
+                    time.sleep(rng.uniform(0.0, 0.025))
+                    break
+        else:
+            time.sleep(rng.uniform(0.2, wall))
+        killed = proc.poll() is None
+        if killed:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        res["tried"] += 1
+        res["during_write"] += int(killed and during_write)
+        problems = []
+        for pt in sorted(run_dir.rglob("*.pt")):
+            res["checkpoints_checked"] += 1
+            try:
+                load_checkpoint(pt)
+            except Exception as exc:  # noqa: BLE001
+                res["unloadable"] += 1
+                problems.append(f"{pt.name} unloadable after the kill: {exc}")
+        resume = (run_dir / "checkpoints" / "last.pt").is_file()
+        r = _run(_train_cmd(run_dir, resume=resume))
+        if r.returncode != 0:
+            problems.append(f"{'resume' if resume else 'restart'} failed: {r.stderr.strip()[-300:]}")
+        else:
+            if _final_digest(run_dir) != ref_digest:
+                problems.append("final weights/optimizer differ from the uninterrupted run")
+            if _metric_steps(run_dir) != ref_steps:
+                problems.append("metrics.jsonl rows differ from the uninterrupted run")
+            temps = [p.name for p in run_dir.rglob(".*.tmp*")]
+            if temps:
+                problems.append(f"temporary files left: {temps}")
+        if problems:
+            res["failures"].append(f"kill {k} ({'write' if during_write else 'random'}): " + "; ".join(problems))
+        else:
+            res["survived"] += 1
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return res
+
+
+# ============================================================================ 2. fuzz
+
+
+OPCODES = [b"c__builtin__\neval\n", b"cos\nsystem\n(S'echo pwned'\ntR.", b"\x93", b"R", b"b", b"\x81", b"\x92",
+           b"i", b"o", b"(", b"t", b"\x8c\x05numpy\x8c\x05dtype\x93", b"cnumpy\ndtype\n(S'O8'\nK\x00K\x01\x87R",
+           b"\x94", b"h\x00", b"\x95\xff\xff\xff\xff\xff\xff\xff\x7f", b"J\xff\xff\xff\x7f", b"0", b"2", b"s", b"u"]
+
+
+def _mutate(data: bytes, rng: random.Random, how: str) -> bytes:
+    b = bytearray(data)
+    if how == "flip":
+        for _ in range(rng.choice([1, 1, 2, 4, 16])):
+            b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
+        return bytes(b)
+    if how == "truncate":
+        return bytes(b[:rng.randrange(len(b))])
+    pos = rng.randrange(len(b) + 1)
+    return bytes(b[:pos] + bytearray(rng.choice(OPCODES)) + b[pos:])
+
+
+def _mutate_checkpoint(data: bytes, rng: random.Random, how: str) -> bytes:
+    """Byte-level for flips/truncations half the time; else inside the zip member holding the pickle."""
+    if how != "insert" and rng.random() < 0.5:
+        return _mutate(data, rng, how)
+    src = zipfile.ZipFile(io.BytesIO(data))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            content = src.read(info.filename)
+            if info.filename.endswith("data.pkl"):
+                content = _mutate(content, rng, how)
+            dst.writestr(info.filename, content)
+    return out.getvalue()
+
+
+def _base_files(work: Path, ckpt: Path) -> dict:
+    import nibabel as nib
+    import numpy as np
+
+    from probunet.data.lidc_pickle import write_pickle
+
+    rng = np.random.default_rng(0)
+    pkl = write_pickle({f"LIDC-IDRI-0001_slice{i}": {
+        "image": rng.normal(size=(32, 32)).astype(np.float32),
+        "masks": [(rng.random((32, 32)) > 0.7).astype(np.uint8) for _ in range(4)],
+        "series_uid": "1.3.6.1.4.1.14519.5.2.1.6279.6001.1"} for i in range(2)}, work / "base.pickle")
+    nii = work / "base.nii"
+    nib.save(nib.Nifti1Image(rng.normal(size=(32, 32, 8)).astype(np.float32), np.diag([0.7, 0.7, 2.5, 1])),
+             str(nii))
+    return {"pickle": pkl, "checkpoint": ckpt, "nifti": nii}
+
+
+def fuzz(n: int, work: Path, ckpt: Path, rng: random.Random) -> dict:
+    from probunet.checkpoint import load_checkpoint, state_digest
+
+    ref_digest = state_digest({"model": load_checkpoint(ckpt)["model"]})
+    (work / "base").mkdir(parents=True)
+    base = _base_files(work / "base", ckpt)
+    jobs = []
+    for kind, path in base.items():
+        data = path.read_bytes()
+        suffix = "".join(path.suffixes)
+        for i in range(n):
+            how = ("flip", "truncate", "insert")[i % 3]
+            if kind == "nifti" and how == "insert":
+                how = "flip" if i % 2 else "truncate"
+            mutated = _mutate_checkpoint(data, rng, how) if kind == "checkpoint" else _mutate(data, rng, how)
+            p = work / "fuzz" / kind / f"{i:05d}_{how}{suffix}"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(mutated)
+            jobs.append((kind, str(p)))
+    jobs_file = work / "fuzz" / "jobs.json"
+    jobs_file.write_text(json.dumps(jobs))
+    counts = {k: {"ok": 0, "refused": 0, "other_error": 0, "altered": 0, "crashed": 0, "hung": 0} for k in base}
+    examples: list[str] = []
+    i = 0
+    while i < len(jobs):
+        proc = subprocess.Popen([sys.executable, __file__, "_load", str(jobs_file), str(i), ref_digest],
+                                env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        current, last_news = i, time.monotonic()
+        buf = ""
+        while True:
+            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+            if ready:
+                chunk = os.read(proc.stdout.fileno(), 65536).decode(errors="replace")
+                if not chunk:  # the worker died
+                    proc.wait()
+                    if current < len(jobs):
+                        counts[jobs[current][0]]["crashed"] += 1
+                        examples.append(f"crashed (exit {proc.returncode}): {jobs[current][1]}")
+                    i = current + 1
+                    break
+                buf += chunk
+                *lines, buf = buf.split("\n")
+                for line in lines:
+                    if line.startswith("START "):
+                        current, last_news = int(line[6:]), time.monotonic()
+                    elif line.startswith("DONE "):
+                        j, outcome, msg = json.loads(line[5:])
+                        counts[jobs[j][0]][outcome] += 1
+                        if outcome in ("other_error", "altered") and len(examples) < 12:
+                            examples.append(f"{outcome}: {jobs[j][1]}: {msg[:200]}")
+                        current = j + 1
+            elif time.monotonic() - last_news > HANG_S:
+                proc.kill()
+                proc.wait()
+                counts[jobs[current][0]]["hung"] += 1
+                examples.append(f"hung: {jobs[current][1]}")
+                i = current + 1
+                break
+        proc.stdout.close()
+    return {"counts": counts, "examples": examples}
+
+
+# ============================================================================ 3. non-finite injection
+
+
+def nonfinite(work: Path) -> list[dict]:
+    import torch
+
+    from probunet import train as T
+    from probunet.checkpoint import non_finite
+    from probunet.config import ConfigError, load_config
+
+    def loss_at(steps, value):
+        real, calls = T.elbo_loss, {"n": 0}
+
+        def f(*a, **kw):
+            out = real(*a, **kw)
+            calls["n"] += 1
+            if calls["n"] in steps:
+                out = {k: v * value if k == "loss" else v for k, v in out.items()}
+            return out
+        return "elbo_loss", f
+
+    def around_step(steps, action):
+        real, calls = T.backward_and_step, {"n": 0}
+
+        def f(loss, optimizer, *a, **kw):
+            calls["n"] += 1
+            p = optimizer.param_groups[0]["params"][0]
+            hook = p.register_hook(lambda g: g * float("nan")) if action == "grad_nan" and calls["n"] in steps else None
+            hook = p.register_hook(lambda g: g + float("inf")) if action == "grad_inf" and calls["n"] in steps else hook
+            bad = real(loss, optimizer, *a, **kw)
+            if hook is not None:
+                hook.remove()
+            if calls["n"] in steps:
+                with torch.no_grad():
+                    if action == "weight_nan":
+                        p.view(-1)[0] = float("nan")
+                    elif action == "weight_inf":
+                        p.view(-1)[-1] = float("inf")
+                    elif action == "adam_nan":
+                        optimizer.state[p]["exp_avg"].view(-1)[0] = float("nan")
+            return bad
+        return "backward_and_step", f
+
+    cases = [("loss NaN at steps 2, 5", loss_at({2, 5}, float("nan")), [], "completes"),
+             ("loss +Inf at step 3", loss_at({3}, float("inf")), [], "completes"),
+             ("gradient NaN at step 3", around_step({3}, "grad_nan"), [], "completes"),
+             ("gradient Inf at steps 2, 4", around_step({2, 4}, "grad_inf"), [], "completes"),
+             ("weight NaN after step 3", around_step({3}, "weight_nan"), [], "stops"),
+             ("weight Inf after step 5", around_step({5}, "weight_inf"), ["train.log_every=1000"], "stops"),
+             ("Adam state NaN after step 4", around_step({4}, "adam_nan"), ["train.log_every=1000"], "stops"),
+             ("train.lr=.inf", None, ["train.lr=.inf"], "stops")]
+    rows = []
+    for k, (name, patch, extra, expected) in enumerate(cases):
+        run_dir = work / f"nf{k}"
+        saved = {}
+        if patch is not None:
+            saved[patch[0]] = getattr(T, patch[0])
+            setattr(T, patch[0], patch[1])
+        try:
+            cfg = load_config(DEBUG, ["train.steps=6", "train.checkpoint_every=1", "train.val_every=3",
+                                      "train.val_cases=2", "train.val_samples=2", "train.log_every=2", *extra])
+            T.fit(cfg, run_dir)
+            outcome = "completes"
+        except (T.TrainingError, ConfigError) as exc:
+            outcome = "stops" if isinstance(exc, T.TrainingError) else "refused (config)"
+        finally:
+            for attr, fn in saved.items():
+                setattr(T, attr, fn)
+        pts = sorted(run_dir.rglob("*.pt")) if run_dir.exists() else []
+        bad = [p.name for p in pts if non_finite({s: v for s, v in torch.load(p, weights_only=True).items()
+                                                   if s in ("model", "optimizer", "scaler", "geco")})]
+        ok = not bad and (outcome == expected or (expected == "stops" and outcome == "refused (config)"))
+        rows.append({"injection": name, "expected": expected, "outcome": outcome, "checkpoints": len(pts),
+                     "non_finite_checkpoints": len(bad), "ok": ok})
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return rows
+
+
+# ============================================================================ 4. hostile inputs
+
+
+def _cli(args: list[str]) -> tuple[int, str]:
+    from probunet.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        rc = main(["--quiet", *args])
+    return rc, err.getvalue()
+
+
+def _one_line(err: str, name: str) -> bool:
+    lines = [l for l in err.splitlines() if l.strip() and not l.startswith(("INFO", "WARNING"))]
+    return len(lines) == 1 and "Traceback" not in err and name in lines[0]
+
+
+def hostile(work: Path, ckpt_run: Path, kill_failures: list[str]) -> list[dict]:
+    import logging
+
+    import nibabel as nib
+    import numpy as np
+    import torch
+
+    from probunet import utils
+    from probunet.checkpoint import save_checkpoint
+    from probunet.utils import FolderLock
+
+    logging.disable(logging.WARNING)
+    rows = []
+
+    def add(row, what, expected, passed, got=""):
+        rows.append({"row": row, "input": what, "expected": expected, "ok": bool(passed), "got": got[:160]})
+
+    last = ckpt_run / "checkpoints" / "last.pt"
+    inp = work / "in"
+    inp.mkdir()
+    for n in ("c1", "c2"):
+        nib.save(nib.Nifti1Image(np.random.default_rng(1).normal(size=(32, 32)).astype(np.float32), np.eye(4)),
+                 str(inp / f"{n}.nii.gz"))
+    before = sorted(p.name for p in inp.rglob("*"))
+
+    # row 2: a file list entry escaping OUTPUT_DIR
+    fl = work / "list.txt"
+    fl.write_text("c1.nii.gz\n../in/c2.nii.gz\n")
+    rc, err = _cli(["predict", str(last), str(inp), str(work / "out2"), "--file-list", str(fl), "--num-samples", "2",
+                    "--no-progress"])
+    summary = (work / "out2" / "summary.csv").read_text() if (work / "out2" / "summary.csv").is_file() else ""
+    add(2, "--file-list with ../in/c2.nii.gz", "error row, input folder untouched, exit 1",
+        rc == 1 and "outside OUTPUT_DIR" in summary and sorted(p.name for p in inp.rglob("*")) == before, f"exit {rc}")
+
+    # row 3: an infinite learning rate
+    out3 = work / "run3"
+    rc, err = _cli(["train", DEBUG, "train.lr=.inf", "train.steps=3", "train.val_every=1000", "--out", str(out3),
+                    "--no-progress"])
+    pts = list(out3.rglob("*.pt")) if out3.exists() else []
+    finite = all(all(bool(torch.isfinite(t).all()) for t in torch.load(p, weights_only=True)["model"].values())
+                 for p in pts)
+    add(3, "train train.lr=.inf train.steps=3", "one-line error, exit != 0, no non-finite checkpoint",
+        rc != 0 and _one_line(err, "") and finite, f"exit {rc}: {err.strip()[:120]}")
+
+    # row 4: flipped bytes in a weight and in the optimizer state
+    for what, pick in (("weight", lambda s: max(s["model"].values(), key=lambda t: t.numel())),
+                       ("optimizer", lambda s: s["optimizer"]["state"][0]["exp_avg_sq"])):
+        run4 = work / f"run4_{what}"
+        shutil.copytree(ckpt_run, run4)
+        p = run4 / "checkpoints" / "last.pt"
+        raw = pick(torch.load(p, weights_only=True)).contiguous().numpy().tobytes()
+        data = bytearray(p.read_bytes())
+        data[data.find(raw) + len(raw) // 2] ^= 0x40
+        p.write_bytes(bytes(data))
+        (run4 / "checkpoints" / "best.pt").unlink(missing_ok=True)
+        rc1, err1 = _cli(["evaluate", str(p)])
+        rc2, err2 = _cli(["train", DEBUG, *TRAIN_ARGS, "train.steps=14", "--out", str(run4), "--resume",
+                          "--no-progress"])
+        add(4, f"one byte flipped in a {what} tensor; evaluate, --resume", "one-line error naming the file, exit 2",
+            rc1 == rc2 == 2 and _one_line(err1, "last.pt") and _one_line(err2, "last.pt"), err1.strip()[:120])
+
+    # row 5 (checkpoint parts)
+    empty = work / "empty.pt"
+    empty.write_bytes(b"")
+    rc, err = _cli(["evaluate", str(empty)])
+    add(5, "0-byte checkpoint", "one-line error naming the file, exit 2", rc == 2 and _one_line(err, "empty.pt"),
+        err.strip()[:120])
+    state = torch.load(last, weights_only=True)
+    state["config"]["model"]["features"] = [8, 16]
+    save_checkpoint(state, work / "mismatch.pt")
+    rc, err = _cli(["evaluate", str(work / "mismatch.pt")])
+    add(5, "weights that do not match the stored config", "one-line error naming the file, exit 2",
+        rc == 2 and _one_line(err, "mismatch.pt"), err.strip()[:120])
+    state = torch.load(last, weights_only=True)
+    state["config"]["model"]["latent_dim"] = 0
+    save_checkpoint(state, work / "absurd.pt")
+    rc, err = _cli(["evaluate", str(work / "absurd.pt")])
+    add(5, "stored config model.latent_dim=0", "one-line error naming the file, exit 2",
+        rc == 2 and _one_line(err, "absurd.pt"), err.strip()[:120])
+
+    # row 7: a second predict on a busy OUTPUT_DIR
+    out7 = work / "out7"
+    out7.mkdir()
+    with FolderLock(out7):
+        rc, err = _cli(["predict", str(last), str(inp), str(out7), "--num-samples", "2", "--no-progress"])
+    add(7, "predict into an OUTPUT_DIR another run holds", "one-line refusal, exit 2, nothing written",
+        rc == 2 and _one_line(err, "in use") and not (out7 / "c1").exists(), err.strip()[:120])
+
+    # row 8: --out a folder of the user's
+    own = work / "own"
+    own.mkdir()
+    (own / "config.yaml").write_text("mine\n")
+    (own / "splits.json").write_text("{}")
+    rc, err = _cli(["train", DEBUG, "train.steps=1", "--out", str(own), "--no-progress"])
+    add(8, "train --out a folder holding the user's config.yaml, splits.json", "one-line refusal, files untouched",
+        rc == 2 and _one_line(err, "did not write") and (own / "config.yaml").read_text() == "mine\n"
+        and sorted(p.name for p in own.iterdir()) == ["config.yaml", "splits.json"], err.strip()[:120])
+
+    # row 9 (run parts)
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {work / 'owned'}",))
+
+    torch.save({"model": {}, "config": {}, "x": Evil()}, work / "evil.pt")
+    rc, err = _cli(["evaluate", str(work / "evil.pt")])
+    add(9, "checkpoint whose pickle calls os.system", "refused, nothing run, no weights_only=False advice",
+        rc == 2 and _one_line(err, "evil.pt") and "weights_only" not in err and not (work / "owned").exists(),
+        err.strip()[:120])
+    out9 = work / "out9"
+    out9.mkdir()
+    real_mkstemp = utils.tempfile.mkstemp
+
+    def refuse(*a, dir=None, **kw):  # a read-only folder, also for root
+        if dir is not None and Path(dir) == out9:
+            raise PermissionError(13, "Permission denied", str(out9))
+        return real_mkstemp(*a, dir=dir, **kw)
+
+    utils.tempfile.mkstemp = refuse
+    try:
+        t0 = time.perf_counter()
+        rc, err = _cli(["predict", str(last), str(inp), str(out9), "--num-samples", "2", "--no-progress"])
+    finally:
+        utils.tempfile.mkstemp = real_mkstemp
+    add(9, "read-only OUTPUT_DIR", "refused before the model is loaded, exit 2",
+        rc == 2 and _one_line(err, "not writable") and not (out9 / "c1").exists(),
+        f"{err.strip()[:100]} ({time.perf_counter() - t0:.2f}s)")
+    add(9, "--resume after a kill: metrics.jsonl rows, stale .tmp files", "no duplicate rows, temps removed",
+        not any("metrics" in x or "temporary" in x for x in kill_failures), "checked after every kill (part 1)")
+    logging.disable(logging.NOTSET)
+    return rows
+
+
+# ============================================================================ main
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_train":
+        return _worker_train(argv[1:])
+    if argv and argv[0] == "_load":
+        return _worker_load(argv[1:])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--kills", type=int, default=None, help="training runs to kill (default 20; --quick 1)")
+    p.add_argument("--fuzz", type=int, default=None, help="mutated files per kind (default 1000; --quick 20)")
+    p.add_argument("--quick", action="store_true", help="small sizes, for the test suite")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work", default=None, help="working folder (default: a temporary one, removed)")
+    args = p.parse_args(argv)
+    n_kills = args.kills if args.kills is not None else (1 if args.quick else 20)
+    n_fuzz = args.fuzz if args.fuzz is not None else (20 if args.quick else 1000)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+    rng = random.Random(args.seed)
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="probunet-fault-check-"))
+    work.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    try:
+        t = time.perf_counter()
+        k = kills(n_kills, work / "kills", rng)
+        t_kill = time.perf_counter() - t
+        ckpt_run = work / "kills" / "ref"
+        t = time.perf_counter()
+        f = fuzz(n_fuzz, work / "fuzz", ckpt_run / "checkpoints" / "last.pt", rng)
+        t_fuzz = time.perf_counter() - t
+        t = time.perf_counter()
+        nf = nonfinite(work / "nonfinite")
+        t_nf = time.perf_counter() - t
+        t = time.perf_counter()
+        (work / "hostile").mkdir(exist_ok=True)
+        h = hostile(work / "hostile", ckpt_run, k["failures"])
+        t_h = time.perf_counter() - t
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+
+    ok = True
+    out = ["", "probunet fault_check" + (" (--quick)" if args.quick else "") + f", seed {args.seed}", ""]
+    out.append(f"1. kill -9 and resume ({t_kill:.0f}s; uninterrupted run {k['ref_seconds']:.1f}s)")
+    kill_ok = k["survived"] == k["tried"] and k["unloadable"] == 0
+    ok &= kill_ok
+    out.append(f"   kills survived / tried: {k['survived']} / {k['tried']}  ({k['during_write']} killed during a "
+               f"checkpoint write); checkpoints after a kill that load: "
+               f"{k['checkpoints_checked'] - k['unloadable']} / {k['checkpoints_checked']}  "
+               f"[{'PASS' if kill_ok else 'FAIL'}]")
+    out += [f"     {x}" for x in k["failures"]]
+    out.append(f"2. fuzzed files ({t_fuzz:.0f}s)")
+    out.append(f"   {'kind':<11}{'files':>7}{'loaded':>8}{'refused (one line)':>20}{'other error':>13}"
+               f"{'loaded altered':>16}{'crashed':>9}{'hung':>6}")
+    for kind, c in f["counts"].items():
+        total = sum(c.values())
+        out.append(f"   {kind:<11}{total:>7}{c['ok']:>8}{c['refused']:>20}{c['other_error']:>13}{c['altered']:>16}"
+                   f"{c['crashed']:>9}{c['hung']:>6}")
+        ok &= c["crashed"] == 0 and c["hung"] == 0 and c["altered"] == 0
+    crashes = sum(c["crashed"] + c["hung"] for c in f["counts"].values())
+    out.append(f"   crashed or hung: {crashes}  [{'PASS' if crashes == 0 else 'FAIL'}]")
+    out += [f"     {x}" for x in f["examples"][:12]]
+    out.append(f"3. non-finite injection ({t_nf:.0f}s)")
+    out.append(f"   {'injection':<30}{'expected':<11}{'outcome':<18}{'checkpoints':>12}{'non-finite':>11}")
+    for r in nf:
+        ok &= r["ok"]
+        out.append(f"   {r['injection']:<30}{r['expected']:<11}{r['outcome']:<18}{r['checkpoints']:>12}"
+                   f"{r['non_finite_checkpoints']:>11}  [{'PASS' if r['ok'] else 'FAIL'}]")
+    bad_ckpts = sum(r["non_finite_checkpoints"] for r in nf)
+    out.append(f"   checkpoints with a non-finite tensor: {bad_ckpts}")
+    out.append(f"4. hostile inputs (issue 11) ({t_h:.0f}s)")
+    for r in h:
+        ok &= r["ok"]
+        out.append(f"   row {r['row']}: {r['input']:<60} -> {r['expected']}  [{'PASS' if r['ok'] else 'FAIL'}]")
+        if not r["ok"]:
+            out.append(f"       got: {r['got']}")
+    out.append("")
+    out.append(f"total {time.perf_counter() - t_all:.0f}s: {'ALL PASS' if ok else 'FAILURES'}")
+    print("\n".join(out))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
