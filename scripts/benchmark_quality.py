@@ -157,8 +157,24 @@ def run_chain(job: dict) -> dict:
               "--num-samples", str(NUM_SAMPLES), "--no-progress"], env, log)
         summary = json.loads((eval_dir / "summary.json").read_text())
         out["budgets"][budget] = {**budget_row(summary, run_dir / "metrics.jsonl", budget), "train_seconds": t_train}
-    out["curve"] = val_curve(run_dir / "metrics.jsonl")
+        out["curve"] = val_curve(run_dir / "metrics.jsonl")
+        # what is done so far, for --report-only after an interrupted benchmark
+        (run_dir.parent / f"{run_dir.name}.json").write_text(json.dumps(out, indent=1))
     return out
+
+
+def collect(out_dir: Path, datasets: list[str]) -> tuple[list[dict], dict]:
+    """The finished budgets of every run under ``out_dir`` and one config per dataset (for the reference rows)."""
+    results, data_cfgs = [], {}
+    for ds in datasets:
+        for path in sorted((out_dir / ds).glob("*.json")):
+            r = json.loads(path.read_text())
+            r["budgets"] = {int(k): v for k, v in r["budgets"].items()}
+            results.append(r)
+            cfg_path = path.with_suffix(".yaml")
+            if ds not in data_cfgs and cfg_path.is_file():
+                data_cfgs[ds] = yaml.safe_load(cfg_path.read_text())
+    return results, data_cfgs
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -338,7 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LIDC-style pickle folder (built here if missing)")
     p.add_argument("--out", type=Path, default=Path("runs") / "quality")
     p.add_argument("--jobs", type=int, default=1, help="trainings run at once")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per training (default: cores / jobs)")
     p.add_argument("--quick", action="store_true", help="tiny model, synthetic set, budgets 3 and 6")
+    p.add_argument("--report-only", action="store_true",
+                   help="no training: rebuild the tables and the figure from the runs already in --out")
     return p
 
 
@@ -351,13 +370,18 @@ def main(argv=None) -> int:
     budgets = sorted(set(args.budgets))
     if budgets[0] < 1:
         raise SystemExit("benchmark_quality: error: --budgets must be >= 1")
+    if args.report_only:
+        results, data_cfgs = collect(args.out, args.datasets)
+        if not results:
+            raise SystemExit(f"benchmark_quality: error: no finished runs under {args.out}")
+        return report(args, argv, budgets, results, data_cfgs, [], 0.0)
     specs = [parse_spec(s) for s in (args.configs or [s for s in SHIPPED if (REPO / s).is_file()])]
     if args.out.exists() and any(args.out.iterdir()):
         raise SystemExit(f"benchmark_quality: error: {args.out} exists and is not empty; choose a new --out")
     args.out.mkdir(parents=True, exist_ok=True)
     if "lidc" in args.datasets:
         ensure_lidc(args.lidc_data)
-    threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
+    threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.jobs))
     jobs, data_cfgs = [], {}
     for ds in args.datasets:
         data = dataset_section(ds, args.lidc_data, args.quick)
@@ -380,12 +404,18 @@ def main(argv=None) -> int:
             except Exception as exc:  # one failed recipe does not stop the others
                 failures.append(f"{j['dataset']} / {j['name']}: {exc}")
                 print(f"  FAILED: {failures[-1]}", flush=True)
+    return report(args, argv, budgets, results, data_cfgs, failures, time.perf_counter() - t0)
+
+
+def report(args, argv, budgets, results, data_cfgs, failures, seconds) -> int:
+    """Tables, targets and the figure from finished runs; returns the exit status."""
+    args.datasets = [ds for ds in args.datasets if ds in data_cfgs]
     refs = {ds: reference_rows(cfg) for ds, cfg in data_cfgs.items()}
     by_dataset = {ds: [r for r in results if r["dataset"] == ds] for ds in args.datasets}
     device = "cuda: " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     md = [f"# Quality benchmark\n", f"`{' '.join(['python', 'scripts/benchmark_quality.py', *(argv or sys.argv[1:])])}`",
           f"\nDevice: {device}; batch {args.batch_size}; {NUM_SAMPLES} samples per test image; budgets {budgets}; "
-          f"total {time.perf_counter() - t0:.0f}s.\n"]
+          f"total {seconds:.0f}s.\n"]
     check_budget = 2000 if 2000 in budgets else budgets[-1]
     for ds in args.datasets:
         n = refs[ds]["all-empty"]["num_cases"]
