@@ -355,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs") / "quality")
     p.add_argument("--jobs", type=int, default=1, help="trainings run at once")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per training (default: cores / jobs)")
+    p.add_argument("--num-workers", type=int, default=0,
+                   help="data.num_workers of every run: processes that build (augment) batches ahead")
     p.add_argument("--quick", action="store_true", help="tiny model, synthetic set, budgets 3 and 6")
     p.add_argument("--report-only", action="store_true",
                    help="no training: rebuild the tables and the figure from the runs already in --out")
@@ -385,6 +387,7 @@ def main(argv=None) -> int:
     jobs, data_cfgs = [], {}
     for ds in args.datasets:
         data = dataset_section(ds, args.lidc_data, args.quick)
+        data["num_workers"] = max(0, args.num_workers)
         for name, path, overrides in specs:
             cfg = recipe_config(path, overrides, data, batch_size=args.batch_size, budget_max=budgets[-1],
                                 quick=args.quick)
