@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.probunet-installed
 
-.PHONY: setup demo test benchmark clean
+.PHONY: setup demo test benchmark benchmark-quality clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ test: $(STAMP)
 
 benchmark: $(STAMP)
 	$(PY) scripts/benchmark.py --quick
+
+# Sample quality at fixed budgets on the synthetic and LIDC-style sets (a GPU is advised);
+# options through ARGS, e.g. make benchmark-quality ARGS="--quick"
+benchmark-quality: $(STAMP)
+	$(PY) scripts/benchmark_quality.py --out runs/quality-$$(date +%Y%m%d-%H%M%S) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

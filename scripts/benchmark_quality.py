@@ -157,6 +157,7 @@ def run_chain(job: dict) -> dict:
               "--num-samples", str(NUM_SAMPLES), "--no-progress"], env, log)
         summary = json.loads((eval_dir / "summary.json").read_text())
         out["budgets"][budget] = {**budget_row(summary, run_dir / "metrics.jsonl", budget), "train_seconds": t_train}
+        out["device"] = device_name()
         out["curve"] = val_curve(run_dir / "metrics.jsonl")
         # what is done so far, for --report-only after an interrupted benchmark
         (run_dir.parent / f"{run_dir.name}.json").write_text(json.dumps(out, indent=1))
@@ -251,6 +252,10 @@ def reference_rows(cfg: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- report
+
+
+def device_name() -> str:
+    return "cuda: " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
 def _f(v, nd=3) -> str:
@@ -415,7 +420,7 @@ def report(args, argv, budgets, results, data_cfgs, failures, seconds) -> int:
     args.datasets = [ds for ds in args.datasets if ds in data_cfgs]
     refs = {ds: reference_rows(cfg) for ds, cfg in data_cfgs.items()}
     by_dataset = {ds: [r for r in results if r["dataset"] == ds] for ds in args.datasets}
-    device = "cuda: " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    device = next((r["device"] for r in results if r.get("device")), None) or device_name()
     md = [f"# Quality benchmark\n", f"`{' '.join(['python', 'scripts/benchmark_quality.py', *(argv or sys.argv[1:])])}`",
           f"\nDevice: {device}; batch {args.batch_size}; {NUM_SAMPLES} samples per test image; budgets {budgets}; "
           f"total {seconds:.0f}s.\n"]
