@@ -1,0 +1,246 @@
+#!/usr/bin/env python
+"""Compare stochastic segmentation models on the same data, split, budget and metrics.
+
+Every config (``configs/zoo/*.yaml`` by default) is trained by ``probunet train``
+at the same number of steps and batch size on the same data and split (the
+``data`` section of ``--data-config``, default the first config), and scored by
+``probunet evaluate`` on the test split with the same sample count and seed.
+Writes into ``--out``:
+
+- ``compare.csv`` and ``compare.md``: one row per model: GED, HM-IoU, S_NCC,
+  ECE, QUBIQ score, sample diversity next to the raters', on synthetic data
+  also GED against fresh references from the true rater distribution and the
+  error of the sampled lesion presence against its true probability; training
+  images per second, milliseconds per 100 samples of one image, parameters;
+- ``compare.png``: the same test cases for every model: the image and its
+  raters first, then a row of samples per model;
+- one run folder per model (checkpoints, metrics, evaluation).
+
+    python scripts/compare_models.py --out runs/compare                     # every configs/zoo model
+    python scripts/compare_models.py configs/zoo/prob_unet.yaml configs/zoo/ssn.yaml --steps 300 --out runs/c
+    python scripts/compare_models.py --quick --out /tmp/c                   # a smoke run: tiny models, 4 steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+try:
+    import probunet  # noqa: F401
+except ImportError:  # running from a source checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+COLUMNS = [("model", "model"), ("ged", "GED"), ("hm_iou", "HM-IoU"), ("s_ncc", "S_NCC"), ("ece", "ECE"),
+           ("qubiq", "QUBIQ"), ("sample_diversity", "E[d(S,S')]"), ("reference_diversity", "E[d(Y,Y')]"),
+           ("ged_true", "GED vs truth"), ("lesion_mae", "presence MAE"), ("train_images_per_s", "train img/s"),
+           ("ms_per_100_samples", "ms / 100 samples"), ("parameters", "parameters")]
+
+
+def _run(cmd: list[str], log: Path, env: dict) -> None:
+    with open(log, "a", encoding="utf-8") as fh:
+        fh.write("$ " + " ".join(cmd) + "\n")
+        fh.flush()
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+    if proc.returncode != 0:
+        tail = " | ".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-4:])
+        raise RuntimeError(f"{cmd[3]} failed (exit {proc.returncode}); see {log}: {tail}")
+
+
+def run_config(name: str, cfg: dict, out: Path, *, num_samples: int, env: dict) -> dict:
+    """Train and evaluate one model; returns its table row (without the timing of sampling)."""
+    cfg_path = out / f"{name}.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    run_dir, log = out / name, out / f"{name}.log"
+    py = [sys.executable, "-m", "probunet"]
+    _run([*py, "train", str(cfg_path), "--out", str(run_dir), "--no-progress"], log, env)
+    _run([*py, "evaluate", str(run_dir / "checkpoints" / "last.pt"), "--num-samples", str(num_samples),
+          "--out", str(run_dir / "eval" / "summary.json"), "--no-progress"], log, env)
+    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    m = summary["metrics"]
+    row = {"model": name}
+    for key in ("ged", "hm_iou", "s_ncc", "sample_diversity", "reference_diversity"):
+        row[key] = m[key]["mean"]
+    row["ece"] = summary["calibration"]["ece"]
+    row["qubiq"] = (m.get("qubiq") or {}).get("mean")
+    truth = summary.get("truth")
+    if truth:
+        row["ged_true"] = truth["metrics"]["ged_true"]["mean"]
+        row["lesion_mae"] = truth["lesions"]["mae_sampled_vs_true"]
+    speeds = [json.loads(l).get("images_per_s") for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    speeds = [s for s in speeds if s]
+    row["train_images_per_s"] = float(np.median(speeds[1:] or speeds)) if speeds else None  # first log: warm-up
+    return row
+
+
+def sampling_speed(model, image: torch.Tensor, repeats: int = 3) -> float:
+    """Milliseconds for 100 samples of one image (median of ``repeats``, after one warm-up)."""
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            model.sample(image, 100, generator=torch.Generator().manual_seed(i))
+            times.append(time.perf_counter() - t0)
+    return 1000.0 * float(np.median(times[1:]))
+
+
+def figure(path: Path, models: dict, items: list[dict], num_samples: int = 4) -> None:
+    """Rows: the raters, then every model's samples; column groups: cases (image first)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images = torch.stack([torch.as_tensor(i["image"]) for i in items]).float()
+    num_raters = max(i["labels"].shape[0] for i in items)
+    width = 1 + max(num_samples, num_raters)
+    rows = 1 + len(models)
+    fig, axes = plt.subplots(rows, width * len(items), figsize=(1.1 * width * len(items), 1.15 * rows + 0.4),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    vmax = max(1, max(int(m.num_classes) for m in models.values()) - 1)
+    mid = lambda a: a[a.shape[0] // 2] if a.ndim == 3 else a  # noqa: E731 - 3D: the middle slice
+    samples = {}
+    for name, model in models.items():
+        with torch.inference_mode():
+            logits = model.sample(images, num_samples, generator=torch.Generator().manual_seed(0))
+        samples[name] = logits.argmax(dim=2).numpy()  # (B, S, *spatial)
+    for c, item in enumerate(items):
+        col = c * width
+        img = mid(np.asarray(item["image"][0]))
+        axes[0, col].imshow(img, cmap="gray")
+        axes[0, col].set_title(item["case_id"][:14], fontsize=6)
+        for r in range(item["labels"].shape[0]):
+            axes[0, col + 1 + r].imshow(mid(item["labels"][r]), cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
+            axes[0, col + 1 + r].set_title(f"rater {r + 1}", fontsize=6)
+        for m, name in enumerate(models):
+            axes[1 + m, col].imshow(img, cmap="gray")
+            if c == 0:
+                axes[1 + m, col].set_title(name, fontsize=7, loc="left")
+            for s in range(num_samples):
+                axes[1 + m, col + 1 + s].imshow(mid(samples[name][c, s]), cmap="viridis", vmin=0, vmax=vmax,
+                                                interpolation="nearest")
+    fig.suptitle("raters (top row), then samples per model", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return ""
+    if isinstance(v, int):
+        return f"{v:,}"
+    return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
+
+
+def tables(rows: list[dict]) -> tuple[str, str]:
+    cols = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow([k for k, _ in cols])
+    for r in rows:
+        w.writerow(["" if r.get(k) is None else r[k] for k, _ in cols])
+    md = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
+    md += ["| " + " | ".join(r["model"] if k == "model" else _fmt(r.get(k)) for k, _ in cols) + " |" for r in rows]
+    return buf.getvalue(), "\n".join(md)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("configs", nargs="*", help="model configs (default: configs/zoo/*.yaml)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--steps", type=int, default=None, help="training steps of every model (default: the first config's)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size of every model (default: the first config's)")
+    p.add_argument("--num-samples", type=int, default=16, help="samples per test image (default 16)")
+    p.add_argument("--data-config", type=Path, default=None, help="whose data section all models use (default: the first)")
+    p.add_argument("--cases", type=int, default=4, help="test cases in the figure")
+    p.add_argument("--quick", action="store_true", help="tiny models and data, 4 steps (a smoke run)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from probunet.config import load_yaml
+
+    paths = [Path(c) for c in args.configs] or sorted((REPO / "configs" / "zoo").glob("*.yaml"))
+    if not paths:
+        raise SystemExit("compare_models: error: no configs given and configs/zoo is empty")
+    for p in paths:
+        if not p.is_file():
+            raise SystemExit(f"compare_models: error: config not found: {p}")
+    names = [p.stem for p in paths]
+    if len(set(names)) != len(names):
+        raise SystemExit("compare_models: error: two configs share a file name; rename one")
+    if args.out.exists() and any(args.out.iterdir()):
+        raise SystemExit(f"compare_models: error: {args.out} exists and is not empty; choose a new --out")
+    args.out.mkdir(parents=True, exist_ok=True)
+    raw = [load_yaml(p) for p in paths]
+    data = load_yaml(args.data_config)["data"] if args.data_config else raw[0].get("data", {})
+    first_train = raw[0].get("train", {})
+    steps = args.steps or first_train.get("steps", 2000)
+    batch = args.batch_size or first_train.get("batch_size", 16)
+    if args.quick:
+        steps, data = 4, {**data, "synthetic": {**data.get("synthetic", {}), "num_cases": 24, "size": 32}}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    rows, failures, models, cfgs = [], [], {}, {}
+    t0 = time.perf_counter()
+    for name, cfg in zip(names, raw):
+        cfg = {**cfg, "data": data}
+        cfg["train"] = {**cfg.get("train", {}), "steps": steps, "batch_size": batch,
+                        "checkpoint_every": steps, "val_every": max(1, steps // 4)}
+        cfg["eval"] = {**cfg.get("eval", {}), "num_samples": args.num_samples, "split": "test", "seed": 0}
+        if args.quick:
+            cfg["model"] = {**cfg.get("model", {}), "features": [4, 8]}
+            cfg["train"]["log_every"] = 2
+        print(f"[{len(rows) + len(failures) + 1}/{len(names)}] {name}: {steps} steps x {batch}", flush=True)
+        try:
+            row = run_config(name, cfg, args.out, num_samples=args.num_samples, env=env)
+        except RuntimeError as exc:  # one failing model does not stop the others
+            failures.append(f"{name}: {exc}")
+            print(f"  FAILED: {exc}", flush=True)
+            continue
+        from probunet.checkpoint import load_model
+
+        model, mcfg, _ = load_model(args.out / name / "checkpoints" / "last.pt")
+        model.eval()
+        row["parameters"] = int(sum(p.numel() for p in model.parameters()))
+        cfgs[name], models[name] = mcfg, model
+        rows.append(row)
+    if rows:
+        from probunet.data import load_splits
+
+        items = load_splits(next(iter(cfgs.values())))["test"][: args.cases]
+        image = torch.as_tensor(items[0]["image"])[None].float()
+        for row in rows:
+            row["ms_per_100_samples"] = sampling_speed(models[row["model"]], image)
+        figure(args.out / "compare.png", models, items)
+    csv_text, md = tables(rows)
+    (args.out / "compare.csv").write_text(csv_text)
+    head = (f"# Model comparison\n\n{steps} steps x batch {batch} each, the same data and split; test split, "
+            f"{args.num_samples} samples per image; sampling speed: one image on "
+            f"the CPU with {torch.get_num_threads()} threads; total {time.perf_counter() - t0:.0f}s.\n\n")
+    text = head + md + "\n" + ("".join(f"\n- failed: {f}" for f in failures) + "\n" if failures else "")
+    (args.out / "compare.md").write_text(text)
+    print(text)
+    print(f"written: {args.out / 'compare.csv'}, {args.out / 'compare.md'}, {args.out / 'compare.png'}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
