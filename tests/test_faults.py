@@ -1,4 +1,4 @@
-"""Safety and recovery (issue 11): damaged and hostile checkpoints, non-finite
+"""Safety and recovery: damaged and hostile checkpoints, non-finite
 training, run directories that are not probunet's, busy and unwritable output
 folders, file lists that point outside OUTPUT_DIR, resume bookkeeping."""
 

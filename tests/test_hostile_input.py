@@ -1,4 +1,4 @@
-"""Hostile and malformed input (issue 11): crafted pickles, out-of-range configs, odd argument
+"""Hostile and malformed input: crafted pickles, out-of-range configs, odd argument
 orders, complex images, binary config files. Every one is a one-line error naming the file or
 key (CLI: exit 2), refused before anything large is built."""
 
