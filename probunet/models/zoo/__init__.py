@@ -1,0 +1,9 @@
+"""The model zoo: the stochastic segmentation models of the literature under one interface.
+
+Importing this package registers every model under its ``model.name``:
+``unet``, ``mc_dropout``, ``ensemble``, ``ssn``, ``hpu_net`` and ``phiseg``.
+"""
+
+from .unet_baseline import UNetBaseline, pixelwise_samples  # registers "unet"
+
+__all__ = ["UNetBaseline", "pixelwise_samples"]
