@@ -7,3 +7,7 @@ Importing this package registers every model under its ``model.name``:
 from .unet_baseline import UNetBaseline, pixelwise_samples  # registers "unet"
 
 __all__ = ["UNetBaseline", "pixelwise_samples"]
+from .mc_dropout import MCDropoutUNet  # noqa: E402  registers "mc_dropout"
+from .ensemble import DeepEnsemble  # noqa: E402  registers "ensemble"
+
+__all__ += ["MCDropoutUNet", "DeepEnsemble"]
