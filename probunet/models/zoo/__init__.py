@@ -11,3 +11,6 @@ from .mc_dropout import MCDropoutUNet  # noqa: E402  registers "mc_dropout"
 from .ensemble import DeepEnsemble  # noqa: E402  registers "ensemble"
 
 __all__ += ["MCDropoutUNet", "DeepEnsemble"]
+from .ssn import StochasticSegmentationNetwork  # noqa: E402  registers "ssn"
+
+__all__ += ["StochasticSegmentationNetwork"]
