@@ -14,3 +14,6 @@ __all__ += ["MCDropoutUNet", "DeepEnsemble"]
 from .ssn import StochasticSegmentationNetwork  # noqa: E402  registers "ssn"
 
 __all__ += ["StochasticSegmentationNetwork"]
+from .hpu_net import HierarchicalProbUNet  # noqa: E402  registers "hpu_net"
+
+__all__ += ["HierarchicalProbUNet"]
