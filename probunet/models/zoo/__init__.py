@@ -17,3 +17,6 @@ __all__ += ["StochasticSegmentationNetwork"]
 from .hpu_net import HierarchicalProbUNet  # noqa: E402  registers "hpu_net"
 
 __all__ += ["HierarchicalProbUNet"]
+from .phiseg import PHiSeg  # noqa: E402  registers "phiseg"
+
+__all__ += ["PHiSeg"]
