@@ -387,3 +387,16 @@ def test_zoo_config_builds_its_model_and_mirrors_the_synthetic_config(name):
     image, labels = torch.randn(2, 1, size, size), torch.randint(0, 2, (2, 4, size, size))
     assert torch.isfinite(model.training_loss(image, labels, step=0)["loss"])
     assert model.eval().sample(image, 2).shape == (2, 2, 2, size, size)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_trains_under_bf16_autocast_and_refuses_noise(name):
+    model = make(name)
+    image, labels = data()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        terms = model.training_loss(image, labels, step=0, generator=gen())
+    assert terms["loss"].dtype == torch.float32 and torch.isfinite(terms["loss"])
+    terms["loss"].backward()
+    assert model.noise_shape is None
+    with pytest.raises(ValueError, match="noise"):
+        model.eval().sample(image, 2, noise=torch.zeros(2, 2, 3))

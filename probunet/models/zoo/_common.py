@@ -119,9 +119,16 @@ class ZooModel(nn.Module):
         return torch.inference_mode() if (not self.training or not torch.is_grad_enabled()) else nullcontext()
 
 
-def check_num_samples(num_samples: int) -> None:
+def check_num_samples(num_samples: int, noise=None, context=None) -> None:
+    """``num_samples`` >= 1; ``noise`` and ``context`` must be None (the zoo's models have no fixed-size
+    per-sample draw, ``noise_shape`` None, and no image-level sampling context)."""
     if int(num_samples) < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if noise is not None:
+        raise ValueError("noise: this model has no fixed-size per-sample draw (noise_shape is None); "
+                         "pass a generator instead")
+    if context is not None:
+        raise ValueError("context: this model has no image-level sampling context (no sample_context)")
 
 
 def draw(shape, generator: Optional[torch.Generator], device, kind: str = "normal") -> Tensor:

@@ -87,7 +87,7 @@ class DeepEnsemble(ZooModel):
                noise: Optional[Tensor] = None, context=None) -> Tensor:
         """image (B, C_in, *spatial) -> logits (B, S, C, *spatial), sample s from member s mod M
         (deterministic: ``generator`` is not used). Members needed by no sample are not run."""
-        check_num_samples(num_samples)
+        check_num_samples(num_samples, noise, context)
         with self.sampling_context():
             self.check_input(image)
             used = min(num_samples, self.num_members)

@@ -221,7 +221,7 @@ class HierarchicalProbUNet(ZooModel):
         """image (B, C_in, *spatial) -> logits (B, S, C, *spatial) from the prior hierarchy (z_l drawn from
         ``generator`` level after level, ``sample_chunk`` samples at a time); ``mean``: every z_l the
         prior mean."""
-        check_num_samples(num_samples)
+        check_num_samples(num_samples, noise, context)
         with self.sampling_context():
             self.check_input(image)
             skips = self.prior_net.encode(image)

@@ -89,7 +89,7 @@ class MCDropoutUNet(ZooModel):
         The decoder runs on ``sample_chunk`` samples per image at a time; masks are
         drawn chunk after chunk from ``generator``.
         """
-        check_num_samples(num_samples)
+        check_num_samples(num_samples, noise, context)
         with self.sampling_context():
             self.check_input(image)
             skips = self.encoder(image)

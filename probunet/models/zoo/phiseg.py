@@ -185,7 +185,7 @@ class PHiSeg(ZooModel):
                noise: Optional[Tensor] = None, context=None, mean: bool = False) -> Tensor:
         """image (B, C_in, *spatial) -> logits (B, S, C, *spatial): the finest level's prediction for latents
         drawn from the prior hierarchy (``generator``; ``mean``: every z_l the prior mean)."""
-        check_num_samples(num_samples)
+        check_num_samples(num_samples, noise, context)
         with self.sampling_context():
             self.check_input(image)
             feats = self.prior_net.encode(image)

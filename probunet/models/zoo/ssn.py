@@ -138,7 +138,7 @@ class StochasticSegmentationNetwork(ZooModel):
                noise: Optional[Tensor] = None, context=None) -> Tensor:
         """image (B, C_in, *spatial) -> logits (B, S, C, *spatial), fp32; the network runs once per image,
         draws come ``sample_chunk`` samples at a time from ``generator``."""
-        check_num_samples(num_samples)
+        check_num_samples(num_samples, noise, context)
         with self.sampling_context():
             mean, factor, diag = self.distribution(image)
             with torch.autocast(image.device.type, enabled=False):

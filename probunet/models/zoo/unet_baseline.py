@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..base import pick_raters, register_model
+from ..base import check_labels, pick_raters, register_model
 from ..unet import UNet
 from ._common import (ZooModel, check_num_samples, common_args, draw, loss_settings_from, option,
                       soft_cross_entropy, soft_targets)
@@ -74,7 +74,7 @@ class UNetBaseline(ZooModel):
                       generator: Optional[torch.Generator] = None) -> Dict[str, Tensor]:
         """Mean per-pixel CE (``loss`` = ``ce_mean``; ``ce_sum`` per image, batch mean)."""
         if self.soft_target:
-            pick_raters(image, labels, "all", num_raters=num_raters)  # validates the shapes
+            check_labels(labels, image, num_raters)
             ce = soft_cross_entropy(self(image), soft_targets(labels, self.num_classes, num_raters))
         else:
             image, target = pick_raters(image, labels, self.loss_settings.rater, num_raters=num_raters,
@@ -86,7 +86,7 @@ class UNetBaseline(ZooModel):
     def sample(self, image: Tensor, num_samples: int, *, generator: Optional[torch.Generator] = None,
                noise: Optional[Tensor] = None, context=None) -> Tensor:
         """image (B, C_in, *spatial) -> logits (B, S, C, *spatial) (see the module docstring)."""
-        check_num_samples(num_samples)
+        check_num_samples(num_samples, noise, context)
         with self.sampling_context():
             logits = self(image)
             if self.sampling == "argmax":
