@@ -27,6 +27,14 @@ the covariance is restricted to a region of interest, here the image's
 foreground (any channel with ``|x| > roi_threshold``) dilated by
 ``roi_dilation`` pixels: outside it P = 0 and d = ``diag_eps``, so those logits
 are (nearly) deterministic. ``roi: none`` (default) keeps the whole image.
+
+Initialisation: every convolution He-normal (:mod:`probunet.models.init`), then
+the factor and diagonal heads scaled down (``COVARIANCE_INIT_SCALE``, diagonal
+bias ``DIAG_INIT_BIAS``), so training starts near a deterministic U-Net and the
+covariance grows where the raters disagree. Started with He-scale heads, the
+logit noise dwarfed the mean at step 0 and the Monte-Carlo objective, which
+rewards the best of its M draws, kept the variance high (on the synthetic set,
+samples disagreed on 95% of the pixels after 300 steps).
 """
 
 from __future__ import annotations
@@ -44,6 +52,8 @@ from ..unet import UNet
 from ._common import ZooModel, check_num_samples, common_args, conv1x1, draw, loss_settings_from, option
 
 ROI_MODES = ("none", "image")
+COVARIANCE_INIT_SCALE = 0.1  # the factor and diagonal heads: He-normal weights times this
+DIAG_INIT_BIAS = -4.0  # softplus(-4) ~ 0.018: the diagonal's start
 
 
 class StochasticSegmentationNetwork(ZooModel):
@@ -75,6 +85,10 @@ class StochasticSegmentationNetwork(ZooModel):
         self.diag_head = conv1x1(spatial_dims, f0, num_classes)
         self.factor_head = conv1x1(spatial_dims, f0, num_classes * self.rank)
         init_weights(self, init)
+        with torch.no_grad():  # start close to a deterministic U-Net: small covariance (see the docstring)
+            self.factor_head.weight.mul_(COVARIANCE_INIT_SCALE)
+            self.diag_head.weight.mul_(COVARIANCE_INIT_SCALE)
+            self.diag_head.bias.fill_(DIAG_INIT_BIAS)
 
     def roi_mask(self, image: Tensor) -> Tensor:
         """The region of interest (B, 1, *spatial) fp32 in {0, 1}: foreground of ``image`` dilated."""
