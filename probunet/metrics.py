@@ -61,6 +61,8 @@ __all__ = [
     "calibration_from_sums",
     "aggregate_calibration",
     "consensus_scores",
+    "QUBIQ_THRESHOLDS",
+    "qubiq_score",
 ]
 
 # Elements per one-hot operand chunk (float32): 2**22 elements = 16 MiB. Also
@@ -811,3 +813,105 @@ def consensus_scores(
     dice = torch.where(empty, fill, 2.0 * inter / torch.where(empty, one, sp + sr))
     jacc = torch.where(empty, fill, inter / torch.where(empty, one, union))
     return {"dice": dice.to(_out_dtype()), "iou": jacc.to(_out_dtype())}
+
+
+# ----------------------------------------------------------------------------
+# QUBIQ challenge score
+# ----------------------------------------------------------------------------
+
+QUBIQ_THRESHOLDS = tuple(k / 10 for k in range(1, 10))  # 0.1, 0.2, ..., 0.9
+
+
+def qubiq_score(
+    prediction: Tensor,
+    references: Tensor,
+    *,
+    num_classes: int = 2,
+    foreground: int = 1,
+    from_logits: bool = True,
+    num_raters: Tensor | None = None,
+    thresholds: Iterable[float] = QUBIQ_THRESHOLDS,
+    empty_dice: float = 1.0,
+) -> Tensor:
+    """The QUBIQ challenge score per image: Dice of the thresholded mean prediction against the
+    thresholded mean of the raters, averaged over the thresholds 0.1, 0.2, ..., 0.9.
+
+    Convention, exactly: with P the predicted probability of class ``foreground``
+    per pixel and R the fraction of the image's raters that marked the pixel as
+    ``foreground``, for each threshold t the masks are ``P > t`` and ``R > t``
+    (strictly greater: with 4 raters, R = 0.5 is inside at t = 0.4 and outside at
+    t = 0.5), Dice = 2 |P_t & R_t| / (|P_t| + |R_t|), and Dice = ``empty_dice``
+    (1.0) when both masks are empty (an empty prediction of an empty reference
+    is right). The score is the plain mean of the Dice values over ``thresholds``.
+
+    prediction, one of:
+
+    - floating ``(B, S, C, *spatial)``: per-sample logits (``from_logits``, softmax
+      over C; C = 1 a sigmoid foreground channel) or probabilities; P is the mean
+      over the S samples of class ``foreground``'s probability;
+    - floating ``(B, *spatial)``: P itself (a probability map in [0, 1]);
+    - integer ``(B, S, *spatial)``: label samples; P is the fraction of samples
+      equal to ``foreground``.
+
+    references: integer ``(B, A, *spatial)`` rater label maps; ``num_raters`` ``(B,)``
+    optional, the number of real raters of each image (the first ``num_raters[b]``;
+    the rest are padding and ignored). Returns ``(B,)`` scores in [0, 1].
+    """
+    _check_num_classes(num_classes)
+    references = _check_labels(references, "references", num_classes)
+    if references.dim() < 3:
+        raise ValueError(f"references must be (B, A, *spatial), got {tuple(references.shape)}")
+    if not 0 <= int(foreground) < num_classes:
+        raise ValueError(f"foreground must be a class in 0..{num_classes - 1}, got {foreground}")
+    b, a = references.shape[:2]
+    spatial = tuple(references.shape[2:])
+    if prediction.is_floating_point():
+        if prediction.dim() == references.dim() + 1:
+            probs = _class_probabilities(prediction, from_logits, "prediction")
+            if probs.shape[2] != num_classes:
+                raise ValueError(f"prediction has {probs.shape[2]} classes (dim 2), num_classes={num_classes}")
+            pred = probs[:, :, foreground].float().mean(dim=1)
+        elif prediction.dim() == references.dim() - 1:
+            pred = prediction.float()
+        else:
+            raise ValueError(
+                f"prediction must be (B, S, C, *spatial) or (B, *spatial) floating point, or (B, S, *spatial) "
+                f"integer, for references {tuple(references.shape)}; got {tuple(prediction.shape)}"
+            )
+    else:
+        prediction = _check_labels(prediction, "prediction", num_classes)
+        if prediction.dim() != references.dim():
+            raise ValueError(
+                f"integer prediction must be label samples (B, S, *spatial) for references "
+                f"{tuple(references.shape)}, got {tuple(prediction.shape)}"
+            )
+        pred = (prediction == foreground).float().mean(dim=1)
+    if tuple(pred.shape) != (b, *spatial):
+        raise ValueError(
+            f"prediction {tuple(prediction.shape)} and references {tuple(references.shape)} must share the "
+            f"batch size and the spatial shape"
+        )
+    if pred.device != references.device:
+        raise ValueError(f"prediction is on {pred.device} but references is on {references.device}")
+    if num_raters is None:
+        counts = torch.full((b,), a, device=references.device, dtype=torch.long)
+    else:
+        counts = torch.as_tensor(num_raters, device=references.device).long()
+        if counts.shape != (b,) or bool(((counts < 1) | (counts > a)).any()):
+            raise ValueError(f"num_raters must be (B,) = ({b},) with values in 1..{a}, got {num_raters!r}")
+    real = torch.arange(a, device=references.device).view(1, a) < counts.view(b, 1)  # (B, A)
+    hits = (references == foreground).reshape(b, a, -1) & real.unsqueeze(2)
+    ref = hits.sum(dim=1).double() / counts.view(b, 1).double()  # (B, N) rater fraction
+    pred = pred.reshape(b, -1).double()
+    thresholds = [float(t) for t in thresholds]
+    if not thresholds:
+        raise ValueError("thresholds must not be empty")
+    scores = []
+    for t in thresholds:
+        p_t, r_t = pred > t, ref > t
+        inter = (p_t & r_t).sum(dim=1).double()
+        total = p_t.sum(dim=1).double() + r_t.sum(dim=1).double()
+        empty = total == 0
+        scores.append(torch.where(empty, torch.full_like(total, float(empty_dice)),
+                                  2.0 * inter / torch.where(empty, torch.ones_like(total), total)))
+    return torch.stack(scores, dim=1).mean(dim=1).to(_out_dtype())

@@ -1,0 +1,104 @@
+"""``ensemble``: deep ensembles (Lakshminarayanan et al. 2017).
+
+M networks f_1 .. f_M of the same architecture (here U-Nets,
+:class:`probunet.models.UNet` with a 1x1 head), each with its own random
+initialisation and its own view of the data, trained independently in one run:
+the loss is (1/M) sum_m CE(f_m(x_{pi_m}), y_{pi_m}), whose gradient for member m
+is that of its own cross-entropy only. The predictive distribution is the
+uniform mixture (1/M) sum_m p(y | x, f_m); sample s is member s mod M's
+prediction (its logits), so S = M samples give every member once.
+
+Own batch order (``ensemble_batch``): ``bootstrap`` (default) gives each member
+B images drawn with replacement from the batch and its own rater draw;
+``shuffle`` a random permutation of the batch and its own rater draw (with a
+per-image mean loss this only changes the rater draws); ``same`` the batch as is
+(members then differ only by their initialisation).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..base import pick_raters, register_model
+from ..unet import UNet
+from ._common import ZooModel, check_num_samples, common_args, draw, loss_settings_from, option
+
+BATCH_MODES = ("bootstrap", "shuffle", "same")
+
+
+class DeepEnsemble(ZooModel):
+    """M independently initialised U-Nets; sample s is member s mod M."""
+
+    def __init__(self, spatial_dims: int = 2, in_channels: int = 1, num_classes: int = 2,
+                 features: Sequence[int] = (32, 64, 128, 192), convs_per_level: int = 3,
+                 norm: Optional[str] = None, init: str = "he_normal", members: int = 4,
+                 batch_mode: str = "bootstrap"):
+        super().__init__()
+        self._init_interface(spatial_dims, in_channels, num_classes, features)
+        if members < 1:
+            raise ValueError(f"ensemble_size must be >= 1, got {members}")
+        if batch_mode not in BATCH_MODES:
+            raise ValueError(f"ensemble_batch must be one of {', '.join(BATCH_MODES)}, got {batch_mode!r}")
+        self.batch_mode = batch_mode
+        # each UNet draws its own He-normal initialisation from the global RNG
+        self.members = nn.ModuleList(UNet(spatial_dims, in_channels, features, convs_per_level, norm=norm,
+                                          num_classes=num_classes, init=init) for _ in range(int(members)))
+
+    @property
+    def num_members(self) -> int:
+        return len(self.members)
+
+    def forward(self, image: Tensor) -> Tensor:
+        """image (B, C_in, *spatial) -> every member's logits (B, M, C, *spatial)."""
+        self.check_input(image)
+        return torch.stack([m(image) for m in self.members], dim=1)
+
+    def _member_batch(self, image: Tensor, labels: Tensor, num_raters: Optional[Tensor],
+                      generator: Optional[torch.Generator]):
+        b = image.shape[0]
+        if self.batch_mode == "same":
+            return image, labels, num_raters
+        if self.batch_mode == "bootstrap":
+            idx = (draw((b,), generator, image.device, kind="uniform") * b).long().clamp(max=b - 1)
+        else:
+            idx = draw((b,), generator, image.device, kind="uniform").argsort()
+        counts = None if num_raters is None else torch.as_tensor(num_raters, device=image.device)[idx]
+        return image[idx], labels[idx.to(labels.device)], counts
+
+    def training_loss(self, image: Tensor, labels: Tensor, *, step: int, num_raters: Optional[Tensor] = None,
+                      generator: Optional[torch.Generator] = None) -> Dict[str, Tensor]:
+        """The members' mean per-pixel CE, each on its own resampled batch and rater draw."""
+        self.check_input(image)
+        terms = []
+        for member in self.members:
+            img, lab, counts = self._member_batch(image, labels, num_raters, generator)
+            img, target = pick_raters(img, lab, self.loss_settings.rater, num_raters=counts, generator=generator)
+            terms.append(F.cross_entropy(member(img).float(), target.long(), reduction="none").flatten(1))
+        ce_mean = torch.stack([t.mean() for t in terms])  # (M,)
+        ce_sum = torch.stack([t.sum(dim=1).mean() for t in terms])
+        return {"loss": ce_mean.mean(), "ce_mean": ce_mean.mean(), "ce_sum": ce_sum.mean(),
+                "ce_member_spread": (ce_mean.max() - ce_mean.min()).detach()}
+
+    def sample(self, image: Tensor, num_samples: int, *, generator: Optional[torch.Generator] = None,
+               noise: Optional[Tensor] = None, context=None) -> Tensor:
+        """image (B, C_in, *spatial) -> logits (B, S, C, *spatial), sample s from member s mod M
+        (deterministic: ``generator`` is not used). Members needed by no sample are not run."""
+        check_num_samples(num_samples, noise, context)
+        with self.sampling_context():
+            self.check_input(image)
+            used = min(num_samples, self.num_members)
+            logits = torch.stack([self.members[m](image) for m in range(used)], dim=1)  # (B, used, C, ...)
+            index = torch.arange(num_samples, device=logits.device) % used
+            return logits[:, index]
+
+
+@register_model("ensemble")
+def build_ensemble(model_cfg, train_cfg=None) -> DeepEnsemble:
+    """``model.name: ensemble``; options ``model.ensemble_size`` (4), ``model.ensemble_batch`` (bootstrap)."""
+    model = DeepEnsemble(**common_args(model_cfg), members=option(model_cfg, "ensemble_size", 4, int),
+                         batch_mode=option(model_cfg, "ensemble_batch", "bootstrap", str))
+    return model.configure_loss(loss_settings_from(train_cfg))

@@ -1,0 +1,246 @@
+"""``hpu_net``: the hierarchical Probabilistic U-Net (Kohl et al. 2019, arXiv 1905.13077).
+
+A U-Net of residual blocks whose decoder carries a hierarchy of spatial latent
+variables at its ``latent_levels`` coarsest scales. At latent scale l the
+decoder state h_l gives (1x1 conv) a diagonal Gaussian with per-position
+mean and scale; z_l is drawn from it and concatenated with h_l, and the decoder
+goes on upsampling, so every z_l is conditioned on z_<l:
+
+    prior      p(z | x)    = prod_l p(z_l | z_<l, x)          (the U-Net on x)
+    posterior  q(z | x, y) = prod_l q(z_l | z_<l, x, y)       (a second net on [x, one-hot y])
+
+The prior net's decoder continues to full resolution and gives the logits,
+so it is also the likelihood p(y | z, x). In training the prior net is fed the
+posterior's draws z_l ~ q (its decoder is "teacher-forced"), so both
+distributions at level l are conditioned on the same z_<l and
+
+    KL = sum_l KL( q(z_l | z_<l, x, y) || p(z_l | z_<l, x) ),
+
+each level's KL summed over channels and positions (analytic, diagonal
+Gaussians, fp32). The objective is GECO (Rezende & Viola 2018;
+:class:`probunet.losses.Geco`, when ``train.geco.enabled``): minimise KL
+subject to the reconstruction constraint CE <= kappa, lambda (CE - kappa) + KL;
+otherwise the ELBO, CE summed over pixels + beta KL. The reconstruction term
+can be a top-k loss (``topk_fraction`` < 1): of each image's per-pixel CE
+terms of the (stochastic, posterior-sampled) reconstruction only the
+ceil(k N) largest are kept, concentrating the gradient on the pixels that are
+worst explained.
+
+Residual blocks are pre-activation: x -> W_skip x + conv(relu(conv(relu(x)))),
+W_skip a 1x1 conv when the channel count changes (identity otherwise). Every
+convolution starts He-normal (:func:`probunet.models.init.init_weights`), the
+last of each residual branch scaled by ``RESIDUAL_INIT_SCALE`` (the network has
+no normalisation, so the residual sums would otherwise grow level by level), and
+the latent heads start near zero (each z_l near N(0, I), KL near 0).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from monai.networks.layers.factories import Pool
+
+from ...losses import beta_schedule, elbo_loss
+from ..base import pick_raters, register_model
+from ..init import init_weights
+from ._common import (ZooModel, check_num_samples, common_args, conv1x1, draw, gaussian_params, loss_settings_from,
+                      map_kl, onehot, option, upsample)
+
+RESIDUAL_INIT_SCALE = 0.1  # the last conv of every residual branch: He-normal times this
+Gaussian = Tuple[Tensor, Tensor]  # (mu, sigma), each (B, K, *spatial)
+
+
+class ResBlock(nn.Module):
+    """Pre-activation residual block of ``num_convs`` 3x3(x3) convolutions."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, num_convs: int = 2):
+        super().__init__()
+        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+        self.convs = nn.ModuleList(conv(in_channels if i == 0 else out_channels, out_channels, 3, padding=1)
+                                   for i in range(num_convs))
+        self.skip = conv(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x
+        for conv in self.convs:
+            h = conv(F.relu(h))
+        return self.skip(x) + h
+
+
+class HierarchicalUNet(nn.Module):
+    """Residual U-Net with latents at its ``latent_levels`` coarsest decoder scales.
+
+    With ``num_classes`` the decoder runs to full resolution and ends in logits
+    (prior / likelihood net); without, it stops after the last latent scale
+    (posterior net).
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, features: Sequence[int], latent_levels: int,
+                 latent_channels: int, res_blocks: int = 1, num_classes: Optional[int] = None):
+        super().__init__()
+        self.features = tuple(features)
+        n = len(self.features)
+        self.latent_levels = latent_levels
+        self.pool = Pool[Pool.AVG, spatial_dims](kernel_size=2, stride=2)
+        self.encoder = nn.ModuleList()
+        prev = in_channels
+        for f in self.features:
+            self.encoder.append(nn.Sequential(*(ResBlock(spatial_dims, prev if i == 0 else f, f)
+                                                for i in range(res_blocks))))
+            prev = f
+        last_scale = 0 if num_classes is not None else n - latent_levels
+        # decoder block j (j >= 1) works at scale n - 1 - j: upsampled state + skip -> features[scale]
+        self.up = nn.ModuleList(ResBlock(spatial_dims, self.features[s + 1] + self.features[s], self.features[s])
+                                for s in range(n - 2, last_scale - 1, -1))
+        scales = [n - 1 - j for j in range(latent_levels)]
+        self.latent_heads = nn.ModuleList(conv1x1(spatial_dims, self.features[s], 2 * latent_channels)
+                                          for s in scales)
+        self.merge = nn.ModuleList(ResBlock(spatial_dims, self.features[s] + latent_channels, self.features[s])
+                                   for s in scales)
+        self.head = conv1x1(spatial_dims, self.features[0], num_classes) if num_classes is not None else None
+
+    def encode(self, x: Tensor) -> List[Tensor]:
+        skips = []
+        for i, level in enumerate(self.encoder):
+            x = level(self.pool(x) if i > 0 else x)
+            skips.append(x)
+        return skips
+
+    def decode(self, skips: List[Tensor], *, repeats: int = 1, z: Optional[List[Tensor]] = None,
+               generator: Optional[torch.Generator] = None, mean: bool = False):
+        """Top-down pass over ``repeats`` copies of each image.
+
+        z: the latents to use (teacher forcing), else z_l = mu_l + sigma_l * eps_l with eps_l
+        from ``generator`` (the prior mean with ``mean``). Returns (the Gaussians of each level,
+        the z used, logits or None).
+        """
+        rep = (lambda t: t.repeat_interleave(repeats, dim=0)) if repeats > 1 else (lambda t: t)
+        h = rep(skips[-1])
+        gaussians, zs = [], []
+        for j in range(len(self.up) + 1):
+            if j > 0:
+                skip = rep(skips[len(skips) - 1 - j])
+                h = self.up[j - 1](torch.cat([upsample(h, skip.shape[2:]), skip], dim=1))
+            if j < self.latent_levels:
+                with torch.autocast(h.device.type, enabled=False):
+                    mu, sigma = gaussian_params(self.latent_heads[j](h.float()))
+                    if z is not None:
+                        zj = z[j]
+                    elif mean:
+                        zj = mu
+                    else:
+                        zj = mu + sigma * draw(mu.shape, generator, mu.device)
+                gaussians.append((mu, sigma))
+                zs.append(zj)
+                h = self.merge[j](torch.cat([h, zj.to(h.dtype)], dim=1))
+        logits = self.head(h) if self.head is not None else None
+        return gaussians, zs, logits
+
+
+def topk_pixels(logits: Tensor, target: Tensor, fraction: float) -> Tuple[Tensor, Tensor]:
+    """The ceil(fraction * N) pixels of each image with the largest CE: logits (B, C, *spatial), target
+    (B, *spatial) -> (B, C, K), (B, K). ``fraction`` >= 1 keeps every pixel (flattened)."""
+    b, c = logits.shape[:2]
+    flat_logits, flat_target = logits.reshape(b, c, -1), target.reshape(b, -1)
+    if fraction >= 1.0:
+        return flat_logits, flat_target
+    k = max(1, math.ceil(fraction * flat_target.shape[1]))
+    with torch.no_grad():
+        ce = F.cross_entropy(flat_logits.float(), flat_target.long(), reduction="none")
+        idx = ce.topk(k, dim=1).indices  # (B, K)
+    return flat_logits.gather(2, idx.unsqueeze(1).expand(b, c, k)), flat_target.gather(1, idx)
+
+
+class HierarchicalProbUNet(ZooModel):
+    """The hierarchical Probabilistic U-Net; see the module docstring."""
+
+    def __init__(self, spatial_dims: int = 2, in_channels: int = 1, num_classes: int = 2,
+                 features: Sequence[int] = (32, 64, 128, 192), convs_per_level: int = 3,
+                 norm: Optional[str] = None, init: str = "he_normal", latent_levels: int = 3,
+                 latent_channels: int = 2, res_blocks: int = 1, topk_fraction: float = 1.0,
+                 sample_chunk: int = 16):
+        super().__init__()
+        self._init_interface(spatial_dims, in_channels, num_classes, features)
+        feats = tuple(int(f) for f in features)
+        if not 1 <= latent_levels <= len(feats):
+            raise ValueError(f"latent_levels must be in 1..{len(feats)} (the number of levels), got {latent_levels}")
+        if latent_channels < 1 or res_blocks < 1:
+            raise ValueError(f"latent_channels and res_blocks must be >= 1, got {latent_channels}, {res_blocks}")
+        if not 0.0 < topk_fraction <= 1.0:
+            raise ValueError(f"topk_fraction must be in (0, 1], got {topk_fraction}")
+        self.latent_levels, self.latent_channels = int(latent_levels), int(latent_channels)
+        self.topk_fraction, self.sample_chunk = float(topk_fraction), int(sample_chunk)
+        self.prior_net = HierarchicalUNet(spatial_dims, in_channels, feats, latent_levels, latent_channels,
+                                          res_blocks, num_classes)
+        self.posterior_net = HierarchicalUNet(spatial_dims, in_channels + num_classes, feats, latent_levels,
+                                              latent_channels, res_blocks, None)
+        init_weights(self, init)
+        with torch.no_grad():
+            for net in (self.prior_net, self.posterior_net):
+                for block in net.modules():
+                    if isinstance(block, ResBlock):  # residual branches start small: the sums of the
+                        block.convs[-1].weight.mul_(RESIDUAL_INIT_SCALE)  # branches stay bounded
+                for head in net.latent_heads:  # latents start near N(0, I), as GaussianHead does
+                    nn.init.normal_(head.weight, std=1e-3)
+                    nn.init.zeros_(head.bias)
+
+    def forward(self, image: Tensor, seg: Tensor) -> Dict[str, object]:
+        """Training pass: image (B, C_in, *spatial), seg (B, *spatial) -> dict with ``logits`` (B, C, *spatial)
+        (prior net fed the posterior's z), ``prior`` / ``posterior`` (lists of (mu, sigma) per level),
+        ``z``, ``kl_levels`` (B, L) and ``kl`` (B,) = their sum."""
+        self.check_input(image)
+        post_in = torch.cat([image, onehot(seg, self.num_classes, image.dtype)], dim=1)
+        posterior, z, _ = self.posterior_net.decode(self.posterior_net.encode(post_in))
+        prior, _, logits = self.prior_net.decode(self.prior_net.encode(image), z=z)
+        kl_levels = torch.stack([map_kl(q, p) for q, p in zip(posterior, prior)], dim=1)
+        return {"logits": logits, "prior": prior, "posterior": posterior, "z": z, "kl_levels": kl_levels,
+                "kl": kl_levels.sum(dim=1)}
+
+    def training_loss(self, image: Tensor, labels: Tensor, *, step: int, num_raters: Optional[Tensor] = None,
+                      generator: Optional[torch.Generator] = None) -> Dict[str, Tensor]:
+        """GECO (with ``loss_settings.geco``) or ELBO on the (top-k) reconstruction CE; ``kl`` is the sum of
+        the per-level KLs ``kl_level<l>`` (batch means)."""
+        ls = self.loss_settings
+        image, target = pick_raters(image, labels, ls.rater, num_raters=num_raters, generator=generator)
+        out = self(image, target)
+        logits, tgt = topk_pixels(out["logits"], target, self.topk_fraction)
+        if ls.geco is not None:
+            terms = ls.geco(logits, tgt, out["kl"])
+        else:
+            terms = elbo_loss(logits, tgt, out["kl"], beta=beta_schedule(ls.beta, step, ls.kl_warmup_steps))
+        for level, kl in enumerate(out["kl_levels"].mean(dim=0)):
+            terms[f"kl_level{level}"] = kl.detach()
+        return terms
+
+    def sample(self, image: Tensor, num_samples: int, *, generator: Optional[torch.Generator] = None,
+               noise: Optional[Tensor] = None, context=None, mean: bool = False) -> Tensor:
+        """image (B, C_in, *spatial) -> logits (B, S, C, *spatial) from the prior hierarchy (z_l drawn from
+        ``generator`` level after level, ``sample_chunk`` samples at a time); ``mean``: every z_l the
+        prior mean."""
+        check_num_samples(num_samples, noise, context)
+        with self.sampling_context():
+            self.check_input(image)
+            skips = self.prior_net.encode(image)
+            b, out = image.shape[0], []
+            for start in range(0, num_samples, max(1, self.sample_chunk)):
+                n = min(self.sample_chunk, num_samples - start)
+                logits = self.prior_net.decode(skips, repeats=n, generator=generator, mean=mean)[2]
+                out.append(logits.view(b, n, *logits.shape[1:]))
+            return torch.cat(out, dim=1)
+
+
+@register_model("hpu_net")
+def build_hpu_net(model_cfg, train_cfg=None) -> HierarchicalProbUNet:
+    """``model.name: hpu_net``; options ``model.latent_levels`` (3, at most len(features)),
+    ``model.latent_channels`` (2), ``model.res_blocks`` (1), ``model.topk_fraction`` (1.0: off)."""
+    args = common_args(model_cfg)
+    model = HierarchicalProbUNet(
+        **args, latent_levels=option(model_cfg, "latent_levels", min(3, len(args["features"])), int),
+        latent_channels=option(model_cfg, "latent_channels", 2, int),
+        res_blocks=option(model_cfg, "res_blocks", 1, int),
+        topk_fraction=option(model_cfg, "topk_fraction", 1.0, float))
+    return model.configure_loss(loss_settings_from(train_cfg))

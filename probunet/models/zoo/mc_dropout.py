@@ -1,0 +1,113 @@
+"""``mc_dropout``: a U-Net with dropout kept on at sampling time (Gal & Ghahramani 2016; Kendall et al. 2017).
+
+Dropout as approximate Bayesian inference: training with dropout of rate p
+minimises (up to constants) KL(q(W) || p(W | D)) for the variational family q
+of weights whose feature maps are zeroed with probability p; the predictive
+distribution p(y | x, D) = E_{W ~ q}[p(y | x, W)] is then approximated by
+Monte Carlo: each sample s uses its own dropout masks W_s ~ q and gives logits
+f_{W_s}(x).
+
+Here the U-Net's encoder is deterministic and every decoder block is followed
+by spatial dropout (whole channels zeroed with probability ``dropout``, the
+kept ones scaled by 1 / (1 - p)), as Bayesian SegNet puts dropout next to the
+deepest encoder/decoder units. The encoder runs once per image; the decoder
+runs once per sample, with masks drawn from the ``generator``. Training: the
+per-pixel cross-entropy against one random rater (``train.rater``), dropout on.
+With ``mc_sampling: false`` sampling uses the deterministic network instead
+(dropout off: every sample equal, standard dropout inference).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..base import pick_raters, register_model
+from ..init import init_weights
+from ..unet import Encoder, conv_block
+from ._common import ZooModel, check_num_samples, common_args, conv1x1, draw, loss_settings_from, option, upsample
+
+
+class MCDropoutUNet(ZooModel):
+    """U-Net with channel dropout after each decoder block, active when training and when sampling."""
+
+    def __init__(self, spatial_dims: int = 2, in_channels: int = 1, num_classes: int = 2,
+                 features: Sequence[int] = (32, 64, 128, 192), convs_per_level: int = 3,
+                 norm: Optional[str] = None, init: str = "he_normal", dropout: float = 0.5,
+                 mc_sampling: bool = True, sample_chunk: int = 16):
+        super().__init__()
+        self._init_interface(spatial_dims, in_channels, num_classes, features)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.dropout, self.mc_sampling, self.sample_chunk = float(dropout), bool(mc_sampling), int(sample_chunk)
+        feats = tuple(int(f) for f in features)
+        self.encoder = Encoder(spatial_dims, in_channels, feats, convs_per_level, norm=norm)
+        self.decoder = nn.ModuleList(conv_block(spatial_dims, feats[i + 1] + feats[i], feats[i], convs_per_level,
+                                                norm=norm) for i in range(len(feats) - 2, -1, -1))
+        self.head = conv1x1(spatial_dims, feats[0], num_classes)
+        init_weights(self, init)
+
+    def _drop(self, x: Tensor, active: bool, generator: Optional[torch.Generator]) -> Tensor:
+        """Spatial dropout: each (sample, channel) map kept with probability 1 - p, scaled by 1 / (1 - p)."""
+        if not active or self.dropout == 0.0:
+            return x
+        shape = (*x.shape[:2], *([1] * self.spatial_dims))
+        keep = (draw(shape, generator, x.device, kind="uniform") >= self.dropout).to(x.dtype)
+        return x * (keep / (1.0 - self.dropout))
+
+    def _decode(self, skips: list, repeats: int, active: bool, generator: Optional[torch.Generator]) -> Tensor:
+        """Decoder features of ``repeats`` copies of each image -> logits (B * repeats, C, *spatial)."""
+        x = skips[-1].repeat_interleave(repeats, dim=0)
+        if not self.decoder:  # a single level: dropout on the encoder's output
+            x = self._drop(x, active, generator)
+        for block, skip in zip(self.decoder, reversed(skips[:-1])):
+            x = upsample(x, skip.shape[2:])
+            x = block(torch.cat([x, skip.repeat_interleave(repeats, dim=0)], dim=1))
+            x = self._drop(x, active, generator)
+        return self.head(x)
+
+    def forward(self, image: Tensor, *, dropout: Optional[bool] = None) -> Tensor:
+        """image (B, C_in, *spatial) -> logits (B, C, *spatial); dropout on in training mode unless told."""
+        self.check_input(image)
+        return self._decode(self.encoder(image), 1, self.training if dropout is None else dropout, None)
+
+    def training_loss(self, image: Tensor, labels: Tensor, *, step: int, num_raters: Optional[Tensor] = None,
+                      generator: Optional[torch.Generator] = None) -> Dict[str, Tensor]:
+        """Mean per-pixel CE against the picked rater(s), dropout on (masks from the global RNG)."""
+        image, target = pick_raters(image, labels, self.loss_settings.rater, num_raters=num_raters,
+                                    generator=generator)
+        ce = F.cross_entropy(self(image, dropout=True).float(), target.long(), reduction="none").flatten(1)
+        return {"loss": ce.mean(), "ce_mean": ce.mean(), "ce_sum": ce.sum(dim=1).mean()}
+
+    def sample(self, image: Tensor, num_samples: int, *, generator: Optional[torch.Generator] = None,
+               noise: Optional[Tensor] = None, context=None) -> Tensor:
+        """image (B, C_in, *spatial) -> logits (B, S, C, *spatial); sample s uses its own dropout masks.
+
+        The decoder runs on ``sample_chunk`` samples per image at a time; masks are
+        drawn chunk after chunk from ``generator``.
+        """
+        check_num_samples(num_samples, noise, context)
+        with self.sampling_context():
+            self.check_input(image)
+            skips = self.encoder(image)
+            b = image.shape[0]
+            if not self.mc_sampling:
+                logits = self._decode(skips, 1, False, None)
+                return logits.unsqueeze(1).expand(-1, num_samples, *logits.shape[1:]).clone()
+            chunks = []
+            for start in range(0, num_samples, max(1, self.sample_chunk)):
+                n = min(self.sample_chunk, num_samples - start)
+                out = self._decode(skips, n, True, generator)
+                chunks.append(out.view(b, n, *out.shape[1:]))
+            return torch.cat(chunks, dim=1)
+
+
+@register_model("mc_dropout")
+def build_mc_dropout(model_cfg, train_cfg=None) -> MCDropoutUNet:
+    """``model.name: mc_dropout``; options ``model.dropout`` (0.5) and ``model.mc_sampling`` (true)."""
+    model = MCDropoutUNet(**common_args(model_cfg), dropout=option(model_cfg, "dropout", 0.5, float),
+                          mc_sampling=option(model_cfg, "mc_sampling", True, bool))
+    return model.configure_loss(loss_settings_from(train_cfg))

@@ -1,0 +1,213 @@
+"""``phiseg``: Probabilistic Hierarchical Segmentation (Baumgartner et al., MICCAI 2019).
+
+Segmentations s are generated from a hierarchy of spatial latent variables
+z_1 .. z_L (``latent_levels``), z_l at 1/2^(l-1) of the image resolution (z_1
+at full resolution, z_L the coarsest), each a diagonal Gaussian per position:
+
+    prior      p(z | x)    = p(z_L | x)    prod_{l<L} p(z_l | z_{l+1}, x)
+    posterior  q(z | x, y) = q(z_L | x, y) prod_{l<L} q(z_l | z_{l+1}, x, y)
+    likelihood p(s | z)    = prod_l p(s_l | z_l, ..., z_L)
+
+The prior and posterior nets are encoders of x (resp. [x, one-hot y]) over all
+levels of ``features``; the coarsest latent level gets the encoder's features
+passed down from the levels above it, and at every finer level l the mean and
+scale of z_l come from the encoder's features at that level concatenated with
+the (convolved) upsampled z_{l+1}. The likelihood net sees only the latents:
+g_L = f(z_L), g_l = f([f(z_l), up(g_{l+1})]), and each level gives its own
+segmentation logits s_l = W_l g_l, upsampled to full resolution; s_1 (full
+resolution) is the prediction and what :meth:`PHiSeg.sample` returns.
+
+Training (z drawn from the posterior, the prior evaluated at the posterior's
+z_{l+1}) minimises
+
+    sum_l CE(up(s_l), y)  +  beta * sum_l KL( q(z_l | z_{l+1}, x, y) || p(z_l | z_{l+1}, x) ),
+
+CE summed over pixels, each level's KL summed over channels and positions
+(analytic, fp32), both averaged over the batch: a likelihood at each level.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ...losses import beta_schedule
+from ..base import pick_raters, register_model
+from ..init import init_weights
+from ..unet import Encoder, conv_block
+from ._common import (ZooModel, check_num_samples, common_args, conv1x1, draw, gaussian_params, loss_settings_from,
+                      map_kl, onehot, option, upsample)
+
+
+class LatentHierarchy(nn.Module):
+    """The prior (or posterior) net: encoder, then z_L .. z_1 top-down, each conditioned on the one above.
+
+    Latent index j = 0 .. L-1 runs from the coarsest (z_L, scale L-1) to the finest (z_1, scale 0).
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, features: Sequence[int], latent_levels: int,
+                 latent_channels: int, convs_per_level: int, norm: Optional[str]):
+        super().__init__()
+        f = tuple(features)
+        n, self.latent_levels = len(f), latent_levels
+        self.encoder = Encoder(spatial_dims, in_channels, f, convs_per_level, norm=norm)
+        # context from the levels above the coarsest latent scale (L - 1), passed down
+        self.context = nn.ModuleList(conv_block(spatial_dims, f[s + 1] + f[s], f[s], convs_per_level, norm=norm)
+                                     for s in range(n - 2, latent_levels - 2, -1))
+        scales = [latent_levels - 1 - j for j in range(latent_levels)]
+        self.z_in = nn.ModuleList(conv_block(spatial_dims, latent_channels, f[s], 1, norm=norm) for s in scales[1:])
+        self.combine = nn.ModuleList(conv_block(spatial_dims, 2 * f[s], f[s], convs_per_level, norm=norm)
+                                     for s in scales[1:])
+        self.heads = nn.ModuleList(conv1x1(spatial_dims, f[s], 2 * latent_channels) for s in scales)
+
+    def encode(self, x: Tensor) -> List[Tensor]:
+        """Encoder features per level, the coarsest latent level's replaced by the context passed down."""
+        skips = self.encoder(x)
+        h = skips[-1]
+        for k, block in enumerate(self.context):
+            skip = skips[len(skips) - 2 - k]
+            h = block(torch.cat([upsample(h, skip.shape[2:]), skip], dim=1))
+        return skips[:self.latent_levels - 1] + [h]
+
+    def latents(self, feats: List[Tensor], *, repeats: int = 1, z: Optional[List[Tensor]] = None,
+                generator: Optional[torch.Generator] = None, mean: bool = False):
+        """Gaussians and latents of every level (coarsest first) for ``repeats`` copies of each image;
+        ``z`` given: conditioned on those (teacher forcing) instead of on its own draws."""
+        rep = (lambda t: t.repeat_interleave(repeats, dim=0)) if repeats > 1 else (lambda t: t)
+        gaussians, zs = [], []
+        for j in range(self.latent_levels):
+            skip = rep(feats[self.latent_levels - 1 - j])
+            if j == 0:
+                h = skip
+            else:
+                above = (z if z is not None else zs)[j - 1]
+                h = self.combine[j - 1](torch.cat([skip, self.z_in[j - 1](upsample(above.to(skip.dtype),
+                                                                                   skip.shape[2:]))], dim=1))
+            with torch.autocast(h.device.type, enabled=False):
+                mu, sigma = gaussian_params(self.heads[j](h.float()))
+                if z is not None:
+                    zj = z[j]
+                elif mean:
+                    zj = mu
+                else:
+                    zj = mu + sigma * draw(mu.shape, generator, mu.device)
+            gaussians.append((mu, sigma))
+            zs.append(zj)
+        return gaussians, zs
+
+
+class Likelihood(nn.Module):
+    """p(s | z): g_L = f(z_L), g_l = f([f(z_l), up(g_{l+1})]); logits s_l = W_l g_l at each level."""
+
+    def __init__(self, spatial_dims: int, features: Sequence[int], latent_levels: int, latent_channels: int,
+                 num_classes: int, convs_per_level: int, norm: Optional[str]):
+        super().__init__()
+        f = tuple(features)
+        scales = [latent_levels - 1 - j for j in range(latent_levels)]
+        self.z_in = nn.ModuleList(conv_block(spatial_dims, latent_channels, f[s], convs_per_level, norm=norm)
+                                  for s in scales)
+        self.merge = nn.ModuleList(conv_block(spatial_dims, f[s + 1] + f[s], f[s], convs_per_level, norm=norm)
+                                   for s in scales[1:])
+        self.heads = nn.ModuleList(conv1x1(spatial_dims, f[s], num_classes) for s in scales)
+
+    def forward(self, zs: List[Tensor], dtype=None) -> List[Tensor]:
+        """Latents (coarsest first) -> logits of every level at its own resolution (coarsest first)."""
+        outs, g = [], None
+        for j, zj in enumerate(zs):
+            h = self.z_in[j](zj if dtype is None else zj.to(dtype))
+            g = h if g is None else self.merge[j - 1](torch.cat([upsample(g, h.shape[2:]), h], dim=1))
+            outs.append(self.heads[j](g))
+        return outs
+
+
+class PHiSeg(ZooModel):
+    """PHiSeg; see the module docstring."""
+
+    def __init__(self, spatial_dims: int = 2, in_channels: int = 1, num_classes: int = 2,
+                 features: Sequence[int] = (32, 64, 128, 192), convs_per_level: int = 3,
+                 norm: Optional[str] = None, init: str = "he_normal", latent_levels: int = 5,
+                 latent_channels: int = 2, sample_chunk: int = 16):
+        super().__init__()
+        self._init_interface(spatial_dims, in_channels, num_classes, features)
+        feats = tuple(int(f) for f in features)
+        if not 1 <= latent_levels <= len(feats):
+            raise ValueError(f"latent_levels must be in 1..{len(feats)} (the number of levels), got {latent_levels}")
+        if latent_channels < 1:
+            raise ValueError(f"latent_channels must be >= 1, got {latent_channels}")
+        self.latent_levels, self.latent_channels, self.sample_chunk = int(latent_levels), int(latent_channels), \
+            int(sample_chunk)
+        args = (feats, self.latent_levels, self.latent_channels)
+        self.prior_net = LatentHierarchy(spatial_dims, in_channels, *args, convs_per_level, norm)
+        self.posterior_net = LatentHierarchy(spatial_dims, in_channels + num_classes, *args, convs_per_level, norm)
+        self.likelihood = Likelihood(spatial_dims, *args, num_classes, convs_per_level, norm)
+        init_weights(self, init)
+        with torch.no_grad():
+            for head in (*self.prior_net.heads, *self.posterior_net.heads):  # latents start near N(0, I)
+                nn.init.normal_(head.weight, std=1e-3)
+                nn.init.zeros_(head.bias)
+
+    def forward(self, image: Tensor, seg: Tensor) -> Dict[str, object]:
+        """Training pass: image (B, C_in, *spatial), seg (B, *spatial) -> dict with ``level_logits`` (each
+        level's logits upsampled to full resolution, coarsest first; the last is the prediction),
+        ``prior`` / ``posterior`` ((mu, sigma) per level), ``z``, ``kl_levels`` (B, L), ``kl`` (B,)."""
+        self.check_input(image)
+        post_in = torch.cat([image, onehot(seg, self.num_classes, image.dtype)], dim=1)
+        posterior, z = self.posterior_net.latents(self.posterior_net.encode(post_in))
+        prior, _ = self.prior_net.latents(self.prior_net.encode(image), z=z)
+        outs = [upsample(o, image.shape[2:]) if o.shape[2:] != image.shape[2:] else o
+                for o in self.likelihood(z, image.dtype)]
+        kl_levels = torch.stack([map_kl(q, p) for q, p in zip(posterior, prior)], dim=1)
+        return {"level_logits": outs, "prior": prior, "posterior": posterior, "z": z, "kl_levels": kl_levels,
+                "kl": kl_levels.sum(dim=1)}
+
+    def training_loss(self, image: Tensor, labels: Tensor, *, step: int, num_raters: Optional[Tensor] = None,
+                      generator: Optional[torch.Generator] = None) -> Dict[str, Tensor]:
+        """sum_l CE_l + beta * sum_l KL_l (see the module docstring); also ``ce_sum`` / ``ce_mean`` of the
+        prediction (the finest level), ``ce_level<l>`` and ``kl_level<l>`` (index 0 the coarsest)."""
+        ls = self.loss_settings
+        image, target = pick_raters(image, labels, ls.rater, num_raters=num_raters, generator=generator)
+        out = self(image, target)
+        ce = [F.cross_entropy(o.float(), target.long(), reduction="none").flatten(1) for o in out["level_logits"]]
+        ce_sums = torch.stack([c.sum(dim=1).mean() for c in ce])  # (L,)
+        kl_levels = out["kl_levels"].mean(dim=0)  # (L,)
+        beta = beta_schedule(ls.beta, step, ls.kl_warmup_steps)
+        terms = {"loss": ce_sums.sum() + beta * kl_levels.sum(), "ce_sum": ce_sums[-1], "ce_mean": ce[-1].mean(),
+                 "kl": out["kl"].mean()}
+        for level in range(self.latent_levels):
+            terms[f"ce_level{level}"] = ce_sums[level].detach()
+            terms[f"kl_level{level}"] = kl_levels[level].detach()
+        return terms
+
+    def sample(self, image: Tensor, num_samples: int, *, generator: Optional[torch.Generator] = None,
+               noise: Optional[Tensor] = None, context=None, mean: bool = False) -> Tensor:
+        """image (B, C_in, *spatial) -> logits (B, S, C, *spatial): the finest level's prediction for latents
+        drawn from the prior hierarchy (``generator``; ``mean``: every z_l the prior mean)."""
+        check_num_samples(num_samples, noise, context)
+        with self.sampling_context():
+            self.check_input(image)
+            feats = self.prior_net.encode(image)
+            b, out = image.shape[0], []
+            for start in range(0, num_samples, max(1, self.sample_chunk)):
+                n = min(self.sample_chunk, num_samples - start)
+                _, zs = self.prior_net.latents(feats, repeats=n, generator=generator, mean=mean)
+                logits = self.likelihood(zs, image.dtype)[-1]
+                out.append(logits.view(b, n, *logits.shape[1:]))
+            return torch.cat(out, dim=1)
+
+
+@register_model("phiseg")
+def build_phiseg(model_cfg, train_cfg=None) -> PHiSeg:
+    """``model.name: phiseg``; options ``model.latent_levels`` (5, at most len(features)) and
+    ``model.latent_channels`` (2). Trains with its ELBO (``train.beta``, ``train.kl_warmup_steps``)."""
+    args = common_args(model_cfg)
+    settings = loss_settings_from(train_cfg)
+    if settings.geco is not None:
+        from ...config import ConfigError
+
+        raise ConfigError("train.geco.enabled: phiseg trains with its own multi-level ELBO; set it to false")
+    model = PHiSeg(**args, latent_levels=option(model_cfg, "latent_levels", min(5, len(args["features"])), int),
+                   latent_channels=option(model_cfg, "latent_channels", 2, int))
+    return model.configure_loss(settings)

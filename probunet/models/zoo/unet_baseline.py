@@ -1,0 +1,102 @@
+"""``unet``: the deterministic U-Net baseline of every comparison.
+
+A U-Net (:class:`probunet.models.UNet` with a 1x1 head) gives logits f(x) per
+pixel. It is trained with the per-pixel cross-entropy against one random rater
+of each image (``train.rater: random``; ``all``: every rater, the image
+repeated), or, with ``soft_target``, against the raters' mean one-hot map
+p_bar(c) = (1/A) sum_a [y_a = c]: CE = -sum_c p_bar(c) log softmax(f(x))_c,
+averaged over pixels and images.
+
+Samples (``sampling``):
+
+- ``pixelwise``: every pixel of every sample is drawn independently from the
+  categorical distribution softmax(f(x)) at that pixel (``u ~ U[0, 1)`` per
+  pixel, class = the first c with u < cumulative probability); the returned
+  logits are 0 for the drawn class and -30 for the others, so their argmax is
+  the draw and their softmax (nearly) its one-hot map.
+- ``argmax``: every sample is f(x) itself (all samples equal).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..base import check_labels, pick_raters, register_model
+from ..unet import UNet
+from ._common import (ZooModel, check_num_samples, common_args, draw, loss_settings_from, option,
+                      soft_cross_entropy, soft_targets)
+
+SAMPLING_MODES = ("pixelwise", "argmax")
+DRAWN_LOGIT_GAP = 30.0  # logit of the drawn class minus the others' in a pixelwise sample
+
+
+def pixelwise_samples(logits: Tensor, num_samples: int, generator: Optional[torch.Generator] = None) -> Tensor:
+    """``num_samples`` independent per-pixel categorical draws from softmax(logits).
+
+    logits (B, C, *spatial) -> logits (B, S, C, *spatial), fp32: 0 for the drawn
+    class, ``-DRAWN_LOGIT_GAP`` elsewhere.
+    """
+    b, c = logits.shape[:2]
+    probs = torch.softmax(logits.float(), dim=1)
+    cum = probs.cumsum(dim=1).unsqueeze(1)  # (B, 1, C, *spatial)
+    u = draw((b, num_samples, 1, *logits.shape[2:]), generator, logits.device, kind="uniform")
+    cls = (u >= cum).sum(dim=2, keepdim=True).clamp(max=c - 1)  # (B, S, 1, *spatial)
+    classes = torch.arange(c, device=logits.device).view(1, 1, c, *([1] * (logits.dim() - 2)))
+    return torch.where(cls == classes, 0.0, -DRAWN_LOGIT_GAP)
+
+
+class UNetBaseline(ZooModel):
+    """Deterministic U-Net trained with cross-entropy; samples pixel-wise or all equal to its argmax."""
+
+    def __init__(self, spatial_dims: int = 2, in_channels: int = 1, num_classes: int = 2,
+                 features: Sequence[int] = (32, 64, 128, 192), convs_per_level: int = 3,
+                 norm: Optional[str] = None, init: str = "he_normal", sampling: str = "pixelwise",
+                 soft_target: bool = False):
+        super().__init__()
+        self._init_interface(spatial_dims, in_channels, num_classes, features)
+        if sampling not in SAMPLING_MODES:
+            raise ValueError(f"sampling must be one of {', '.join(SAMPLING_MODES)}, got {sampling!r}")
+        self.sampling = sampling
+        self.soft_target = bool(soft_target)
+        self.net = UNet(spatial_dims, in_channels, features, convs_per_level, norm=norm,
+                        num_classes=num_classes, init=init)
+
+    def forward(self, image: Tensor) -> Tensor:
+        """image (B, C_in, *spatial) -> logits (B, C, *spatial)."""
+        self.check_input(image)
+        return self.net(image)
+
+    def training_loss(self, image: Tensor, labels: Tensor, *, step: int, num_raters: Optional[Tensor] = None,
+                      generator: Optional[torch.Generator] = None) -> Dict[str, Tensor]:
+        """Mean per-pixel CE (``loss`` = ``ce_mean``; ``ce_sum`` per image, batch mean)."""
+        if self.soft_target:
+            check_labels(labels, image, num_raters)
+            ce = soft_cross_entropy(self(image), soft_targets(labels, self.num_classes, num_raters))
+        else:
+            image, target = pick_raters(image, labels, self.loss_settings.rater, num_raters=num_raters,
+                                        generator=generator)
+            ce = F.cross_entropy(self(image).float(), target.long(), reduction="none")
+        ce = ce.flatten(1)
+        return {"loss": ce.mean(), "ce_mean": ce.mean(), "ce_sum": ce.sum(dim=1).mean()}
+
+    def sample(self, image: Tensor, num_samples: int, *, generator: Optional[torch.Generator] = None,
+               noise: Optional[Tensor] = None, context=None) -> Tensor:
+        """image (B, C_in, *spatial) -> logits (B, S, C, *spatial) (see the module docstring)."""
+        check_num_samples(num_samples, noise, context)
+        with self.sampling_context():
+            logits = self(image)
+            if self.sampling == "argmax":
+                return logits.unsqueeze(1).expand(-1, num_samples, *logits.shape[1:]).clone()
+            return pixelwise_samples(logits, num_samples, generator)
+
+
+@register_model("unet")
+def build_unet(model_cfg, train_cfg=None) -> UNetBaseline:
+    """``model.name: unet``; options ``model.sampling`` and ``model.soft_target``."""
+    model = UNetBaseline(**common_args(model_cfg), sampling=option(model_cfg, "sampling", "pixelwise", str),
+                         soft_target=option(model_cfg, "soft_target", False, bool))
+    return model.configure_loss(loss_settings_from(train_cfg))
