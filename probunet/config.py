@@ -35,6 +35,23 @@ class ModelConfig:
     convs_per_level: int = 3
     norm: Optional[str] = None  # None (reference code) | batch | instance | group
     init: str = "he_normal"  # he_normal (reference code) | torch (PyTorch's default init)
+    # The model zoo (model.name; each key is read by the models named in its comment)
+    sampling: str = "pixelwise"  # unet: pixelwise (a categorical draw per pixel) | argmax (all samples equal)
+    soft_target: bool = False  # unet, mc_dropout, ensemble: CE against the raters' mean instead of one rater
+    dropout: float = 0.5  # mc_dropout: spatial dropout rate in the decoder, in [0, 1)
+    mc_sampling: bool = True  # mc_dropout: dropout kept on at sampling time
+    ensemble_size: int = 4  # ensemble: members M
+    ensemble_batch: str = "bootstrap"  # ensemble: bootstrap | shuffle | same (each member's batch)
+    rank: int = 10  # ssn: rank of the covariance factor P
+    mc_samples: int = 20  # ssn: Monte-Carlo samples M of the loss
+    diag_eps: float = 1e-5  # ssn: floor of the diagonal covariance d
+    roi: str = "none"  # ssn: none | image (covariance only inside the dilated image foreground)
+    roi_dilation: int = 3  # ssn: dilation of that region, pixels
+    roi_threshold: float = 0.0  # ssn: the image foreground is |x| > this
+    latent_levels: Optional[int] = None  # hpu_net (default 3), phiseg (default 5): latent scales, clipped to the levels
+    latent_channels: int = 2  # hpu_net, phiseg: latent channels per scale
+    res_blocks: int = 1  # hpu_net: residual blocks per level
+    topk_fraction: float = 1.0  # hpu_net: share of pixels with the largest CE kept in the loss (1: all)
 
 
 @dataclass
@@ -404,7 +421,10 @@ def _check_model(m) -> None:
         raise ConfigError(f"config key 'model.features': at most {MODEL_LIMITS['levels'][1]} levels, "
                           f"got {len(feats)}")
     m.features = tuple(feats)
+    _check_zoo_keys(m)
     n = estimate_model_parameters(m)
+    if getattr(m, "name", "prob_unet") == "ensemble":
+        n *= m.ensemble_size  # M networks (the estimate of one Probabilistic U-Net bounds one member)
     if n > MAX_MODEL_PARAMETERS:
         # Name the key whose default value shrinks the model most.
         default = ModelConfig()
@@ -413,6 +433,31 @@ def _check_model(m) -> None:
         raise ConfigError(f"config key 'model.{culprit}': the model would have {n:.3g} parameters "
                           f"(~{4 * n / 1e9:.3g} GB of fp32 weights, ~{16 * n / 1e9:.3g} GB to train with Adam), "
                           f"over the limit of {MAX_MODEL_PARAMETERS:.0e}")
+
+
+def _check_zoo_keys(m) -> None:
+    """Ranges of the model zoo's keys (whatever model.name is: a bad value is a bad value)."""
+    choices = {"sampling": ("pixelwise", "argmax"), "ensemble_batch": ("bootstrap", "shuffle", "same"),
+               "roi": ("none", "image")}
+    for key, allowed in choices.items():
+        if getattr(m, key) not in allowed:
+            raise ConfigError(f"config key 'model.{key}': {getattr(m, key)!r} is not one of: {', '.join(allowed)}")
+    for key, lo, hi in (("ensemble_size", 1, 64), ("rank", 1, 1024), ("mc_samples", 1, 10000),
+                        ("roi_dilation", 0, 1000), ("latent_channels", 1, 1024), ("res_blocks", 1, 64)):
+        _check_int(f"model.{key}", getattr(m, key), lo)
+        if getattr(m, key) > hi:
+            raise ConfigError(f"config key 'model.{key}': must be <= {hi}, got {getattr(m, key)}")
+    if m.latent_levels is not None:
+        _check_int("model.latent_levels", m.latent_levels, 1)
+        if m.latent_levels > len(m.features):
+            raise ConfigError(f"config key 'model.latent_levels': at most one per level ({len(m.features)}), "
+                              f"got {m.latent_levels}")
+    _check_number("model.dropout", m.dropout, lo=0)
+    if m.dropout >= 1:
+        raise ConfigError(f"config key 'model.dropout': must be in [0, 1), got {m.dropout}")
+    _check_number("model.diag_eps", m.diag_eps, lo=0, lo_open=True)
+    _check_number("model.roi_threshold", m.roi_threshold, lo=0)
+    _check_number("model.topk_fraction", m.topk_fraction, lo=0, lo_open=True, hi=1)
 
 
 def _check_number(key: str, value, *, lo=None, lo_open=False, hi=None, optional=False) -> None:
