@@ -25,7 +25,7 @@ class UserError(Exception):
 def _user_errors() -> tuple:
     from .config import ConfigError
     from .data.validate import DataError
-    from .train import TrainingError
+    from .nonfinite import TrainingError
     from .utils import FolderBusyError
 
     return (UserError, ConfigError, DataError, TrainingError, FolderBusyError, FileNotFoundError, FileExistsError,
@@ -60,7 +60,7 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.out) if args.out else _default_run_dir(args.config)
     summary = fit(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
-    from .train import dist_info
+    from .distributed import dist_info
 
     if dist_info().is_main:
         print(f"run directory: {run_dir}")
