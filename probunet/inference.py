@@ -469,5 +469,13 @@ class Sampler:
             reducer.add(out.reshape(n, s, c, *spatial), s0)
 
 
-__all__ = ["SampleReducer", "SampleSummary", "Sampler", "case_noise", "case_seed", "centre_crop",
+def evaluation_sampler(model, eval_cfg, device, *, seed: Optional[int] = None) -> Sampler:
+    """The sampler of validation during training and of ``probunet evaluate``: seed ``eval.seed``
+    (or ``seed``), ``eval.batch_size`` images per pass, ``eval.sample_chunk`` samples per call,
+    fp32 (the policy). Both draw a case's samples with it, so they score the same samples."""
+    return Sampler(model, seed=eval_cfg.seed if seed is None else seed, device=device,
+                   batch_size=max(1, int(eval_cfg.batch_size)), sample_chunk=eval_cfg.sample_chunk)
+
+
+__all__ = ["SampleReducer", "SampleSummary", "Sampler", "evaluation_sampler", "case_noise", "case_seed", "centre_crop",
            "group_by_shape", "inference_dtype", "load_model", "pad_to", "pad_to_multiple", "resolve_roi"]

@@ -16,14 +16,7 @@ import torch
 
 from .data import real_raters
 from .distributed import DistInfo, all_reduce
-from .inference import Sampler, group_by_shape
-
-
-def evaluation_sampler(model, cfg, device, *, seed: Optional[int] = None) -> Sampler:
-    """The sampler of validation and ``evaluate``: ``eval.seed`` (or ``seed``), ``eval.batch_size``,
-    ``eval.sample_chunk``, fp32."""
-    return Sampler(model, seed=cfg.eval.seed if seed is None else seed, device=device,
-                   batch_size=max(1, cfg.eval.batch_size), sample_chunk=cfg.eval.sample_chunk)
+from .inference import Sampler, evaluation_sampler, group_by_shape
 
 
 def case_ids(items: list[dict]) -> list[str]:
@@ -41,7 +34,7 @@ def validate(model, items: list[dict], cfg, device, dist: Optional[DistInfo] = N
     """
     dist = dist or DistInfo()
     device = torch.device(device)
-    sampler = evaluation_sampler(model, cfg, device)
+    sampler = evaluation_sampler(model, cfg.eval, device)
     ids = case_ids(items)
     refs = [real_raters(it) for it in items]
     groups = group_by_shape(range(len(items)), sampler.batch_size,
@@ -71,4 +64,4 @@ def batch_diversity(model, image: torch.Tensor, num_classes: int, device, *, see
     return float(summary.sample_diversity.mean())
 
 
-__all__ = ["batch_diversity", "case_ids", "evaluation_sampler", "validate"]
+__all__ = ["batch_diversity", "case_ids", "validate"]
