@@ -40,6 +40,7 @@ import torch
 from . import __version__, metrics
 from .collapse import diversity_warning
 from .data import real_raters
+from .checkpoint import load_model
 from .inference import evaluation_sampler
 from .utils import atomic_call, atomic_write_text
 
@@ -524,29 +525,31 @@ def _model_mismatch(exc: Exception, checkpoint: Path) -> Exception:
 
 def evaluate_cli(args) -> int:
     """``probunet evaluate CHECKPOINT_OR_RUN [--num-samples N] [--out FILE] [key=value ...]``."""
-    from .data import DataError, load_splits
-    from .checkpoint import load_model
+    from .options import EvaluateOptions, from_args
 
-    given = Path(args.checkpoint)
+    result = evaluate_checkpoint(from_args(EvaluateOptions, args), progress=not getattr(args, "no_progress", False))
+    _print_summary(result)
+    return 0
+
+
+def evaluate_checkpoint(options, *, progress: bool = False) -> dict:
+    """Evaluate a checkpoint or run directory as ``probunet evaluate`` does (a
+    :class:`probunet.options.EvaluateOptions`); writes the files and returns :func:`evaluate`'s result."""
+    from .data import DataError, load_splits
+
+    given = Path(options.checkpoint)
     if not given.exists():
         raise FileNotFoundError(f"checkpoint or run directory not found: {given}")
     model, _, ckpt = load_model(given)
     ckpt_path = Path(ckpt["path"])
-    cfg = config_for_evaluation(ckpt["config"], list(getattr(args, "overrides", None) or []))
-    num_samples = args.num_samples if getattr(args, "num_samples", None) is not None else cfg.eval.num_samples
+    cfg = config_for_evaluation(ckpt["config"], list(options.overrides or []))
+    num_samples = options.num_samples if options.num_samples is not None else cfg.eval.num_samples
     if num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
     cfg.eval.num_samples = int(num_samples)
-    device = _resolve_device(getattr(args, "device", "auto"))
-
-    if getattr(args, "out", None):
-        out = Path(args.out)
-        summary_path = out / "summary.json" if out.is_dir() or str(args.out).endswith(("/", os.sep)) else out
-    else:
-        summary_path = run_dir_of(given, ckpt_path) / "eval" / "summary.json"
-    paths = output_paths(summary_path)
-    _check_outputs(paths, ckpt_path, cfg.data.path)
-
+    device = _resolve_device(options.device)
+    summary_path = _summary_path(options.out, given, ckpt_path)
+    _check_outputs(output_paths(summary_path), ckpt_path, cfg.data.path)
     try:
         splits = load_splits(cfg)
     except DataError as exc:
@@ -556,20 +559,28 @@ def evaluate_cli(args) -> int:
         sizes = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
         raise ValueError(f"the {cfg.eval.split} split is empty ({sizes} cases); choose another eval.split=... "
                          f"or change data.split")
-    divisor = int(getattr(model, "divisor", 1))
+    _check_divisible(items, int(getattr(model, "divisor", 1)))
+    logger.info("evaluating %s on the %s split (%d cases, %d samples each) on %s", ckpt_path, cfg.eval.split,
+                len(items), num_samples, device)
+    return evaluate(model, cfg, items, num_samples=num_samples, seed=cfg.eval.seed, device=device,
+                    progress=progress, summary_path=summary_path, checkpoint=str(ckpt_path), split=cfg.eval.split)
+
+
+def _summary_path(out: Optional[str], given: Path, ckpt_path: Path) -> Path:
+    """``--out`` (a folder gets summary.json) or RUN_DIR/eval/summary.json."""
+    if out:
+        return Path(out) / "summary.json" if Path(out).is_dir() or str(out).endswith(("/", os.sep)) else Path(out)
+    return run_dir_of(given, ckpt_path) / "eval" / "summary.json"
+
+
+def _check_divisible(items: list[dict], divisor: int) -> None:
+    from .data import DataError
+
     for item in items:
         shape = tuple(np.shape(item["image"])[1:])
         if any(s % divisor for s in shape):
             raise DataError(f"case {item['case_id']}: spatial size {shape} is not divisible by {divisor}, as the "
-                            f"checkpoint's U-Net needs; set data.crop_size=... to a multiple of {divisor}")
-
-    logger.info("evaluating %s on the %s split (%d cases, %d samples each) on %s", ckpt_path, cfg.eval.split,
-                len(items), num_samples, device)
-    result = evaluate(model, cfg, items, num_samples=num_samples, seed=cfg.eval.seed, device=device,
-                      progress=not getattr(args, "no_progress", False), summary_path=summary_path,
-                      checkpoint=str(ckpt_path), split=cfg.eval.split)
-    _print_summary(result)
-    return 0
+                            f"checkpoint's model needs; set data.crop_size=... to a multiple of {divisor}")
 
 
 def _fmt(stat: dict) -> str:

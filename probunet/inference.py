@@ -439,7 +439,7 @@ class Sampler:
         for s0 in range(0, num_samples, chunk):
             s = min(chunk, num_samples - s0)
             logits = self._call(padded, s, case_ids, s0, noise, context)
-            reducer.add(logits[(slice(None), slice(None), *crop[2:])], s0)
+            reducer.add(logits[(slice(None), slice(None), slice(None), *crop[2:])], s0)  # (N, s, C, *sp)
 
     def _windows(self, x, case_ids, noise, num_samples, chunk, reducer) -> None:
         from monai.inferers import sliding_window_inference
