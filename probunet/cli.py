@@ -25,7 +25,7 @@ class UserError(Exception):
 
 def _user_errors() -> tuple:
     from .config import ConfigError
-    from .data.validate import DataError
+    from .data.errors import DataError
     from .nonfinite import TrainingError
     from .utils import FolderBusyError
 

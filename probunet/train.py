@@ -54,6 +54,7 @@ from .data.stream import BatchStream, batches, step_seed
 from .distributed import (DistInfo, all_reduce, broadcast_from_main, destroy_distributed, dist_info,
                           init_distributed, rank_device, replica_digests)
 from .models import LossForward, build_model
+from .models.base import DEFAULT_MODEL
 from .models.unet import to_channels_last
 from .nonfinite import NonFiniteGuard, TrainingError
 from .precision import amp_dtype, autocast
@@ -219,7 +220,8 @@ class Trainer:
         return load_checkpoint(self.last_path, map_location="cpu") if resume else None
 
     def _resume_from(self, ckpt: dict) -> None:
-        if ckpt["config"]["model"] != self.cfg.to_dict()["model"]:
+        stored = {"name": DEFAULT_MODEL, **ckpt["config"]["model"]}  # checkpoints from before model.name
+        if stored != self.cfg.to_dict()["model"]:
             raise ValueError(f"--resume: the model section of the config differs from {self.last_path}'s")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])

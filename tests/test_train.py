@@ -105,10 +105,28 @@ def test_repeated_nan_stops_training_naming_the_step(tmp_path, monkeypatch):
         fit(cfg, tmp_path / "run")
 
 
-def test_amp_bf16_on_cpu_when_asked(tmp_path):
+def test_amp_bf16_on_cpu_when_asked(tmp_path, monkeypatch):
+    """train.amp=bf16 on a CPU: every training forward runs under CPU autocast with bfloat16
+    (the logits come out in bf16); train.amp=off: none does."""
+    from probunet.models import ProbabilisticUNet
+
+    seen = []
+    real_forward = ProbabilisticUNet.forward
+
+    def forward(self, image, **kw):
+        out = real_forward(self, image, **kw)
+        if kw.get("seg") is not None:  # the training forward (with the posterior)
+            seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), out.logits.dtype))
+        return out
+
+    monkeypatch.setattr(ProbabilisticUNet, "forward", forward)
     cfg = load_config("configs/debug.yaml", ["train.steps=2", "train.amp=bf16", *FAST])
     summary = fit(cfg, tmp_path / "run")
     assert summary["amp"] == "bfloat16"
+    assert seen == [(True, torch.bfloat16, torch.bfloat16)] * 2
+    seen.clear()
+    fit(load_config("configs/debug.yaml", ["train.steps=1", "train.amp=off", *FAST]), tmp_path / "off")
+    assert len(seen) == 1 and seen[0][0] is False and seen[0][2] == torch.float32
 
 
 @pytest.mark.parametrize("extra", [["train.rater=all"], ["train.geco.enabled=true"], ["train.kl_warmup_steps=4"],
