@@ -31,8 +31,11 @@ image as :func:`probunet.data.transforms.normalize_image` did in training (per
 *slice* when a 2D model runs slice by slice on a volume, because its training
 images were single slices).
 
-Sampling. Sample ``s`` of a case uses the standard-normal draw ``eps_s`` seeded
-by ``(seed, case id, s)``, so outputs are reproducible, independent of the batch
+Sampling goes through :class:`probunet.inference.Sampler`, the path validation
+and ``probunet evaluate`` use (same checkpoint, image, case id and seed: same
+samples), in fp32 unless ``--amp`` asks for autocast (the one precision policy,
+written down in :mod:`probunet.inference`). Sample ``s`` of a case uses the
+standard-normal draw ``eps_s`` seeded by ``(seed, case id, s)``, so outputs are reproducible, independent of the batch
 size, of the order of cases and of sharding, and ``--num-samples 32`` extends the
 first 16. ``z_s = mu + sigma * eps_s`` with the prior ``p(z|x) = N(mu, sigma)``:
 
