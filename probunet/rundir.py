@@ -12,7 +12,6 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Optional
 
 from . import __version__
 from .utils import FolderLock, atomic_write_text, remove_stale_temps

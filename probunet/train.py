@@ -51,7 +51,7 @@ from .collapse import CollapseMonitor
 from .config import Config, save_config
 from .data import MultiRaterDataset, load_splits, train_transform
 from .data.stream import BatchStream, batches, step_seed
-from .distributed import (DistInfo, all_reduce, broadcast_from_main, destroy_distributed, dist_info,
+from .distributed import (all_reduce, broadcast_from_main, destroy_distributed, dist_info,
                           init_distributed, rank_device, replica_digests)
 from .models import LossForward, build_model
 from .models.base import DEFAULT_MODEL
