@@ -363,7 +363,7 @@ class Trainer:
     def finish(self) -> dict:
         """Replica check (DDP), the samples figure, ``train_summary.json``; returns the summary."""
         cfg, dist = self.cfg, self.dist
-        self.close()
+        self.close(keep_lock=True)  # the run directory stays locked until the summary is written
         replicas = None
         if dist.world_size > 1:
             replicas = replica_digests(self.model, dist)
@@ -391,14 +391,14 @@ class Trainer:
             atomic_write_text(self.run_dir / "train_summary.json", json.dumps(summary, indent=1))
         return summary
 
-    def close(self) -> None:
+    def close(self, keep_lock: bool = False) -> None:
         """Close the progress bar and the log, release the run directory's lock (idempotent)."""
         if self.bar is not None:
             self.bar.close()
             self.bar = None
         if self.metrics is not None:
             self.metrics.close()
-        if self.lock is not None:
+        if self.lock is not None and not keep_lock:
             self.lock.release()
             self.lock = None
 
