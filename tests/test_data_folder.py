@@ -1,7 +1,5 @@
 """data.format: folder: images and rater masks by patterns, NIfTI (nibabel) and NRRD/MHA/DICOM (SimpleITK)."""
 
-import locale
-
 import nibabel as nib
 import numpy as np
 import pytest
@@ -87,18 +85,13 @@ def test_dicom_series_folder_as_image(tmp_path):
     folder.mkdir(parents=True)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
-    saved_locale = locale.setlocale(locale.LC_ALL)  # SimpleITK's DICOM writer sets the process locale to C
-    try:
-        for z in range(vol.shape[2]):
-            sl = sitk.GetImageFromArray(vol[:, :, z].T[None])
-            for tag, value in [("0020|000e", "1.2.3.4.5"), ("0020|0032", f"0\\0\\{2.0 * z}"),
-                               ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0020|0013", str(z + 1)),
-                               ("0028|0030", "1\\1")]:
-                sl.SetMetaData(tag, value)
-            writer.SetFileName(str(folder / f"{z}.dcm"))
-            writer.Execute(sl)
-    finally:
-        locale.setlocale(locale.LC_ALL, saved_locale)
+    for z in range(vol.shape[2]):
+        sl = sitk.GetImageFromArray(vol[:, :, z].T[None])
+        for tag, value in [("0020|000e", "1.2.3.4.5"), ("0020|0032", f"0\\0\\{2.0 * z}"),
+                           ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0020|0013", str(z + 1)), ("0028|0030", "1\\1")]:
+            sl.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"{z}.dcm"))
+        writer.Execute(sl)
     mask = (vol > 250).astype(np.uint8)
     _sitk_write(mask, tmp_path / "labels" / "pat1_r1.nrrd", [1.0, 1.0, 2.0])
     cfg = load_config(None, ["data.format=folder", f"data.path={tmp_path}", "data.image_pattern=dicom/{case}",

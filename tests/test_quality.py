@@ -324,8 +324,7 @@ def test_reference_rows_hand_computed():
 def test_benchmark_quality_quick_run(tmp_path):
     out = tmp_path / "q"
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark_quality.py"), "--quick", "--out",
-                           str(out)], capture_output=True, text=True, encoding="utf-8", cwd=tmp_path)
-    # (utf-8: writing DICOM with SimpleITK in tests/test_data_folder.py leaves the process locale at C)
+                           str(out)], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     res = json.loads((out / "results.json").read_text())
     (row,) = res["results"]
