@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .options import EvaluateOptions, PredictOptions, TrainOptions, add_arguments, from_args
 
 logger = logging.getLogger("probunet")
 
@@ -24,8 +25,8 @@ class UserError(Exception):
 
 def _user_errors() -> tuple:
     from .config import ConfigError
-    from .data.validate import DataError
-    from .train import TrainingError
+    from .data.errors import DataError
+    from .nonfinite import TrainingError
     from .utils import FolderBusyError
 
     return (UserError, ConfigError, DataError, TrainingError, FolderBusyError, FileNotFoundError, FileExistsError,
@@ -57,10 +58,11 @@ def cmd_train(args) -> int:
     from .config import load_config
     from .train import fit
 
-    cfg = load_config(args.config, args.overrides)
-    run_dir = Path(args.out) if args.out else _default_run_dir(args.config)
-    summary = fit(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
-    from .train import dist_info
+    opts = from_args(TrainOptions, args)
+    cfg = load_config(opts.config, opts.overrides)
+    run_dir = Path(opts.out) if opts.out else _default_run_dir(opts.config)
+    summary = fit(cfg, run_dir, resume=opts.resume, progress=not args.no_progress)
+    from .distributed import dist_info
 
     if dist_info().is_main:
         print(f"run directory: {run_dir}")
@@ -94,7 +96,9 @@ def cmd_demo(args) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty; remove it or pass --out NEW_DIR")
-    config = Path(args.config)
+    from .resources import config_path
+
+    config = Path(args.config) if args.config else config_path("synthetic.yaml")
     data_dir, run_dir = out / "data", out / "run"
     t0 = time.perf_counter()
     print(f"[1/3] synthetic multi-rater dataset -> {data_dir}")
@@ -137,21 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_synth)
 
     t = sub.add_parser("train", help="train from a YAML config")
-    t.add_argument("config", metavar="CONFIG", help="YAML config (see configs/)")
-    t.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="dotted overrides, e.g. train.steps=100 (before or after the options)")
-    t.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/<config>-<time>)")
-    t.add_argument("--resume", action="store_true", help="continue RUN_DIR from checkpoints/last.pt")
+    add_arguments(t, TrainOptions)
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="GED, HM-IoU, calibration of a checkpoint on a data split")
-    e.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN")
-    e.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="overrides of the checkpoint's config, e.g. data.path=... eval.split=val")
-    e.add_argument("--num-samples", type=int, default=None, help="samples per image (default eval.num_samples)")
-    e.add_argument("--out", metavar="FILE", help="summary JSON path (default RUN_DIR/eval/summary.json)")
-    e.add_argument("--device", default="auto")
+    add_arguments(e, EvaluateOptions)
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_evaluate)
 
@@ -164,39 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file or run directory")
     r.add_argument("input_dir", metavar="INPUT_DIR", help="folder of images (never written to)")
     r.add_argument("output_dir", metavar="OUTPUT_DIR")
-    r.add_argument("--num-samples", type=int, default=16, help="samples per image (default 16)")
-    r.add_argument("--recursive", action="store_true", help="also images in sub-folders (mirrored in OUTPUT_DIR)")
-    r.add_argument("--file-list", metavar="FILE",
-                   help="text file, one image per line (relative to INPUT_DIR or absolute), instead of scanning")
-    r.add_argument("--overwrite", action="store_true", help="recompute cases whose output folder exists")
-    r.add_argument("--seed", type=int, default=0, help="seed of the latent samples (default 0)")
-    r.add_argument("--axis", default="auto", choices=("auto", "0", "1", "2"),
-                   help="2D model on 3D volumes: slicing axis of the (x, y, z) array; auto: the coarsest spacing")
-    r.add_argument("--roi", metavar="SIZE", default=None,
-                   help="sliding-window size, e.g. 64 or 96,96,32; default: the training patch (data.crop_size); "
-                        "0: always the whole image")
-    r.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap (default 0.25)")
-    r.add_argument("--blend", choices=("gaussian", "constant"), default="gaussian",
-                   help="blending of overlapping windows")
-    r.add_argument("--prior-window", choices=("image", "roi"), default="image",
-                   help="when sliding: the prior p(z|x) from the whole image (default) or its central window")
-    r.add_argument("--batch-size", type=int, default=None,
-                   help="images / slices / windows per forward pass (default 16 for 2D models, 1 for 3D)")
-    r.add_argument("--sample-chunk", type=int, default=None, help="samples per f_comb pass (default: auto)")
-    r.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    r.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default=None,
-                   help="autocast (default: train.amp of the checkpoint)")
-    r.add_argument("--output-format", choices=("same", "nii.gz", "nii", "nrrd", "mha"), default="same",
-                   help="file format of the outputs (default: the input's)")
-    r.add_argument("--workers", type=int, default=2, help="threads reading/writing images (default 2)")
-    r.add_argument("--shard", metavar="K/N", default=None,
-                   help="only cases K, K+N, ...; writes summary.shard-K-of-N.csv (see scripts/predict_batch.py)")
+    add_arguments(r, PredictOptions)
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_predict)
 
     d = sub.add_parser("demo", help="the main job: synth -> train -> evaluate on the synthetic default")
     d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    d.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "configs" / "synthetic.yaml"))
+    d.add_argument("--config", default=None,
+                   help="YAML config (default: the synthetic.yaml shipped with probunet)")
     d.add_argument("overrides", nargs="*", metavar="key=value")
     d.add_argument("--num-samples", type=int, default=None)
     d.add_argument("--no-progress", action="store_true")

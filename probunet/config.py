@@ -25,6 +25,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
+    name: str = "prob_unet"  # a registered model (probunet.models.model_names())
     spatial_dims: int = 2
     in_channels: int = 1
     num_classes: int = 2
@@ -398,7 +399,16 @@ def estimate_model_parameters(model_cfg) -> int:
     return unet + prior + posterior + fcomb
 
 
+def _check_model_name(m) -> None:
+    from .models import model_names  # importing the models registers them
+
+    known = model_names()
+    if not isinstance(m.name, str) or m.name not in known:
+        raise ConfigError(f"config key 'model.name': unknown model {m.name!r}; known: {', '.join(known)}")
+
+
 def _check_model(m) -> None:
+    _check_model_name(m)
     if m.spatial_dims not in (2, 3):
         raise ConfigError(f"config key 'model.spatial_dims': must be 2 or 3, got {m.spatial_dims}")
     for key in ("in_channels", "num_classes", "latent_dim", "fcomb_layers", "convs_per_level"):

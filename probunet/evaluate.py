@@ -1,7 +1,8 @@
 """Evaluation of a trained Probabilistic U-Net over a dataset split.
 
-``evaluate(model, cfg, items, ...)`` draws N samples per image (seeded, batched,
-under ``torch.inference_mode``) and scores them against the image's raters:
+``evaluate(model, cfg, items, ...)`` draws N samples per image through
+:mod:`probunet.inference` (seeded per case, batched, fp32: the samples validation
+during training draws) and scores them against the image's raters:
 
 - D^2_GED and its three terms E[d(S,Y)], E[d(S,S')], E[d(Y,Y')] (d = 1 - IoU),
 - Hungarian-matched IoU (both sets tiled to lcm(S, A)),
@@ -39,6 +40,8 @@ import torch
 from . import __version__, metrics
 from .collapse import diversity_warning
 from .data import real_raters
+from .checkpoint import load_model
+from .inference import evaluation_sampler
 from .utils import atomic_call, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -115,18 +118,6 @@ def _csv_text(rows: list[dict], columns: list[str]) -> str:
     return buf.getvalue()
 
 
-def _batches(items: list[dict], batch_size: int) -> list[list[int]]:
-    """Consecutive runs of at most ``batch_size`` item indices sharing one image shape."""
-    out: list[list[int]] = []
-    for i, item in enumerate(items):
-        shape = np.shape(item["image"])
-        if out and len(out[-1]) < batch_size and np.shape(items[out[-1][0]]["image"]) == shape:
-            out[-1].append(i)
-        else:
-            out.append([i])
-    return out
-
-
 def output_paths(summary_path: str | Path) -> dict[str, Path]:
     """The files written next to the summary JSON.
 
@@ -178,22 +169,25 @@ def evaluate(model, cfg, items: list[dict], *, num_samples: int, seed: int, devi
     """Sample ``num_samples`` segmentations per item and score them against the raters.
 
     Args:
-        model: a :class:`~probunet.ProbabilisticUNet` (its train/eval mode is restored).
+        model: a model meeting :class:`probunet.models.base.SegmentationSampler` (its
+            train/eval mode is restored).
         cfg: the :class:`~probunet.config.Config` (``model.num_classes``, ``eval.*``;
-            ``data`` is recorded in the summary). Sampling runs in full precision
-            (fp32, no autocast whatever ``train.amp`` says), so that bf16/fp16 rounding
-            never flips the argmax of a sample and the numbers do not depend on AMP.
+            ``data`` is recorded in the summary).
         items: dataset items ``{"image" (C, *spatial), "labels" (A, *spatial), "case_id",
             "meta"}``; ``meta["truth"]`` (synthetic data) adds the truth block.
         num_samples: S, samples per image.
-        seed: seeds the latent draws (a CPU generator, so CPU and GPU draw the same
-            latents) and the fresh true references (``(seed, case index)``).
+        seed: seeds the samples of each case by ``(seed, case id)`` and the fresh true
+            references by ``(seed, case index)``.
         device: torch device (or name) to run on.
         progress: show a tqdm bar over cases.
         out_dir: write ``summary.json``, ``per_case.csv``, ``reliability.png`` (and
             ``lesions.csv``, ``lesions.png`` with truth) there. ``summary_path``
             instead names the summary JSON itself (see :func:`output_paths`).
         checkpoint, split: recorded in the summary (split defaults to ``cfg.eval.split``).
+
+    The samples are drawn by :func:`probunet.inference.evaluation_sampler`, the
+    sampler validation during training uses: the same samples per case, in full
+    precision (fp32: bf16/fp16 rounding could flip the argmax of a sample).
 
     Returns:
         The summary dict (what ``summary.json`` holds) plus ``"per_case"`` (list of
@@ -204,128 +198,13 @@ def evaluate(model, cfg, items: list[dict], *, num_samples: int, seed: int, devi
     if num_samples < 1:
         raise ValueError(f"the number of samples must be >= 1, got {num_samples}")
     device = torch.device(device)
-    num_classes = int(cfg.model.num_classes)
-    empty_iou = float(cfg.eval.empty_iou)
-    kw = {"num_classes": num_classes, "empty_iou": empty_iou}
-    batch_size = max(1, int(cfg.eval.batch_size))
-    chunk = max(1, int(cfg.eval.sample_chunk))
-    num_true = int(cfg.eval.num_true_references)
     has_truth = any("truth" in it.get("meta", {}) for it in items)
-
-    was_training = model.training
-    model.to(device).eval()
-    generator = torch.Generator().manual_seed(int(seed))
-    rows: list[dict] = []
-    lesion_rows: list[dict] = []
-    calibrations = []
-    hm_nan_warned = False
-
-    def hm_iou(d_sy: torch.Tensor) -> float:
-        nonlocal hm_nan_warned
-        try:
-            return float(metrics.hungarian_matched_iou_from_iou(1.0 - d_sy)[0])
-        except ValueError as exc:  # NaN IoU under empty_iou=nan
-            if not hm_nan_warned:
-                logger.warning("HM-IoU is NaN for some cases: %s", exc)
-                hm_nan_warned = True
-            return float("nan")
-
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(items), desc="evaluate", unit="case", dynamic_ncols=True)
-    try:
-        with torch.inference_mode():
-            for batch in _batches(items, batch_size):
-                image = torch.stack([torch.as_tensor(items[i]["image"]) for i in batch]).to(device)
-                logits = model.sample(image, num_samples, chunk_size=chunk, generator=generator)
-                logits = logits.float()  # (B, S, C, *spatial)
-                labels = logits.argmax(dim=2)  # (B, S, *spatial)
-                for j, index in enumerate(batch):
-                    item = items[index]
-                    refs = torch.as_tensor(real_raters(item)).to(device)[None]  # (1, A, *spatial)
-                    sam = labels[j:j + 1]  # (1, S, *spatial)
-                    comp = metrics.ged_components(sam, refs, **kw)
-                    cal = metrics.calibration(sam, refs, num_bins=NUM_BINS, num_classes=num_classes)
-                    cons = metrics.consensus_scores(sam, refs, num_classes=num_classes)
-                    row = {
-                        "case_id": item["case_id"], "index": index, "num_raters": int(refs.shape[1]),
-                        "ged": float(metrics.ged_from_components(comp)[0]),
-                        "ged_cross": float(comp.cross[0]),
-                        "sample_diversity": float(comp.sample_diversity[0]),
-                        "reference_diversity": float(comp.reference_diversity[0]),
-                        "hm_iou": hm_iou(comp.d_sy),
-                        "s_ncc": float(metrics.variance_ncc(logits[j:j + 1], refs, from_logits=True)[0]),
-                        "consensus_dice": float(cons["dice"][0]),
-                        "consensus_iou": float(cons["iou"][0]),
-                        "ece": float(cal.ece[0]),
-                    }
-                    calibrations.append(metrics.Calibration(*(t.cpu() for t in cal)))
-                    truth = item.get("meta", {}).get("truth")
-                    if has_truth:
-                        row.update({k: float("nan") for k in TRUTH_METRICS})
-                    if truth is not None:
-                        row.update(_truth_scores(sam, truth, item, index, seed, num_true, kw, hm_iou,
-                                                 lesion_rows))
-                    rows.append(row)
-                    if bar is not None:
-                        bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-        model.train(was_training)
-
+    sampler = evaluation_sampler(model, cfg.eval, device, seed=int(seed))
+    rows, lesion_rows, calibrations = _score_items(sampler, cfg, items, int(num_samples), int(seed), has_truth,
+                                                   progress)
     pooled = metrics.aggregate_calibration(calibrations)
-    summary = {
-        "kind": SUMMARY_KIND,
-        "probunet_version": __version__,
-        "checkpoint": None if checkpoint is None else str(checkpoint),
-        "split": split or cfg.eval.split,
-        "num_cases": len(rows),
-        "num_samples": int(num_samples),
-        "seed": int(seed),
-        "batch_size": batch_size,
-        "device": str(device),
-        "precision": "float32 (no autocast)",
-        "metrics": {k: mean_and_sem([r[k] for r in rows]) for k in CASE_METRICS},
-        "calibration": {
-            "ece": float(pooled.ece),
-            "num_bins": NUM_BINS,
-            "bin_edges": pooled.bin_edges.tolist(),
-            "counts": pooled.counts.tolist(),
-            "mean_predicted": pooled.mean_predicted.tolist(),
-            "mean_observed": pooled.mean_observed.tolist(),
-        },
-        "conventions": {
-            "distance": "d(a, b) = 1 - IoU over the foreground classes 1..C-1, mean over classes",
-            "empty_iou": empty_iou if math.isfinite(empty_iou) else "nan",
-            "ged_pairs": "expectations over all ordered pairs, i == j included",
-            "hm_iou": "both sets tiled to lcm(S, A) elements, Hungarian matching on 1 - IoU (Kohl et al. 2019)",
-            "references": "the dataset's raters of each case (raters padded in by the reader excluded)",
-            "consensus": "strict majority of the samples vs. strict majority of the raters (a tie is background); "
-                         "empty vs. empty scores 1",
-            "calibration": f"per-pixel sampled vs. rater foreground frequency, {NUM_BINS} equal-width bins, "
-                           f"all pixels; 'calibration.ece' pools the pixels of the split, 'metrics.ece' is "
-                           f"the mean of per-case ECEs",
-            "s_ncc": "PHiSeg variance_ncc: mean over raters of NCC(E_s CE(pbar, p_s), E_s CE(y, p_s))",
-            "summary_statistics": "mean and standard error (std with ddof=1 / sqrt(n)) over the cases with a "
-                                  "finite value; n counts them, num_nan the others",
-            "num_classes": num_classes,
-        },
-        "descriptions": dict(CASE_METRICS),
-        "data": _data_dict(cfg),
-        "eval": _eval_dict(cfg),
-    }
-    if has_truth:
-        summary["truth"] = _truth_summary(rows, lesion_rows, num_true)
-    summary["conventions"]["line"] = conventions_line(summary)
-    m = summary["metrics"]
-    warning = diversity_warning(m["sample_diversity"]["mean"], m["reference_diversity"]["mean"])
-    summary["warnings"] = [warning] if warning else []
-    if warning:
-        logger.warning(warning)
-
+    summary = _summary(cfg, rows, lesion_rows, pooled, num_samples=int(num_samples), seed=int(seed), device=device,
+                       checkpoint=checkpoint, split=split or cfg.eval.split, has_truth=has_truth)
     summary["files"] = {}
     if out_dir is not None or summary_path is not None:
         paths = output_paths(summary_path if summary_path is not None else Path(out_dir) / "summary.json")
@@ -340,6 +219,146 @@ def evaluate(model, cfg, items: list[dict], *, num_samples: int, seed: int, devi
                 "ECE %.4f", len(rows), num_samples, m["ged"]["mean"], m["ged"]["sem"], m["hm_iou"]["mean"],
                 m["hm_iou"]["sem"], m["sample_diversity"]["mean"], summary["calibration"]["ece"])
     return {**summary, "per_case": rows, "lesions": lesion_rows}
+
+
+class _HmIou:
+    """HM-IoU of one case from its d_sy; NaN (warned once) where the IoU is undefined (empty_iou=nan)."""
+
+    def __init__(self):
+        self.warned = False
+
+    def __call__(self, d_sy: torch.Tensor) -> float:
+        try:
+            return float(metrics.hungarian_matched_iou_from_iou(1.0 - d_sy)[0])
+        except ValueError as exc:  # NaN IoU under empty_iou=nan
+            if not self.warned:
+                logger.warning("HM-IoU is NaN for some cases: %s", exc)
+                self.warned = True
+            return float("nan")
+
+
+def _score_items(sampler, cfg, items: list[dict], num_samples: int, seed: int, has_truth: bool,
+                 progress: bool) -> tuple[list, list, list]:
+    """Per-case rows, lesion rows and calibrations of the samples ``sampler`` draws, in item order."""
+    from .validation import case_ids
+
+    rows: list = [None] * len(items)
+    lesion_rows: dict[int, list] = {}
+    calibrations: list = [None] * len(items)
+    hm_iou = _HmIou()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(items), desc="evaluate", unit="case", dynamic_ncols=True)
+    try:
+        batches = sampler.sample_batches([it["image"] for it in items], case_ids(items), num_samples,
+                                         keep_logits=True, pairwise=False,
+                                         key=lambda i: tuple(np.shape(items[i]["image"])))
+        for batch, result in batches:
+            labels = result.labels.long()  # (B, S, *spatial)
+            for j, index in enumerate(batch):
+                lesion_rows[index] = []
+                rows[index], calibrations[index] = _score_case(
+                    items[index], index, labels[j:j + 1], result.logits[j:j + 1], cfg, seed, has_truth, hm_iou,
+                    lesion_rows[index], sampler.device)
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return rows, [r for i in sorted(lesion_rows) for r in lesion_rows[i]], calibrations
+
+
+def _score_case(item: dict, index: int, sam: torch.Tensor, logits: torch.Tensor, cfg, seed: int, has_truth: bool,
+                hm_iou, lesion_rows: list, device) -> tuple[dict, metrics.Calibration]:
+    """The per-case row of samples ``sam (1, S, *spatial)`` (and their logits) against the item's raters."""
+    num_classes = int(cfg.model.num_classes)
+    kw = {"num_classes": num_classes, "empty_iou": float(cfg.eval.empty_iou)}
+    refs = torch.as_tensor(real_raters(item)).to(device)[None]  # (1, A, *spatial)
+    comp = metrics.ged_components(sam, refs, **kw)
+    cal = metrics.calibration(sam, refs, num_bins=NUM_BINS, num_classes=num_classes)
+    cons = metrics.consensus_scores(sam, refs, num_classes=num_classes)
+    row = {
+        "case_id": item["case_id"], "index": index, "num_raters": int(refs.shape[1]),
+        "ged": float(metrics.ged_from_components(comp)[0]),
+        "ged_cross": float(comp.cross[0]),
+        "sample_diversity": float(comp.sample_diversity[0]),
+        "reference_diversity": float(comp.reference_diversity[0]),
+        "hm_iou": hm_iou(comp.d_sy),
+        "s_ncc": float(metrics.variance_ncc(logits, refs, from_logits=True)[0]),
+        "consensus_dice": float(cons["dice"][0]),
+        "consensus_iou": float(cons["iou"][0]),
+        "ece": float(cal.ece[0]),
+    }
+    truth = item.get("meta", {}).get("truth")
+    if has_truth:
+        row.update({k: float("nan") for k in TRUTH_METRICS})
+    if truth is not None:
+        row.update(_truth_scores(sam, truth, item, index, seed, int(cfg.eval.num_true_references), kw, hm_iou,
+                                 lesion_rows))
+    return row, metrics.Calibration(*(t.cpu() for t in cal))
+
+
+def _summary(cfg, rows: list[dict], lesion_rows: list[dict], pooled, *, num_samples: int, seed: int, device,
+             checkpoint, split: str, has_truth: bool) -> dict:
+    """What ``summary.json`` holds (without ``files``)."""
+    empty_iou = float(cfg.eval.empty_iou)
+    summary = {
+        "kind": SUMMARY_KIND,
+        "probunet_version": __version__,
+        "checkpoint": None if checkpoint is None else str(checkpoint),
+        "split": split,
+        "num_cases": len(rows),
+        "num_samples": num_samples,
+        "seed": seed,
+        "batch_size": max(1, int(cfg.eval.batch_size)),
+        "device": str(device),
+        "precision": "float32 (no autocast)",
+        "metrics": {k: mean_and_sem([r[k] for r in rows]) for k in CASE_METRICS},
+        "calibration": {
+            "ece": float(pooled.ece),
+            "num_bins": NUM_BINS,
+            "bin_edges": pooled.bin_edges.tolist(),
+            "counts": pooled.counts.tolist(),
+            "mean_predicted": pooled.mean_predicted.tolist(),
+            "mean_observed": pooled.mean_observed.tolist(),
+        },
+        "conventions": _conventions(empty_iou, int(cfg.model.num_classes)),
+        "descriptions": dict(CASE_METRICS),
+        "data": _data_dict(cfg),
+        "eval": _eval_dict(cfg),
+    }
+    if has_truth:
+        summary["truth"] = _truth_summary(rows, lesion_rows, int(cfg.eval.num_true_references))
+    summary["conventions"]["line"] = conventions_line(summary)
+    m = summary["metrics"]
+    warning = diversity_warning(m["sample_diversity"]["mean"], m["reference_diversity"]["mean"])
+    summary["warnings"] = [warning] if warning else []
+    if warning:
+        logger.warning(warning)
+    return summary
+
+
+def _conventions(empty_iou: float, num_classes: int) -> dict:
+    return {
+        "distance": "d(a, b) = 1 - IoU over the foreground classes 1..C-1, mean over classes",
+        "empty_iou": empty_iou if math.isfinite(empty_iou) else "nan",
+        "ged_pairs": "expectations over all ordered pairs, i == j included",
+        "hm_iou": "both sets tiled to lcm(S, A) elements, Hungarian matching on 1 - IoU (Kohl et al. 2019)",
+        "references": "the dataset's raters of each case (raters padded in by the reader excluded)",
+        "consensus": "strict majority of the samples vs. strict majority of the raters (a tie is background); "
+                     "empty vs. empty scores 1",
+        "calibration": f"per-pixel sampled vs. rater foreground frequency, {NUM_BINS} equal-width bins, "
+                       f"all pixels; 'calibration.ece' pools the pixels of the split, 'metrics.ece' is "
+                       f"the mean of per-case ECEs",
+        "s_ncc": "PHiSeg variance_ncc: mean over raters of NCC(E_s CE(pbar, p_s), E_s CE(y, p_s))",
+        "summary_statistics": "mean and standard error (std with ddof=1 / sqrt(n)) over the cases with a "
+                              "finite value; n counts them, num_nan the others",
+        "sampling": "sample s of a case is drawn from (eval.seed, case id, s) alone (probunet.inference), "
+                    "fp32; validation during training draws the same samples",
+        "num_classes": num_classes,
+    }
 
 
 def conventions_line(summary: dict) -> str:
@@ -506,29 +525,31 @@ def _model_mismatch(exc: Exception, checkpoint: Path) -> Exception:
 
 def evaluate_cli(args) -> int:
     """``probunet evaluate CHECKPOINT_OR_RUN [--num-samples N] [--out FILE] [key=value ...]``."""
-    from .data import DataError, load_splits
-    from .checkpoint import load_model
+    from .options import EvaluateOptions, from_args
 
-    given = Path(args.checkpoint)
+    result = evaluate_checkpoint(from_args(EvaluateOptions, args), progress=not getattr(args, "no_progress", False))
+    _print_summary(result)
+    return 0
+
+
+def evaluate_checkpoint(options, *, progress: bool = False) -> dict:
+    """Evaluate a checkpoint or run directory as ``probunet evaluate`` does (a
+    :class:`probunet.options.EvaluateOptions`); writes the files and returns :func:`evaluate`'s result."""
+    from .data import DataError, load_splits
+
+    given = Path(options.checkpoint)
     if not given.exists():
         raise FileNotFoundError(f"checkpoint or run directory not found: {given}")
     model, _, ckpt = load_model(given)
     ckpt_path = Path(ckpt["path"])
-    cfg = config_for_evaluation(ckpt["config"], list(getattr(args, "overrides", None) or []))
-    num_samples = args.num_samples if getattr(args, "num_samples", None) is not None else cfg.eval.num_samples
+    cfg = config_for_evaluation(ckpt["config"], list(options.overrides or []))
+    num_samples = options.num_samples if options.num_samples is not None else cfg.eval.num_samples
     if num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
     cfg.eval.num_samples = int(num_samples)
-    device = _resolve_device(getattr(args, "device", "auto"))
-
-    if getattr(args, "out", None):
-        out = Path(args.out)
-        summary_path = out / "summary.json" if out.is_dir() or str(args.out).endswith(("/", os.sep)) else out
-    else:
-        summary_path = run_dir_of(given, ckpt_path) / "eval" / "summary.json"
-    paths = output_paths(summary_path)
-    _check_outputs(paths, ckpt_path, cfg.data.path)
-
+    device = _resolve_device(options.device)
+    summary_path = _summary_path(options.out, given, ckpt_path)
+    _check_outputs(output_paths(summary_path), ckpt_path, cfg.data.path)
     try:
         splits = load_splits(cfg)
     except DataError as exc:
@@ -538,20 +559,28 @@ def evaluate_cli(args) -> int:
         sizes = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
         raise ValueError(f"the {cfg.eval.split} split is empty ({sizes} cases); choose another eval.split=... "
                          f"or change data.split")
-    divisor = int(getattr(model, "divisor", 1))
+    _check_divisible(items, int(getattr(model, "divisor", 1)))
+    logger.info("evaluating %s on the %s split (%d cases, %d samples each) on %s", ckpt_path, cfg.eval.split,
+                len(items), num_samples, device)
+    return evaluate(model, cfg, items, num_samples=num_samples, seed=cfg.eval.seed, device=device,
+                    progress=progress, summary_path=summary_path, checkpoint=str(ckpt_path), split=cfg.eval.split)
+
+
+def _summary_path(out: Optional[str], given: Path, ckpt_path: Path) -> Path:
+    """``--out`` (a folder gets summary.json) or RUN_DIR/eval/summary.json."""
+    if out:
+        return Path(out) / "summary.json" if Path(out).is_dir() or str(out).endswith(("/", os.sep)) else Path(out)
+    return run_dir_of(given, ckpt_path) / "eval" / "summary.json"
+
+
+def _check_divisible(items: list[dict], divisor: int) -> None:
+    from .data import DataError
+
     for item in items:
         shape = tuple(np.shape(item["image"])[1:])
         if any(s % divisor for s in shape):
             raise DataError(f"case {item['case_id']}: spatial size {shape} is not divisible by {divisor}, as the "
-                            f"checkpoint's U-Net needs; set data.crop_size=... to a multiple of {divisor}")
-
-    logger.info("evaluating %s on the %s split (%d cases, %d samples each) on %s", ckpt_path, cfg.eval.split,
-                len(items), num_samples, device)
-    result = evaluate(model, cfg, items, num_samples=num_samples, seed=cfg.eval.seed, device=device,
-                      progress=not getattr(args, "no_progress", False), summary_path=summary_path,
-                      checkpoint=str(ckpt_path), split=cfg.eval.split)
-    _print_summary(result)
-    return 0
+                            f"checkpoint's model needs; set data.crop_size=... to a multiple of {divisor}")
 
 
 def _fmt(stat: dict) -> str:

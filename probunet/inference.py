@@ -57,12 +57,12 @@ import hashlib
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
 
 from . import metrics
+from .checkpoint import load_model  # the one way to load a model: digest-checked, through the registry
 from .models.base import index_context
 from .precision import AMP_CHOICES, amp_dtype, autocast
 
@@ -73,24 +73,6 @@ _CHUNK_BUDGET = 1 << 30
 
 
 # ----------------------------------------------------------------------------- loading and precision
-
-
-def load_model(path: str | Path, map_location="cpu"):
-    """Model (eval mode, through the registry), its resolved config and the checkpoint dict,
-    from a checkpoint file or a run directory (``best.pt``, else ``last.pt``).
-
-    The file is read with ``torch.load(..., weights_only=True)``; errors name it.
-    """
-    from .config import from_dict
-    from .models import build_model
-    from .train import load_checkpoint  # moves out of the trainer in phase 2 of the restructuring
-
-    ckpt = load_checkpoint(path, map_location)
-    cfg = from_dict(ckpt["config"])
-    model = build_model(cfg.model)
-    model.load_state_dict(ckpt["model"])
-    model.eval()
-    return model, cfg, ckpt
 
 
 def inference_dtype(amp: Optional[str], device: torch.device) -> Optional[torch.dtype]:
@@ -195,13 +177,13 @@ class SampleSummary:
 
     labels (B, S, *spatial) integer sample maps (uint8 when the classes fit);
     mean_probability (B, C, *spatial) fp32 mean class probabilities over samples;
-    d_ss (B, S, S) sample-to-sample distances; d_sy (B, S, A) and d_yy (B, A, A)
+    d_ss (B, S, S) sample-to-sample distances (None when the reducer was asked for no ``pairwise``); d_sy (B, S, A) and d_yy (B, A, A)
     against the references (None without); logits (B, S, C, *spatial) fp32 when kept.
     """
 
     labels: torch.Tensor
     mean_probability: torch.Tensor
-    d_ss: torch.Tensor
+    d_ss: Optional[torch.Tensor]
     d_sy: Optional[torch.Tensor] = None
     d_yy: Optional[torch.Tensor] = None
     logits: Optional[torch.Tensor] = None
@@ -225,6 +207,8 @@ class SampleSummary:
     @property
     def sample_diversity(self) -> torch.Tensor:
         """(B,) E[d(S, S')] over all ordered pairs, i == j included."""
+        if self.d_ss is None:
+            raise ValueError("the reducer computed no sample-to-sample distances (pairwise=False)")
         return self.d_ss.mean(dim=(1, 2))
 
     def components(self) -> metrics.GEDComponents:
@@ -252,12 +236,13 @@ class SampleReducer:
     ``add(logits, start)`` takes logits (B, s, C, *spatial) of samples ``start ..
     start+s-1``; the distances of the new samples to the earlier ones and to the
     references are computed as they come, so nothing but the label maps (and the
-    logits with ``keep_logits``) is held.
+    logits with ``keep_logits``) is held. ``pairwise=False`` skips the sample-to-sample
+    distances (for callers that need only the label maps and the mean probability).
     """
 
     def __init__(self, batch: int, num_samples: int, num_classes: int, spatial: Sequence[int], *,
                  references: Optional[torch.Tensor] = None, empty_iou: float = 1.0, keep_logits: bool = False,
-                 device="cpu"):
+                 device="cpu", pairwise: bool = True):
         self.num_samples, self.num_classes, self.empty_iou = int(num_samples), int(num_classes), float(empty_iou)
         spatial = tuple(int(s) for s in spatial)
         dev = torch.device(device)
@@ -265,7 +250,8 @@ class SampleReducer:
         self.labels = torch.empty(batch, self.num_samples, *spatial, dtype=ldtype, device=dev)
         self.prob_sum = torch.zeros(batch, num_classes, *spatial, device=dev)
         dt = torch.get_default_dtype()
-        self.d_ss = torch.full((batch, self.num_samples, self.num_samples), float("nan"), dtype=dt, device=dev)
+        self.d_ss = (torch.full((batch, self.num_samples, self.num_samples), float("nan"), dtype=dt, device=dev)
+                     if pairwise else None)
         self.references = None if references is None else references.to(dev)
         self.d_sy = self.d_yy = None
         kw = {"num_classes": self.num_classes, "empty_iou": self.empty_iou}
@@ -295,11 +281,12 @@ class SampleReducer:
             self.logits[:, start:stop] = logits.to(dev)
         self._done[start:stop] = True
         done = self._done.nonzero().flatten().tolist()  # every sample seen so far, this chunk included
-        seen = self.labels[:, done]
-        d = metrics.pairwise_distances(new, seen, **kw)  # (B, s, n_seen)
-        idx = torch.tensor(done, device=dev)
-        self.d_ss[:, start:stop, idx] = d.to(self.d_ss.dtype)
-        self.d_ss[:, idx, start:stop] = d.transpose(1, 2).to(self.d_ss.dtype)
+        if self.d_ss is not None:
+            seen = self.labels[:, done]
+            d = metrics.pairwise_distances(new, seen, **kw)  # (B, s, n_seen)
+            idx = torch.tensor(done, device=dev)
+            self.d_ss[:, start:stop, idx] = d.to(self.d_ss.dtype)
+            self.d_ss[:, idx, start:stop] = d.transpose(1, 2).to(self.d_ss.dtype)
         if self.references is not None:
             self.d_sy[:, start:stop] = metrics.pairwise_distances(new, self.references, **kw).to(self.d_sy.dtype)
 
@@ -367,6 +354,7 @@ class Sampler:
 
     def sample_batches(self, images: Sequence, case_ids: Sequence[str], num_samples: int, *,
                        references: Optional[Sequence] = None, empty_iou: float = 1.0, keep_logits: bool = False,
+                       pairwise: bool = True,
                        key: Optional[Callable[[int], object]] = None):
         """Yield ``(indices, SampleSummary)`` per batch of cases grouped by shape.
 
@@ -392,11 +380,11 @@ class Sampler:
             if references is not None:
                 refs = torch.stack([torch.as_tensor(references[i]) for i in idx]).to(self.device)
             yield idx, self.sample([case_ids[i] for i in idx], x, num_samples, references=refs,
-                                   empty_iou=empty_iou, keep_logits=keep_logits)
+                                   empty_iou=empty_iou, keep_logits=keep_logits, pairwise=pairwise)
 
     def sample(self, case_ids: Sequence[str], images: torch.Tensor, num_samples: int, *,
                references: Optional[torch.Tensor] = None, empty_iou: float = 1.0,
-               keep_logits: bool = False) -> SampleSummary:
+               keep_logits: bool = False, pairwise: bool = True) -> SampleSummary:
         """Sample one batch: images (N, C, *spatial) of one shape, ``case_ids`` one per row."""
         model = self.model
         if images.dim() != model.spatial_dims + 2 or images.shape[1] != model.in_channels:
@@ -406,7 +394,8 @@ class Sampler:
             raise ValueError(f"{images.shape[0]} images but {len(case_ids)} case ids")
         n, spatial = images.shape[0], tuple(images.shape[2:])
         reducer = SampleReducer(n, num_samples, model.num_classes, spatial, references=references,
-                                empty_iou=empty_iou, keep_logits=keep_logits, device=self.device)
+                                empty_iou=empty_iou, keep_logits=keep_logits, device=self.device,
+                                pairwise=pairwise)
         x = images.to(self.device, torch.float32)
         noise = None
         if self.noise_shape is not None:
@@ -449,7 +438,7 @@ class Sampler:
         for s0 in range(0, num_samples, chunk):
             s = min(chunk, num_samples - s0)
             logits = self._call(padded, s, case_ids, s0, noise, context)
-            reducer.add(logits[(slice(None), slice(None), *crop[2:])], s0)
+            reducer.add(logits[(slice(None), slice(None), slice(None), *crop[2:])], s0)  # (N, s, C, *sp)
 
     def _windows(self, x, case_ids, noise, num_samples, chunk, reducer) -> None:
         from monai.inferers import sliding_window_inference
@@ -479,5 +468,13 @@ class Sampler:
             reducer.add(out.reshape(n, s, c, *spatial), s0)
 
 
-__all__ = ["SampleReducer", "SampleSummary", "Sampler", "case_noise", "case_seed", "centre_crop",
+def evaluation_sampler(model, eval_cfg, device, *, seed: Optional[int] = None) -> Sampler:
+    """The sampler of validation during training and of ``probunet evaluate``: seed ``eval.seed``
+    (or ``seed``), ``eval.batch_size`` images per pass, ``eval.sample_chunk`` samples per call,
+    fp32 (the policy). Both draw a case's samples with it, so they score the same samples."""
+    return Sampler(model, seed=eval_cfg.seed if seed is None else seed, device=device,
+                   batch_size=max(1, int(eval_cfg.batch_size)), sample_chunk=eval_cfg.sample_chunk)
+
+
+__all__ = ["SampleReducer", "SampleSummary", "Sampler", "evaluation_sampler", "case_noise", "case_seed", "centre_crop",
            "group_by_shape", "inference_dtype", "load_model", "pad_to", "pad_to_multiple", "resolve_roi"]

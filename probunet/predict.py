@@ -31,8 +31,11 @@ image as :func:`probunet.data.transforms.normalize_image` did in training (per
 *slice* when a 2D model runs slice by slice on a volume, because its training
 images were single slices).
 
-Sampling. Sample ``s`` of a case uses the standard-normal draw ``eps_s`` seeded
-by ``(seed, case id, s)``, so outputs are reproducible, independent of the batch
+Sampling goes through :class:`probunet.inference.Sampler`, the path validation
+and ``probunet evaluate`` use (same checkpoint, image, case id and seed: same
+samples), in fp32 unless ``--amp`` asks for autocast (the one precision policy,
+written down in :mod:`probunet.inference`). Sample ``s`` of a case uses the
+standard-normal draw ``eps_s`` seeded by ``(seed, case id, s)``, so outputs are reproducible, independent of the batch
 size, of the order of cases and of sharding, and ``--num-samples 32`` extends the
 first 16. ``z_s = mu + sigma * eps_s`` with the prior ``p(z|x) = N(mu, sigma)``:
 
@@ -71,7 +74,6 @@ model is loaded.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io as _io
 import json
 import logging
@@ -87,12 +89,14 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import __version__
+from .checkpoint import load_model, resolve_checkpoint_path
 from .data import io
+from .data.errors import DataError
 from .data.transforms import normalize_image
-from .data.validate import DataError
+from .inference import Sampler
+from .options import PredictOptions, from_args, with_overrides
 from .utils import FolderLock, atomic_write_text, check_writable, remove_stale_temps, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -175,216 +179,58 @@ class InputCase:
     path: Path
 
 
-# ----------------------------------------------------------------------------- the model runner
-
-
-def latent_eps(seed: int, case_id: str, num_samples: int, latent_dim: int) -> torch.Tensor:
-    """Standard-normal draws (S, D) for a case: row ``s`` depends only on (seed, case_id, s)."""
-    rows = []
-    for s in range(num_samples):
-        digest = hashlib.sha256(f"probunet-predict:{seed}:{case_id}:{s}".encode()).digest()
-        g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-        rows.append(torch.randn(latent_dim, generator=g))
-    return torch.stack(rows)
-
-
-def _pad_to(x: torch.Tensor, sizes: Sequence[int]) -> tuple[torch.Tensor, tuple]:
-    """Pad x (N, C, *sp) to at least ``sizes`` per axis, split evenly (the extra voxel
-    after), with each image's per-channel minimum, as training's crop/pad
-    (:func:`probunet.data.transforms.crop_item`) pads; returns the crop back."""
-    target = [max(s, int(t)) for s, t in zip(x.shape[2:], sizes)]
-    crop = (slice(None), slice(None), *(slice((t - s) // 2, (t - s) // 2 + s) for s, t in zip(x.shape[2:], target)))
-    if list(x.shape[2:]) == target:
-        return x, crop
-    fill = x.flatten(2).amin(dim=2) if x[0, 0].numel() else torch.zeros(x.shape[:2], device=x.device)  # (N, C)
-    out = fill.reshape(*x.shape[:2], *([1] * (x.dim() - 2))).expand(*x.shape[:2], *target).clone()
-    out[crop] = x
-    return out, crop
-
-
-def _pad_to_multiple(x: torch.Tensor, divisor: int) -> tuple[torch.Tensor, tuple]:
-    """Pad x (N, C, *sp) to multiples of divisor (see :func:`_pad_to`)."""
-    return _pad_to(x, [-(-s // divisor) * divisor for s in x.shape[2:]])
-
-
-def _centre_crop(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    idx = [slice(None), slice(None)]
-    for s, r in zip(x.shape[2:], size):
-        lo = max(0, (s - r) // 2)
-        idx.append(slice(lo, lo + min(s, r)))
-    return x[tuple(idx)]
-
-
-class _Runner:
-    """Runs the model on stacked units (N, C, *sp) with latents eps (N, S, D).
-
-    Returns mean class probabilities (N, C, *sp) float32 and labels (N, S, *sp) uint8, on the CPU.
-    """
-
-    def __init__(self, model, device: torch.device, dtype: Optional[torch.dtype], *, roi_size, overlap: float,
-                 blend: str, prior_window: str, batch_size: int, sample_chunk: Optional[int]):
-        self.model, self.device, self.dtype = model, device, dtype
-        self.roi_size = roi_size
-        self.overlap, self.blend, self.prior_window = overlap, blend, prior_window
-        self.batch_size = batch_size
-        self.sample_chunk = sample_chunk
-
-    def uses_window(self, spatial: Sequence[int]) -> bool:
-        return self.roi_size is not None and any(s > r for s, r in zip(spatial, self.roi_size))
-
-    def _chunk(self, n: int, num_samples: int, spatial, window: bool) -> int:
-        if self.sample_chunk:
-            return max(1, min(num_samples, int(self.sample_chunk)))
-        hidden = self.model.unet.out_channels
-        budget = 1 << 30  # bytes of float32 per chunk
-        if window:
-            per_sample = max(self.batch_size * hidden * math.prod(self.roi_size),
-                             n * self.model.num_classes * math.prod(spatial)) * 4
-        else:
-            per_sample = n * hidden * math.prod(-(-s // self.model.divisor) * self.model.divisor for s in spatial) * 4
-        return max(1, min(num_samples, budget // max(per_sample, 1)))
-
-    def run(self, units: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        probs, labels = [], []
-        for i in range(0, units.shape[0], self.batch_size):
-            p, l = self._run(units[i:i + self.batch_size], eps[i:i + self.batch_size])
-            probs.append(p)
-            labels.append(l)
-        return torch.cat(probs), torch.cat(labels)
-
-    def _run(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from .train import autocast
-
-        model = self.model
-        x = x.to(self.device, torch.float32)
-        eps = eps.to(self.device, torch.float32)
-        n, spatial = x.shape[0], tuple(x.shape[2:])
-        num_samples, num_classes = eps.shape[1], model.num_classes
-        window = self.uses_window(spatial)
-        chunk = self._chunk(n, num_samples, spatial, window)
-        padded, crop = _pad_to_multiple(x, model.divisor)
-        prob_sum = torch.zeros(n, num_classes, *spatial, device=self.device)
-        labels = torch.empty(n, num_samples, *spatial, dtype=torch.uint8, device=self.device)
-        with torch.inference_mode(), autocast(self.device, self.dtype):
-            prior_in = padded
-            if window and self.prior_window == "roi":
-                prior_in = _centre_crop(padded, self.roi_size)
-            prior = model.prior(prior_in)
-            loc, scale = prior.base_dist.loc.float(), prior.base_dist.scale.float()  # (N, D)
-            z = loc[:, None] + scale[:, None] * eps  # (N, S, D)
-
-            def reduce(logits: torch.Tensor, s0: int) -> None:  # logits (N, s, C, *spatial)
-                logits = logits.float()
-                prob_sum.add_(torch.softmax(logits, dim=2).sum(dim=1))  # sum over samples -> (N, C, *sp)
-                labels[:, s0:s0 + logits.shape[1]] = logits.argmax(dim=2).to(torch.uint8)
-
-            if not window:
-                feat = model.fcomb.feature_term(model.unet(padded))  # once per image
-                for s0 in range(0, num_samples, chunk):
-                    reduce(model.fcomb.combine(feat, z[:, s0:s0 + chunk])[(slice(None), *crop)], s0)
-            else:
-                from monai.inferers import sliding_window_inference
-
-                big, big_crop = _pad_to(x, self.roi_size)  # our padding, not MONAI's (constant 0)
-                for s0 in range(0, num_samples, chunk):
-                    zc = z[:, s0:s0 + chunk]  # (N, s, D)
-
-                    def predictor(win: torch.Tensor, coords, zc=zc) -> torch.Tensor:
-                        b = torch.tensor([c[0].start for c in coords], device=zc.device)
-                        out = model.fcomb.combine(model.fcomb.feature_term(model.unet(win)), zc[b])
-                        return out.flatten(1, 2).float()  # (w, s*C, *roi)
-
-                    out = sliding_window_inference(big, self.roi_size, self.batch_size, predictor,
-                                                   overlap=self.overlap, mode=self.blend, with_coord=True)
-                    out = out[(slice(None), slice(None), *big_crop[2:])]
-                    reduce(out.reshape(n, zc.shape[1], num_classes, *spatial), s0)
-        return (prob_sum / num_samples).cpu(), labels.cpu()
-
-
 # ----------------------------------------------------------------------------- predictor
 
 
-def _resolve_roi(roi, cfg, spatial_dims: int, divisor: int) -> Optional[tuple]:
-    """The sliding-window size: ``"config"`` (data.crop_size, or the synthetic image size),
-    None/0 (never slide), an int or a sequence per axis; rounded up to multiples of divisor."""
+def _config_roi(roi, cfg):
+    """``"config"``: the training patch (data.crop_size, or the synthetic image size); else ``roi``."""
     if isinstance(roi, str) and roi == "config":
         roi = cfg.data.crop_size
         if roi is None and cfg.data.format == "synthetic" and not cfg.data.path:
             roi = cfg.data.synthetic.size
-    if roi is None or (isinstance(roi, int) and roi <= 0):
-        return None
-    sizes = [int(roi)] * spatial_dims if isinstance(roi, int) else [int(r) for r in roi]
-    if len(sizes) == 1:
-        sizes = sizes * spatial_dims
-    if len(sizes) != spatial_dims or any(s <= 0 for s in sizes):
-        raise ValueError(f"roi size {roi!r}: expected a positive size or one per spatial axis ({spatial_dims})")
-    return tuple(-(-s // divisor) * divisor for s in sizes)
+    return roi
 
 
 class Predictor:
     """A model and the preprocessing of its training config, ready to predict images.
 
     Args:
-        model: a :class:`probunet.ProbabilisticUNet` (its weights are used as is).
+        model: a model meeting :class:`probunet.models.base.SegmentationSampler` (its weights are used as is).
         cfg: the resolved :class:`probunet.config.Config` it was trained with.
-        num_samples: S, samples per image.
-        seed: seeds the latents (see the module docstring).
-        device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``.
-        amp: ``None`` (``train.amp`` of the config), ``auto``, ``off``, ``bf16``, ``fp16``.
-        batch_size: images (or slices, or sliding windows) per forward pass;
-            None: 16 for 2D models, 1 for 3D.
-        roi_size: sliding-window size; ``"config"`` (the training patch:
-            ``data.crop_size``, or the synthetic image size), None or 0 (always
-            the whole image), an int or one per axis.
-        overlap, blend: sliding-window overlap and blending (``gaussian`` | ``constant``).
-        prior_window: ``image`` (the prior on the whole image) or ``roi`` (on its
-            central patch) when sliding.
-        axis: slicing axis for a 2D model on 3D volumes: ``auto`` or 0/1/2
-            (array axes (x, y, z), as :func:`probunet.data.io.read_image` gives).
-        sample_chunk: samples per f_comb pass (None: as many as fit in ~1 GiB).
+        options: a :class:`probunet.options.PredictOptions` (the sampling fields are used:
+            num_samples, seed, device, amp, batch_size, roi_size, overlap, blend,
+            prior_window, axis, sample_chunk); keyword arguments of the same names
+            override single fields. ``amp`` None means fp32 (the policy of
+            :mod:`probunet.inference`); ``batch_size`` None: 16 for 2D models, 1 for 3D;
+            ``roi_size`` ``"config"``: the training patch (``data.crop_size``, or the
+            synthetic image size), None or 0: always the whole image.
+
+    Sampling goes through :class:`probunet.inference.Sampler`, as validation and
+    ``evaluate`` do: sample ``s`` of a case is decided by ``(seed, case id, s)``.
     """
 
-    def __init__(self, model, cfg, *, num_samples: int = 16, seed: int = 0, device: str | torch.device = "auto",
-                 amp: Optional[str] = None, batch_size: Optional[int] = None, roi_size="config",
-                 overlap: float = 0.25, blend: str = "gaussian", prior_window: str = "image",
-                 axis: int | str = "auto", sample_chunk: Optional[int] = None):
-        from .train import amp_dtype
-
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        if blend not in ("gaussian", "constant"):
-            raise ValueError(f"blend must be 'gaussian' or 'constant', got {blend!r}")
-        if prior_window not in ("image", "roi"):
-            raise ValueError(f"prior_window must be 'image' or 'roi', got {prior_window!r}")
-        if not 0 <= overlap < 1:
-            raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-        if axis != "auto" and int(axis) not in (0, 1, 2):
-            raise ValueError(f"axis must be 'auto', 0, 1 or 2, got {axis!r}")
-        amp = amp or cfg.train.amp
-        if amp not in ("auto", "off", "bf16", "fp16"):
-            raise ValueError(f"amp must be one of auto, off, bf16, fp16, got {amp!r}")
-        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+    def __init__(self, model, cfg, options: Optional[PredictOptions] = None, **kwargs):
+        opts = with_overrides(options, PredictOptions, **kwargs).check()
+        self.options = opts
+        self.device = opts.device if isinstance(opts.device, torch.device) else resolve_device(opts.device)
         self.model = model.to(self.device).eval()
         self.cfg = cfg
-        self.num_samples = int(num_samples)
-        self.seed = int(seed)
-        self.axis = axis if axis == "auto" else int(axis)
-        self.dtype = amp_dtype(amp, self.device)
-        self.batch_size = int(batch_size) if batch_size else (16 if model.spatial_dims == 2 else 1)
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.roi_size = _resolve_roi(roi_size, cfg, model.spatial_dims, model.divisor)
-        self.runner = _Runner(self.model, self.device, self.dtype, roi_size=self.roi_size, overlap=overlap,
-                              blend=blend, prior_window=prior_window, batch_size=self.batch_size,
-                              sample_chunk=sample_chunk)
+        self.num_samples = int(opts.num_samples)
+        self.seed = int(opts.seed)
+        self.axis = opts.axis
+        self.batch_size = int(opts.batch_size) if opts.batch_size else (16 if model.spatial_dims == 2 else 1)
+        self.sampler = Sampler(self.model, seed=self.seed, device=self.device, amp=opts.amp,
+                               batch_size=self.batch_size, roi_size=_config_roi(opts.roi_size, cfg),
+                               overlap=opts.overlap, blend=opts.blend, context_window=opts.prior_window,
+                               sample_chunk=opts.sample_chunk)
+        self.roi_size = self.sampler.roi_size
+        self.dtype = self.sampler.dtype
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, **kwargs) -> "Predictor":
+    def from_checkpoint(cls, path: str | Path, options: Optional[PredictOptions] = None, **kwargs) -> "Predictor":
         """Load a checkpoint file or run directory (``best.pt``, else ``last.pt``)."""
-        from .checkpoint import load_model
-
         model, cfg, _ = load_model(path)
-        return cls(model, cfg, **kwargs)
+        return cls(model, cfg, options, **kwargs)
 
     @property
     def num_classes(self) -> int:
@@ -439,11 +285,19 @@ class Predictor:
         units = np.stack([normalize_image(s, self.cfg.data) for s in slices])  # per slice, as in training
         return torch.from_numpy(units), axis
 
-    def eps(self, case_id: str) -> torch.Tensor:
-        return latent_eps(self.seed, case_id, self.num_samples, self.model.latent_dim)
+    def run(self, units: torch.Tensor, case_ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """units (N, C, *u) of one shape, one case id per unit (slices of a volume share theirs) ->
+        mean class probabilities (N, C, *u) float32 and labels (N, S, *u), on the CPU."""
+        probs, labels = [], []
+        for i in range(0, units.shape[0], self.batch_size):
+            out = self.sampler.sample(list(case_ids[i:i + self.batch_size]), units[i:i + self.batch_size],
+                                      self.num_samples, pairwise=False)
+            probs.append(out.mean_probability.cpu())
+            labels.append(out.labels.cpu())
+        return torch.cat(probs), torch.cat(labels)
 
     def mode_of(self, unit_spatial: Sequence[int], axis: Optional[int]) -> str:
-        mode = "sliding_window" if self.runner.uses_window(unit_spatial) else "whole"
+        mode = "sliding_window" if self.sampler.uses_window(unit_spatial) else "whole"
         return mode if axis is None else f"slices(axis={axis})" + (" + sliding_window" if mode != "whole" else "")
 
     def finish(self, mean_prob: torch.Tensor, labels: torch.Tensor, axis: Optional[int], mode: str) -> Prediction:
@@ -472,7 +326,7 @@ class Predictor:
         them), the array as read; without, channels first ``(C, *spatial)`` or
         ``(*spatial)`` for single-channel models, where ``*spatial`` has the
         model's dims or, for a 2D model, 3 dims (run slice by slice).
-        ``case_id`` seeds the latents with the predictor's seed.
+        ``case_id`` seeds the samples with the predictor's seed.
         """
         image = np.asarray(image)
         if meta is not None:
@@ -484,8 +338,7 @@ class Predictor:
                 image = image[None]  # (*spatial) -> (1, *spatial)
             image = self.to_channels_first(np.moveaxis(image, 0, -1), {"num_components": image.shape[0]})
         units, axis = self.prepare(image, spacing)
-        eps = self.eps(case_id).expand(units.shape[0], -1, -1)
-        mean_prob, labels = self.runner.run(units, eps)
+        mean_prob, labels = self.run(units, [case_id] * units.shape[0])
         return self.finish(mean_prob, labels, axis, self.mode_of(units.shape[2:], axis))
 
 
@@ -718,42 +571,42 @@ def _shard(spec: Optional[str]) -> Optional[tuple[int, int]]:
     return k, n
 
 
-def predict_folder(checkpoint, input_dir: str | Path, output_dir: str | Path, *, recursive: bool = False,
-                   file_list: Optional[str | Path] = None, overwrite: bool = False, output_format: str = "same",
-                   workers: int = 2, shard=None, progress: bool = False, **predictor_kwargs) -> PredictSummary:
+def predict_folder(checkpoint, input_dir: str | Path, output_dir: str | Path,
+                   options: Optional[PredictOptions] = None, *, progress: bool = False, **kwargs) -> PredictSummary:
     """Predict every image of ``input_dir`` into ``output_dir`` (see the module docstring).
 
     Args:
-        checkpoint: a checkpoint file, a run directory, or a :class:`Predictor`.
-        recursive, file_list: which inputs (see :func:`find_inputs`).
-        overwrite: recompute cases whose output folder exists.
-        output_format: ``same`` (the input's) or one of nii.gz, nii, nrrd, mha.
-        workers: threads reading and writing images while the model runs.
-        shard: ``"K/N"``: only cases K, K+N, K+2N, ... of the sorted list; the
-            summary is then ``summary.shard-K-of-N.csv`` (see :func:`merge_summaries`).
+        checkpoint: a checkpoint file, a run directory, or a :class:`Predictor` (whose
+            sampling settings are then used).
+        options: a :class:`probunet.options.PredictOptions`; keyword arguments of the same
+            names override single fields. Besides the sampling fields (see :class:`Predictor`):
+            ``recursive``, ``file_list`` (which inputs, see :func:`find_inputs`),
+            ``overwrite`` (recompute cases whose output folder exists), ``output_format``
+            (``same``: the input's, or nii.gz, nii, nrrd, mha), ``workers`` (threads reading
+            and writing images while the model runs), ``shard`` (``"K/N"``: only cases K,
+            K+N, ... of the sorted list; the summary is then ``summary.shard-K-of-N.csv``,
+            see :func:`merge_summaries`).
         progress: a tqdm bar on stderr.
-        **predictor_kwargs: :class:`Predictor` options (num_samples, seed, device, ...).
 
     Returns:
         :class:`PredictSummary`; failed cases are rows with status ``error``
         (the function raises only for problems with the arguments).
     """
+    opts = with_overrides(options, PredictOptions, **kwargs).check()
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if not isinstance(checkpoint, Predictor):
-        from .checkpoint import resolve_checkpoint_path
-
         resolve_checkpoint_path(checkpoint)  # a missing checkpoint first; it is loaded once OUTPUT_DIR is ours
-    cases = find_inputs(input_dir, recursive=recursive, file_list=file_list)
-    shard = _shard(shard)
+    cases = find_inputs(input_dir, recursive=opts.recursive, file_list=opts.file_list)
+    shard = _shard(opts.shard)
     if not cases:
-        where = f"{file_list}" if file_list else f"{input_dir}" + ("" if recursive else " (try --recursive)")
+        where = f"{opts.file_list}" if opts.file_list else \
+            f"{input_dir}" + ("" if opts.recursive else " (try --recursive)")
         raise ValueError(f"no input images found in {where}; extensions read: {', '.join(IMAGE_SUFFIXES)}")
     if shard is not None:
         cases = cases[shard[0]::shard[1]]  # may be empty: more shards than cases
     _check_folders(input_dir, output_dir, cases)
-    output_format = output_format or "same"
-    if output_format not in OUTPUT_FORMATS:
-        raise ValueError(f"output format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}")
+    if (opts.output_format or "same") not in OUTPUT_FORMATS:
+        raise ValueError(f"output format must be one of {', '.join(OUTPUT_FORMATS)}, got {opts.output_format!r}")
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -768,10 +621,19 @@ def predict_folder(checkpoint, input_dir: str | Path, output_dir: str | Path, *,
                                            name=f".probunet.shard-{shard[0]}-of-{shard[1]}.lock"))
         else:  # alone in the folder: temp files of an interrupted run are nobody's
             remove_stale_temps(output_dir, recursive=True)
-        predictor = checkpoint if isinstance(checkpoint, Predictor) else \
-            Predictor.from_checkpoint(checkpoint, **predictor_kwargs)
-        return _predict_cases(predictor, checkpoint, cases, input_dir, output_dir, overwrite=overwrite,
-                              output_format=output_format, workers=workers, shard=shard, progress=progress)
+        predictor = checkpoint if isinstance(checkpoint, Predictor) else Predictor.from_checkpoint(checkpoint, opts)
+        run = _FolderRun(predictor, "" if isinstance(checkpoint, Predictor) else str(checkpoint), output_dir,
+                         overwrite=opts.overwrite, output_format=opts.output_format or "same")
+        logger.info("predict: %d case(s) from %s -> %s (%d samples, device %s, roi %s, batch %d)", len(cases),
+                    input_dir, output_dir, predictor.num_samples, predictor.device, predictor.roi_size,
+                    predictor.batch_size)
+        rows = run.run(cases, workers=max(1, int(opts.workers)), progress=progress)
+    name = "summary.csv" if shard is None else f"summary.shard-{shard[0]}-of-{shard[1]}.csv"
+    path = write_summary(rows, output_dir / name)
+    summary = PredictSummary(rows, path, output_dir)
+    logger.info("predict: %d ok, %d skipped, %d failed; summary %s", len(rows) - len(summary.failed)
+                - len(summary.skipped), len(summary.skipped), len(summary.failed), path)
+    return summary
 
 
 def _case_dir(output_dir: Path, case: InputCase) -> Path:
@@ -786,60 +648,70 @@ def _case_dir(output_dir: Path, case: InputCase) -> Path:
     return case_dir
 
 
-def _predict_cases(predictor: "Predictor", checkpoint, cases: list, input_dir: Path, output_dir: Path, *,
-                   overwrite: bool, output_format: str, workers: int, shard, progress: bool) -> PredictSummary:
-    ckpt_name = str(checkpoint) if not isinstance(checkpoint, Predictor) else ""
-    logger.info("predict: %d case(s) from %s -> %s (%d samples, device %s, roi %s, batch %d)", len(cases),
-                input_dir, output_dir, predictor.num_samples, predictor.device, predictor.roi_size,
-                predictor.batch_size)
-    settings = {"checkpoint": ckpt_name, "probunet_version": __version__, "num_samples": predictor.num_samples,
-                "seed": predictor.seed, "roi_size": list(predictor.roi_size) if predictor.roi_size else None,
-                "amp": str(predictor.dtype).replace("torch.", "") if predictor.dtype else "off"}
+class _FolderRun:
+    """The folder loop: reader threads prepare cases ahead, the model runs on groups of
+    units of one shape (up to ``batch_size``), writer threads write each case's files."""
 
-    def prepare(case: InputCase) -> _Prepared:
-        t0 = time.perf_counter()
+    def __init__(self, predictor: Predictor, checkpoint: str, output_dir: Path, *, overwrite: bool,
+                 output_format: str):
+        self.predictor, self.output_dir = predictor, output_dir
+        self.overwrite, self.output_format = overwrite, output_format
+        self.settings = {"checkpoint": checkpoint, "probunet_version": __version__,
+                         "num_samples": predictor.num_samples, "seed": predictor.seed,
+                         "roi_size": list(predictor.roi_size) if predictor.roi_size else None,
+                         "amp": str(predictor.dtype).replace("torch.", "") if predictor.dtype else "off"}
+        self.rows: dict[str, dict] = {}
+        self.bar = None
+
+    # -- per case, on the threads
+
+    def prepare(self, case: InputCase) -> _Prepared:
+        """Read and preprocess one case (or mark it skipped / failed); never raises."""
         row = {"case": case.case_id, "input": str(case.path), "output": ""}
-        item = _Prepared(case, row, t0)
+        item = _Prepared(case, row, time.perf_counter())
         try:
-            case_dir = _case_dir(output_dir, case)
+            case_dir = _case_dir(self.output_dir, case)
             row["output"] = str(case_dir)
-            done = case_dir / "case.json"
-            if not overwrite and done.is_file():
-                old = json.loads(done.read_text(encoding="utf-8"))
-                row.update({k: v for k, v in old.get("summary", {}).items() if k not in ("status", "error")})
-                row.update(status="skipped", error="", case=case.case_id, output=str(case_dir))
-                if old.get("num_samples") != predictor.num_samples or old.get("seed") != predictor.seed:
-                    logger.warning("%s: existing outputs (%s samples, seed %s) kept; pass --overwrite to recompute",
-                                   case_dir, old.get("num_samples"), old.get("seed"))
-                item.skip = True
+            if not self.overwrite and (case_dir / "case.json").is_file():
+                self._skip(item, case_dir)
                 return item
-            if not overwrite and case_dir.is_dir() and any(case_dir.iterdir()):
+            if not self.overwrite and case_dir.is_dir() and any(case_dir.iterdir()):
                 raise FileExistsError(f"{case_dir} exists without case.json (an interrupted run?); "
                                       f"pass --overwrite to recompute it")
             array, meta = io.read_image(case.path)
-            image = predictor.to_channels_first(array, meta, where=str(case.path))
+            image = self.predictor.to_channels_first(array, meta, where=str(case.path))
             item.meta = meta
-            item.units, item.axis = predictor.prepare(image, meta.get("spacing"))
-            item.mode = predictor.mode_of(item.units.shape[2:], item.axis)
+            item.units, item.axis = self.predictor.prepare(image, meta.get("spacing"))
+            item.mode = self.predictor.mode_of(item.units.shape[2:], item.axis)
         except Exception as exc:  # one bad case never stops the others
             item.error = _error_message(exc)
         return item
 
-    def finish(item: _Prepared, mean_prob, labels, seconds: float) -> dict:
-        row, case_dir = item.row, output_dir / item.case.case_id
+    def _skip(self, item: _Prepared, case_dir: Path) -> None:
+        old = json.loads((case_dir / "case.json").read_text(encoding="utf-8"))
+        item.row.update({k: v for k, v in old.get("summary", {}).items() if k not in ("status", "error")})
+        item.row.update(status="skipped", error="", case=item.case.case_id, output=str(case_dir))
+        if old.get("num_samples") != self.predictor.num_samples or old.get("seed") != self.predictor.seed:
+            logger.warning("%s: existing outputs (%s samples, seed %s) kept; pass --overwrite to recompute",
+                           case_dir, old.get("num_samples"), old.get("seed"))
+        item.skip = True
+
+    def finish(self, item: _Prepared, mean_prob, labels, seconds: float) -> dict:
+        """Write one case's maps and case.json; returns its summary row (status ok or error)."""
+        row, case_dir = item.row, self.output_dir / item.case.case_id
         try:
-            pred = predictor.finish(mean_prob, labels, item.axis, item.mode)
-            suffixes = output_suffixes(item.case.path, output_format)
-            row.update(case_statistics(pred, item.meta, predictor.num_classes,
+            pred = self.predictor.finish(mean_prob, labels, item.axis, item.mode)
+            suffixes = output_suffixes(item.case.path, self.output_format)
+            row.update(case_statistics(pred, item.meta, self.predictor.num_classes,
                                        has_geometry=suffixes[0] not in _NO_FLOAT))
-            if overwrite and (case_dir / "case.json").exists():
+            if self.overwrite and (case_dir / "case.json").exists():
                 (case_dir / "case.json").unlink()  # incomplete until rewritten
             names = write_prediction(pred, item.meta, case_dir, suffixes)
-            for p in case_dir.iterdir() if overwrite else ():
+            for p in case_dir.iterdir() if self.overwrite else ():
                 if p.is_file() and _OUR_FILE.match(p.name) and p.name not in names:
                     p.unlink()  # stale output of an earlier run (other sample count or format)
             row.update(status="ok", error="", seconds=round(seconds + time.perf_counter() - item.t0, 3))
-            record = {"case": item.case.case_id, "input": str(item.case.path), **settings,
+            record = {"case": item.case.case_id, "input": str(item.case.path), **self.settings,
                       "axis": item.axis, "outputs": names, "summary": row}
             atomic_write_text(case_dir / "case.json", json.dumps(record, indent=1, default=str))
         except Exception as exc:
@@ -847,125 +719,90 @@ def _predict_cases(predictor: "Predictor", checkpoint, cases: list, input_dir: P
             logger.error("predict: case %s failed: %s", item.case.case_id, row["error"])
         return row
 
-    rows: dict[str, dict] = {}
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    # -- bookkeeping, on the main thread
 
-        bar = tqdm(total=len(cases), desc="predict", unit="case", dynamic_ncols=True)
+    def record(self, row: dict) -> None:
+        self.rows[row["case"]] = row
+        if self.bar is not None:
+            self.bar.update(1)
 
-    def record(row: dict) -> None:
-        rows[row["case"]] = row
-        if bar is not None:
-            bar.update(1)
-
-    def fail(item: _Prepared, message: str) -> None:
+    def fail(self, item: _Prepared, message: str) -> None:
         item.row.update(status="error", error=message)
         logger.error("predict: case %s failed: %s", item.case.case_id, message)
-        record(item.row)
+        self.record(item.row)
 
-    workers = max(1, int(workers))
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="probunet-io") as pool:
-        pending: deque[Future] = deque()
-        writes: list[Future] = []
-        queue = iter(cases)
-        ahead = max(2 * workers, 2)
+    def sample(self, group: list, pool: ThreadPoolExecutor) -> list[Future]:
+        """Run the model on a group of prepared cases; their writes go to the pool."""
+        if not group:
+            return []
+        t0 = time.perf_counter()
+        try:
+            counts = [g.units.shape[0] for g in group]
+            units = torch.cat([g.units for g in group])
+            ids = [g.case.case_id for g, n in zip(group, counts) for _ in range(n)]  # slices share their case's
+            for g in group:
+                g.units = None  # only the stacked copy is kept
+            mean_prob, labels = self.predictor.run(units, ids)
+        except Exception as exc:  # e.g. out of memory: these cases fail, the rest go on
+            for g in group:
+                self.fail(g, _error_message(exc))
+            return []
+        share = (time.perf_counter() - t0) / units.shape[0]
+        writes, i = [], 0
+        for g, n in zip(group, counts):
+            writes.append(pool.submit(self.finish, g, mean_prob[i:i + n], labels[i:i + n], share * n))
+            i += n
+        return writes
 
-        def fill():
-            while len(pending) < ahead:
-                case = next(queue, None)
-                if case is None:
-                    return
-                pending.append(pool.submit(prepare, case))
+    def _fits(self, group: list, item: _Prepared) -> bool:
+        return not group or (group[0].units.shape[1:] == item.units.shape[1:] and sum(
+            g.units.shape[0] for g in group) + item.units.shape[0] <= self.predictor.batch_size)
 
-        fill()
-        group: list[_Prepared] = []
+    def run(self, cases: list[InputCase], *, workers: int, progress: bool) -> list[dict]:
+        """Every case's summary row, in the order of ``cases``."""
+        if progress:
+            from tqdm import tqdm
 
-        def flush():
-            if not group:
-                return
-            t0 = time.perf_counter()
-            try:
-                counts = [g.units.shape[0] for g in group]
-                units = torch.cat([g.units for g in group])
-                eps = torch.cat([predictor.eps(g.case.case_id).expand(g.units.shape[0], -1, -1) for g in group])
-                for g in group:
-                    g.units = None  # only the stacked copy is kept
-                mean_prob, labels = predictor.runner.run(units, eps)
-            except Exception as exc:  # e.g. out of memory: these cases fail, the rest go on
-                for g in group:
-                    fail(g, _error_message(exc))
-                group.clear()
-                return
-            share = (time.perf_counter() - t0) / units.shape[0]
-            i = 0
-            for g, n in zip(group, counts):
-                writes.append(pool.submit(finish, g, mean_prob[i:i + n], labels[i:i + n], share * n))
-                i += n
-            group.clear()
-
-        while pending:
-            item = pending.popleft().result()
-            fill()
-            if item.skip:
-                record(item.row)
-                continue
-            if item.error is not None:
-                fail(item, item.error)
-                continue
-            if group and (group[0].units.shape[1:] != item.units.shape[1:]
-                          or sum(g.units.shape[0] for g in group) + item.units.shape[0] > predictor.batch_size):
-                flush()
-            group.append(item)
-            done = [w for w in writes if w.done()]
-            for w in done:
-                writes.remove(w)
-                record(w.result())
-        flush()
-        for w in writes:
-            record(w.result())
-    if bar is not None:
-        bar.close()
-
-    ordered = [rows[c.case_id] for c in cases]
-    name = "summary.csv" if shard is None else f"summary.shard-{shard[0]}-of-{shard[1]}.csv"
-    path = write_summary(ordered, output_dir / name)
-    summary = PredictSummary(ordered, path, output_dir)
-    logger.info("predict: %d ok, %d skipped, %d failed; summary %s", len(ordered) - len(summary.failed)
-                - len(summary.skipped), len(summary.skipped), len(summary.failed), path)
-    return summary
+            self.bar = tqdm(total=len(cases), desc="predict", unit="case", dynamic_ncols=True)
+        try:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="probunet-io") as pool:
+                pending: deque[Future] = deque(pool.submit(self.prepare, c) for c in cases[:max(2 * workers, 2)])
+                queue = iter(cases[len(pending):])
+                group: list[_Prepared] = []
+                writes: list[Future] = []
+                while pending:
+                    item = pending.popleft().result()
+                    nxt = next(queue, None)
+                    if nxt is not None:
+                        pending.append(pool.submit(self.prepare, nxt))
+                    if item.skip or item.error is not None:
+                        self.record(item.row) if item.skip else self.fail(item, item.error)
+                        continue
+                    if not self._fits(group, item):
+                        writes += self.sample(group, pool)
+                        group = []
+                    group.append(item)
+                    for w in [w for w in writes if w.done()]:
+                        writes.remove(w)
+                        self.record(w.result())
+                writes += self.sample(group, pool)
+                for w in writes:
+                    self.record(w.result())
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+        return [self.rows[c.case_id] for c in cases]
 
 
 # ----------------------------------------------------------------------------- CLI
-
-
-def _parse_roi(value):
-    if value is None:
-        return "config"
-    if isinstance(value, (int, list, tuple)):
-        return value
-    parts = [p for p in re.split(r"[,x ]+", str(value).strip()) if p]
-    try:
-        sizes = [int(p) for p in parts]
-    except ValueError:
-        raise ValueError(f"--roi: expected an integer or one per axis like 64,64,32, got {value!r}") from None
-    return sizes[0] if len(sizes) == 1 else sizes
 
 
 def predict_cli(args) -> int:
     """``probunet predict``: 0 all cases written (or skipped), 1 some failed, user errors raise."""
     import sys
 
-    get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
-    axis = get("axis", "auto")
-    summary = predict_folder(
-        args.checkpoint, args.input_dir, args.output_dir, recursive=bool(get("recursive")),
-        file_list=get("file_list"), overwrite=bool(get("overwrite")), output_format=get("output_format", "same"),
-        workers=get("workers", 2) or 2, shard=get("shard"), progress=not get("no_progress", False),
-        num_samples=get("num_samples", 16), seed=get("seed", 0) or 0, device=get("device", "auto") or "auto",
-        amp=get("amp"), batch_size=get("batch_size"), roi_size=_parse_roi(get("roi")),
-        overlap=get("overlap", 0.25), blend=get("blend", "gaussian"), prior_window=get("prior_window", "image"),
-        axis="auto" if axis in (None, "auto") else int(axis), sample_chunk=get("sample_chunk"))
+    summary = predict_folder(args.checkpoint, args.input_dir, args.output_dir, from_args(PredictOptions, args),
+                             progress=not getattr(args, "no_progress", False))
     n, failed, skipped = len(summary.rows), summary.failed, summary.skipped
     print(f"predicted {n - len(failed) - len(skipped)} of {n} case(s)"
           + (f", {len(skipped)} skipped (outputs exist; --overwrite recomputes them)" if skipped else "")
@@ -975,6 +812,6 @@ def predict_cli(args) -> int:
     return 1 if failed else 0
 
 
-__all__ = ["IMAGE_SUFFIXES", "SUMMARY_COLUMNS", "InputCase", "Prediction", "PredictSummary", "Predictor",
-           "case_statistics", "find_inputs", "latent_eps", "merge_summaries", "output_suffixes", "predict_cli",
+__all__ = ["IMAGE_SUFFIXES", "SUMMARY_COLUMNS", "InputCase", "PredictOptions", "Prediction", "PredictSummary",
+           "Predictor", "case_statistics", "find_inputs", "merge_summaries", "output_suffixes", "predict_cli",
            "predict_folder", "read_summary", "write_prediction", "write_summary"]

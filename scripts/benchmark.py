@@ -129,7 +129,7 @@ def train_steps(args, device, dtype, image, target, channels_last: bool):
     from probunet.losses import cross_entropy_terms, elbo_loss
     from probunet.models import ProbabilisticUNet
     from probunet.models.unet import UNet, to_channels_last
-    from probunet.train import backward_and_step
+    from probunet.step import backward_and_step
 
     torch.manual_seed(0)
     prob = ProbabilisticUNet(features=args.features, latent_dim=args.latent_dim,
@@ -175,7 +175,7 @@ def fmt_s(seconds: float) -> str:
 
 
 def run(args) -> dict:
-    from probunet.train import amp_dtype
+    from probunet.precision import amp_dtype
 
     from probunet.utils import resolve_device
 

@@ -341,9 +341,11 @@ def nonfinite(work: Path) -> list[dict]:
     from probunet import train as T
     from probunet.checkpoint import non_finite
     from probunet.config import ConfigError, load_config
+    from probunet.models import prob_unet
+    from probunet.nonfinite import TrainingError
 
     def loss_at(steps, value):
-        real, calls = T.elbo_loss, {"n": 0}
+        real, calls = prob_unet.elbo_loss, {"n": 0}  # the loss the model's training_loss computes
 
         def f(*a, **kw):
             out = real(*a, **kw)
@@ -351,7 +353,7 @@ def nonfinite(work: Path) -> list[dict]:
             if calls["n"] in steps:
                 out = {k: v * value if k == "loss" else v for k, v in out.items()}
             return out
-        return "elbo_loss", f
+        return prob_unet, "elbo_loss", f
 
     def around_step(steps, action):
         real, calls = T.backward_and_step, {"n": 0}
@@ -373,7 +375,7 @@ def nonfinite(work: Path) -> list[dict]:
                     elif action == "adam_nan":
                         optimizer.state[p]["exp_avg"].view(-1)[0] = float("nan")
             return bad
-        return "backward_and_step", f
+        return T, "backward_and_step", f  # the step the trainer calls
 
     cases = [("loss NaN at steps 2, 5", loss_at({2, 5}, float("nan")), [], "completes"),
              ("loss +Inf at step 3", loss_at({3}, float("inf")), [], "completes"),
@@ -388,18 +390,19 @@ def nonfinite(work: Path) -> list[dict]:
         run_dir = work / f"nf{k}"
         saved = {}
         if patch is not None:
-            saved[patch[0]] = getattr(T, patch[0])
-            setattr(T, patch[0], patch[1])
+            module, attr, fn = patch
+            saved[(module, attr)] = getattr(module, attr)
+            setattr(module, attr, fn)
         try:
             cfg = load_config(DEBUG, ["train.steps=6", "train.checkpoint_every=1", "train.val_every=3",
                                       "train.val_cases=2", "train.val_samples=2", "train.log_every=2", *extra])
             T.fit(cfg, run_dir)
             outcome = "completes"
-        except (T.TrainingError, ConfigError) as exc:
-            outcome = "stops" if isinstance(exc, T.TrainingError) else "refused (config)"
+        except (TrainingError, ConfigError) as exc:
+            outcome = "stops" if isinstance(exc, TrainingError) else "refused (config)"
         finally:
-            for attr, fn in saved.items():
-                setattr(T, attr, fn)
+            for (module, attr), fn in saved.items():
+                setattr(module, attr, fn)
         pts = sorted(run_dir.rglob("*.pt")) if run_dir.exists() else []
         bad = [p.name for p in pts if non_finite({s: v for s, v in torch.load(p, weights_only=True).items()
                                                    if s in ("model", "optimizer", "scaler", "geco")})]

@@ -20,7 +20,9 @@ import pytest
 import torch
 
 from probunet.config import load_config
-from probunet.train import load_checkpoint, load_model, validation_ged, weights_digest
+from probunet.checkpoint import load_checkpoint, load_model
+from probunet.distributed import weights_digest
+from probunet.validation import validate
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 
@@ -32,7 +34,8 @@ DRIVER = textwrap.dedent("""
     import torch.distributed as dist
     from probunet.cli import main
     from probunet.config import load_config
-    from probunet.train import dist_info, fit, init_distributed
+    from probunet.distributed import dist_info, init_distributed
+    from probunet.train import fit
 
     # Several runs in one launch: the group is started once here (fit then leaves it
     # alone); fit starts and ends it itself when nothing has.
@@ -97,7 +100,7 @@ def test_validation_is_reduced_over_both_ranks(ddp_runs):
 
     val_items = load_splits(cfg)["val"][: cfg.train.val_cases]
     assert len(val_items) > cfg.eval.batch_size  # both ranks had work
-    single = validation_ged(model, val_items, cfg, torch.device("cpu"), None)
+    single = validate(model, val_items, cfg, torch.device("cpu"), None)
     logged = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     last_val = [r for r in logged if "val_ged" in r][-1]
     assert last_val["val_ged"] == pytest.approx(single["val_ged"], rel=1e-6, abs=1e-9)

@@ -18,7 +18,9 @@ from probunet.config import load_config
 from probunet.data import load_splits
 from probunet.evaluate import CASE_METRICS, LESION_COLUMNS, TRUTH_METRICS, evaluate, output_paths
 from probunet.models import build_model
-from probunet.train import fit, load_model
+from probunet.checkpoint import load_model
+from probunet.inference import case_noise
+from probunet.train import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_SAMPLES = 6  # with 4 raters: HM-IoU tiles both sets to lcm(6, 4) = 12
@@ -59,11 +61,34 @@ def _one_line_error(capsys, *needles):
     return lines[0]
 
 
+def _hand_samples(model, items, num_samples, seed):
+    """The samples of each item drawn by hand: the per-case noise of probunet.inference and
+    ``model.sample(noise=...)`` in fp32 -> (B, S, *spatial) label maps."""
+    images = torch.stack([torch.as_tensor(i["image"]) for i in items]).float()
+    noise = torch.stack([case_noise(seed, i["case_id"], num_samples, model.noise_shape) for i in items])
+    with torch.inference_mode():
+        return model.eval().sample(images, num_samples, noise=noise).argmax(dim=2)
+
+
 def test_validation_during_training_uses_the_metrics_api(run):
+    """The logged val_ged at the last step is metrics.generalized_energy_distance of the final
+    weights' samples (drawn as evaluate draws them) against each case's real raters."""
+    from probunet.data import real_raters
+
     records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in records if "val_ged" in r]
-    assert val and all(math.isfinite(r["val_ged"]) for r in val)
+    assert val and val[-1]["step"] == 3 and all(math.isfinite(r["val_ged"]) for r in val)
     assert (run / "checkpoints" / "best.pt").is_file()
+    model, cfg, _ = load_model(run / "checkpoints" / "last.pt")  # the weights validated at step 3
+    items = load_splits(cfg)["val"][: cfg.train.val_cases]
+    ged, div = [], []
+    for item in items:
+        samples = _hand_samples(model, [item], cfg.train.val_samples, cfg.eval.seed)
+        refs = torch.as_tensor(real_raters(item))[None]
+        ged.append(float(metrics.generalized_energy_distance(samples, refs, num_classes=2)[0]))
+        div.append(float(metrics.sample_diversity(samples, num_classes=2)[0]))
+    assert val[-1]["val_ged"] == pytest.approx(np.nanmean(ged), rel=1e-6, abs=1e-9)
+    assert val[-1]["val_sample_diversity"] == pytest.approx(np.nanmean(div), rel=1e-6, abs=1e-9)
 
 
 def test_cli_writes_summary_csv_and_figures(evaluated, run):
@@ -120,11 +145,8 @@ def test_summary_matches_metrics_on_the_same_samples(evaluated, run):
     """Redraw the samples by hand and score them with probunet.metrics; aggregate the CSV by hand."""
     model, cfg, _ = load_model(run / "checkpoints" / "best.pt")
     items = load_splits(cfg)["test"]
-    images = torch.stack([torch.as_tensor(i["image"]) for i in items])  # one batch (eval.batch_size 8)
     refs = torch.stack([torch.as_tensor(i["labels"]) for i in items])
-    g = torch.Generator().manual_seed(cfg.eval.seed)
-    with torch.inference_mode():
-        samples = model.sample(images, NUM_SAMPLES, generator=g).argmax(dim=2)  # (B, S, *spatial)
+    samples = _hand_samples(model, items, NUM_SAMPLES, cfg.eval.seed)  # (B, S, *spatial)
     ged = metrics.generalized_energy_distance(samples, refs, num_classes=2).numpy()
     hm = metrics.hungarian_matched_iou(samples, refs, num_classes=2).numpy()
 

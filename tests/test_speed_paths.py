@@ -16,7 +16,8 @@ from probunet import ProbabilisticUNet
 from probunet.config import load_config
 from probunet.models.fcomb import Fcomb
 from probunet.models.unet import cpu_parallel_map, to_channels_last
-from probunet.train import backward_and_step, fit
+from probunet.step import backward_and_step
+from probunet.train import fit
 
 TINY = dict(features=(4, 8), latent_dim=3, fcomb_layers=3)
 
@@ -234,15 +235,16 @@ def test_bf16_training_on_cpu_stays_finite(tmp_path):
 
 def test_dataloader_workers_give_the_same_batches(tmp_path):
     from probunet.data import MultiRaterDataset, load_splits
-    from probunet.train import BatchStream, DistInfo, _batches
+    from probunet.data.stream import BatchStream, batches
+    from probunet.distributed import DistInfo
 
     cfg = load_config("configs/debug.yaml")
-    stream = BatchStream(MultiRaterDataset(load_splits(cfg)["train"]), 4, 0, "random", DistInfo())
-    main = list(_batches(stream, 3, 9, torch.device("cpu"), 0))
-    workers = list(_batches(stream, 3, 9, torch.device("cpu"), 2))
-    assert [s for s, _, _ in main] == [s for s, _, _ in workers] == list(range(3, 9))
-    for (_, a, t), (_, b, u) in zip(main, workers):
-        assert torch.equal(a, b) and torch.equal(t, u) and t.dtype == torch.int64
+    stream = BatchStream(MultiRaterDataset(load_splits(cfg)["train"]), 4, 0, DistInfo())
+    main = list(batches(stream, 3, 9, torch.device("cpu"), 0))
+    workers = list(batches(stream, 3, 9, torch.device("cpu"), 2))
+    assert [b[0] for b in main] == [b[0] for b in workers] == list(range(3, 9))
+    for (_, a, t, n), (_, b, u, m) in zip(main, workers):
+        assert torch.equal(a, b) and torch.equal(t, u) and torch.equal(n, m) and t.dtype == torch.int64
 
 
 def test_compile_failure_falls_back_to_eager(tmp_path, monkeypatch, caplog):

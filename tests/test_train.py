@@ -7,7 +7,8 @@ import torch
 
 from probunet.cli import main
 from probunet.config import load_config
-from probunet.train import fit, load_checkpoint, load_model
+from probunet.checkpoint import load_checkpoint, load_model
+from probunet.train import fit
 
 FAST = ["train.val_every=1000", "train.log_every=2"]
 
@@ -91,22 +92,41 @@ def test_checkpoint_with_code_is_refused(tmp_path):
 
 
 def test_repeated_nan_stops_training_naming_the_step(tmp_path, monkeypatch):
-    from probunet import train as train_mod
+    from probunet.models import prob_unet
+    from probunet.nonfinite import TrainingError
 
     def nan_loss(logits, target, kl, beta=1.0, **kwargs):
         v = logits.float().mean() * float("nan")
         return {"loss": v, "ce_sum": v, "ce_mean": v, "kl": v}
 
-    monkeypatch.setattr(train_mod, "elbo_loss", nan_loss)
+    monkeypatch.setattr(prob_unet, "elbo_loss", nan_loss)  # the loss the model's training_loss computes
     cfg = load_config("configs/debug.yaml", ["train.steps=20", "train.max_bad_steps=3", *FAST])
-    with pytest.raises(train_mod.TrainingError, match="step 2"):
+    with pytest.raises(TrainingError, match="step 2"):
         fit(cfg, tmp_path / "run")
 
 
-def test_amp_bf16_on_cpu_when_asked(tmp_path):
+def test_amp_bf16_on_cpu_when_asked(tmp_path, monkeypatch):
+    """train.amp=bf16 on a CPU: every training forward runs under CPU autocast with bfloat16
+    (the logits come out in bf16); train.amp=off: none does."""
+    from probunet.models import ProbabilisticUNet
+
+    seen = []
+    real_forward = ProbabilisticUNet.forward
+
+    def forward(self, image, **kw):
+        out = real_forward(self, image, **kw)
+        if kw.get("seg") is not None:  # the training forward (with the posterior)
+            seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), out.logits.dtype))
+        return out
+
+    monkeypatch.setattr(ProbabilisticUNet, "forward", forward)
     cfg = load_config("configs/debug.yaml", ["train.steps=2", "train.amp=bf16", *FAST])
     summary = fit(cfg, tmp_path / "run")
     assert summary["amp"] == "bfloat16"
+    assert seen == [(True, torch.bfloat16, torch.bfloat16)] * 2
+    seen.clear()
+    fit(load_config("configs/debug.yaml", ["train.steps=1", "train.amp=off", *FAST]), tmp_path / "off")
+    assert len(seen) == 1 and seen[0][0] is False and seen[0][2] == torch.float32
 
 
 @pytest.mark.parametrize("extra", [["train.rater=all"], ["train.geco.enabled=true"], ["train.kl_warmup_steps=4"],
@@ -121,14 +141,23 @@ def test_padded_raters_are_never_training_targets():
     import numpy as np
 
     from probunet.data import MultiRaterDataset
-    from probunet.train import BatchStream, DistInfo
+    from probunet.data.stream import BatchStream
+    from probunet.distributed import DistInfo
+    from probunet.models import pick_raters
 
     image = np.zeros((1, 8, 8), np.float32)
     real = np.ones((1, 8, 8), np.int64)
     pad = np.zeros((3, 8, 8), np.int64)
     items = [{"image": image, "labels": np.concatenate([real, pad]), "case_id": f"c{i}",
               "meta": {"rater_present": [True, False, False, False]}} for i in range(4)]
-    stream = BatchStream(MultiRaterDataset(items), 4, 0, "random", DistInfo())
+    items += [{"image": image, "labels": np.ones((4, 8, 8), np.int64), "case_id": f"full{i}",  # 4 real raters
+               "meta": {}} for i in range(2)]
+    stream = BatchStream(MultiRaterDataset(items), 4, 0, DistInfo())
     for step in range(10):
-        _, target = stream.batch(step)
-        assert torch.all(target == 1)  # only the real rater (all ones) is ever drawn
+        image, labels, num_raters = stream.batch(step)
+        assert labels.shape[1] == 4 and set(num_raters.tolist()) <= {1, 4}
+        for mode in ("random", "all"):
+            _, target = pick_raters(image, labels, mode, num_raters=num_raters,
+                                    generator=stream.rater_generator(step))
+            assert target.shape[0] == (4 if mode == "random" else int(num_raters.sum()))
+            assert torch.all(target == 1)  # only real raters (all ones) are ever targets

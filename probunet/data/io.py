@@ -42,7 +42,7 @@ from typing import Optional
 import numpy as np
 
 from ..utils import atomic_call
-from .validate import DataError
+from .errors import DataError
 
 logger = logging.getLogger(__name__)
 

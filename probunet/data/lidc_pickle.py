@@ -41,7 +41,8 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from .validate import DataError, require_items, to_labels
+from .errors import DataError
+from .validate import require_items, to_labels
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,174 @@
+"""One options dataclass per command: ``probunet train``, ``evaluate`` and ``predict``.
+
+Each field holds its default, its command-line flag and help (in the field's
+metadata); :func:`add_arguments` builds the sub-command's parser from it, and
+:func:`from_args` reads the parsed arguments back. The Python API takes the
+same objects (``Predictor(model, cfg, PredictOptions(num_samples=8))``, or the
+same names as keyword arguments), so every default lives in one place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import MISSING, dataclass, field, fields, replace
+from typing import Any, Optional
+
+from .precision import AMP_CHOICES
+
+
+def _opt(default, flag: Optional[str] = None, help: str = "", **argparse_kw):
+    """A field with its CLI flag (None: positional) and argparse settings in the metadata."""
+    meta = {"flag": flag, "help": help, **argparse_kw}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def parse_roi(value):
+    """``--roi``: ``config`` (the training patch), an int, or one size per axis (``96,96,32``)."""
+    if value is None or (isinstance(value, str) and value == "config"):
+        return "config"
+    if isinstance(value, (int, list, tuple)):
+        return value
+    parts = [p for p in re.split(r"[,x ]+", str(value).strip()) if p]
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"--roi: expected an integer or one per axis like 64,64,32, got {value!r}") from None
+    if not sizes:
+        raise ValueError(f"--roi: expected an integer or one per axis like 64,64,32, got {value!r}")
+    return sizes[0] if len(sizes) == 1 else sizes
+
+
+def parse_axis(value):
+    """``--axis``: ``auto`` or 0/1/2."""
+    if value is None or value == "auto":
+        return "auto"
+    try:
+        axis = int(value)
+    except (TypeError, ValueError):
+        axis = -1
+    if axis not in (0, 1, 2):
+        raise ValueError(f"axis must be 'auto', 0, 1 or 2, got {value!r}")
+    return axis
+
+
+@dataclass
+class TrainOptions:
+    """``probunet train CONFIG [key=value ...] [--out RUN_DIR] [--resume]``."""
+
+    config: str = _opt(MISSING, None, "YAML config (see configs/)", metavar="CONFIG")
+    overrides: list = _opt([], None, "dotted overrides, e.g. train.steps=100 (before or after the options)",
+                           nargs="*", metavar="key=value")
+    out: Optional[str] = _opt(None, "--out", "run directory (default runs/<config>-<time>)", metavar="RUN_DIR")
+    resume: bool = _opt(False, "--resume", "continue RUN_DIR from checkpoints/last.pt", action="store_true")
+
+
+@dataclass
+class EvaluateOptions:
+    """``probunet evaluate CHECKPOINT_OR_RUN [key=value ...] [--num-samples N] [--out FILE]``."""
+
+    checkpoint: str = _opt(MISSING, None, "checkpoint file or run directory", metavar="CHECKPOINT_OR_RUN")
+    overrides: list = _opt([], None, "overrides of the checkpoint's config, e.g. data.path=... eval.split=val",
+                           nargs="*", metavar="key=value")
+    num_samples: Optional[int] = _opt(None, "--num-samples", "samples per image (default eval.num_samples)",
+                                      type=int)
+    out: Optional[str] = _opt(None, "--out", "summary JSON path (default RUN_DIR/eval/summary.json)",
+                              metavar="FILE")
+    device: str = _opt("auto", "--device", "auto | cpu | cuda | cuda:N")
+
+
+@dataclass
+class PredictOptions:
+    """``probunet predict``: how images are sampled (the :class:`probunet.predict.Predictor` part)
+    and which inputs / outputs (the :func:`probunet.predict.predict_folder` part)."""
+
+    num_samples: int = _opt(16, "--num-samples", "samples per image (default 16)", type=int)
+    seed: int = _opt(0, "--seed", "seed of the samples (default 0)", type=int)
+    device: str = _opt("auto", "--device", "auto | cpu | cuda | cuda:N")
+    amp: Optional[str] = _opt(None, "--amp", "autocast of sampling (default: none, fp32; see probunet.inference)",
+                              choices=AMP_CHOICES)
+    batch_size: Optional[int] = _opt(None, "--batch-size", "images / slices / windows per forward pass "
+                                     "(default 16 for 2D models, 1 for 3D)", type=int)
+    roi_size: Any = _opt("config", "--roi", "sliding-window size, e.g. 64 or 96,96,32; default: the training "
+                         "patch (data.crop_size); 0: always the whole image", metavar="SIZE")
+    overlap: float = _opt(0.25, "--overlap", "sliding-window overlap (default 0.25)", type=float)
+    blend: str = _opt("gaussian", "--blend", "blending of overlapping windows", choices=("gaussian", "constant"))
+    prior_window: str = _opt("image", "--prior-window", "when sliding: the prior p(z|x) from the whole image "
+                             "(default) or its central window", choices=("image", "roi"))
+    axis: Any = _opt("auto", "--axis", "2D model on 3D volumes: slicing axis of the (x, y, z) array; auto: the "
+                     "coarsest spacing", choices=("auto", "0", "1", "2"))
+    sample_chunk: Optional[int] = _opt(None, "--sample-chunk", "samples per model call (default: auto)", type=int)
+    # which inputs, which outputs
+    recursive: bool = _opt(False, "--recursive", "also images in sub-folders (mirrored in OUTPUT_DIR)",
+                           action="store_true")
+    file_list: Optional[str] = _opt(None, "--file-list", "text file, one image per line (relative to INPUT_DIR "
+                                    "or absolute), instead of scanning", metavar="FILE")
+    overwrite: bool = _opt(False, "--overwrite", "recompute cases whose output folder exists", action="store_true")
+    output_format: str = _opt("same", "--output-format", "file format of the outputs (default: the input's)",
+                              choices=("same", "nii.gz", "nii", "nrrd", "mha"))
+    workers: int = _opt(2, "--workers", "threads reading/writing images (default 2)", type=int)
+    shard: Optional[str] = _opt(None, "--shard", "only cases K, K+N, ...; writes summary.shard-K-of-N.csv "
+                                "(see scripts/predict_batch.py)", metavar="K/N")
+
+    def check(self) -> "PredictOptions":
+        """Raise ValueError naming the option for a value out of range; returns self."""
+        if int(self.num_samples) < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+        if self.blend not in ("gaussian", "constant"):
+            raise ValueError(f"blend must be 'gaussian' or 'constant', got {self.blend!r}")
+        if self.prior_window not in ("image", "roi"):
+            raise ValueError(f"prior_window must be 'image' or 'roi', got {self.prior_window!r}")
+        if not 0 <= float(self.overlap) < 1:
+            raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
+        if self.amp is not None and self.amp not in AMP_CHOICES:
+            raise ValueError(f"amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
+        if self.batch_size is not None and int(self.batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if int(self.workers) < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        self.axis = parse_axis(self.axis)
+        self.roi_size = parse_roi(self.roi_size)
+        return self
+
+
+SAMPLING_FIELDS = ("num_samples", "seed", "device", "amp", "batch_size", "roi_size", "overlap", "blend",
+                   "prior_window", "axis", "sample_chunk")
+
+
+def with_overrides(options, cls, **kwargs):
+    """``options`` (an instance of ``cls`` or None: the defaults) with ``kwargs`` replaced; an unknown
+    name is a TypeError naming it."""
+    base = options if options is not None else cls()
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(kwargs) - names)
+    if unknown:
+        raise TypeError(f"unknown {cls.__name__} option(s): {', '.join(unknown)}")
+    return replace(base, **kwargs) if kwargs else base
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls) -> argparse.ArgumentParser:
+    """Add one argument per field of the options dataclass ``cls`` (defaults from the dataclass)."""
+    for f in fields(cls):
+        meta = dict(f.metadata)
+        flag = meta.pop("flag")
+        if f.default is not MISSING:
+            meta["default"] = f.default
+        elif f.default_factory is not MISSING:
+            meta["default"] = f.default_factory()
+        if flag is None:
+            parser.add_argument(f.name, **meta)
+        else:
+            parser.add_argument(flag, dest=f.name, **meta)
+    return parser
+
+
+def from_args(cls, args: argparse.Namespace):
+    """The options dataclass ``cls`` from parsed arguments (fields the namespace lacks keep their default)."""
+    values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+    return cls(**values)
+
+
+__all__ = ["EvaluateOptions", "PredictOptions", "SAMPLING_FIELDS", "TrainOptions", "add_arguments", "from_args",
+           "parse_axis", "parse_roi", "with_overrides"]
