@@ -60,6 +60,8 @@ CASE_METRICS = {
     "consensus_dice": "Dice of the sample majority vs. the rater majority",
     "consensus_iou": "IoU of the sample majority vs. the rater majority",
     "ece": "expected calibration error of this case (sampled vs. rater foreground frequency)",
+    "qubiq": "QUBIQ challenge score: Dice of mean sampled probability > t vs. rater fraction > t, mean over "
+             "t = 0.1..0.9 (and over the foreground classes)",
 }
 TRUTH_METRICS = {
     "ged_true": "D^2_GED vs. fresh references from the true rater distribution",
@@ -290,6 +292,8 @@ def _score_case(item: dict, index: int, sam: torch.Tensor, logits: torch.Tensor,
         "consensus_dice": float(cons["dice"][0]),
         "consensus_iou": float(cons["iou"][0]),
         "ece": float(cal.ece[0]),
+        "qubiq": float(sum(metrics.qubiq_score(logits, refs, num_classes=num_classes, foreground=c)[0]
+                           for c in range(1, num_classes)) / (num_classes - 1)),
     }
     truth = item.get("meta", {}).get("truth")
     if has_truth:
@@ -353,6 +357,9 @@ def _conventions(empty_iou: float, num_classes: int) -> dict:
                        f"all pixels; 'calibration.ece' pools the pixels of the split, 'metrics.ece' is "
                        f"the mean of per-case ECEs",
         "s_ncc": "PHiSeg variance_ncc: mean over raters of NCC(E_s CE(pbar, p_s), E_s CE(y, p_s))",
+        "qubiq": "QUBIQ challenge score: P = mean over samples of the softmax probability of a foreground class, "
+                 "R = fraction of the real raters marking it; Dice(P > t, R > t) (strict; both empty: 1) "
+                 "averaged over t = 0.1, ..., 0.9, then over the foreground classes",
         "summary_statistics": "mean and standard error (std with ddof=1 / sqrt(n)) over the cases with a "
                               "finite value; n counts them, num_nan the others",
         "sampling": "sample s of a case is drawn from (eval.seed, case id, s) alone (probunet.inference), "
@@ -601,6 +608,7 @@ def _print_summary(result: dict) -> None:
     print(f"  consensus Dice {_fmt(m['consensus_dice'])}, IoU {_fmt(m['consensus_iou'])}")
     ece = result["calibration"]["ece"]
     print(f"  ECE            {ece:.4f} (pooled), {_fmt(m['ece'])} (per case)")
+    print(f"  QUBIQ score    {_fmt(m['qubiq'])}")
     truth = result.get("truth")
     if truth:
         t, les = truth["metrics"], truth["lesions"]

@@ -16,7 +16,7 @@ from probunet.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 ZOO = sorted((REPO / "configs" / "zoo").glob("*.yaml"))
-TINY = ["model.features=[4,8]", "data.synthetic.num_cases=20", "data.synthetic.size=16", "train.steps=2",
+TINY = ["model.features=[4,8]", "model.latent_levels=null", "data.synthetic.num_cases=20", "data.synthetic.size=16", "train.steps=2",
         "train.batch_size=4", "train.log_every=1", "train.val_every=2", "train.val_cases=2", "train.val_samples=2",
         "train.checkpoint_every=2"]
 
