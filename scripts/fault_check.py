@@ -33,6 +33,7 @@ import contextlib
 import io
 import json
 import os
+import pickle
 import random
 import select
 import shutil
@@ -454,6 +455,46 @@ def hostile(work: Path, ckpt_run: Path, kill_failures: list[str]) -> list[dict]:
         nib.save(nib.Nifti1Image(np.random.default_rng(1).normal(size=(32, 32)).astype(np.float32), np.eye(4)),
                  str(inp / f"{n}.nii.gz"))
     before = sorted(p.name for p in inp.rglob("*"))
+
+    # row 1: a crafted LIDC pickle whose series_uid is an object scalar read from raw bytes (a segfault
+    # when built); loaded in a child process, so a crash shows as an exit status, not a dead checker
+    class _Dtype:
+        def __init__(self, spec, state):
+            self.spec, self.state = spec, state
+
+        def __reduce__(self):
+            return (np.dtype, (self.spec, False, True), self.state)
+
+    class _Call:
+        def __init__(self, fn, *args):
+            self.fn, self.args = fn, args
+
+        def __reduce__(self):
+            return (self.fn, self.args)
+
+    from numpy._core import multiarray
+
+    crafted = work / "crafted.pickle"
+    crafted.write_bytes(pickle.dumps({"LIDC-IDRI-0001_s0": {
+        "image": np.zeros((8, 8)), "masks": [np.zeros((8, 8), np.uint8)],
+        "series_uid": _Call(multiarray.scalar, _Dtype("O8", (3, "|", None, None, None, -1, -1, 0)), b"AAAAAAAA")}},
+        protocol=2))
+    proc = subprocess.run([sys.executable, "-m", "probunet", "--quiet", "train", DEBUG, "data.format=lidc_pickle",
+                           f"data.path={crafted}", "--out", str(work / "run1"), "--no-progress"],
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", cwd=str(REPO))
+    add(1, "lidc_pickle with an O8 numpy scalar built from file bytes", "refused before building, exit 2",
+        proc.returncode == 2 and _one_line(proc.stderr, "crafted.pickle"), f"exit {proc.returncode}")
+
+    # rows 5 and 6: out-of-range config values; options after the overrides
+    for override, key in (("train.checkpoint_every=0", "train.checkpoint_every"), ("train.device=tpu", "train.device"),
+                          ("model.num_classes=1000000", "model.num_classes"), ("model.latent_dim=1e9", "latent_dim")):
+        rc, err = _cli(["train", DEBUG, override, "--out", str(work / "run5"), "--no-progress"])
+        add(5, f"train {override}", "one-line error naming the key, exit 2, nothing allocated",
+            rc == 2 and _one_line(err, key) and not (work / "run5").exists(), err.strip()[:120])
+    rc, err = _cli(["train", DEBUG, "--out", str(work / "run6"), "train.steps=2", "train.val_every=1000",
+                    "--no-progress"])
+    add(6, "train CONFIG --out R train.steps=2 (options before overrides)", "runs, exit 0",
+        rc == 0 and (work / "run6" / "checkpoints" / "last.pt").is_file(), f"exit {rc}: {err.strip()[:100]}")
 
     # row 2: a file list entry escaping OUTPUT_DIR
     fl = work / "list.txt"
