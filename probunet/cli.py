@@ -7,7 +7,6 @@ stderr and no traceback; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -111,7 +110,7 @@ def cmd_demo(args) -> int:
     print(f"[2/3] training ({cfg.train.steps} steps) -> {run_dir}")
     cmd_train(argparse.Namespace(config=str(config), overrides=[*args.overrides, f"data.path={data_dir}"],
                                  out=str(run_dir), resume=False, no_progress=args.no_progress))
-    print(f"[3/3] evaluation on the held-out test split")
+    print("[3/3] evaluation on the held-out test split")
     rc = cmd_evaluate(argparse.Namespace(checkpoint=str(run_dir), num_samples=args.num_samples, out=None,
                                          overrides=[], no_progress=args.no_progress, device="auto"))
     print(f"done in {time.perf_counter() - t0:.0f}s; everything is under {out}")

@@ -421,7 +421,7 @@ def report(args, argv, budgets, results, data_cfgs, failures, seconds) -> int:
     refs = {ds: reference_rows(cfg) for ds, cfg in data_cfgs.items()}
     by_dataset = {ds: [r for r in results if r["dataset"] == ds] for ds in args.datasets}
     device = next((r["device"] for r in results if r.get("device")), None) or device_name()
-    md = [f"# Quality benchmark\n", f"`{' '.join(['python', 'scripts/benchmark_quality.py', *(argv or sys.argv[1:])])}`",
+    md = ["# Quality benchmark\n", f"`{' '.join(['python', 'scripts/benchmark_quality.py', *(argv or sys.argv[1:])])}`",
           f"\nDevice: {device}; batch {args.batch_size}; {NUM_SAMPLES} samples per test image; budgets {budgets}; "
           f"total {seconds:.0f}s.\n"]
     check_budget = 2000 if 2000 in budgets else budgets[-1]

@@ -170,6 +170,17 @@ def gaussian_params(params: Tensor) -> tuple[Tensor, Tensor]:
     return mu, log_sigma.clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX).exp()
 
 
+def latent_level(head: nn.Module, h: Tensor, given: Optional[Tensor], mean: bool,
+                 generator: Optional[torch.Generator]) -> tuple[Tensor, Tensor, Tensor]:
+    """One level of a hierarchical latent, in fp32: (mu, sigma) from ``head(h)`` and the level's z:
+    ``given`` when not None (teacher forcing), else mu (``mean``), else a draw mu + sigma * eps."""
+    with torch.autocast(h.device.type, enabled=False):
+        mu, sigma = gaussian_params(head(h.float()))
+        if given is not None:
+            return mu, sigma, given
+        return mu, sigma, (mu if mean else mu + sigma * draw(mu.shape, generator, mu.device))
+
+
 def map_kl(q: tuple[Tensor, Tensor], p: tuple[Tensor, Tensor]) -> Tensor:
     """KL(q || p) of two diagonal Gaussians over latent maps (mu, sigma) (B, K, *spatial), summed over
     channels and positions: (B,), fp32."""

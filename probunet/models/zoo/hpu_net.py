@@ -47,8 +47,8 @@ from monai.networks.layers.factories import Pool
 from ...losses import beta_schedule, elbo_loss
 from ..base import pick_raters, register_model
 from ..init import init_weights
-from ._common import (ZooModel, check_num_samples, common_args, conv1x1, draw, gaussian_params, loss_settings_from,
-                      map_kl, onehot, option, upsample)
+from ._common import (ZooModel, check_num_samples, common_args, conv1x1, latent_level, loss_settings_from, map_kl,
+                      onehot, option, upsample)
 
 RESIDUAL_INIT_SCALE = 0.1  # the last conv of every residual branch: He-normal times this
 Gaussian = Tuple[Tensor, Tensor]  # (mu, sigma), each (B, K, *spatial)
@@ -126,14 +126,7 @@ class HierarchicalUNet(nn.Module):
                 skip = rep(skips[len(skips) - 1 - j])
                 h = self.up[j - 1](torch.cat([upsample(h, skip.shape[2:]), skip], dim=1))
             if j < self.latent_levels:
-                with torch.autocast(h.device.type, enabled=False):
-                    mu, sigma = gaussian_params(self.latent_heads[j](h.float()))
-                    if z is not None:
-                        zj = z[j]
-                    elif mean:
-                        zj = mu
-                    else:
-                        zj = mu + sigma * draw(mu.shape, generator, mu.device)
+                mu, sigma, zj = latent_level(self.latent_heads[j], h, None if z is None else z[j], mean, generator)
                 gaussians.append((mu, sigma))
                 zs.append(zj)
                 h = self.merge[j](torch.cat([h, zj.to(h.dtype)], dim=1))

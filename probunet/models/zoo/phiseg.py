@@ -38,8 +38,8 @@ from ...losses import beta_schedule
 from ..base import pick_raters, register_model
 from ..init import init_weights
 from ..unet import Encoder, conv_block
-from ._common import (ZooModel, check_num_samples, common_args, conv1x1, draw, gaussian_params, loss_settings_from,
-                      map_kl, onehot, option, upsample)
+from ._common import (ZooModel, check_num_samples, common_args, conv1x1, latent_level, loss_settings_from, map_kl,
+                      onehot, option, upsample)
 
 
 class LatentHierarchy(nn.Module):
@@ -86,14 +86,7 @@ class LatentHierarchy(nn.Module):
                 above = (z if z is not None else zs)[j - 1]
                 h = self.combine[j - 1](torch.cat([skip, self.z_in[j - 1](upsample(above.to(skip.dtype),
                                                                                    skip.shape[2:]))], dim=1))
-            with torch.autocast(h.device.type, enabled=False):
-                mu, sigma = gaussian_params(self.heads[j](h.float()))
-                if z is not None:
-                    zj = z[j]
-                elif mean:
-                    zj = mu
-                else:
-                    zj = mu + sigma * draw(mu.shape, generator, mu.device)
+            mu, sigma, zj = latent_level(self.heads[j], h, None if z is None else z[j], mean, generator)
             gaussians.append((mu, sigma))
             zs.append(zj)
         return gaussians, zs
