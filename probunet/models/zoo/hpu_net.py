@@ -99,8 +99,11 @@ class HierarchicalUNet(nn.Module):
         scales = [n - 1 - j for j in range(latent_levels)]
         self.latent_heads = nn.ModuleList(conv1x1(spatial_dims, self.features[s], 2 * latent_channels)
                                           for s in scales)
+        # the posterior net (no head) ends at its last latent: nothing would use a merge after it
+        # (and DistributedDataParallel refuses parameters that get no gradient)
+        merged = scales if num_classes is not None else scales[:-1]
         self.merge = nn.ModuleList(ResBlock(spatial_dims, self.features[s] + latent_channels, self.features[s])
-                                   for s in scales)
+                                   for s in merged)
         self.head = conv1x1(spatial_dims, self.features[0], num_classes) if num_classes is not None else None
 
     def encode(self, x: Tensor) -> List[Tensor]:
@@ -129,7 +132,8 @@ class HierarchicalUNet(nn.Module):
                 mu, sigma, zj = latent_level(self.latent_heads[j], h, None if z is None else z[j], mean, generator)
                 gaussians.append((mu, sigma))
                 zs.append(zj)
-                h = self.merge[j](torch.cat([h, zj.to(h.dtype)], dim=1))
+                if j < len(self.merge):
+                    h = self.merge[j](torch.cat([h, zj.to(h.dtype)], dim=1))
         logits = self.head(h) if self.head is not None else None
         return gaussians, zs, logits
 
