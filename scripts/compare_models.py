@@ -209,15 +209,15 @@ def main(argv=None) -> int:
             cfg["model"] = {**cfg.get("model", {}), "features": [4, 8]}
             cfg["train"]["log_every"] = 2
         print(f"[{len(rows) + len(failures) + 1}/{len(names)}] {name}: {steps} steps x {batch}", flush=True)
+        from probunet.checkpoint import load_model
+
         try:
             row = run_config(name, cfg, args.out, num_samples=args.num_samples, env=env)
-        except RuntimeError as exc:  # one failing model does not stop the others
+            model, mcfg, _ = load_model(args.out / name / "checkpoints" / "last.pt")
+        except (RuntimeError, ValueError, OSError) as exc:  # one failing model does not stop the others
             failures.append(f"{name}: {exc}")
             print(f"  FAILED: {exc}", flush=True)
             continue
-        from probunet.checkpoint import load_model
-
-        model, mcfg, _ = load_model(args.out / name / "checkpoints" / "last.pt")
         model.eval()
         row["parameters"] = int(sum(p.numel() for p in model.parameters()))
         cfgs[name], models[name] = mcfg, model
