@@ -76,7 +76,7 @@ def test_baseline_unet_and_config_key_use_the_same_init():
     torch.manual_seed(0)
     net = UNet(features=(16, 32), num_classes=2)
     w = net.decoder[0][1].conv.weight
-    assert float(w.std()) == pytest.approx((2.0 / w[0].numel()) ** 0.5, rel=0.2)
+    assert float(w.detach().std()) == pytest.approx((2.0 / w[0].numel()) ** 0.5, rel=0.2)
     cfg = load_config("configs/debug.yaml", ["model.init=torch"])
     assert cfg.model.init == "torch"
     with pytest.raises(ValueError, match="model.init"):
