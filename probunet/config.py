@@ -192,6 +192,8 @@ class TrainConfig:
     beta: float = 1.0
     kl_warmup_steps: int = 0
     free_bits: float = 0.0  # KL floor in nats per latent dimension (batch mean); 0: off
+    kl_balance: Optional[float] = None  # KL balancing: the prior's share in [0, 1]; None: off
+    ema_decay: Optional[float] = None  # average of the weights, sampled and saved as "model"; None: off
     rater: str = "random"  # random | all
     grad_clip: Optional[float] = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -470,18 +472,18 @@ def _check_zoo_keys(m) -> None:
     _check_number("model.topk_fraction", m.topk_fraction, lo=0, lo_open=True, hi=1)
 
 
-def _check_number(key: str, value, *, lo=None, lo_open=False, hi=None, optional=False) -> None:
-    """A finite number within [lo, hi] (lo excluded with lo_open); None allowed with optional."""
+def _check_number(key: str, value, *, lo=None, lo_open=False, hi=None, hi_open=False, optional=False) -> None:
+    """A finite number within [lo, hi] (lo / hi excluded with lo_open / hi_open); None allowed with optional."""
     if value is None and optional:
         return
     ok = value is not None and math.isfinite(value)
     if ok and lo is not None:
         ok = value > lo if lo_open else value >= lo
     if ok and hi is not None:
-        ok = value <= hi
+        ok = value < hi if hi_open else value <= hi
     if not ok:
         bound = " and ".join(b for b in ((f"> {lo}" if lo_open else f">= {lo}") if lo is not None else "",
-                                         f"<= {hi}" if hi is not None else "") if b)
+                                         (f"< {hi}" if hi_open else f"<= {hi}") if hi is not None else "") if b)
         raise ConfigError(f"config key '{key}': must be a finite number{' ' + bound if bound else ''}, got {value}")
 
 
@@ -512,6 +514,8 @@ def validate(cfg: Config) -> Config:
     _check_number("train.weight_decay", t.weight_decay, lo=0)
     _check_number("train.beta", t.beta, lo=0)
     _check_number("train.free_bits", t.free_bits, lo=0)
+    _check_number("train.kl_balance", t.kl_balance, lo=0, hi=1, optional=True)
+    _check_number("train.ema_decay", t.ema_decay, lo=0, hi=1, hi_open=True, optional=True)
     _check_number("train.grad_clip", t.grad_clip, lo=0, lo_open=True, optional=True)
     g = t.geco
     _check_number("train.geco.goal", g.goal)

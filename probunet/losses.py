@@ -49,9 +49,46 @@ def kl_objective(kl: torch.Tensor, kl_dims: Optional[torch.Tensor] = None, free_
     return kl_dims.float().mean(dim=0).clamp(min=float(free_bits)).sum()
 
 
+def balanced_kl_dims(q_loc: torch.Tensor, q_scale: torch.Tensor, p_loc: torch.Tensor,
+                     p_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(q || p) per latent dimension of two diagonal Gaussians, twice: with the
+    posterior q detached (its gradient reaches only the prior) and with the prior
+    p detached (its gradient reaches only the posterior). Both (B, D), fp32, with
+    the value of the plain KL_d = log(s_p/s_q) + (s_q^2 + (m_q - m_p)^2) / (2 s_p^2) - 1/2.
+    """
+    def kl(mq, sq, mp, sp):
+        mq, sq, mp, sp = (t.float() for t in (mq, sq, mp, sp))
+        return torch.log(sp / sq) + (sq.square() + (mq - mp).square()) / (2 * sp.square()) - 0.5
+
+    to_prior = kl(q_loc.detach(), q_scale.detach(), p_loc, p_scale)
+    to_posterior = kl(q_loc, q_scale, p_loc.detach(), p_scale.detach())
+    return to_prior, to_posterior
+
+
+def balanced_kl_objective(to_prior: torch.Tensor, to_posterior: torch.Tensor, balance: float,
+                          free_bits: float = 0.0) -> torch.Tensor:
+    """KL balancing (Hafner et al. 2021, DreamerV2): the KL term that is minimised,
+    ``2 * balance * mean_b KL(sg q || p) + 2 * (1 - balance) * FB(KL(q || sg p))``.
+
+    to_prior, to_posterior (B, D) from :func:`balanced_kl_dims`; FB is
+    :func:`kl_objective` on the posterior side only (``free_bits`` per dimension).
+    ``balance`` 0.5 without free bits gives each net the gradient of the plain KL
+    (the term's value is then twice the KL: the logged ``kl`` stays the true KL).
+    With free bits, the floor only spares the posterior: the prior always learns
+    to match it, so that samples drawn from the prior look like the latents the
+    decoder was trained on. ``balance`` > 0.5 moves the prior faster than the
+    posterior is pulled towards it.
+    """
+    if not 0.0 <= balance <= 1.0:
+        raise ValueError(f"balance must be in [0, 1], got {balance}")
+    prior_side = to_prior.float().sum(dim=1).mean()
+    post_side = kl_objective(to_posterior.sum(dim=1), to_posterior, free_bits)
+    return 2.0 * balance * prior_side + 2.0 * (1.0 - balance) * post_side
+
+
 def elbo_loss(logits: torch.Tensor, target: torch.Tensor, kl: torch.Tensor,
               beta: float = 1.0, *, kl_dims: Optional[torch.Tensor] = None,
-              free_bits: float = 0.0) -> dict[str, torch.Tensor]:
+              free_bits: float = 0.0, kl_term: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
     """Negative ELBO.
 
     logits (B, C, *spatial), target (B, *spatial) integer labels, kl (B,),
@@ -59,13 +96,16 @@ def elbo_loss(logits: torch.Tensor, target: torch.Tensor, kl: torch.Tensor,
     Returns a dict of scalars: ``loss`` = mean_b(CE_sum) + beta * KL term (see
     :func:`kl_objective`; mean_b(KL) without free bits), ``ce_sum`` (per image,
     summed over pixels, batch mean), ``ce_mean`` (per pixel), ``kl`` (batch mean,
-    the true KL also with free bits).
+    the true KL also with free bits). ``kl_term``: the KL objective already computed
+    (e.g. :func:`balanced_kl_objective`), used instead of :func:`kl_objective`.
     """
     ce_sum, ce_mean = cross_entropy_terms(logits, target)
     kl_mean = kl.float().mean()
     ce_sum_mean = ce_sum.mean()
+    if kl_term is None:
+        kl_term = kl_objective(kl, kl_dims, free_bits)
     return {
-        "loss": ce_sum_mean + beta * kl_objective(kl, kl_dims, free_bits),
+        "loss": ce_sum_mean + beta * kl_term,
         "ce_sum": ce_sum_mean,
         "ce_mean": ce_mean.mean(),
         "kl": kl_mean,
@@ -92,8 +132,11 @@ class Geco(nn.Module):
         self.register_buffer("initialised", torch.tensor(False))
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, kl: torch.Tensor, *,
-                kl_dims: Optional[torch.Tensor] = None, free_bits: float = 0.0) -> dict[str, torch.Tensor]:
+                kl_dims: Optional[torch.Tensor] = None, free_bits: float = 0.0,
+                kl_term: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """Same inputs as :func:`elbo_loss`; also updates lambda (no gradient through it)."""
+        if kl_term is None:
+            kl_term = kl_objective(kl, kl_dims, free_bits)
         ce_sum, ce_mean = cross_entropy_terms(logits, target)
         kl_mean = kl.float().mean()
         constraint = ce_mean.mean() - self.goal
@@ -107,7 +150,7 @@ class Geco(nn.Module):
         # Straight-through: the gradient sees the current constraint, its value the moving average.
         smoothed = constraint + (self.constraint_ma - constraint).detach()
         return {
-            "loss": self.lagmul * smoothed + kl_objective(kl, kl_dims, free_bits),
+            "loss": self.lagmul * smoothed + kl_term,
             "ce_sum": ce_sum.mean(),
             "ce_mean": ce_mean.mean(),
             "kl": kl_mean,

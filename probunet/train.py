@@ -40,6 +40,7 @@ import logging
 import math
 import random
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,7 @@ from .rundir import RUN_MARKER, MetricsLog, claim_run_dir
 from .step import backward_and_step, fused_adam_ok
 from .utils import atomic_write_text, resolve_device
 from .validation import batch_diversity, validate
+from .ema import WeightAverage
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +188,8 @@ class Trainer:
         if self.geco is not None:
             self.geco.to(device)
         self.params = [p for p in model.parameters() if p.requires_grad]
+        # the average of the weights (train.ema_decay): validated, sampled and saved as "model"
+        self.ema = WeightAverage(model, cfg.train.ema_decay) if cfg.train.ema_decay is not None else None
         self.optimizer = torch.optim.Adam(self.params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                                           fused=fused_adam_ok(device) or None)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
@@ -223,7 +227,12 @@ class Trainer:
         stored = {"name": DEFAULT_MODEL, **ckpt["config"]["model"]}  # checkpoints from before model.name
         if stored != self.cfg.to_dict()["model"]:
             raise ValueError(f"--resume: the model section of the config differs from {self.last_path}'s")
-        self.model.load_state_dict(ckpt["model"])
+        self.model.load_state_dict(ckpt.get("model_train") or ckpt["model"])
+        if self.ema is not None:
+            if ckpt.get("model_train") is not None:
+                self.ema.load(ckpt["model"], int(ckpt.get("ema_updates", 0)))
+            else:  # a checkpoint written without an average: start it from the weights
+                self.ema = WeightAverage(self.model, self.cfg.train.ema_decay)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         if self.geco is not None and ckpt.get("geco"):
@@ -291,6 +300,8 @@ class Trainer:
         self.good_steps = self.good_steps + (1.0 - bad.float())
         self.images_seen += image.shape[0]
         self.guard.record(bad, step)
+        if self.ema is not None:
+            self.ema.update(self.model)
         self._last_image = image
         return step + 1
 
@@ -330,9 +341,15 @@ class Trainer:
             self.bar.set_postfix({k: format(record[key], fmt) for k, (key, fmt) in shown.items()
                                   if record.get(key) is not None})
 
+    def sampling_weights(self):
+        """A ``with`` block in which the model holds the weights that are sampled and saved
+        (the average with ``train.ema_decay``, else the trained weights)."""
+        return self.ema.applied(self.model) if self.ema is not None else nullcontext(self.model)
+
     def validate(self, done: int) -> None:
         """Validation GED (the samples ``evaluate`` draws); a new best is saved as ``best.pt``."""
-        self.last_val = validate(self.model, self.val_items, self.cfg, self.device, self.dist)
+        with self.sampling_weights():
+            self.last_val = validate(self.model, self.val_items, self.cfg, self.device, self.dist)
         self.model.train()
         self.metrics.write({"step": done, **self.last_val})
         if self.last_val["val_ged"] < self.best:
@@ -343,11 +360,13 @@ class Trainer:
         """Write ``checkpoints/NAME`` atomically (rank 0); a non-finite state is never written."""
         if not self.dist.is_main:
             return
-        geco = self.geco
+        geco, ema = self.geco, self.ema
+        extra = {} if ema is None else {"model_train": self.model.state_dict(), "ema_updates": ema.updates}
         try:
             save_checkpoint({
                 "format": CHECKPOINT_FORMAT, "probunet_version": __version__,
-                "model": self.model.state_dict(), "config": self.cfg.to_dict(),
+                "model": ema.state_dict() if ema is not None else self.model.state_dict(), **extra,
+                "config": self.cfg.to_dict(),
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "geco": geco.state_dict() if geco is not None else None,
                 "step": step, "best_metric": self.best, "rng": _rng_state(),
@@ -375,9 +394,10 @@ class Trainer:
         if dist.is_main and show and len({i["image"].shape for i in show}) == 1:
             from .viz import model_figure
 
-            figure = str(model_figure(self.run_dir / "samples.png", self.model, show, seed=cfg.train.seed,
-                                      spatial_dims=cfg.model.spatial_dims, device=self.device,
-                                      title=f"{self.run_dir.name}: step {cfg.train.steps}, held-out cases"))
+            with self.sampling_weights():
+                figure = str(model_figure(self.run_dir / "samples.png", self.model, show, seed=cfg.train.seed,
+                                          spatial_dims=cfg.model.spatial_dims, device=self.device,
+                                          title=f"{self.run_dir.name}: step {cfg.train.steps}, held-out cases"))
         if self.start_step >= cfg.train.steps and dist.is_main:
             logger.info("nothing to do: the checkpoint is already at step %d of %d", self.start_step, cfg.train.steps)
         summary = {"run_dir": str(self.run_dir), "steps": cfg.train.steps, "device": str(self.device),

