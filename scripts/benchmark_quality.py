@@ -12,8 +12,10 @@ the test split, and prints one table per dataset:
 - diversity: the samples' E[d(S,S')] next to the raters' own E[d(Y,Y')];
 - GED and HM-IoU against the raters (and, on the synthetic set, GED against
   fresh references from the true rater distribution);
-- two reference rows on the same cases: all-empty masks, and the raters'
-  strict-majority mask repeated for every sample.
+- three reference rows on the same cases: all-empty masks, the raters'
+  strict-majority mask repeated for every sample, and an oracle that sees the
+  raters: sample s marks the pixels at least (s mod A) + 1 of the A raters mark
+  (the floor a model reading the raters' agreement from the image could reach).
 
 Datasets:
 - ``synthetic``: the embedded synthetic multi-rater set of configs/synthetic.yaml
@@ -217,17 +219,26 @@ def reference_scores(refs: torch.Tensor, num_samples: int = NUM_SAMPLES) -> dict
     """(GED, HM-IoU) of the two reference predictors for one case.
 
     refs (1, A, *spatial) the case's raters. "all-empty": every sample empty;
-    "majority vote": every sample the pixels a strict majority of the raters mark.
+    "majority vote": every sample the pixels a strict majority of the raters mark;
+    "share threshold (oracle)": sample s marks the pixels that at least
+    ``s mod A + 1`` of the A raters mark, a floor that sees the raters' masks
+    (GED near 0 when the readers' masks are nested), not a competitor.
+    Returns (GED, HM-IoU, E[d(S,S')]) per row.
     """
     from probunet import metrics
 
-    votes = (refs > 0).float().mean(dim=1)  # (1, *spatial): share of raters marking foreground
+    counts = (refs > 0).sum(dim=1)  # (1, *spatial): raters marking each pixel
+    a = refs.shape[1]
+    votes = counts.float() / a
+    majority = (votes > 0.5).long().unsqueeze(1).expand(-1, num_samples, *votes.shape[1:])
+    rows = {"all-empty": torch.zeros_like(majority), "majority vote": majority,
+            "share threshold (oracle)": torch.stack([(counts >= s % a + 1).long() for s in range(num_samples)], 1)}
     out = {}
-    for name, mask in (("all-empty", torch.zeros_like(votes)), ("majority vote", (votes > 0.5).float())):
-        samples = mask.long().unsqueeze(1).expand(-1, num_samples, *mask.shape[1:])  # (1, S, *spatial)
+    for name, samples in rows.items():  # samples (1, S, *spatial)
         comp = metrics.ged_components(samples, refs, num_classes=2)
         out[name] = (float(metrics.ged_from_components(comp)[0]),
-                     float(metrics.hungarian_matched_iou_from_iou(1.0 - comp.d_sy)[0]))
+                     float(metrics.hungarian_matched_iou_from_iou(1.0 - comp.d_sy)[0]),
+                     float(comp.sample_diversity[0]))
     return out
 
 
@@ -237,17 +248,17 @@ def reference_rows(cfg: dict) -> dict:
     from probunet.data import load_splits, real_raters
 
     items = load_splits(from_dict(cfg))["test"]
-    scores: dict[str, list] = {"all-empty": [], "majority vote": []}
+    scores: dict[str, list] = {}
     for item in items:
         refs = torch.as_tensor(real_raters(item)).long()[None]  # (1, A, *spatial)
-        for name, pair in reference_scores(refs).items():
-            scores[name].append(pair)
+        for name, row in reference_scores(refs).items():
+            scores.setdefault(name, []).append(row)
     out = {}
-    for name, pairs in scores.items():
-        g, h = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+    for name, rows in scores.items():
+        g, h, d = (np.array([r[i] for r in rows]) for i in range(3))
         sem = (lambda x: float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0)
         out[name] = {"ged": float(g.mean()), "ged_sem": sem(g), "hm_iou": float(h.mean()), "hm_iou_sem": sem(h),
-                     "num_cases": len(g)}
+                     "diversity": float(d.mean()), "num_cases": len(g)}
     return out
 
 
@@ -279,7 +290,8 @@ def markdown_table(dataset: str, results: list[dict], refs: dict) -> str:
             cells.append(f"{b['train_seconds']:.0f}")
             lines.append("| " + " | ".join(cells) + " |")
     for name, v in refs.items():
-        cells = [f"*{name}* ({NUM_SAMPLES} copies)", "", "", "", "0.000", "", f"{_f(v['ged'])} ± {_f(v['ged_sem'])}",
+        label = f"*{name}*" if "oracle" in name else f"*{name}* ({NUM_SAMPLES} copies)"
+        cells = [label, "", "", "", _f(v.get("diversity", 0.0)), "", f"{_f(v['ged'])} ± {_f(v['ged_sem'])}",
                  f"{_f(v['hm_iou'])} ± {_f(v['hm_iou_sem'])}"] + ([""] if truth else []) + [""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -363,6 +363,13 @@ def test_reference_rows_hand_computed():
     assert scores["majority vote"][1] == pytest.approx((0.5 + 1.0) / 2)
     assert scores["all-empty"][0] == pytest.approx(2 * 1.0 - 0.0 - 0.25)
     assert scores["all-empty"][1] == pytest.approx(0.0)
+    # the share-threshold oracle: >= 1 rater gives rater 0's mask, >= 2 raters rater 1's, alternately:
+    # GED 0, HM-IoU 1, E[d(S,S')] = half the 16 x 16 ordered pairs at d = 1 - 1/2
+    oracle = scores["share threshold (oracle)"]
+    assert oracle[0] == pytest.approx(0.0, abs=1e-6)
+    assert oracle[1] == pytest.approx(1.0)
+    assert oracle[2] == pytest.approx(0.25)
+    assert scores["majority vote"][2] == 0.0
 
 
 def test_benchmark_quality_quick_run(tmp_path):
@@ -374,7 +381,7 @@ def test_benchmark_quality_quick_run(tmp_path):
     (row,) = res["results"]
     assert sorted(int(b) for b in row["budgets"]) == [3, 6]
     assert {"kl_end", "diversity", "rater_diversity", "ged", "hm_iou", "ged_true"} <= set(row["budgets"]["6"])
-    assert set(res["references"]["synthetic"]) == {"all-empty", "majority vote"}
+    assert set(res["references"]["synthetic"]) == {"all-empty", "majority vote", "share threshold (oracle)"}
     md = (out / "results.md").read_text()
     assert "| synthetic | 6 |" in md and "*majority vote*" in md
     assert (out / "ged_vs_steps.png").stat().st_size > 1000
