@@ -126,7 +126,9 @@ def recipe_config(path: Path, overrides: list[str], data: dict, *, batch_size: i
 # ----------------------------------------------------------------------------- one chain of budgets
 
 
-def _run(cmd: list[str], env: dict, log: Path) -> None:
+def run_logged(cmd: list[str], env: dict, log: Path) -> None:
+    """Run ``cmd`` in the repository, its output appended to ``log``; a failure raises with the log's tail.
+    (Also used by scripts/compare_models.py.)"""
     with open(log, "a", encoding="utf-8") as fh:
         fh.write("$ " + " ".join(cmd) + "\n")
         fh.flush()
@@ -152,10 +154,10 @@ def run_chain(job: dict) -> dict:
         cmd = [*py, "train", str(cfg_path), f"train.steps={budget}", "--out", str(run_dir), "--no-progress"]
         if i > 0:
             cmd.append("--resume")
-        _run(cmd, env, log)
+        run_logged(cmd, env, log)
         t_train += time.perf_counter() - t0
         eval_dir = run_dir / f"eval_{budget}"
-        _run([*py, "evaluate", str(run_dir / "checkpoints" / "last.pt"), "--out", str(eval_dir / "summary.json"),
+        run_logged([*py, "evaluate", str(run_dir / "checkpoints" / "last.pt"), "--out", str(eval_dir / "summary.json"),
               "--num-samples", str(NUM_SAMPLES), "--no-progress"], env, log)
         summary = json.loads((eval_dir / "summary.json").read_text())
         out["budgets"][budget] = {**budget_row(summary, run_dir / "metrics.jsonl", budget), "train_seconds": t_train}

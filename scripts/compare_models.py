@@ -29,7 +29,6 @@ import io
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,6 +42,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from benchmark_quality import run_logged  # noqa: E402  (scripts/ is on sys.path when run as a script)
+
 REPO = Path(__file__).resolve().parents[1]
 
 COLUMNS = [("model", "model"), ("ged", "GED"), ("hm_iou", "HM-IoU"), ("s_ncc", "S_NCC"), ("ece", "ECE"),
@@ -51,25 +52,15 @@ COLUMNS = [("model", "model"), ("ged", "GED"), ("hm_iou", "HM-IoU"), ("s_ncc", "
            ("ms_per_100_samples", "ms / 100 samples"), ("parameters", "parameters")]
 
 
-def _run(cmd: list[str], log: Path, env: dict) -> None:
-    with open(log, "a", encoding="utf-8") as fh:
-        fh.write("$ " + " ".join(cmd) + "\n")
-        fh.flush()
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
-    if proc.returncode != 0:
-        tail = " | ".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-4:])
-        raise RuntimeError(f"{cmd[3]} failed (exit {proc.returncode}); see {log}: {tail}")
-
-
 def run_config(name: str, cfg: dict, out: Path, *, num_samples: int, env: dict) -> dict:
     """Train and evaluate one model; returns its table row (without the timing of sampling)."""
     cfg_path = out / f"{name}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     run_dir, log = out / name, out / f"{name}.log"
     py = [sys.executable, "-m", "probunet"]
-    _run([*py, "train", str(cfg_path), "--out", str(run_dir), "--no-progress"], log, env)
-    _run([*py, "evaluate", str(run_dir / "checkpoints" / "last.pt"), "--num-samples", str(num_samples),
-          "--out", str(run_dir / "eval" / "summary.json"), "--no-progress"], log, env)
+    run_logged([*py, "train", str(cfg_path), "--out", str(run_dir), "--no-progress"], env, log)
+    run_logged([*py, "evaluate", str(run_dir / "checkpoints" / "last.pt"), "--num-samples", str(num_samples),
+                "--out", str(run_dir / "eval" / "summary.json"), "--no-progress"], env, log)
     summary = json.loads((run_dir / "eval" / "summary.json").read_text())
     m = summary["metrics"]
     row = {"model": name}
