@@ -186,6 +186,8 @@ class TrainConfig:
     steps: int = 2000
     batch_size: int = 16
     lr: float = 1e-4
+    lr_schedule: str = "constant"  # constant | cosine (from train.lr down to lr * lr_final_fraction at train.steps)
+    lr_final_fraction: float = 0.0  # cosine: the learning rate of the last step, as a fraction of train.lr
     weight_decay: float = 0.0
     amp: str = "auto"  # auto | bf16 | fp16 | off
     seed: int = 0
@@ -338,6 +340,7 @@ _CHOICES = {
     "data.normalize": ("none", "zscore", "ct_window"),
     "train.amp": ("auto", "bf16", "fp16", "off"),
     "train.rater": ("random", "all"),
+    "train.lr_schedule": ("constant", "cosine"),
     "eval.split": ("train", "val", "test"),
 }
 
@@ -511,6 +514,7 @@ def validate(cfg: Config) -> Config:
     if not _DEVICE.fullmatch(str(t.device)):
         raise ConfigError(f"config key 'train.device': {t.device!r} is not one of: auto, cpu, cuda, cuda:N, mps")
     _check_number("train.lr", t.lr, lo=0, lo_open=True)
+    _check_number("train.lr_final_fraction", t.lr_final_fraction, lo=0, hi=1)
     _check_number("train.weight_decay", t.weight_decay, lo=0)
     _check_number("train.beta", t.beta, lo=0)
     _check_number("train.free_bits", t.free_bits, lo=0)

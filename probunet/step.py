@@ -4,9 +4,23 @@ from __future__ import annotations
 
 from typing import Optional
 
+import math
+
 import torch
 
 from .distributed import DistInfo, all_reduce
+
+
+def lr_at(step: int, steps: int, lr: float, schedule: str = "constant", final_fraction: float = 0.0) -> float:
+    """The learning rate of step ``step`` (0-based) of ``steps``: a function of the step alone, so a
+    resumed run continues the same schedule. ``cosine``: half a cosine from ``lr`` at step 0 down to
+    ``lr * final_fraction`` at the last step (Loshchilov and Hutter 2017, without restarts)."""
+    if schedule == "constant" or steps <= 1:
+        return lr
+    if schedule != "cosine":
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}")
+    progress = min(max(step, 0), steps - 1) / (steps - 1)
+    return lr * (final_fraction + (1.0 - final_fraction) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,

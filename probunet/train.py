@@ -60,7 +60,7 @@ from .models.unet import to_channels_last
 from .nonfinite import NonFiniteGuard, TrainingError
 from .precision import amp_dtype, autocast
 from .rundir import RUN_MARKER, MetricsLog, claim_run_dir
-from .step import backward_and_step, fused_adam_ok
+from .step import backward_and_step, fused_adam_ok, lr_at
 from .utils import atomic_write_text, resolve_device
 from .validation import batch_diversity, validate
 from .ema import WeightAverage
@@ -312,6 +312,10 @@ class Trainer:
         with autocast(self.device, self.dtype):
             terms = self.loss_module(image, labels, step=step, num_raters=num_raters,
                                      generator=self.stream.rater_generator(step))
+        t = self.cfg.train
+        lr = lr_at(step, t.steps, t.lr, t.lr_schedule, t.lr_final_fraction)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         bad = backward_and_step(terms["loss"], self.optimizer, self.scaler, self.params,
                                 grad_clip=self.cfg.train.grad_clip, dist=self.dist)
         return terms, bad
@@ -326,6 +330,7 @@ class Trainer:
         beta_at = getattr(self.model, "beta_at", None)
         if beta_at is not None:
             record["beta"] = beta_at(done - 1)
+        record["lr"] = self.optimizer.param_groups[0]["lr"]
         record["images_per_s"] = self.images_seen * self.dist.world_size / (time.perf_counter() - self.t0)
         if self.dist.is_main:
             record["train_sample_diversity"] = batch_diversity(

@@ -5,7 +5,8 @@ For every config (its ``model`` and ``train`` sections: the recipe) and every
 dataset, trains at fixed step budgets (default 500, 2000 and 8000 steps of
 batch 16; one run per config and dataset, resumed from one budget to the next,
 which gives the same weights as separate runs because a step's batch and draws
-depend only on the seed and the step), evaluates each budget's checkpoint on
+depend only on the seed and the step; a config with a learning-rate schedule,
+which spans its run's steps, trains each budget from scratch), evaluates each budget's checkpoint on
 the test split, and prints one table per dataset:
 
 - KL: the logged training KL at the end and its minimum after step 200;
@@ -148,21 +149,27 @@ def run_chain(job: dict) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]), "PYTHONUNBUFFERED": "1"}
     py = [sys.executable, "-m", "probunet"]
     out = {"config": job["name"], "dataset": job["dataset"], "budgets": {}, "run_dir": str(run_dir)}
+    # a learning-rate schedule spans train.steps: each budget is then a run of its own, not a resumed one
+    chained = job["config"]["train"].get("lr_schedule", "constant") == "constant"
     t_train = 0.0
     for i, budget in enumerate(job["budgets"]):
         t0 = time.perf_counter()
-        cmd = [*py, "train", str(cfg_path), f"train.steps={budget}", "--out", str(run_dir), "--no-progress"]
-        if i > 0:
+        budget_dir = run_dir if chained else run_dir / f"steps_{budget}"
+        cmd = [*py, "train", str(cfg_path), f"train.steps={budget}", "--out", str(budget_dir), "--no-progress"]
+        if i > 0 and chained:
             cmd.append("--resume")
+        elif not chained:
+            t_train = 0.0
         run_logged(cmd, env, log)
         t_train += time.perf_counter() - t0
-        eval_dir = run_dir / f"eval_{budget}"
-        run_logged([*py, "evaluate", str(run_dir / "checkpoints" / "last.pt"), "--out", str(eval_dir / "summary.json"),
-              "--num-samples", str(NUM_SAMPLES), "--no-progress"], env, log)
+        eval_dir = budget_dir / f"eval_{budget}"
+        run_logged([*py, "evaluate", str(budget_dir / "checkpoints" / "last.pt"), "--out",
+                    str(eval_dir / "summary.json"), "--num-samples", str(NUM_SAMPLES), "--no-progress"], env, log)
         summary = json.loads((eval_dir / "summary.json").read_text())
-        out["budgets"][budget] = {**budget_row(summary, run_dir / "metrics.jsonl", budget), "train_seconds": t_train}
+        metrics = budget_dir / "metrics.jsonl"
+        out["budgets"][budget] = {**budget_row(summary, metrics, budget), "train_seconds": t_train}
         out["device"] = device_name()
-        out["curve"] = val_curve(run_dir / "metrics.jsonl")
+        out["curve"] = val_curve(metrics)
         # what is done so far, for --report-only after an interrupted benchmark
         (run_dir.parent / f"{run_dir.name}.json").write_text(json.dumps(out, indent=1))
     return out
