@@ -40,7 +40,9 @@ reference rows dashed) into ``--out``.
     python scripts/benchmark_quality.py --quick --out /tmp/q            # a smoke run: tiny model, budgets 3, 6
 
 A config given as ``PATH@key=value,key=value`` applies those overrides to its
-recipe (its row is named after them). ``--jobs`` runs that many trainings at
+recipe (its row is named after them); a ``data.*`` override changes the
+dataset's data section for that run (``configs/lidc.yaml@data.augment.affine=false``).
+``--jobs`` runs that many trainings at
 once (each with ``OMP_NUM_THREADS`` = cores / jobs); on one GPU several jobs
 share it.
 """
@@ -106,11 +108,15 @@ def dataset_section(name: str, lidc_data: Path, quick: bool) -> dict:
 
 def recipe_config(path: Path, overrides: list[str], data: dict, *, batch_size: int, budget_max: int,
                   quick: bool) -> dict:
-    """The full config of one benchmark run: the recipe's model and train sections on ``data``."""
+    """The full config of one benchmark run: the recipe's model and train sections on ``data``.
+    ``data.*`` overrides apply to the dataset's own data section (an augmentation lever, say);
+    the others to the recipe."""
     from probunet.config import apply_overrides, load_yaml
 
+    data_overrides = [o for o in overrides if o.startswith("data.")]
+    data = apply_overrides({"data": data}, data_overrides)["data"]  # a copy: ``data`` is shared by the runs
     raw = load_yaml(path)
-    raw = apply_overrides(raw, overrides) if overrides else raw
+    raw = apply_overrides(raw, [o for o in overrides if o not in data_overrides])
     model = dict(raw.get("model", {}))
     model.update(spatial_dims=2, in_channels=1, num_classes=2)
     if quick:

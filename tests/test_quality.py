@@ -372,6 +372,19 @@ def test_reference_rows_hand_computed():
     assert scores["majority vote"][2] == 0.0
 
 
+def test_benchmark_data_overrides_reach_the_dataset_section_only_of_their_run():
+    bq = _load_script("benchmark_quality")
+    data = {"format": "synthetic", "augment": {"enabled": True, "affine": True}}
+    kw = dict(batch_size=16, budget_max=500, quick=False)
+    cfg = bq.recipe_config(REPO / "configs" / "lidc.yaml", ["data.augment.affine=false", "train.lr=0.0005"],
+                           data, **kw)
+    assert cfg["data"]["augment"] == {"enabled": True, "affine": False}
+    assert cfg["data"]["format"] == "synthetic"  # the dataset's section, not lidc.yaml's
+    assert cfg["train"]["lr"] == 0.0005
+    assert data["augment"]["affine"] is True  # the section shared by the other runs is untouched
+    assert bq.recipe_config(REPO / "configs" / "lidc.yaml", [], data, **kw)["data"] == data
+
+
 def test_benchmark_quality_quick_run(tmp_path):
     out = tmp_path / "q"
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark_quality.py"), "--quick", "--out",
