@@ -162,10 +162,10 @@ def run_chain(job: dict) -> dict:
         t0 = time.perf_counter()
         budget_dir = run_dir if chained else run_dir / f"steps_{budget}"
         cmd = [*py, "train", str(cfg_path), f"train.steps={budget}", "--out", str(budget_dir), "--no-progress"]
-        if i > 0 and chained:
-            cmd.append("--resume")
-        elif not chained:
+        if not chained:
             t_train = 0.0
+        elif i > 0:
+            cmd.append("--resume")
         run_logged(cmd, env, log)
         t_train += time.perf_counter() - t0
         eval_dir = budget_dir / f"eval_{budget}"
