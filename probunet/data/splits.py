@@ -148,9 +148,14 @@ def _from_file(items: list[dict], split_cfg) -> dict[str, list[dict]]:
             raise DataError(msg)
         logger.warning(msg.replace("; list them, or set data.split.unlisted=ignore to drop them", "; dropped"))
     missing = sorted(set(lookup) - used)
-    if missing:  # expected for the shipped LIDC manifest: not every patient has nodule crops
-        log = logger.info if path == Path(resolve_split_file("lidc-idri")) else logger.warning
-        log("%s: %d listed id(s) match no case, e.g. %s", path, len(missing), ", ".join(missing[:5]))
+    if missing:
+        if path == Path(resolve_split_file("lidc-idri")):
+            # Expected: the manifest lists all 1010 patients, a dataset only those with annotated slices.
+            logger.info("%s: %d of the manifest's %d patients have no case in this dataset (no annotated "
+                        "slice in it, e.g. %s); nothing is wrong", path, len(missing), len(lookup),
+                        ", ".join(missing[:5]))
+        else:
+            logger.warning("%s: %d listed id(s) match no case, e.g. %s", path, len(missing), ", ".join(missing[:5]))
     return out
 
 
