@@ -62,6 +62,9 @@ CASE_METRICS = {
     "ece": "expected calibration error of this case (sampled vs. rater foreground frequency)",
     "qubiq": "QUBIQ challenge score: Dice of mean sampled probability > t vs. rater fraction > t, mean over "
              "t = 0.1..0.9 (and over the foreground classes)",
+    "empty_samples": "share of the samples with no foreground pixel",
+    "empty_raters": "share of the raters with no foreground pixel",
+    "empty_gap": "|empty_samples - empty_raters|: how far the sampled chance of an empty mask is from the raters'",
 }
 TRUTH_METRICS = {
     "ged_true": "D^2_GED vs. fresh references from the true rater distribution",
@@ -294,7 +297,10 @@ def _score_case(item: dict, index: int, sam: torch.Tensor, logits: torch.Tensor,
         "ece": float(cal.ece[0]),
         "qubiq": float(sum(metrics.qubiq_score(logits, refs, num_classes=num_classes, foreground=c)[0]
                            for c in range(1, num_classes)) / (num_classes - 1)),
+        "empty_samples": float(metrics.empty_share(sam, num_classes=num_classes)[0]),
+        "empty_raters": float(metrics.empty_share(refs, num_classes=num_classes)[0]),
     }
+    row["empty_gap"] = abs(row["empty_samples"] - row["empty_raters"])
     truth = item.get("meta", {}).get("truth")
     if has_truth:
         row.update({k: float("nan") for k in TRUTH_METRICS})
@@ -302,6 +308,33 @@ def _score_case(item: dict, index: int, sam: torch.Tensor, logits: torch.Tensor,
         row.update(_truth_scores(sam, truth, item, index, seed, int(cfg.eval.num_true_references), kw, hm_iou,
                                  lesion_rows))
     return row, metrics.Calibration(*(t.cpu() for t in cal))
+
+
+def by_empty_raters(rows: list[dict]) -> list[dict]:
+    """The cases grouped by how many of their raters drew an empty mask.
+
+    One entry per (raters with an empty mask, raters) pair present, in that
+    order: ``empty_raters``, ``num_raters``, ``num_cases``, the mean ``ged`` and
+    ``empty_samples`` of the group (mean and standard error), and the group's
+    share of the summed GED (``ged_share``), so that one can see where the
+    distance to the raters comes from (on LIDC, the crops some readers left
+    empty).
+    """
+    groups: dict[tuple[int, int], list[dict]] = {}
+    for r in rows:
+        a = int(r["num_raters"])
+        groups.setdefault((int(round(r["empty_raters"] * a)), a), []).append(r)
+    total = sum(r["ged"] for r in rows if math.isfinite(r["ged"]))
+    out = []
+    for (k, a), group in sorted(groups.items()):
+        ged = [r["ged"] for r in group]
+        out.append({
+            "empty_raters": k, "num_raters": a, "num_cases": len(group),
+            "ged": mean_and_sem(ged),
+            "empty_samples": mean_and_sem([r["empty_samples"] for r in group]),
+            "ged_share": float(sum(g for g in ged if math.isfinite(g)) / total) if total > 0 else None,
+        })
+    return out
 
 
 def _summary(cfg, rows: list[dict], lesion_rows: list[dict], pooled, *, num_samples: int, seed: int, device,
@@ -333,6 +366,7 @@ def _summary(cfg, rows: list[dict], lesion_rows: list[dict], pooled, *, num_samp
         "data": _data_dict(cfg),
         "eval": _eval_dict(cfg),
     }
+    summary["by_empty_raters"] = by_empty_raters(rows)
     if has_truth:
         summary["truth"] = _truth_summary(rows, lesion_rows, int(cfg.eval.num_true_references))
     summary["conventions"]["line"] = conventions_line(summary)
@@ -609,6 +643,13 @@ def _print_summary(result: dict) -> None:
     ece = result["calibration"]["ece"]
     print(f"  ECE            {ece:.4f} (pooled), {_fmt(m['ece'])} (per case)")
     print(f"  QUBIQ score    {_fmt(m['qubiq'])}")
+    print(f"  empty masks    samples {m['empty_samples']['mean']:.4f}, raters {m['empty_raters']['mean']:.4f}, "
+          f"per-case gap {_fmt(m['empty_gap'])}")
+    groups = result.get("by_empty_raters") or []
+    if len(groups) > 1:
+        print("  GED by raters with an empty mask: " + "; ".join(
+            f"{g['empty_raters']}/{g['num_raters']}: {g['num_cases']} cases, GED {g['ged']['mean']:.4f}, "
+            f"samples empty {g['empty_samples']['mean']:.3f}" for g in groups))
     truth = result.get("truth")
     if truth:
         t, les = truth["metrics"], truth["lesions"]

@@ -61,6 +61,7 @@ __all__ = [
     "calibration_from_sums",
     "aggregate_calibration",
     "consensus_scores",
+    "empty_share",
     "QUBIQ_THRESHOLDS",
     "qubiq_score",
 ]
@@ -813,6 +814,26 @@ def consensus_scores(
     dice = torch.where(empty, fill, 2.0 * inter / torch.where(empty, one, sp + sr))
     jacc = torch.where(empty, fill, inter / torch.where(empty, one, union))
     return {"dice": dice.to(_out_dtype()), "iou": jacc.to(_out_dtype())}
+
+
+def empty_share(masks: Tensor, *, num_classes: int = 2) -> Tensor:
+    """Share of a set's label maps with no foreground pixel at all.
+
+    ``masks (B, S, *spatial)`` integer labels (samples or raters) -> ``(B,)``:
+    the fraction of the S maps in which every pixel is class 0. For the raters
+    it is how often "nothing there" was drawn; for the samples, how often the
+    model says so. Under d = 1 - IoU with two empty masks at IoU 1, a sample
+    that is neither empty nor the lesion (a fragment) is far from every rater,
+    so the two shares and the GED move together.
+    """
+    _check_num_classes(num_classes)
+    masks = _check_labels(masks, "masks", num_classes)
+    if masks.dim() < 3:
+        raise ValueError(f"masks must be (B, S, *spatial), got shape {tuple(masks.shape)}")
+    if masks.shape[1] == 0:
+        raise ValueError("masks holds no label map (S = 0)")
+    empty = (masks.reshape(masks.shape[0], masks.shape[1], -1) != 0).sum(dim=2) == 0  # (B, S)
+    return empty.to(_acc_dtype(masks.device)).mean(dim=1).to(_out_dtype())
 
 
 # ----------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from probunet import metrics
 from probunet.cli import main
 from probunet.config import load_config
 from probunet.data import load_splits
-from probunet.evaluate import CASE_METRICS, LESION_COLUMNS, TRUTH_METRICS, evaluate, output_paths
+from probunet.evaluate import CASE_METRICS, LESION_COLUMNS, TRUTH_METRICS, by_empty_raters, evaluate, output_paths
 from probunet.models import build_model
 from probunet.checkpoint import load_model
 from probunet.inference import case_noise
@@ -163,6 +163,32 @@ def test_summary_matches_metrics_on_the_same_samples(evaluated, run):
     comp = [float(r["ged_cross"]) * 2 - float(r["sample_diversity"]) - float(r["reference_diversity"])
             for r in rows]
     np.testing.assert_allclose(comp, csv_ged, atol=1e-6)
+    # empty masks counted by hand: a map is empty when no pixel is foreground
+    for r, s, y in zip(rows, samples, refs):
+        e_s = sum(int(m.max()) == 0 for m in s) / len(s)
+        e_y = sum(int(m.max()) == 0 for m in y) / len(y)
+        assert float(r["empty_samples"]) == pytest.approx(e_s)
+        assert float(r["empty_raters"]) == pytest.approx(e_y)
+        assert float(r["empty_gap"]) == pytest.approx(abs(e_s - e_y))
+    groups = summary["by_empty_raters"]
+    assert sum(g["num_cases"] for g in groups) == len(rows)
+    assert sum(g["ged_share"] for g in groups) == pytest.approx(1.0)
+
+
+def test_ged_grouped_by_raters_with_an_empty_mask():
+    rows = [{"num_raters": 4, "empty_raters": 0.25, "ged": 0.2, "empty_samples": 0.5},
+            {"num_raters": 4, "empty_raters": 0.0, "ged": 0.1, "empty_samples": 0.0},
+            {"num_raters": 4, "empty_raters": 0.25, "ged": 0.4, "empty_samples": 0.0},
+            {"num_raters": 3, "empty_raters": 1 / 3, "ged": 0.3, "empty_samples": 0.25}]
+    groups = by_empty_raters(rows)
+    assert [(g["empty_raters"], g["num_raters"], g["num_cases"]) for g in groups] == [(0, 4, 1), (1, 3, 1),
+                                                                                      (1, 4, 2)]
+    one_of_four = groups[2]
+    assert one_of_four["ged"]["mean"] == pytest.approx(0.3)
+    assert one_of_four["ged"]["sem"] == pytest.approx(math.sqrt(0.02) / math.sqrt(2))
+    assert one_of_four["empty_samples"]["mean"] == pytest.approx(0.25)
+    assert one_of_four["ged_share"] == pytest.approx(0.6 / 1.0)
+    assert groups[0]["ged_share"] == pytest.approx(0.1)
 
 
 def test_rerun_gives_identical_numbers(evaluated, run, tmp_path):

@@ -519,6 +519,20 @@ def test_consensus_probabilities():
     same(out2["dice"], [0.5])
 
 
+def test_empty_share_by_hand():
+    # case 0: samples [Z2, Y1, Z2] -> 2 of 3 empty; case 1: [Y1, Y2, S_A] -> none empty
+    s = torch.stack([torch.stack([Z2, Y1, Z2]), torch.stack([Y1, Y2, S_A])])
+    same(M.empty_share(s), [2 / 3, 0.0])
+    # a map with only class-2 pixels is not empty
+    three = torch.stack([torch.stack([Z2, 2 * Y1])])
+    same(M.empty_share(three, num_classes=3), [0.5])
+    same(M.empty_share(batch([Z2, Z2])), [1.0])
+    with pytest.raises(ValueError, match="masks must be"):
+        M.empty_share(Z2)
+    with pytest.raises(ValueError, match="num_classes=2"):
+        M.empty_share(three)
+
+
 def test_consensus_empty():
     out = M.consensus_scores(batch([Z2]), batch([Z2, Z2]))
     same(out["dice"], [1.0])
