@@ -822,9 +822,9 @@ def empty_share(masks: Tensor, *, num_classes: int = 2) -> Tensor:
     ``masks (B, S, *spatial)`` integer labels (samples or raters) -> ``(B,)``:
     the fraction of the S maps in which every pixel is class 0. For the raters
     it is how often "nothing there" was drawn; for the samples, how often the
-    model says so. Under d = 1 - IoU with two empty masks at IoU 1, a sample
-    that is neither empty nor the lesion (a fragment) is far from every rater,
-    so the two shares and the GED move together.
+    model says so. Under d = 1 - IoU with two empty masks at IoU 1, an empty
+    sample is at distance 0 from an empty rater and 1 from any other, so the
+    two shares tell whether a model says "nothing there" as often as the raters.
     """
     _check_num_classes(num_classes)
     masks = _check_labels(masks, "masks", num_classes)
@@ -832,7 +832,7 @@ def empty_share(masks: Tensor, *, num_classes: int = 2) -> Tensor:
         raise ValueError(f"masks must be (B, S, *spatial), got shape {tuple(masks.shape)}")
     if masks.shape[1] == 0:
         raise ValueError("masks holds no label map (S = 0)")
-    empty = (masks.reshape(masks.shape[0], masks.shape[1], -1) != 0).sum(dim=2) == 0  # (B, S)
+    empty = ~(masks.reshape(masks.shape[0], masks.shape[1], -1) != 0).any(dim=2)  # (B, S)
     return empty.to(_acc_dtype(masks.device)).mean(dim=1).to(_out_dtype())
 
 
