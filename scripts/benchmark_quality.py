@@ -38,10 +38,14 @@ reference rows dashed) into ``--out``.
     python scripts/benchmark_quality.py --configs configs/lidc.yaml "configs/lidc.yaml@model.init=torch" \\
         --datasets lidc --budgets 500 2000 --jobs 2
     python scripts/benchmark_quality.py --quick --out /tmp/q            # a smoke run: tiny model, budgets 3, 6
+    python scripts/benchmark_quality.py --budgets 2000 8000 --resume --out runs/quality   # go on to 8000 steps
 
 A config given as ``PATH@key=value,key=value`` applies those overrides to its
 recipe (its row is named after them); a ``data.*`` override changes the
 dataset's data section for that run (``configs/lidc.yaml@data.augment.affine=false``).
+``--resume`` goes on with the runs an earlier (or interrupted) benchmark left in
+``--out``: budgets evaluated there are kept, and a larger budget trains on from
+the run's last checkpoint, so a longer budget costs only its extra steps.
 ``--jobs`` runs that many trainings at
 once (each with ``OMP_NUM_THREADS`` = cores / jobs); on one GPU several jobs
 share it.
@@ -145,11 +149,35 @@ def run_logged(cmd: list[str], env: dict, log: Path) -> None:
         raise RuntimeError(f"{' '.join(cmd[2:5])} failed (exit {proc.returncode}); see {log}: " + " | ".join(tail))
 
 
+def checkpoint_step(path: Path) -> int | None:
+    """The step a checkpoint was written at, or None when there is none."""
+    if not path.is_file():
+        return None
+    return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
+
+
+def earlier_budgets(job: dict, cfg_path: Path, record: Path) -> dict[int, dict]:
+    """With ``--resume``: the evaluated budgets of this run from an earlier benchmark in the same
+    ``--out`` (its record), after checking that the run there was trained with the same config."""
+    if not job.get("resume") or not cfg_path.is_file():
+        return {}
+    if yaml.safe_load(cfg_path.read_text()) != job["config"]:
+        raise RuntimeError(f"--resume: {cfg_path} holds another config than {job['name']}'s on this dataset "
+                           f"(other options or changed config files); choose a new --out")
+    if not record.is_file():
+        return {}
+    return {int(k): v for k, v in json.loads(record.read_text())["budgets"].items()}
+
+
 def run_chain(job: dict) -> dict:
-    """Train one recipe on one dataset up to each budget in turn and evaluate every budget."""
+    """Train one recipe on one dataset up to each budget in turn and evaluate every budget.
+    With ``job["resume"]``, budgets already evaluated in ``run_dir`` are kept and training goes on
+    from the run's last checkpoint."""
     run_dir = Path(job["run_dir"])
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     cfg_path = run_dir.parent / f"{run_dir.name}.yaml"
+    record = run_dir.parent / f"{run_dir.name}.json"
+    done = earlier_budgets(job, cfg_path, record)
     cfg_path.write_text(yaml.safe_dump(job["config"], sort_keys=False))
     log = run_dir.parent / f"{run_dir.name}.log"
     env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]), "PYTHONUNBUFFERED": "1"}
@@ -158,17 +186,28 @@ def run_chain(job: dict) -> dict:
     # a learning-rate schedule spans train.steps: each budget is then a run of its own, not a resumed one
     chained = job["config"]["train"].get("lr_schedule", "constant") == "constant"
     t_train = 0.0
-    for i, budget in enumerate(job["budgets"]):
+    for budget in job["budgets"]:
         t0 = time.perf_counter()
         budget_dir = run_dir if chained else run_dir / f"steps_{budget}"
-        cmd = [*py, "train", str(cfg_path), f"train.steps={budget}", "--out", str(budget_dir), "--no-progress"]
+        eval_dir = budget_dir / f"eval_{budget}"
+        if budget in done and (eval_dir / "summary.json").is_file():  # --resume: evaluated before
+            out["budgets"][budget] = done[budget]
+            t_train = done[budget].get("train_seconds", 0.0)
+            print(f"  kept: {job['dataset']} / {job['name']} @ {budget} (evaluated before)", flush=True)
+            continue
         if not chained:
             t_train = 0.0
-        elif i > 0:
-            cmd.append("--resume")
-        run_logged(cmd, env, log)
+        last = budget_dir / "checkpoints" / "last.pt"
+        step = checkpoint_step(last)
+        if step is not None and step > budget:
+            raise RuntimeError(f"{last} is at step {step}, past the budget {budget}, which was never "
+                               f"evaluated; choose a new --out")
+        if step is None or step < budget:
+            cmd = [*py, "train", str(cfg_path), f"train.steps={budget}", "--out", str(budget_dir), "--no-progress"]
+            if step is not None:  # the previous budget's run (or an interrupted one): go on from it
+                cmd.append("--resume")
+            run_logged(cmd, env, log)
         t_train += time.perf_counter() - t0
-        eval_dir = budget_dir / f"eval_{budget}"
         run_logged([*py, "evaluate", str(budget_dir / "checkpoints" / "last.pt"), "--out",
                     str(eval_dir / "summary.json"), "--num-samples", str(NUM_SAMPLES), "--no-progress"], env, log)
         summary = json.loads((eval_dir / "summary.json").read_text())
@@ -176,8 +215,8 @@ def run_chain(job: dict) -> dict:
         out["budgets"][budget] = {**budget_row(summary, metrics, budget), "train_seconds": t_train}
         out["device"] = device_name()
         out["curve"] = val_curve(metrics)
-        # what is done so far, for --report-only after an interrupted benchmark
-        (run_dir.parent / f"{run_dir.name}.json").write_text(json.dumps(out, indent=1))
+        # what is done so far, for --report-only and --resume after an interrupted benchmark
+        record.write_text(json.dumps(out, indent=1))
     return out
 
 
@@ -380,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", nargs="+", default=None, help="configs (PATH or PATH@k=v,k=v); default: shipped")
     p.add_argument("--datasets", nargs="+", default=["synthetic", "lidc"], choices=["synthetic", "lidc"])
-    p.add_argument("--budgets", nargs="+", type=int, default=[500, 2000, 8000], help="step budgets")
+    p.add_argument("--budgets", nargs="+", type=int, default=None,
+                   help="step budgets (default 500 2000 8000; with --quick 3 6)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lidc-data", type=Path, default=REPO / "data" / "lidc_style",
                    help="LIDC-style pickle folder (built here if missing)")
@@ -390,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=0,
                    help="data.num_workers of every run: processes that build (augment) batches ahead")
     p.add_argument("--quick", action="store_true", help="tiny model, synthetic set, budgets 3 and 6")
+    p.add_argument("--resume", action="store_true",
+                   help="go on with the runs already in --out (same configs and options): budgets evaluated "
+                        "there are kept, a larger budget trains on from the run's last checkpoint")
     p.add_argument("--report-only", action="store_true",
                    help="no training: rebuild the tables and the figure from the runs already in --out")
     return p
@@ -398,9 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.quick:
-        args.budgets = [3, 6]
+        args.budgets = args.budgets or [3, 6]
         args.datasets = ["synthetic"]
         args.configs = args.configs or ["configs/synthetic.yaml"]
+    args.budgets = args.budgets or [500, 2000, 8000]
     budgets = sorted(set(args.budgets))
     if budgets[0] < 1:
         raise SystemExit("benchmark_quality: error: --budgets must be >= 1")
@@ -410,8 +454,9 @@ def main(argv=None) -> int:
             raise SystemExit(f"benchmark_quality: error: no finished runs under {args.out}")
         return report(args, argv, budgets, results, data_cfgs, [], 0.0)
     specs = [parse_spec(s) for s in (args.configs or [s for s in SHIPPED if (REPO / s).is_file()])]
-    if args.out.exists() and any(args.out.iterdir()):
-        raise SystemExit(f"benchmark_quality: error: {args.out} exists and is not empty; choose a new --out")
+    if args.out.exists() and any(args.out.iterdir()) and not args.resume:
+        raise SystemExit(f"benchmark_quality: error: {args.out} exists and is not empty; choose a new --out, "
+                         f"or --resume to go on with its runs")
     args.out.mkdir(parents=True, exist_ok=True)
     if "lidc" in args.datasets:
         ensure_lidc(args.lidc_data)
@@ -425,7 +470,7 @@ def main(argv=None) -> int:
                                 quick=args.quick)
             data_cfgs.setdefault(ds, cfg)
             jobs.append({"name": name, "dataset": ds, "config": cfg, "budgets": budgets, "threads": threads,
-                         "run_dir": str(args.out / ds / name.replace("/", "_"))})
+                         "run_dir": str(args.out / ds / name.replace("/", "_")), "resume": args.resume})
     t0 = time.perf_counter()
     print(f"{len(jobs)} runs ({len(specs)} configs x {len(args.datasets)} datasets), budgets {budgets}, "
           f"batch {args.batch_size}, {args.jobs} at once; logs in {args.out}/<dataset>/<config>.log", flush=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from probunet import ProbabilisticUNet
@@ -404,3 +405,46 @@ def test_benchmark_quality_quick_run(tmp_path):
     md = (out / "results.md").read_text()
     assert "| synthetic | 6 |" in md and "*majority vote*" in md
     assert (out / "ged_vs_steps.png").stat().st_size > 1000
+
+
+def test_benchmark_quality_resume_keeps_evaluated_budgets_and_trains_on(tmp_path):
+    out = tmp_path / "q"
+
+    def bench(*extra):
+        return subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark_quality.py"), "--quick", "--out",
+                               str(out), *extra], capture_output=True, text=True, cwd=tmp_path)
+
+    first = bench("--budgets", "3")
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    run_dir = out / "synthetic" / "synthetic"
+    summary3 = run_dir / "eval_3" / "summary.json"
+    written = summary3.stat().st_mtime_ns
+    row3 = json.loads((out / "results.json").read_text())["results"][0]["budgets"]["3"]
+
+    refused = bench("--budgets", "3", "6")  # a non-empty --out without --resume
+    assert refused.returncode != 0 and "--resume" in refused.stderr
+    second = bench("--budgets", "3", "6", "--resume")
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    assert "kept: synthetic / synthetic @ 3" in second.stdout
+    assert summary3.stat().st_mtime_ns == written  # budget 3 was not evaluated again ...
+    (row,) = json.loads((out / "results.json").read_text())["results"]
+    assert row["budgets"]["3"] == row3 and "ged" in row["budgets"]["6"]
+    # ... nor trained again: steps 4 to 6 went on from the checkpoint of step 3
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if "train_kl" in json.loads(line)]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    trains = [line for line in (out / "synthetic" / "synthetic.log").read_text().splitlines()
+              if line.startswith("$ ") and " train " in line]
+    assert len(trains) == 2 and "train.steps=6" in trains[1] and trains[1].endswith("--resume")
+
+    # a budget below the checkpoint that was never evaluated cannot be made from it
+    past = bench("--budgets", "2", "6", "--resume")
+    assert past.returncode == 1 and "past the budget 2" in past.stdout
+    # nor can a run of another config go on under the same name
+    cfg_path = out / "synthetic" / "synthetic.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["train"]["lr"] = 0.5
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    changed = bench("--budgets", "3", "6", "9", "--resume")
+    assert changed.returncode == 1 and "holds another config" in changed.stdout
+    assert not (run_dir / "eval_9").exists()
