@@ -151,9 +151,9 @@ def run_logged(cmd: list[str], env: dict, log: Path) -> None:
 
 def checkpoint_step(path: Path) -> int | None:
     """The step a checkpoint was written at, or None when there is none."""
-    if not path.is_file():
-        return None
-    return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
+    from probunet.checkpoint import load_checkpoint
+
+    return int(load_checkpoint(path)["step"]) if path.is_file() else None
 
 
 def earlier_budgets(job: dict, cfg_path: Path, record: Path) -> dict[int, dict]:
