@@ -156,14 +156,23 @@ def checkpoint_step(path: Path) -> int | None:
     return int(load_checkpoint(path)["step"]) if path.is_file() else None
 
 
+def config_differences(old, new, key: str = "") -> list[str]:
+    """``key: old -> new`` for every leaf where two nested config dicts differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new), key=str)
+                for d in config_differences(old.get(k), new.get(k), f"{key}.{k}" if key else str(k))]
+    return [] if old == new else [f"{key}: {old!r} -> {new!r}"]
+
+
 def earlier_budgets(job: dict, cfg_path: Path, record: Path) -> dict[int, dict]:
     """With ``--resume``: the evaluated budgets of this run from an earlier benchmark in the same
     ``--out`` (its record), after checking that the run there was trained with the same config."""
     if not job.get("resume") or not cfg_path.is_file():
         return {}
-    if yaml.safe_load(cfg_path.read_text()) != job["config"]:
+    differ = config_differences(yaml.safe_load(cfg_path.read_text()), job["config"])
+    if differ:
         raise RuntimeError(f"--resume: {cfg_path} holds another config than {job['name']}'s on this dataset "
-                           f"(other options or changed config files); choose a new --out")
+                           f"({'; '.join(differ[:4])}); choose a new --out")
     if not record.is_file():
         return {}
     return {int(k): v for k, v in json.loads(record.read_text())["budgets"].items()}

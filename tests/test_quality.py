@@ -447,4 +447,5 @@ def test_benchmark_quality_resume_keeps_evaluated_budgets_and_trains_on(tmp_path
     cfg_path.write_text(yaml.safe_dump(cfg))
     changed = bench("--budgets", "3", "6", "9", "--resume")
     assert changed.returncode == 1 and "holds another config" in changed.stdout
+    assert "train.lr: 0.5 -> " in changed.stdout
     assert not (run_dir / "eval_9").exists()
