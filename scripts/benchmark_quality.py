@@ -386,6 +386,7 @@ def figure(path: Path, by_dataset: dict, refs: dict) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     names = list(by_dataset)
     fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.2), squeeze=False)
@@ -400,6 +401,10 @@ def figure(path: Path, by_dataset: dict, refs: dict) -> None:
         for j, (name, v) in enumerate(refs.get(ds, {}).items()):
             ax.axhline(v["ged"], color="0.4", ls="--" if j == 0 else ":", lw=1, label=f"{name} (test)")
         ax.set_xscale("log")
+        # plain labels at the budgets only: log-scale minor labels overlap on a short range of steps
+        ticks = sorted({int(k) for r in by_dataset[ds] for k in r["budgets"]})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("training step (batch 16)")
         ax.set_ylabel("GED (lower is better)")
         ax.set_title(f"{ds}: validation GED; dots: test GED at the budgets")
