@@ -164,12 +164,20 @@ def config_differences(old, new, key: str = "") -> list[str]:
     return [] if old == new else [f"{key}: {old!r} -> {new!r}"]
 
 
+# how often a run logs, validates and saves: these follow the largest budget asked for (see
+# ``recipe_config``), so ``--budgets 500`` and then ``--budgets 500 2000 8000 --resume`` differ in them
+# without training another recipe
+BOOKKEEPING_KEYS = ("train.log_every", "train.val_every", "train.checkpoint_every")
+
+
 def earlier_budgets(job: dict, cfg_path: Path, record: Path) -> dict[int, dict]:
     """With ``--resume``: the evaluated budgets of this run from an earlier benchmark in the same
-    ``--out`` (its record), after checking that the run there was trained with the same config."""
+    ``--out`` (its record), after checking that the run there was trained with the same config
+    (up to how often it logs, validates and saves)."""
     if not job.get("resume") or not cfg_path.is_file():
         return {}
-    differ = config_differences(yaml.safe_load(cfg_path.read_text()), job["config"])
+    differ = [d for d in config_differences(yaml.safe_load(cfg_path.read_text()), job["config"])
+              if not d.startswith(tuple(f"{k}:" for k in BOOKKEEPING_KEYS))]
     if differ:
         raise RuntimeError(f"--resume: {cfg_path} holds another config than {job['name']}'s on this dataset "
                            f"({'; '.join(differ[:4])}); choose a new --out")

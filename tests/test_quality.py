@@ -392,6 +392,25 @@ def test_benchmark_data_overrides_reach_the_dataset_section_only_of_their_run():
     assert bq.recipe_config(REPO / "configs" / "lidc.yaml", [], data, **kw)["data"] == data
 
 
+
+def test_benchmark_resume_accepts_a_run_saved_at_another_interval_but_not_another_recipe(tmp_path):
+    bq = _load_script("benchmark_quality")
+    data = {"format": "synthetic"}
+    kw = dict(batch_size=16, quick=False)
+    # ``--budgets 500`` validates and saves every 62 steps; ``--budgets 500 2000 8000`` every 250
+    first = bq.recipe_config(REPO / "configs" / "qubiq.yaml", [], data, budget_max=500, **kw)
+    later = bq.recipe_config(REPO / "configs" / "qubiq.yaml", [], data, budget_max=8000, **kw)
+    assert (first["train"]["val_every"], later["train"]["val_every"]) == (62, 250)
+    cfg_path, record = tmp_path / "qubiq.yaml", tmp_path / "qubiq.json"
+    cfg_path.write_text(yaml.safe_dump(first))
+    record.write_text(json.dumps({"budgets": {"500": {"ged": 0.3}}}))
+    job = {"name": "qubiq", "resume": True, "config": later}
+    assert bq.earlier_budgets(job, cfg_path, record) == {500: {"ged": 0.3}}
+    other = {**later, "train": {**later["train"], "beta": 7.0}}
+    with pytest.raises(RuntimeError, match=r"another config .*train\.beta"):
+        bq.earlier_budgets({**job, "config": other}, cfg_path, record)
+    assert bq.earlier_budgets({**job, "resume": False}, cfg_path, record) == {}
+
 def test_benchmark_quality_quick_run(tmp_path):
     out = tmp_path / "q"
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark_quality.py"), "--quick", "--out",
