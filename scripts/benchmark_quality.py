@@ -176,8 +176,9 @@ def earlier_budgets(job: dict, cfg_path: Path, record: Path) -> dict[int, dict]:
     (up to how often it logs, validates and saves)."""
     if not job.get("resume") or not cfg_path.is_file():
         return {}
+    bookkeeping = tuple(f"{k}:" for k in BOOKKEEPING_KEYS)
     differ = [d for d in config_differences(yaml.safe_load(cfg_path.read_text()), job["config"])
-              if not d.startswith(tuple(f"{k}:" for k in BOOKKEEPING_KEYS))]
+              if not d.startswith(bookkeeping)]
     if differ:
         raise RuntimeError(f"--resume: {cfg_path} holds another config than {job['name']}'s on this dataset "
                            f"({'; '.join(differ[:4])}); choose a new --out")

@@ -392,7 +392,6 @@ def test_benchmark_data_overrides_reach_the_dataset_section_only_of_their_run():
     assert bq.recipe_config(REPO / "configs" / "lidc.yaml", [], data, **kw)["data"] == data
 
 
-
 def test_benchmark_resume_accepts_a_run_saved_at_another_interval_but_not_another_recipe(tmp_path):
     bq = _load_script("benchmark_quality")
     data = {"format": "synthetic"}
@@ -410,6 +409,7 @@ def test_benchmark_resume_accepts_a_run_saved_at_another_interval_but_not_anothe
     with pytest.raises(RuntimeError, match=r"another config .*train\.beta"):
         bq.earlier_budgets({**job, "config": other}, cfg_path, record)
     assert bq.earlier_budgets({**job, "resume": False}, cfg_path, record) == {}
+
 
 def test_benchmark_quality_quick_run(tmp_path):
     out = tmp_path / "q"
