@@ -183,10 +183,14 @@ def test_pyproject_states_the_real_torch_minimum_and_lists_every_package():
     m = re.search(r'"torch>=(\d+)\.(\d+)"', text)
     assert m and (int(m.group(1)), int(m.group(2))) >= (2, 6)  # torch.nn.utils.get_total_norm is 2.6
     assert hasattr(torch.nn.utils, "get_total_norm")
-    listed = set(re.search(r"packages = \[([^\]]*)\]", text).group(1).replace('"', "").replace(" ", "").split(","))
+    block = re.search(r"packages = \[([^\]]*)\]", text).group(1)
+    listed = {name.strip().strip('"') for name in block.split(",") if name.strip()}
     on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "probunet").rglob("__init__.py")}
+    # folders of package data without an __init__.py are packages to setuptools too
+    on_disk |= {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "probunet").rglob("*.csv")}
+    on_disk |= {"probunet." + ".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "configs").rglob("*.yaml")}
     assert on_disk <= listed, f"packages missing from pyproject.toml: {sorted(on_disk - listed)}"
-    assert "probunet.configs" in listed
+    assert {"probunet.configs", "probunet.configs.zoo", "probunet.data.manifests"} <= listed
 
 
 def test_shipped_configs_are_found_from_a_source_checkout(tmp_path, monkeypatch):
