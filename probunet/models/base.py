@@ -261,9 +261,10 @@ class SegmentationModel(nn.Module):
     _divisor: int = 1
 
     def init_interface(self, spatial_dims: int, in_channels: int, num_classes: int,
-                       features: Sequence[int]) -> None:
+                       features: Sequence[int]) -> tuple:
         """Check and set ``spatial_dims``, ``in_channels``, ``num_classes``; ``divisor`` 2**(levels-1)
-        for ``features`` (channels per level); the default :class:`LossSettings`."""
+        for ``features`` (channels per level); the default :class:`LossSettings`. Returns ``features``
+        as a tuple of ints."""
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         if num_classes < 2:
@@ -275,6 +276,7 @@ class SegmentationModel(nn.Module):
         self.spatial_dims, self.in_channels, self.num_classes = spatial_dims, in_channels, num_classes
         self._divisor = 2 ** (len(features) - 1)
         self.loss_settings = LossSettings()  # a plain object: nothing in the state dict
+        return tuple(int(f) for f in features)
 
     @property
     def divisor(self) -> int:

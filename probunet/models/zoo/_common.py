@@ -38,6 +38,12 @@ def common_args(model_cfg) -> dict:
                 init=option(model_cfg, "init"))
 
 
+def check_latent_levels(latent_levels: int, levels: int) -> None:
+    """A hierarchical model's ``latent_levels``: 1 .. ``levels`` (at most one latent scale per U-Net level)."""
+    if not 1 <= latent_levels <= levels:
+        raise ValueError(f"latent_levels must be in 1..{levels} (the number of levels), got {latent_levels}")
+
+
 def draw(shape, generator: Optional[torch.Generator], device, kind: str = "normal") -> Tensor:
     """Standard-normal (``normal``) or uniform [0, 1) (``uniform``) fp32 draws of ``shape`` on ``device``,
     from ``generator`` (on its own device, then moved) or the global RNG."""

@@ -48,7 +48,8 @@ from ...losses import elbo_loss
 from ..base import SegmentationModel, loss_settings_from, pick_raters
 from ..registry import register_model
 from ..init import init_weights
-from ._common import DEFAULTS as D, common_args, conv1x1, latent_level, map_kl, onehot, option, upsample
+from ._common import (DEFAULTS as D, check_latent_levels, common_args, conv1x1, latent_level, map_kl, onehot,
+                      option, upsample)
 
 LATENT_LEVELS = 3  # model.latent_levels of hpu_net when the config leaves it null (at most len(features))
 RESIDUAL_INIT_SCALE = 0.1  # the last conv of every residual branch: He-normal times this
@@ -163,10 +164,8 @@ class HierarchicalProbUNet(SegmentationModel):
                  latent_channels: int = D.latent_channels, res_blocks: int = D.res_blocks,
                  topk_fraction: float = D.topk_fraction):
         super().__init__()
-        self.init_interface(spatial_dims, in_channels, num_classes, features)
-        feats = tuple(int(f) for f in features)
-        if not 1 <= latent_levels <= len(feats):
-            raise ValueError(f"latent_levels must be in 1..{len(feats)} (the number of levels), got {latent_levels}")
+        feats = self.init_interface(spatial_dims, in_channels, num_classes, features)
+        check_latent_levels(latent_levels, len(feats))
         if latent_channels < 1 or res_blocks < 1:
             raise ValueError(f"latent_channels and res_blocks must be >= 1, got {latent_channels}, {res_blocks}")
         if not 0.0 < topk_fraction <= 1.0:

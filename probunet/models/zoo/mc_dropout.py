@@ -41,11 +41,10 @@ class MCDropoutUNet(SegmentationModel):
                  dropout: float = D.dropout,
                  mc_sampling: bool = D.mc_sampling):
         super().__init__()
-        self.init_interface(spatial_dims, in_channels, num_classes, features)
+        feats = self.init_interface(spatial_dims, in_channels, num_classes, features)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.dropout, self.mc_sampling = float(dropout), bool(mc_sampling)
-        feats = tuple(int(f) for f in features)
         self.encoder = Encoder(spatial_dims, in_channels, feats, convs_per_level, norm=norm)
         self.decoder = nn.ModuleList(conv_block(spatial_dims, feats[i + 1] + feats[i], feats[i], convs_per_level,
                                                 norm=norm) for i in range(len(feats) - 2, -1, -1))

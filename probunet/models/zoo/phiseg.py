@@ -39,7 +39,8 @@ from ..base import SegmentationModel, loss_settings_from, pick_raters
 from ..registry import register_model
 from ..init import init_weights
 from ..unet import Encoder, conv_block
-from ._common import DEFAULTS as D, common_args, conv1x1, latent_level, map_kl, onehot, option, upsample
+from ._common import (DEFAULTS as D, check_latent_levels, common_args, conv1x1, latent_level, map_kl, onehot,
+                      option, upsample)
 
 LATENT_LEVELS = 5  # model.latent_levels of phiseg when the config leaves it null (at most len(features))
 
@@ -127,10 +128,8 @@ class PHiSeg(SegmentationModel):
                  latent_levels: int = LATENT_LEVELS,
                  latent_channels: int = D.latent_channels):
         super().__init__()
-        self.init_interface(spatial_dims, in_channels, num_classes, features)
-        feats = tuple(int(f) for f in features)
-        if not 1 <= latent_levels <= len(feats):
-            raise ValueError(f"latent_levels must be in 1..{len(feats)} (the number of levels), got {latent_levels}")
+        feats = self.init_interface(spatial_dims, in_channels, num_classes, features)
+        check_latent_levels(latent_levels, len(feats))
         if latent_channels < 1:
             raise ValueError(f"latent_channels must be >= 1, got {latent_channels}")
         self.latent_levels, self.latent_channels = int(latent_levels), int(latent_channels)
@@ -201,6 +200,6 @@ def build_phiseg(model_cfg, train_cfg=None) -> PHiSeg:
     settings = loss_settings_from(train_cfg)
     if settings.geco is not None:
         raise ConfigError("train.geco.enabled: phiseg trains with its own multi-level ELBO; set it to false")
-    model = PHiSeg(**args, latent_levels=option(model_cfg, "latent_levels", int, min(LATENT_LEVELS, len(args["features"]))),
-                   latent_channels=option(model_cfg, "latent_channels", int))
+    levels = option(model_cfg, "latent_levels", int, min(LATENT_LEVELS, len(args["features"])))
+    model = PHiSeg(**args, latent_levels=levels, latent_channels=option(model_cfg, "latent_channels", int))
     return model.configure_loss(settings)
