@@ -51,10 +51,12 @@ from typing import Any, Callable, Dict, Optional, Protocol, Sequence, runtime_ch
 import torch
 from torch import Tensor, nn
 
+from ..config import ModelConfig, TrainConfig
 from ..losses import Geco, beta_schedule, build_geco
 from .registry import DEFAULT_MODEL, build_model, model_name, model_names, register_model  # noqa: F401
 
 RATER_MODES = ("random", "all")
+DEFAULTS = ModelConfig()  # every model key's default, stated once (in probunet.config.ModelConfig)
 CHUNK_SIZE = 16  # samples per chunk of SegmentationModel.sample (the Probabilistic U-Net's own: 32)
 
 
@@ -174,12 +176,12 @@ class LossSettings:
     and moves it to the device (``model.to`` does not).
     """
 
-    beta: float = 1.0
-    kl_warmup_steps: int = 0
-    rater: str = "random"
+    beta: float = TrainConfig.beta  # each default as train.* states it
+    kl_warmup_steps: int = TrainConfig.kl_warmup_steps
+    rater: str = TrainConfig.rater
     geco: Optional[Geco] = None
-    free_bits: float = 0.0
-    kl_balance: Optional[float] = None
+    free_bits: float = TrainConfig.free_bits
+    kl_balance: Optional[float] = TrainConfig.kl_balance
 
     def __post_init__(self):
         self.check()

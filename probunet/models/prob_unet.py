@@ -11,7 +11,7 @@ from torch.distributions import Independent
 
 from ..losses import balanced_kl_dims, balanced_kl_objective, elbo_loss
 from ._cpu import cpu_parallel_map, split_over_threads, to_channels_last
-from .base import LossSettings, SegmentationModel, loss_settings_from, pick_raters  # noqa: F401 (re-exported)
+from .base import DEFAULTS as D, LossSettings, SegmentationModel, loss_settings_from, pick_raters  # noqa: F401
 from .fcomb import Fcomb
 from .gaussian import GaussianHead, analytic_kl, standard_gaussian
 from .init import init_weights
@@ -86,10 +86,10 @@ class ProbabilisticUNet(SegmentationModel):
 
     has_mean_sample = True  # sample(mean=True): every sample at the prior mean
 
-    def __init__(self, spatial_dims: int = 2, in_channels: int = 1, num_classes: int = 2,
-                 features: Sequence[int] = (32, 64, 128, 192), latent_dim: int = 6,
-                 fcomb_layers: int = 4, prior: str = "conditional", convs_per_level: int = 3,
-                 norm: Optional[str] = None, init: str = "he_normal"):
+    def __init__(self, spatial_dims: int = D.spatial_dims, in_channels: int = D.in_channels,
+                 num_classes: int = D.num_classes, features: Sequence[int] = D.features,
+                 latent_dim: int = D.latent_dim, fcomb_layers: int = D.fcomb_layers, prior: str = D.prior,
+                 convs_per_level: int = D.convs_per_level, norm: Optional[str] = D.norm, init: str = D.init):
         super().__init__()
         if prior not in ("conditional", "standard"):
             raise ValueError(f"prior must be 'conditional' or 'standard', got {prior!r}")
@@ -261,6 +261,6 @@ def build_prob_unet(model_cfg, train_cfg=None) -> ProbabilisticUNet:
         num_classes=model_cfg.num_classes, features=tuple(model_cfg.features),
         latent_dim=model_cfg.latent_dim, fcomb_layers=model_cfg.fcomb_layers,
         prior=model_cfg.prior, convs_per_level=model_cfg.convs_per_level, norm=model_cfg.norm,
-        init=getattr(model_cfg, "init", "he_normal"),
+        init=getattr(model_cfg, "init", D.init),
     )
     return model.configure_loss(loss_settings_from(train_cfg))

@@ -15,10 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Normal, kl_divergence
 
-from ...config import ModelConfig
+from ..base import DEFAULTS
 from ..gaussian import LOG_SIGMA_MAX, LOG_SIGMA_MIN
-
-DEFAULTS = ModelConfig()  # every model key's default, stated once (in probunet.config.ModelConfig)
 
 
 def option(model_cfg, key: str, kind=None, default=None):
