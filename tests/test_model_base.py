@@ -24,8 +24,9 @@ def tiny(name, **kw):
 
 
 def test_every_model_shares_the_base_and_the_loss_settings_type():
-    assert len(model_names()) == len(CLASSES)
-    for name in model_names():
+    shipped = ["prob_unet", "unet", "mc_dropout", "ensemble", "ssn", "hpu_net", "phiseg"]
+    assert set(shipped) <= set(model_names())  # (other tests register toy models of their own)
+    for name in shipped:
         model = tiny(name)
         assert isinstance(model, SegmentationModel), name
         assert type(model.loss_settings) is LossSettings, name
