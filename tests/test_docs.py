@@ -154,3 +154,22 @@ def test_every_command_option_is_documented():
     text = (ROOT / "docs" / "configs.md").read_text(encoding="utf-8")
     missing = sorted({flag for flag in flags if f"`{flag}" not in text})
     assert missing == [], f"command options missing from docs/configs.md: {missing}"
+
+
+def layout_block() -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("\n## Layout", 1)[1].split("\n## ", 1)[0]
+    return section.split("```", 2)[1]
+
+
+def test_readme_layout_names_every_module():
+    """The Layout section follows the tree: every module of probunet/, probunet/data/ and
+    probunet/models/ is named there (a new module needs its line)."""
+    block = layout_block()
+    modules = [p for folder in ("probunet", "probunet/data", "probunet/models")
+               for p in sorted((ROOT / folder).glob("*.py")) if p.name not in ("__init__.py", "__main__.py")]
+    assert len(modules) > 20
+    missing = [str(p.relative_to(ROOT)) for p in modules if not re.search(rf"\b{re.escape(p.name)}", block)]
+    assert missing == [], f"modules missing from the README's Layout section: {missing}"
+    zoo = [p.stem for p in (ROOT / "probunet" / "models" / "zoo").glob("*.py") if not p.stem.startswith("_")]
+    assert [m for m in zoo if not re.search(rf"\b{m}\b", block)] == []
