@@ -90,6 +90,17 @@ def cmd_predict(args) -> int:
     return predict_cli(args)
 
 
+def cmd_export(args) -> int:
+    from .export import export_model
+
+    result = export_model(args.source, args.format, args.out, num_samples=args.num_samples,
+                          overwrite=args.overwrite, seed=args.seed, roi_size=args.roi, evaluation=args.evaluation)
+    for path, size in result.files.items():
+        print(f"  {size / 1e6:8.3f} MB  {path}")
+    print(f"exported {args.source} as {args.format} to {result.path} ({result.size / 1e6:.3f} MB)")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """synth -> train -> evaluate on the embedded synthetic default."""
     out = Path(args.out)
@@ -161,6 +172,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(r, PredictOptions)
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_predict)
+
+    x = sub.add_parser(
+        "export", help="export the sampler: TorchScript, ONNX or a MONAI Bundle (use the model without probunet)",
+        description="Write the model's sampler (image, noise or seed -> S sample logits) as TorchScript or ONNX, "
+                    "or a MONAI Bundle folder (configs/metadata.json, configs/inference.json, models/model.ts, "
+                    "docs/README.md model card).")
+    x.add_argument("source", metavar="RUN_OR_CHECKPOINT", help="run directory or checkpoint file")
+    x.add_argument("--format", required=True, choices=("torchscript", "onnx", "bundle"))
+    x.add_argument("--out", required=True, metavar="FILE_OR_DIR", help="the file (torchscript, onnx) or folder "
+                   "(bundle) to write")
+    x.add_argument("--num-samples", type=int, default=16, help="samples per image (default 16)")
+    x.add_argument("--seed", type=int, default=0, help="bundle: the seed of the samples (default 0)")
+    x.add_argument("--roi", default="config", help="bundle: sliding-window size (default: the training patch)")
+    x.add_argument("--evaluation", default=None, metavar="SUMMARY_JSON",
+                   help="bundle: evaluation summary.json for the model card (default RUN/eval/summary.json)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    x.set_defaults(func=cmd_export)
 
     d = sub.add_parser("demo", help="the main job: synth -> train -> evaluate on the synthetic default")
     d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")

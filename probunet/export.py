@@ -47,6 +47,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -125,7 +127,17 @@ def script_sampler(model, cfg=None, *, num_samples: int = 16) -> torch.jit.Scrip
     sampler = build_sampler(model, cfg, num_samples=num_samples)
     for p in sampler.parameters():
         p.requires_grad_(False)
-    return torch.jit.script(sampler)
+    with _quiet_jit():
+        return torch.jit.script(sampler)
+
+
+@contextmanager
+def _quiet_jit():
+    """TorchScript still compiles, saves and loads in torch 2.x but warns that it is deprecated; the
+    files are what MONAI Bundles and C++ (libtorch) load, so that warning is silenced here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit.*")
+        yield
 
 
 def onnx_refusal(model) -> Optional[str]:
@@ -220,14 +232,16 @@ def _check_out(out: Path, ckpt_path: Optional[Path], overwrite: bool, *, folder:
 def save_torchscript(scripted: torch.jit.ScriptModule, path: str | Path, metadata: dict) -> Path:
     """``torch.jit.save`` with ``probunet.json`` as an extra file, atomically."""
     extra = {METADATA_FILE: json.dumps(metadata, indent=1, default=str)}
-    return atomic_call(path, lambda tmp: torch.jit.save(scripted, str(tmp), _extra_files=extra),
-                       suffix=Path(path).suffix or ".ts")
+    with _quiet_jit():
+        return atomic_call(path, lambda tmp: torch.jit.save(scripted, str(tmp), _extra_files=extra),
+                           suffix=Path(path).suffix or ".ts")
 
 
 def read_torchscript_metadata(path: str | Path) -> dict:
     """The ``probunet.json`` a TorchScript export carries."""
     extra = {METADATA_FILE: ""}
-    torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    with _quiet_jit():
+        torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     return json.loads(extra[METADATA_FILE])
 
 
@@ -283,8 +297,6 @@ def save_onnx(model, path: str | Path, *, num_samples: int, opset: int = 17) -> 
         with torch.no_grad():
             torch.onnx.export(wrapper, args, str(tmp), input_names=names, output_names=["logits"],
                               dynamic_axes=axes, opset_version=opset, dynamo=False)
-
-    import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's notes on shape arithmetic
