@@ -67,6 +67,7 @@ def _model(name, extra, nd, seed=0):
             model.prior_net.head.proj.weight.normal_(0, 0.5)
             model.prior_net.head.proj.bias[cfg.model.latent_dim:].fill_(0.5)
             model.fcomb.first.weight.mul_(5)
+            model.fcomb.rest[-1].bias[1] += 6.0  # both classes in reach of the samples
     return model, cfg
 
 
