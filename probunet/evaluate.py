@@ -603,8 +603,13 @@ def evaluate_checkpoint(options, *, progress: bool = False) -> dict:
     _check_divisible(items, int(getattr(model, "divisor", 1)))
     logger.info("evaluating %s on the %s split (%d cases, %d samples each) on %s", ckpt_path, cfg.eval.split,
                 len(items), num_samples, device)
-    return evaluate(model, cfg, items, num_samples=num_samples, seed=cfg.eval.seed, device=device,
-                    progress=progress, summary_path=summary_path, checkpoint=str(ckpt_path), split=cfg.eval.split)
+    result = evaluate(model, cfg, items, num_samples=num_samples, seed=cfg.eval.seed, device=device,
+                      progress=progress, summary_path=summary_path, checkpoint=str(ckpt_path), split=cfg.eval.split)
+    if getattr(options, "report", False):
+        from .report import write_report
+
+        result["files"]["report"] = str(write_report(result, model, cfg, items, device=device, progress=progress))
+    return result
 
 
 def _summary_path(out: Optional[str], given: Path, ckpt_path: Path) -> Path:
