@@ -65,7 +65,7 @@ def _versions() -> dict:
 def _roi(roi_size, cfg, spatial_dims: int, divisor: int) -> Optional[list]:
     from .inference import resolve_roi
     from .options import parse_roi
-    from .predict import _config_roi
+    from .predictor import _config_roi
 
     roi = resolve_roi(_config_roi(parse_roi(roi_size), cfg), spatial_dims, divisor)
     return None if roi is None else [int(r) for r in roi]
@@ -73,7 +73,7 @@ def _roi(roi_size, cfg, spatial_dims: int, divisor: int) -> Optional[list]:
 
 def _evaluation(source: Path, evaluation) -> Optional[dict]:
     """The run's evaluation summary.json (``evaluation``, or RUN/eval/summary.json), None when absent."""
-    from .evaluate import SUMMARY_KIND
+    from .scoring import SUMMARY_KIND
 
     if evaluation is not None:
         path = Path(evaluation)

@@ -21,7 +21,7 @@ once per image and only f_comb runs per sample (all S in one batched call).
 ``sampler.sample_context(image)`` gives the prior's mean and scale of an image
 (B, 2, latent_dim), for sliding windows that share the whole image's prior.
 
-The samples equal those of :class:`probunet.predict.Predictor` for the same
+The samples equal those of :class:`probunet.predictor.Predictor` for the same
 noise: ``probunet predict`` (seed K, case id ID) draws sample s of a
 Probabilistic U-Net from ``eps = probunet.inference.case_noise(K, ID, S, (latent_dim,))``,
 and for the zoo's models from a generator seeded ``probunet.inference.case_seed(K, ID)``
@@ -194,7 +194,7 @@ def _training_patch(cfg) -> Optional[list]:
     """The training patch size per axis (``data.crop_size``, or the synthetic image size), None if unknown."""
     if cfg is None:
         return None
-    from .predict import _config_roi
+    from .predictor import _config_roi
 
     roi = _config_roi("config", cfg)
     if roi is None:

@@ -17,7 +17,7 @@ from probunet.bundle import METADATA_SCHEMA, model_card
 from probunet.checkpoint import load_model, save_checkpoint
 from probunet.cli import main
 from probunet.data import prepare_items, synthetic
-from probunet.evaluate import evaluate
+from probunet.scoring import evaluate
 from probunet.export import export_metadata
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -19,7 +19,7 @@ from probunet.export import (build_sampler, export_model, onnx_refusal, read_tor
                              script_sampler)
 from probunet.inference import case_noise, case_seed
 from probunet.models import build_model
-from probunet.predict import Predictor
+from probunet.predictor import Predictor
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = str(ROOT / "configs" / "debug.yaml")
