@@ -404,23 +404,20 @@ def model_card(model, cfg, ckpt: dict, meta: dict, *, num_samples: int, seed: in
 # ----------------------------------------------------------------------------- writer
 
 
-def write_bundle(model, cfg, ckpt: dict, out: Path, *, num_samples: int, seed: int = 0, roi_size="config",
-                 overlap: float = 0.25, blend: str = "gaussian", source: Optional[Path] = None,
+def write_bundle(model, cfg, ckpt: dict, out: Path, meta: dict, *, num_samples: int, seed: int = 0,
+                 roi_size="config", overlap: float = 0.25, blend: str = "gaussian", source: Optional[Path] = None,
                  evaluation=None) -> dict:
-    """Write the bundle folder ``out``; returns {path: size in bytes} of every file written."""
-    from .export import export_metadata, save_torchscript, script_sampler
-
+    """Write the bundle's configs, model card and licence into ``out`` (the caller writes
+    ``models/model.ts``, see :func:`probunet.export.export_model`); ``meta`` is the export's metadata
+    (:func:`probunet.export.export_metadata`). Returns {path: size in bytes} of every file written."""
     if blend not in ("gaussian", "constant"):
         raise ValueError(f"blend must be 'gaussian' or 'constant', got {blend!r}")
     if not 0 <= float(overlap) < 1:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    meta = export_metadata(model, cfg, ckpt, num_samples=num_samples, fmt="bundle")
     roi = _roi(roi_size, cfg, int(model.spatial_dims), int(model.divisor))
     summary = _evaluation(Path(source) if source is not None else Path(str(ckpt.get("path"))), evaluation)
     out = Path(out)
     files = {}
-    ts = save_torchscript(script_sampler(model, cfg, num_samples=num_samples), out / "models" / "model.ts", meta)
-    files[str(ts)] = ts.stat().st_size
     texts = {
         "configs/metadata.json": json.dumps(metadata(model, cfg, ckpt, meta, num_samples=num_samples, seed=seed,
                                                      roi=roi, summary=summary), indent=2, default=str) + "\n",

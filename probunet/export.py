@@ -325,14 +325,17 @@ def export_model(source, fmt: str, out: str | Path, *, num_samples: int = 16, ov
     _check_out(out, ckpt_path, overwrite, folder=fmt == "bundle")
     model, cfg, ckpt = load_model(ckpt_path)
     name = model_name_of(model)
+    meta = export_metadata(model, cfg, ckpt, num_samples=int(num_samples), fmt=fmt)
     if fmt == "bundle":
         from .bundle import write_bundle
 
-        files = write_bundle(model, cfg, ckpt, out, num_samples=int(num_samples), seed=int(seed),
+        files = write_bundle(model, cfg, ckpt, out, meta, num_samples=int(num_samples), seed=int(seed),
                              roi_size=roi_size, overlap=overlap, blend=blend, source=Path(source),
-                             evaluation=evaluation)
-        return ExportResult(out, fmt, files)
-    meta = export_metadata(model, cfg, ckpt, num_samples=int(num_samples), fmt=fmt)
+                             evaluation=evaluation)  # checks the settings before model.ts is written
+        ts = save_torchscript(script_sampler(model, cfg, num_samples=int(num_samples)), out / "models" / "model.ts",
+                              meta)
+        logger.info("exported %s (%s) as a MONAI Bundle to %s", ckpt_path, name, out)
+        return ExportResult(out, fmt, {str(ts): ts.stat().st_size, **files})
     if fmt == "torchscript":
         save_torchscript(script_sampler(model, cfg, num_samples=int(num_samples)), out, meta)
     else:
