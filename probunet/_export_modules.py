@@ -7,7 +7,7 @@ registries. The result loads with ``torch.jit.load`` alone.
 
 Every sampler has one signature::
 
-    forward(image (B, C_in, *spatial), noise=None, seed=-1, num_samples=0, context=None)
+    forward(image (B, C_in, *spatial), noise=None, generator=None, num_samples=0, context=None)
         -> logits (B, S, C, *spatial)
 
 - ``image``: after the checkpoint's preprocessing (``data.normalize``; see
@@ -16,9 +16,12 @@ Every sampler has one signature::
   as ``probunet predict`` pads, and the logits are cropped back.
 - ``noise``: the Probabilistic U-Net's standard-normal latent draws ``eps``
   ``(B or 1, S, latent_dim)`` (``z = mu + sigma * eps``); other models take none.
-- ``seed``: >= 0 draws every random number from ``torch.Generator().manual_seed(seed)``
-  in the order the model's own ``sample(..., generator=g)`` draws them (so the
-  samples equal probunet's for that generator); -1 uses torch's global RNG.
+- ``generator``: a CPU ``torch.Generator`` (``torch.Generator().manual_seed(seed)``):
+  every random number is drawn from it in the order the model's own
+  ``sample(..., generator=g)`` draws them (so the samples equal probunet's for
+  that generator); None uses torch's global RNG. (The generator is made by the
+  caller: a ``torch.Generator`` created inside TorchScript is a constant that
+  serialisation may duplicate, so that the seeded one is not the one drawn from.)
 - ``num_samples``: S (0: the number fixed at export; ignored when ``noise`` is given).
 - ``context``: the Probabilistic U-Net's image-level prior ``(B or 1, 2, latent_dim)``
   (:meth:`sample_context` of the whole image) for sliding windows; None: the
@@ -46,14 +49,6 @@ def _rand(shape: List[int], g: Optional[torch.Generator], device: torch.device) 
     if g is None:
         return torch.rand(shape, device=device)
     return torch.rand(shape, generator=g).to(device)
-
-
-def _generator(seed: int) -> Optional[torch.Generator]:
-    if seed < 0:
-        return None
-    g = torch.Generator()
-    g.manual_seed(seed)
-    return g
 
 
 def _pad_min(x: Tensor, sizes: List[int]) -> Tuple[Tensor, List[int]]:
@@ -157,19 +152,19 @@ class _Sampler(nn.Module):
     def _context(self, x: Tensor) -> Tensor:
         return torch.zeros([x.shape[0], 2, 0], device=x.device)
 
-    def forward(self, image: Tensor, noise: Optional[Tensor] = None, seed: int = -1, num_samples: int = 0,
-                context: Optional[Tensor] = None) -> Tensor:
+    def forward(self, image: Tensor, noise: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
+                num_samples: int = 0, context: Optional[Tensor] = None) -> Tensor:
         x, starts = self._padded(image)
         n = num_samples if num_samples > 0 else self.num_samples
         if noise is not None:
             if self.latent_dim == 0:
-                raise ValueError("noise: this model has no fixed-size per-sample draw; pass seed instead")
+                raise ValueError("noise: this model has no fixed-size per-sample draw; pass a generator instead")
             if noise.dim() != 3 or noise.shape[2] != self.latent_dim:
                 raise ValueError("noise must be (B, S, latent_dim) with latent_dim " + str(self.latent_dim))
             n = noise.shape[1]
         if n < 1:
             raise ValueError("num_samples must be >= 1")
-        logits = self._sample(x, n, noise, _generator(seed), context)
+        logits = self._sample(x, n, noise, generator, context)
         return _crop(logits, 3, starts, image.shape[2:])
 
     def _sample(self, x: Tensor, num_samples: int, noise: Optional[Tensor], g: Optional[torch.Generator],

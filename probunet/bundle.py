@@ -47,7 +47,8 @@ from .utils import atomic_write_text
 logger = logging.getLogger(__name__)
 
 # The metadata schema the bundle declares; the keys it requires are listed in REQUIRED_METADATA_KEYS.
-METADATA_SCHEMA = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
+METADATA_SCHEMA = ("https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/"
+                   "meta_schema_20240725.json")
 REQUIRED_METADATA_KEYS = ("schema", "version", "monai_version", "pytorch_version", "numpy_version",
                           "required_packages_version", "task", "description", "authors", "copyright",
                           "network_data_format")
@@ -248,13 +249,15 @@ def inference_config(meta: dict, *, num_samples: int, seed: int, roi: Optional[l
         "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
         "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False,
                        "num_workers": 0},
-        # sample s of a case: latent noise eps_s (Probabilistic U-Net) or a generator seed (the zoo)
+        # sample s of a case: latent noise eps_s (Probabilistic U-Net) or a generator's seed (the zoo);
+        # every window restarts the generator, so all windows draw the same noise
         "case_noise": noise,
         "case_seed": case_seed,
         # the windows of one image share its noise and its image-level prior (net.sample_context)
-        "window_fn": "$lambda net, noise, seed, context: (lambda w: net(w, noise=noise, seed=seed, "
-                     "num_samples=@num_samples, context=context).flatten(1, 2) if noise is not None else "
-                     "torch.cat([net(w[i:i + 1], seed=seed, num_samples=@num_samples).flatten(1, 2) "
+        "generator": "$lambda seed: torch.Generator().manual_seed(seed) if seed >= 0 else None",
+        "window_fn": "$lambda net, noise, seed, context: (lambda w: net(w, noise=noise, num_samples=@num_samples, "
+                     "context=context).flatten(1, 2) if noise is not None else "
+                     "torch.cat([net(w[i:i + 1], generator=@generator(seed), num_samples=@num_samples).flatten(1, 2) "
                      "for i in range(w.shape[0])]))",
         "crop": "$lambda y, shape: y[(slice(None), slice(None)) + tuple(slice((t - s) // 2, (t - s) // 2 + s) "
                 "for t, s in zip(y.shape[2:], shape))]",
@@ -264,7 +267,7 @@ def inference_config(meta: dict, *, num_samples: int, seed: int, roi: Optional[l
                    "x.shape[2:]).reshape(x.shape[0], @num_samples, @num_classes, *x.shape[2:])",
         "slides": "$lambda x: len(@roi_size) > 0 and any(s > r for s, r in zip(x.shape[2:], @roi_size))",
         "sample_case": "$lambda x, net, case: @windows(x, net, @case_noise(case), @case_seed(case)) "
-                       "if @slides(x) else net(x, noise=@case_noise(case), seed=@case_seed(case), "
+                       "if @slides(x) else net(x, noise=@case_noise(case), generator=@generator(@case_seed(case)), "
                        "num_samples=@num_samples)",
         # batch_size 1: the evaluator hands the case id of the batch's one image
         "inferer": "$lambda inputs, network, cases=None: @sample_case(inputs, network, cases[0] if cases else '')",
@@ -331,7 +334,8 @@ def model_card(model, cfg, ckpt: dict, meta: dict, *, num_samples: int, seed: in
         f"that share the whole image's noise" + (" and prior" if name == "prob_unet" else "") + ".",
         f"- noise: " + ("the latent draws eps (S, latent_dim = " + str(meta["latent_dim"]) + "), "
                         "z = mu + sigma * eps" if name == "prob_unet" else
-                        "a generator seed; the model draws its own noise in a fixed order") + f"; seed {seed}.",
+                        "a torch.Generator; the model draws its own noise from it in a fixed order")
+        + f"; seed {seed}.",
         "",
         "## Training data and split",
         "",

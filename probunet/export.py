@@ -5,15 +5,16 @@
 
 The exported sampler (TorchScript: ``torch.jit.load(FILE)``, nothing else needed)::
 
-    logits = sampler(image, noise=None, seed=-1, num_samples=0, context=None)
+    logits = sampler(image, noise=None, generator=None, num_samples=0, context=None)
     image   (B, C_in, *spatial) float32, after the checkpoint's ``data.normalize``
             (``sampler.normalize(raw)`` applies it: none, zscore per image and
             channel, or ct_window), any spatial size (padded inside to a multiple
             of ``sampler.divisor`` with the per-channel minimum, cropped back)
     noise   the Probabilistic U-Net's latent draws eps (B or 1, S, latent_dim),
             z = mu + sigma * eps; other models: None
-    seed    >= 0: every random number from torch.Generator().manual_seed(seed),
-            drawn in the order of the model's own ``sample(generator=...)``; -1: torch's RNG
+    generator  a CPU torch.Generator (torch.Generator().manual_seed(seed)): every random
+            number drawn from it in the order of the model's own ``sample(generator=...)``;
+            None: torch's global RNG
     logits  (B, S, C, *spatial) float32 sample logits
 
 For the Probabilistic U-Net the fast path is kept: the U-Net and the prior net run
@@ -24,8 +25,8 @@ once per image and only f_comb runs per sample (all S in one batched call).
 The samples equal those of :class:`probunet.predictor.Predictor` for the same
 noise: ``probunet predict`` (seed K, case id ID) draws sample s of a
 Probabilistic U-Net from ``eps = probunet.inference.case_noise(K, ID, S, (latent_dim,))``,
-and for the zoo's models from a generator seeded ``probunet.inference.case_seed(K, ID)``
-(the ``seed`` argument here).
+and for the zoo's models from ``torch.Generator().manual_seed(probunet.inference.case_seed(K, ID))``
+(the ``generator`` argument here).
 
 ONNX (``--format onnx``, needs the ``onnx`` extra): the Probabilistic U-Net as
 ``logits = f(image, noise)`` (inputs named ``image`` and ``noise``; batch,
@@ -181,7 +182,7 @@ def export_metadata(model, cfg, ckpt: Optional[dict], *, num_samples: int, fmt: 
         "output": "logits (B, S, C, *spatial) float32; argmax over C gives sample label maps, "
                   "mean over S of softmax over C the mean probability",
         "noise": ("eps (B or 1, S, latent_dim) standard normal, z = mu + sigma * eps" if name == "prob_unet"
-                  else "none: seed >= 0 seeds a torch.Generator drawn in the model's own order"),
+                  else "none: a torch.Generator (generator=) is drawn from in the model's own order"),
         "checkpoint": str(ckpt.get("path")) if ckpt else None,
         "checkpoint_digest": ckpt.get("digest") if ckpt else None,
         "step": ckpt.get("step") if ckpt else None,

@@ -67,7 +67,9 @@ document.querySelectorAll('th[data-key]').forEach(function (th) {
 _CSS = """
 body { font-family: sans-serif; margin: 1.5em; color: #222; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; white-space: nowrap; }
+#summary td.l:last-child { white-space: normal; }
+.scroll { max-height: 24em; overflow-y: auto; display: inline-block; }
 th { background: #f0f0f0; } th[data-key] { cursor: pointer; } th[data-key]:hover { background: #dde; }
 td.l, th.l { text-align: left; } .note { color: #555; font-size: 0.85em; max-width: 70em; }
 .case { margin: 1.2em 0; } .case img { max-width: 100%; } figure { display: inline-block; margin: 0 1em 0 0; }
@@ -261,10 +263,10 @@ def render(result: dict, ordered: list[dict], pngs: dict, folder: Path) -> str:
             parts.append(f'<figure><img src="{e(rel)}" alt="{e(key)}" width="360"><figcaption class="note">'
                          f"{e(caption)}</figcaption></figure>")
     parts.append("</div>")
-    parts += ["<h2>Cases, worst first</h2>",
+    parts += ['<h2 id="cases-title">Cases, worst first</h2>',
               '<p class="note">Ordered by GED, largest first. Click a column header to sort by it (again to '
               'reverse); the case name links to its maps.</p>',
-              '<table id="cases"><thead><tr><th class="l">case</th><th>raters</th>']
+              '<div class="scroll"><table id="cases"><thead><tr><th class="l">case</th><th>raters</th>']
     for key, header, _ in CASE_COLUMNS:
         parts.append(f'<th data-key="{key}" title="{e(str(desc.get(key, "")))}">{e(header)}</th>')
     parts.append("</tr></thead><tbody>")
@@ -274,7 +276,7 @@ def render(result: dict, ordered: list[dict], pngs: dict, folder: Path) -> str:
         parts.append(f'<tr data-case="{e(str(row["case_id"]))}"><td class="l"><a href="#{anchor}">'
                      f'{e(str(row["case_id"]))}</a></td><td>{row.get("num_raters", "")}</td>'
                      + "".join(_cell(row.get(key)) for key, _, _ in CASE_COLUMNS) + "</tr>")
-    parts.append("</tbody></table>")
+    parts.append("</tbody></table></div>")
     parts.append('<h2>Per case</h2><p class="note">Each row: the image, the raters, up to '
                  f'{MAX_SAMPLES_SHOWN} samples, the mean foreground probability, and the uncertainty maps in nats: '
                  'total = H(mean_s p_s), aleatoric = mean_s H(p_s), epistemic = their difference (mutual '

@@ -1,7 +1,7 @@
 """A minimal Chrome DevTools Protocol client over ``--remote-debugging-pipe`` (no extra packages).
 
 Used by the report's browser test; also runnable to screenshot a page:
-``python tests/cdp.py PAGE.html OUT.png [WIDTH HEIGHT]``.
+``python tests/cdp.py PAGE.html OUT.png [WIDTH HEIGHT [SELECTOR]]`` (scrolled to SELECTOR).
 """
 
 import base64
@@ -139,6 +139,8 @@ if __name__ == "__main__":
     b = Browser(chromium_path(), w, h)
     try:
         b.open(page)
+        if len(sys.argv) > 5:  # a CSS selector to scroll to
+            b.evaluate(f"document.querySelector({json.dumps(sys.argv[5])}).scrollIntoView()")
         print("errors:", b.errors())
         b.screenshot(out)
         print("wrote", out)
