@@ -300,6 +300,22 @@ def inference_config(meta: dict, *, num_samples: int, seed: int, roi: Optional[l
 # ----------------------------------------------------------------------------- model card
 
 
+# the model.* keys that describe each model (the config holds every model's options)
+_MODEL_KEYS = {"prob_unet": ("latent_dim", "fcomb_layers", "prior"), "unet": ("sampling", "soft_target"),
+               "ensemble": ("ensemble_size", "ensemble_batch"), "mc_dropout": ("dropout", "mc_sampling"),
+               "ssn": ("rank", "mc_samples", "diag_eps", "roi"), "hpu_net": ("latent_levels", "latent_channels",
+                                                                           "res_blocks", "topk_fraction"),
+               "phiseg": ("latent_levels", "latent_channels")}
+
+
+def _model_keys(cfg) -> str:
+    m = cfg.to_dict()["model"]
+    name = m.get("name") or "prob_unet"
+    keys = ("name", "spatial_dims", "in_channels", "num_classes", "features", "convs_per_level", "norm", "init",
+            *_MODEL_KEYS.get(name, ()))
+    return ", ".join(f"{k} {m[k]}" for k in keys if k in m)
+
+
 def _fmt(stat) -> str:
     if not isinstance(stat, dict) or stat.get("mean") is None:
         return "n/a"
@@ -349,7 +365,7 @@ def model_card(model, cfg, ckpt: dict, meta: dict, *, num_samples: int, seed: in
         "",
         f"- {train.steps} steps planned, {ckpt.get('step')} done; batch size {train.batch_size}, learning rate "
         f"{train.lr} ({train.lr_schedule}), seed {train.seed}, rater choice `{train.rater}`",
-        f"- model: {cfg.to_dict()['model']}",
+        f"- model: {_model_keys(cfg)}",
         "",
         "## Evaluation",
         "",
@@ -364,7 +380,8 @@ def model_card(model, cfg, ckpt: dict, meta: dict, *, num_samples: int, seed: in
         for key in ("ged", "hm_iou", "sample_diversity", "reference_diversity", "ged_cross", "consensus_dice",
                     "ece", "qubiq", "empty_gap"):
             if key in m:
-                lines.append(f"| {key} | {_fmt(m[key])} | {desc.get(key, '')} |")
+                meaning = str(desc.get(key, "")).replace("|", "\\|")  # a bar would end the table cell
+                lines.append(f"| {key} | {_fmt(m[key])} | {meaning} |")
         lines += ["", "Conventions:", ""]
         for key in ("distance", "empty_iou", "ged_pairs", "hm_iou", "calibration"):
             if key in conv:

@@ -134,6 +134,12 @@ def test_model_card_carries_the_evaluation(tmp_path):
     assert "HM-IoU" in card or "hm_iou" in card
     assert saved["conventions"]["distance"] in card  # the metric conventions travel with the numbers
     assert "Limitations" in card and "synthetic" in card and "steps planned" in card
+    import re
+
+    for line in card.splitlines():  # every table row has three cells (a bar inside a cell is escaped)
+        if line.startswith("| "):
+            assert len(re.findall(r"(?<!\\)\|", line)) == 4, line
+    assert "latent_dim 2" in card and "dropout" not in card  # the model's own keys, not every model's
     bare = model_card(model, cfg, ckpt, meta, num_samples=S, seed=0, roi=None, summary=None)
     assert "No evaluation summary" in bare
 
