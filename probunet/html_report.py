@@ -142,14 +142,14 @@ def case_figure(path: Path, image: np.ndarray, raters: np.ndarray, logits: torch
                ("entropy (total)", _view(total, spatial_dims, pick), "inferno", (0, hmax)),
                ("aleatoric", _view(aleatoric, spatial_dims, pick), "inferno", (0, hmax)),
                ("epistemic (MI)", _view(epistemic, spatial_dims, pick), "inferno", (0, hmax))]
-    fig, axes = plt.subplots(1, len(panels), figsize=(1.25 * len(panels), 1.55))
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.25 * len(panels), 1.75))
     for ax, (name, img, cmap, lim) in zip(np.atleast_1d(axes), panels):
         ax.imshow(img, cmap=cmap, vmin=None if lim is None else lim[0], vmax=None if lim is None else lim[1],
                   interpolation="nearest")
         ax.set_title(name, fontsize=6)
         ax.axis("off")
-    fig.suptitle(title, fontsize=7, x=0.01, ha="left")
-    fig.tight_layout(pad=0.2)
+    fig.suptitle(title, fontsize=7, x=0.01, y=0.99, ha="left", va="top")
+    fig.tight_layout(pad=0.2, rect=(0, 0, 1, 0.88))  # room for the title above the panels' own
     out = atomic_call(path, lambda p: fig.savefig(p, dpi=80, format="png"), suffix=".png")
     plt.close(fig)
     return out

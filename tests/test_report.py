@@ -133,3 +133,19 @@ def test_report_in_headless_chromium(report, tmp_path):
     finally:
         browser.close()
     assert not any(math.isnan(v) for v in ged)
+
+
+def test_case_figure_3d_shows_the_slice_with_most_rater_foreground(tmp_path):
+    import numpy as np
+    import torch
+
+    from probunet.html_report import case_figure, worst_first
+
+    raters = np.zeros((2, 6, 8, 8), dtype=np.uint8)
+    raters[:, 4, 2:5, 2:5] = 1  # only slice 4 has foreground
+    logits = torch.randn(3, 2, 6, 8, 8)
+    path = case_figure(tmp_path / "c.png", np.random.rand(1, 6, 8, 8).astype(np.float32), raters, logits,
+                       title="3d", spatial_dims=3)
+    assert path.is_file() and path.stat().st_size > 1000
+    rows = [{"case_id": "a", "ged": 0.2}, {"case_id": "b", "ged": float("nan")}, {"case_id": "c", "ged": 0.9}]
+    assert [r["case_id"] for r in worst_first(rows)] == ["c", "a", "b"]
