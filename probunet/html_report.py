@@ -115,6 +115,11 @@ def _view(a: np.ndarray, spatial_dims: int, pick: Optional[int] = None) -> np.nd
     return a
 
 
+def busiest_slice(raters: np.ndarray) -> int:
+    """The index along the first spatial axis of raters (A, D, H, W) with the most rater foreground."""
+    return int((raters != 0).reshape(raters.shape[0], raters.shape[1], -1).sum(axis=(0, 2)).argmax())
+
+
 def case_figure(path: Path, image: np.ndarray, raters: np.ndarray, logits: torch.Tensor, *, title: str,
                 spatial_dims: int) -> Path:
     """One case: image (C, *sp), raters (A, *sp), sample logits (S, C, *sp) -> a PNG row of panels."""
@@ -128,9 +133,7 @@ def case_figure(path: Path, image: np.ndarray, raters: np.ndarray, logits: torch
     total = metrics.predictive_entropy(logits[None])[0].numpy()
     epistemic = metrics.mutual_information(logits[None])[0].numpy()
     aleatoric = np.clip(total - epistemic, 0.0, None)
-    pick = None
-    if spatial_dims == 3:  # the slice with the most rater foreground
-        pick = int((raters != 0).reshape(raters.shape[0], raters.shape[1], -1).sum(axis=(0, 2)).argmax())
+    pick = busiest_slice(raters) if spatial_dims == 3 else None
     shown = samples[:MAX_SAMPLES_SHOWN]
     panels = [("image", _view(image[0], spatial_dims, pick), "gray", None)]
     panels += [(f"rater {a}", _view(r, spatial_dims, pick), "viridis", (0, max(1, int(raters.max()))))

@@ -135,14 +135,16 @@ def test_report_in_headless_chromium(report, tmp_path):
     assert not any(math.isnan(v) for v in ged)
 
 
-def test_case_figure_3d_shows_the_slice_with_most_rater_foreground(tmp_path):
+def test_case_figure_3d_busiest_slice_and_worst_first(tmp_path):
     import numpy as np
     import torch
 
-    from probunet.html_report import case_figure, worst_first
+    from probunet.html_report import busiest_slice, case_figure, worst_first
 
     raters = np.zeros((2, 6, 8, 8), dtype=np.uint8)
-    raters[:, 4, 2:5, 2:5] = 1  # only slice 4 has foreground
+    raters[:, 4, 2:5, 2:5] = 1  # slice 4 has the most foreground
+    raters[0, 1, 0, 0] = 1
+    assert busiest_slice(raters) == 4
     logits = torch.randn(3, 2, 6, 8, 8)
     path = case_figure(tmp_path / "c.png", np.random.rand(1, 6, 8, 8).astype(np.float32), raters, logits,
                        title="3d", spatial_dims=3)
