@@ -95,6 +95,17 @@ def cmd_predict(args) -> int:
     return predict_cli(args)
 
 
+def cmd_export(args) -> int:
+    from .export import export_model
+
+    result = export_model(args.source, args.format, args.out, num_samples=args.num_samples,
+                          overwrite=args.overwrite, seed=args.seed, roi_size=args.roi, evaluation=args.evaluation)
+    for path, size in result.files.items():
+        print(f"  {size / 1e6:8.3f} MB  {path}")
+    print(f"exported {args.source} as {args.format} to {result.path} ({result.size / 1e6:.3f} MB)")
+    return 0
+
+
 def predict_cli(args) -> int:
     """``probunet predict``: 0 all cases written (or skipped), 1 some failed, user errors raise."""
     from .batch import predict_folder
@@ -244,8 +255,13 @@ def evaluate_checkpoint(options, *, progress: bool = False) -> dict:
     _check_divisible(items, int(getattr(model, "divisor", 1)))
     logger.info("evaluating %s on the %s split (%d cases, %d samples each) on %s", ckpt_path, cfg.eval.split,
                 len(items), num_samples, device)
-    return evaluate(model, cfg, items, num_samples=num_samples, seed=cfg.eval.seed, device=device,
-                    progress=progress, summary_path=summary_path, checkpoint=str(ckpt_path), split=cfg.eval.split)
+    result = evaluate(model, cfg, items, num_samples=num_samples, seed=cfg.eval.seed, device=device,
+                      progress=progress, summary_path=summary_path, checkpoint=str(ckpt_path), split=cfg.eval.split)
+    if getattr(options, "report", False):
+        from .html_report import write_report
+
+        result["files"]["report"] = str(write_report(result, model, cfg, items, device=device, progress=progress))
+    return result
 
 
 def _summary_path(out: Optional[str], given: Path, ckpt_path: Path) -> Path:
@@ -354,6 +370,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(r, PredictOptions)
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_predict)
+
+    x = sub.add_parser(
+        "export", help="export the sampler: TorchScript, ONNX or a MONAI Bundle (use the model without probunet)",
+        description="Write the model's sampler (image, noise or seed -> S sample logits) as TorchScript or ONNX, "
+                    "or a MONAI Bundle folder (configs/metadata.json, configs/inference.json, models/model.ts, "
+                    "docs/README.md model card).")
+    x.add_argument("source", metavar="RUN_OR_CHECKPOINT", help="run directory or checkpoint file")
+    x.add_argument("--format", required=True, choices=("torchscript", "onnx", "bundle"))
+    x.add_argument("--out", required=True, metavar="FILE_OR_DIR", help="the file (torchscript, onnx) or folder "
+                   "(bundle) to write")
+    x.add_argument("--num-samples", type=int, default=16, help="samples per image (default 16)")
+    x.add_argument("--seed", type=int, default=0, help="bundle: the seed of the samples (default 0)")
+    x.add_argument("--roi", default="config", help="bundle: sliding-window size (default: the training patch)")
+    x.add_argument("--evaluation", default=None, metavar="SUMMARY_JSON",
+                   help="bundle: evaluation summary.json for the model card (default RUN/eval/summary.json)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    x.set_defaults(func=cmd_export)
 
     d = sub.add_parser("demo", help="the main job: synth -> train -> evaluate on the synthetic default")
     d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
