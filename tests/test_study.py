@@ -1,0 +1,150 @@
+"""``probunet study`` end to end on the debug config, the ensemble of Probabilistic U-Nets, and
+``probunet synth --shift``."""
+
+import csv
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from probunet.cli import main
+from probunet.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+DEBUG = REPO / "configs" / "debug.yaml"
+ENSEMBLE = ["model.name=ensemble", "model.member=prob_unet", "model.ensemble_size=2"]
+
+
+# ----------------------------------------------------------------------------- ensemble of prob_unet
+
+
+def test_ensemble_of_prob_unet_trains_samples_and_has_epistemic_where_members_disagree(tmp_path):
+    from probunet.checkpoint import load_model
+    from probunet.models.zoo.member_ensemble import MemberEnsemble
+    from probunet.uncertainty import decompose, uncertainty_maps
+
+    run = tmp_path / "run"
+    assert main(["train", str(DEBUG), *ENSEMBLE, "train.steps=3", "--out", str(run), "--no-progress"]) == 0
+    model, cfg, _ = load_model(run)
+    assert isinstance(model, MemberEnsemble) and model.num_members == 2 and model.member_name == "prob_unet"
+    x = torch.as_tensor(np.random.default_rng(0).random((2, 1, 32, 32)), dtype=torch.float32)
+    logits = model.sample(x, 8, generator=torch.Generator().manual_seed(1))
+    assert logits.shape == (2, 8, 2, 32, 32)
+    # sample s is member s mod M's draw: the members' own samples from the same generator stream
+    g = torch.Generator().manual_seed(1)
+    for m in range(2):
+        assert torch.allclose(logits[:, m::2], model.members[m].sample(x, 4, generator=g))
+    maps = uncertainty_maps(model, x, logits)
+    assert set(maps) == {"total", "aleatoric", "epistemic"}
+    assert torch.allclose(maps["total"], maps["aleatoric"] + maps["epistemic"], atol=1e-6)
+    p = torch.softmax(logits, dim=2)[:, :, 1]  # (B, S, *sp) foreground probability
+    disagree = (p[:, 0::2].mean(1) - p[:, 1::2].mean(1)).abs()  # member 0 vs member 1
+    assert disagree.max() > 0.05
+    assert (maps["epistemic"][disagree > 0.05] > 0).all()
+    # identical members: no epistemic, whatever the latent draws
+    same = torch.softmax(logits, dim=2)[:, 0::2].repeat_interleave(2, dim=1)  # members 0 and 1 equal
+    assert decompose(same, groups=2)["epistemic"].abs().max() < 1e-6
+
+
+def test_ensemble_member_is_checked():
+    with pytest.raises(ConfigError, match="model.member"):
+        from probunet.models import build_model
+
+        build_model(load_config(DEBUG, ["model.name=ensemble", "model.member=vae"]).model)
+
+
+# ----------------------------------------------------------------------------- the study
+
+
+def test_study_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
+    ens = tmp_path / "ens_prob_unet.yaml"
+    ens.write_text(DEBUG.read_text().replace("model:\n", "model:\n  name: ensemble\n  member: prob_unet\n"
+                                                         "  ensemble_size: 2\n", 1))
+    out = tmp_path / "study"
+    args = ["study", str(DEBUG), str(ens), "--out", str(out), "--steps", "2", "--shift", "intensity",
+            "--num-samples", "4", "--fail", "one_minus_dice=0.5", "--no-progress"]
+    assert main(args) == 0
+    study = json.loads((out / "study.json").read_text())
+    for name in ("study.md", "study.csv", "risk_coverage.png", "reliability.png", "ood.png"):
+        assert (out / name).is_file(), name
+    models = [m["name"] for m in study["settings"]["models"]]
+    assert models == ["debug", "ens_prob_unet"]
+    num_test = study["settings"]["num_cases"]["test"]
+    assert num_test == study["settings"]["num_cases"]["shifted"] > 0
+    # cases: "<model>/<set>/<case>" -> map -> aggregation -> score; epistemic only for the ensemble
+    keys = list(study["cases"])
+    assert len(keys) == 2 * 2 * num_test
+    debug_case = study["cases"][next(k for k in keys if k.startswith("debug/test/"))]
+    ens_case = study["cases"][next(k for k in keys if k.startswith("ens_prob_unet/shifted/"))]
+    assert set(debug_case) == {"total", "aleatoric"} and set(ens_case) == {"total", "aleatoric", "epistemic"}
+    assert set(debug_case["total"]) == {"mean", "sum", "above_threshold", "patch_max"}
+    assert set(study["risks"][keys[0]]) == {"one_minus_dice", "ged"}
+    res = study["results"]
+    for q in ("failure.one_minus_dice.aurc", "failure.one_minus_dice.e_aurc", "failure.one_minus_dice.auroc",
+              "failure.ged.aurc", "ood.auroc", "performance", "calibration", "mean_score", "mean_score_shifted"):
+        assert set(res[q]) == {"debug", "ens_prob_unet"}, q
+    assert "epistemic.mean" in res["ood.auroc"]["ens_prob_unet"] and "epistemic.mean" not in res["ood.auroc"]["debug"]
+    for v in res["failure.ged.e_aurc"]["debug"].values():
+        assert v >= -1e-12
+    # the intensity shift: every mean score is defined on both sets; OOD AUROC in [0, 1]
+    assert all(0.0 <= v <= 1.0 for v in res["ood.auroc"]["debug"].values())
+    cal = res["calibration"]["debug"]
+    assert {"ece", "ace", "brier", "ece_shifted", "ace_shifted", "brier_shifted"} <= set(cal)
+    assert study["settings"]["failure"]["one_minus_dice"] == 0.5
+    rows = list(csv.DictReader(open(out / "study.csv")))
+    assert len(rows) == 2 * 2 * num_test and {r["set"] for r in rows} == {"test", "shifted"}
+    assert rows[0]["epistemic.mean"] == "" and rows[-1]["epistemic.mean"] != ""
+    md = (out / "study.md").read_text()
+    assert "## ood.auroc" in md and "| ens_prob_unet |" in md and "## calibration" in md
+    assert "best score" in capsys.readouterr().out
+    # a second run reads every model from its cache: no sampling, the same numbers
+    import probunet.study as study_mod
+
+    def boom(*a, **k):
+        raise AssertionError("a cached model was sampled again")
+
+    monkeypatch.setattr(study_mod, "score_set", boom)
+    assert main(args) == 0
+    assert json.loads((out / "study.json").read_text())["results"] == res
+
+
+def test_study_refuses_a_map_the_model_cannot_give(tmp_path, capsys):
+    rc = main(["study", str(DEBUG), "--out", str(tmp_path / "s"), "--steps", "1", "--num-samples", "2",
+               "--maps", "epistemic", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "prob_unet gives no epistemic map" in err[0]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--shift", "noise", "--ood", "."], "not both"),
+    (["--shift", "noise", "--severity", "-1"], "--severity"),
+    (["--fail", "dice"], "--fail dice"),
+    (["--fail", "loss=0.2"], "unknown risk"),
+])
+def test_study_argument_errors_are_one_line(tmp_path, capsys, extra, message):
+    rc = main(["study", str(DEBUG), "--out", str(tmp_path / "s"), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and message in err[0]
+
+
+# ----------------------------------------------------------------------------- synth --shift
+
+
+def test_synth_shift_writes_a_shifted_copy_with_the_same_masks(tmp_path):
+    plain, shifted = tmp_path / "plain", tmp_path / "shifted"
+    base = ["--num-cases", "3", "--size", "16", "--seed", "4"]
+    assert main(["synth", str(plain), *base]) == 0
+    assert main(["synth", str(shifted), *base, "--shift", "intensity", "--severity", "0.5"]) == 0
+    truth_a = json.loads((plain / "truth.json").read_text())
+    truth_b = json.loads((shifted / "truth.json").read_text())
+    assert truth_a["cases"] == truth_b["cases"]
+    assert truth_b["params"]["shift"] == {"kind": "intensity", "severity": 0.5}
+    for case in truth_a["cases"]:
+        for f in sorted((plain / case).glob("task*")):
+            assert np.array_equal(nib.load(str(f)).get_fdata(), nib.load(str(shifted / case / f.name)).get_fdata())
+        a = nib.load(str(plain / case / "image.nii.gz")).get_fdata()
+        b = nib.load(str(shifted / case / "image.nii.gz")).get_fdata()
+        assert np.allclose(b - a, 0.1, atol=1e-5)
