@@ -179,6 +179,8 @@ def train_if_needed(model: StudyModel, settings: StudySettings, *, progress: boo
 
     overrides = [] if settings.steps is None else [f"train.steps={settings.steps}"]
     cfg = load_config(model.source, overrides)
+    if cfg.train.checkpoint_every > max(1, cfg.train.steps // 4):  # a killed study loses at most a quarter
+        cfg = load_config(model.source, [*overrides, f"train.checkpoint_every={max(1, cfg.train.steps // 4)}"])
     resume = (run / "checkpoints" / "last.pt").is_file()
     logger.info("%s: training %s for %d steps into %s%s", model.name, model.source, cfg.train.steps, run,
                 " (resumed)" if resume else "")
