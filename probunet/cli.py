@@ -124,7 +124,9 @@ def cmd_study(args) -> int:
                              threshold=args.threshold, patch_size=args.patch_size,
                              failure=parse_failure(args.fail), device=args.device)
     t0 = time.perf_counter()
-    study = run_study(args.sources, args.out, settings, progress=not args.no_progress)
+    from .train import fit
+
+    study = run_study(args.sources, args.out, settings, train=fit, progress=not args.no_progress)
     print(f"study of {len(study['settings']['models'])} models in {time.perf_counter() - t0:.0f}s")
     for question, best in study["best"].items():
         o = best["overall"]

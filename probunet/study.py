@@ -166,8 +166,10 @@ def resolve_sources(sources: Sequence[str], out: Path) -> list[StudyModel]:
     return models
 
 
-def train_if_needed(model: StudyModel, settings: StudySettings, *, progress: bool) -> Path:
-    """Train a config model into its run directory (resuming a killed training); returns what to load."""
+def train_if_needed(model: StudyModel, settings: StudySettings, train=None, *, progress: bool) -> Path:
+    """Train a config model into its run directory with ``train(cfg, run_dir, resume=, progress=)``
+    (:func:`probunet.train.fit`; the CLI passes it, the library never imports the trainer), resuming a
+    killed training; returns what to load."""
     if not model.trained_here:
         return model.run_dir
     run = model.run_dir
@@ -175,8 +177,10 @@ def train_if_needed(model: StudyModel, settings: StudySettings, *, progress: boo
         logger.info("%s: already trained in %s", model.name, run)
         return run
     from .config import load_config
-    from .train import fit
 
+    if train is None:
+        raise ValueError(f"{model.source}: a config must be trained first; pass train=probunet.train.fit "
+                         f"or give its run directory")
     overrides = [] if settings.steps is None else [f"train.steps={settings.steps}"]
     cfg = load_config(model.source, overrides)
     if cfg.train.checkpoint_every > max(1, cfg.train.steps // 4):  # a killed study loses at most a quarter
@@ -184,7 +188,7 @@ def train_if_needed(model: StudyModel, settings: StudySettings, *, progress: boo
     resume = (run / "checkpoints" / "last.pt").is_file()
     logger.info("%s: training %s for %d steps into %s%s", model.name, model.source, cfg.train.steps, run,
                 " (resumed)" if resume else "")
-    fit(cfg, run, resume=resume, progress=progress)
+    train(cfg, run, resume=resume, progress=progress)
     return run
 
 
@@ -284,11 +288,11 @@ def score_set(model, spec, items: list[dict], cfg, settings: StudySettings, maps
     }
 
 
-def study_model(sm: StudyModel, settings: StudySettings, out: Path, *, progress: bool) -> dict:
+def study_model(sm: StudyModel, settings: StudySettings, out: Path, train=None, *, progress: bool) -> dict:
     """Train (if a config), sample and score one model, or read its cached result."""
     from .checkpoint import load_model, resolve_checkpoint_path
 
-    target = train_if_needed(sm, settings, progress=progress)
+    target = train_if_needed(sm, settings, train, progress=progress)
     ckpt_path = resolve_checkpoint_path(target)
     key = {"version": CACHE_VERSION, "settings": settings.cache_key(), "checkpoint": _fingerprint(ckpt_path)}
     cache = out / "cache" / f"{sm.name}.json"
@@ -605,8 +609,9 @@ def ood_figure(path: Path, questions: dict) -> Optional[Path]:
 
 
 def run_study(sources: Sequence[str], out: str | Path, settings: Optional[StudySettings] = None, *,
-              progress: bool = False) -> dict:
-    """The study of ``sources`` (configs or runs) into ``out``; returns what ``study.json`` holds."""
+              train=None, progress: bool = False) -> dict:
+    """The study of ``sources`` (configs or runs) into ``out``; returns what ``study.json`` holds.
+    ``train``: the function that trains a config (:func:`probunet.train.fit`), needed for configs."""
     settings = settings or StudySettings()
     settings.check()
     out = Path(out)
@@ -625,7 +630,7 @@ def run_study(sources: Sequence[str], out: str | Path, settings: Optional[StudyS
         for sm in models:
             if bar is not None:
                 bar.set_postfix_str(sm.name)
-            results[sm.name] = study_model(sm, settings, out, progress=progress)
+            results[sm.name] = study_model(sm, settings, out, train, progress=progress)
             if bar is not None:
                 bar.update(1)
     finally:
