@@ -148,3 +148,46 @@ def test_synth_shift_writes_a_shifted_copy_with_the_same_masks(tmp_path):
         a = nib.load(str(plain / case / "image.nii.gz")).get_fdata()
         b = nib.load(str(shifted / case / "image.nii.gz")).get_fdata()
         assert np.allclose(b - a, 0.1, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- predict
+
+
+@pytest.mark.parametrize("overrides, groups, files", [
+    (["model.name=mc_dropout"], None, {"aleatoric", "epistemic"}),  # every sample a model draw
+    (ENSEMBLE, 2, {"aleatoric", "epistemic"}),  # 2 members of 3 latent draws each
+    ([], 1, set()),  # the Probabilistic U-Net: its aleatoric map is its entropy
+])
+def test_predict_writes_the_maps_the_model_gives(tmp_path, overrides, groups, files):
+    from probunet.batch import predict_folder
+    from probunet.checkpoint import save_checkpoint
+    from probunet.inference import Sampler
+    from probunet.models import build_model
+    from probunet.options import PredictOptions
+    from probunet.predictor import Predictor
+    from probunet.uncertainty import decompose
+
+    cfg = load_config(DEBUG, overrides)
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    image = np.random.default_rng(1).random((32, 32)).astype(np.float32)
+    opts = PredictOptions(num_samples=6, seed=3, device="cpu", roi_size=0)
+    pred = Predictor(model, cfg, opts)(image, case_id="c1")
+    assert set(pred.maps) == files
+    if files:
+        logits = Sampler(model, seed=3).sample(["c1"], torch.from_numpy(image)[None, None], 6, keep_logits=True).logits
+        ref = decompose(torch.softmax(logits, dim=2), groups=groups)
+        assert np.allclose(pred.maps["aleatoric"], ref["aleatoric"][0].numpy(), atol=1e-5)
+        assert np.allclose(pred.maps["epistemic"], ref["epistemic"][0].numpy(), atol=1e-5)
+        assert np.allclose(pred.entropy, ref["total"][0].numpy(), atol=1e-5)
+    ckpt = tmp_path / "m.pt"
+    save_checkpoint({"model": model.state_dict(), "config": cfg.to_dict(), "step": 0}, ckpt)
+    inp = tmp_path / "in"
+    inp.mkdir()
+    nib.save(nib.Nifti1Image(image, np.eye(4)), str(inp / "c1.nii.gz"))
+    predict_folder(ckpt, inp, tmp_path / "out", opts)
+    written = {p.name.split(".")[0] for p in (tmp_path / "out" / "c1").iterdir()}
+    assert files <= written and ({"aleatoric", "epistemic"} - files).isdisjoint(written)
+    if files:
+        stored = nib.load(str(tmp_path / "out" / "c1" / "epistemic.nii.gz")).get_fdata()
+        assert np.allclose(stored, pred.maps["epistemic"], atol=1e-6)
