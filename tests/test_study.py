@@ -191,3 +191,16 @@ def test_predict_writes_the_maps_the_model_gives(tmp_path, overrides, groups, fi
     if files:
         stored = nib.load(str(tmp_path / "out" / "c1" / "epistemic.nii.gz")).get_fdata()
         assert np.allclose(stored, pred.maps["epistemic"], atol=1e-6)
+
+
+def test_study_of_a_run_with_a_folder_as_the_shifted_set(tmp_path):
+    run, ood, out = tmp_path / "run", tmp_path / "ood", tmp_path / "study"
+    assert main(["train", str(DEBUG), "train.steps=1", "--out", str(run), "--no-progress"]) == 0
+    assert main(["synth", str(ood), "--num-cases", "3", "--size", "32", "--seed", "9", "--shift", "blur"]) == 0
+    assert main(["study", str(run), "--out", str(out), "--ood", str(ood), "--num-samples", "2", "--no-progress"]) == 0
+    study = json.loads((out / "study.json").read_text())
+    assert study["settings"]["num_cases"]["shifted"] == 3 and study["settings"]["shifted_set"] == f"folder {ood}"
+    assert {k.split("/")[2] for k in study["cases"] if k.startswith("run/shifted/")} == {"case_0000", "case_0001",
+                                                                                         "case_0002"}
+    assert set(study["results"]["ood.auroc"]["run"]) == {f"{m}.{a}" for m in ("total", "aleatoric")
+                                                         for a in ("mean", "sum", "above_threshold", "patch_max")}
