@@ -522,6 +522,10 @@ def _save(fig, path: Path) -> Path:
     return out
 
 
+_MAP_COLOURS = {"total": "C0", "aleatoric": "C1", "epistemic": "C2"}
+_AGG_STYLES = {"mean": "-", "sum": "-", "above_threshold": ":", "patch_max": "-."}
+
+
 def risk_coverage_figure(path: Path, results_by_model: dict, questions: dict, risk: str = "one_minus_dice") -> Path:
     """A panel per model: selective risk against coverage for each map's ``mean`` score and the model's
     best score by AURC, with the optimal ranking and the random one (the mean risk)."""
@@ -545,7 +549,9 @@ def risk_coverage_figure(path: Path, results_by_model: dict, questions: dict, ri
             u = np.array([_nan(c["scores"][s]) for c in test.values()])
             good = ok & np.isfinite(u)
             cov, sel = detection.risk_coverage(u[good], r[good])
-            ax.plot(cov, sel, lw=1.2, label=f"{s} ({detection.aurc(u[good], r[good]):.3f})")
+            m, agg = s.split(".", 1)
+            ax.plot(cov, sel, lw=1.2, color=_MAP_COLOURS.get(m), ls=_AGG_STYLES.get(agg, "-"),
+                    label=f"{s} ({detection.aurc(u[good], r[good]):.3f})")
         if ok.any():
             rs = np.sort(r[ok])
             k = np.arange(1, rs.size + 1)
