@@ -204,3 +204,25 @@ def test_study_of_a_run_with_a_folder_as_the_shifted_set(tmp_path):
                                                                                          "case_0002"}
     assert set(study["results"]["ood.auroc"]["run"]) == {f"{m}.{a}" for m in ("total", "aleatoric")
                                                          for a in ("mean", "sum", "above_threshold", "patch_max")}
+
+
+def test_a_killed_training_resumes_and_a_finished_one_is_kept(tmp_path):
+    from probunet.study import StudySettings, resolve_sources, train_if_needed
+
+    calls = []
+
+    def fake_fit(cfg, run_dir, *, resume, progress):
+        calls.append((cfg.train.steps, cfg.train.checkpoint_every, resume))
+
+    (sm,) = resolve_sources([str(DEBUG)], tmp_path)
+    assert sm.name == "debug" and sm.run_dir == tmp_path / "runs" / "debug" and sm.trained_here
+    settings = StudySettings(steps=40)
+    train_if_needed(sm, settings, fake_fit, progress=False)  # nothing there: a fresh training
+    (sm.run_dir / "checkpoints").mkdir(parents=True)
+    (sm.run_dir / "checkpoints" / "last.pt").write_bytes(b"")
+    train_if_needed(sm, settings, fake_fit, progress=False)  # a checkpoint, no summary: killed, resume
+    (sm.run_dir / "train_summary.json").write_text("{}")
+    train_if_needed(sm, settings, fake_fit, progress=False)  # finished: kept
+    assert calls == [(40, 10, False), (40, 10, True)]
+    with pytest.raises(ValueError, match="must be trained first"):
+        train_if_needed(resolve_sources([str(DEBUG)], tmp_path / "other")[0], settings, None, progress=False)
