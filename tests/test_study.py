@@ -223,6 +223,9 @@ def test_a_killed_training_resumes_and_a_finished_one_is_kept(tmp_path):
     train_if_needed(sm, settings, fake_fit, progress=False)  # a checkpoint, no summary: killed, resume
     (sm.run_dir / "train_summary.json").write_text("{}")
     train_if_needed(sm, settings, fake_fit, progress=False)  # finished: kept
-    assert calls == [(40, 10, False), (40, 10, True)]
+    assert calls == [(40, 3, False), (40, 3, True)]  # debug.yaml checkpoints every 3 steps already
+    (zoo,) = resolve_sources([str(REPO / "configs" / "zoo" / "unet.yaml")], tmp_path / "zoo")
+    train_if_needed(zoo, settings, fake_fit, progress=False)
+    assert calls[-1] == (40, 10, False)  # every 400 steps in the config: every quarter of the budget instead
     with pytest.raises(ValueError, match="must be trained first"):
         train_if_needed(resolve_sources([str(DEBUG)], tmp_path / "other")[0], settings, None, progress=False)
