@@ -26,13 +26,14 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor, nn
 
-from ..base import build_model
-from ._common import ZooModel, check_num_samples, draw
+from ..base import SegmentationModel
+from ..registry import build_model
+from ._common import draw
 
 BATCH_MODES = ("bootstrap", "shuffle", "same")
 
 
-class MemberEnsemble(ZooModel):
+class MemberEnsemble(SegmentationModel):
     """M independently initialised members of one registered model; sample s from member s mod M."""
 
     def __init__(self, members: list[nn.Module], member_name: str, batch_mode: str = "bootstrap"):
@@ -47,6 +48,11 @@ class MemberEnsemble(ZooModel):
         self._divisor = max(int(m.divisor) for m in members)
         self.member_name, self.batch_mode = member_name, batch_mode
         self.members = nn.ModuleList(members)
+        self.loss_settings = first.loss_settings  # the members' (one train config built them all)
+
+    def beta_at(self, step: int) -> float:
+        """The members' KL weight at ``step``."""
+        return self.members[0].beta_at(step)
 
     @property
     def num_members(self) -> int:
@@ -82,7 +88,7 @@ class MemberEnsemble(ZooModel):
     def sample(self, image: Tensor, num_samples: int, *, generator: Optional[torch.Generator] = None,
                noise: Optional[Tensor] = None, context=None) -> Tensor:
         """image (B, C_in, *spatial) -> logits (B, S, C, *spatial); sample s from member s mod M."""
-        check_num_samples(num_samples, noise, context)
+        self.check_sample_args(num_samples, noise, context)
         with self.sampling_context():
             self.check_input(image)
             m_count = self.num_members
@@ -98,8 +104,8 @@ class MemberEnsemble(ZooModel):
 
 def build_member_ensemble(model_cfg, train_cfg, member: str) -> MemberEnsemble:
     """The ensemble of ``member`` models described by ``model_cfg`` (``ensemble_size``, ``ensemble_batch``)."""
-    from ...config import ConfigError
-    from ..base import model_names
+    from ...errors import ConfigError
+    from ..registry import model_names
 
     if member == "ensemble":
         raise ConfigError("config key 'model.member': an ensemble cannot be the member of an ensemble")
