@@ -375,9 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser(
         "predict", help="segment every image of a folder: samples, probability, uncertainty",
         description="Per image of INPUT_DIR (NIfTI, NRRD, MHA, TIFF, DICOM, ...; PNG for 2D models), write "
-                    "OUTPUT_DIR/<case>/ sample_000.., probability, entropy, consensus in the input's format and "
-                    "geometry, and OUTPUT_DIR/summary.csv. Exit 0: all written; 1: some cases failed (see the "
-                    "summary); 2: bad arguments.")
+                    "OUTPUT_DIR/<case>/ sample_000.., probability, entropy (MC dropout and ensembles: also "
+                    "aleatoric, epistemic), consensus in the input's format and geometry, and "
+                    "OUTPUT_DIR/summary.csv. Exit 0: all written; 1: some cases failed (see the summary); 2: bad "
+                    "arguments.")
     r.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file or run directory")
     r.add_argument("input_dir", metavar="INPUT_DIR", help="folder of images (never written to)")
     r.add_argument("output_dir", metavar="OUTPUT_DIR")
