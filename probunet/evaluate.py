@@ -42,6 +42,7 @@ from .collapse import diversity_warning
 from .data import real_raters
 from .checkpoint import load_model
 from .inference import evaluation_sampler
+from .reference import fresh_true_references, reference_rows, reference_table, spread_ratio, spread_text
 from .utils import atomic_call, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -170,7 +171,7 @@ def lesion_scatter(path: str | Path, rows: list[dict], *, title: str = "lesion p
 
 def evaluate(model, cfg, items: list[dict], *, num_samples: int, seed: int, device, progress: bool = False,
              out_dir: Optional[str | Path] = None, summary_path: Optional[str | Path] = None,
-             checkpoint: Optional[str] = None, split: Optional[str] = None) -> dict:
+             checkpoint: Optional[str] = None, split: Optional[str] = None, references: bool = True) -> dict:
     """Sample ``num_samples`` segmentations per item and score them against the raters.
 
     Args:
@@ -189,6 +190,10 @@ def evaluate(model, cfg, items: list[dict], *, num_samples: int, seed: int, devi
             ``lesions.csv``, ``lesions.png`` with truth) there. ``summary_path``
             instead names the summary JSON itself (see :func:`output_paths`).
         checkpoint, split: recorded in the summary (split defaults to ``cfg.eval.split``).
+        references: add the reference rows on the same cases (``summary["reference"]``:
+            majority vote, all-empty and, with truth, the true sampler; see
+            :mod:`probunet.reference`). The spread ratio (``summary["spread"]``) is
+            always there.
 
     The samples are drawn by :func:`probunet.inference.evaluation_sampler`, the
     sampler validation during training uses: the same samples per case, in full
@@ -210,6 +215,8 @@ def evaluate(model, cfg, items: list[dict], *, num_samples: int, seed: int, devi
     pooled = metrics.aggregate_calibration(calibrations)
     summary = _summary(cfg, rows, lesion_rows, pooled, num_samples=int(num_samples), seed=int(seed), device=device,
                        checkpoint=checkpoint, split=split or cfg.eval.split, has_truth=has_truth)
+    if references:
+        _add_references(summary, cfg, items, int(num_samples), int(seed))
     summary["files"] = {}
     if out_dir is not None or summary_path is not None:
         paths = output_paths(summary_path if summary_path is not None else Path(out_dir) / "summary.json")
@@ -337,6 +344,13 @@ def by_empty_raters(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _add_references(summary: dict, cfg, items: list[dict], num_samples: int, seed: int) -> None:
+    """``summary["reference"]``: the reference rows on the same cases (:mod:`probunet.reference`)."""
+    summary["reference"] = reference_rows(items, num_samples=num_samples, seed=seed,
+                                          num_classes=int(cfg.model.num_classes), empty_iou=float(cfg.eval.empty_iou),
+                                          num_true_references=int(cfg.eval.num_true_references))
+
+
 def _summary(cfg, rows: list[dict], lesion_rows: list[dict], pooled, *, num_samples: int, seed: int, device,
              checkpoint, split: str, has_truth: bool) -> dict:
     """What ``summary.json`` holds (without ``files``)."""
@@ -371,6 +385,7 @@ def _summary(cfg, rows: list[dict], lesion_rows: list[dict], pooled, *, num_samp
         summary["truth"] = _truth_summary(rows, lesion_rows, int(cfg.eval.num_true_references))
     summary["conventions"]["line"] = conventions_line(summary)
     m = summary["metrics"]
+    summary["spread"] = spread_ratio(m["sample_diversity"]["mean"], m["reference_diversity"]["mean"])
     warning = diversity_warning(m["sample_diversity"]["mean"], m["reference_diversity"]["mean"])
     summary["warnings"] = [warning] if warning else []
     if warning:
@@ -425,8 +440,7 @@ def _truth_scores(sam: torch.Tensor, truth: dict, item: dict, index: int, seed: 
     """Scores of one case's samples ``(1, S, *spatial)`` against its true rater distribution."""
     from .data import synthetic
 
-    rng = np.random.default_rng([int(seed), int(index)])
-    true_refs = synthetic.draw_references(truth, num_true, rng)  # (K, *spatial)
+    true_refs = fresh_true_references(truth, seed, index, num_true)  # (K, *spatial)
     true_refs = torch.as_tensor(true_refs).to(sam.device)[None]  # (1, K, *spatial)
     comp = metrics.ged_components(sam, true_refs, **kw)
     sampled = synthetic.lesion_presence(sam[0].cpu().numpy(), truth).mean(axis=0)  # (S, L) -> (L,)
@@ -660,6 +674,9 @@ def _print_summary(result: dict) -> None:
               f"r {corr:.3f} (raters: MAE {les['mae_raters_vs_true']:.4f})" if corr is not None and
               math.isfinite(corr) else f"  lesion presence ({les['num_lesions']} lesions): MAE "
               f"{les['mae_sampled_vs_true']:.4f} (raters: MAE {les['mae_raters_vs_true']:.4f})")
+    print("  " + spread_text(result["spread"]))
+    for line in reference_table(result):
+        print(line)
     for name, path in result["files"].items():
         print(f"  {name + ':':15s}{path}")
     print(result["conventions"]["line"])
