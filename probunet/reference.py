@@ -185,7 +185,7 @@ def reference_rows(items: list[dict], *, num_samples: int, seed: int = 0, num_cl
         averages per case first.
     """
     from .data import real_raters
-    from .evaluate import mean_and_sem
+    from .metrics import mean_and_sem
 
     if not items:
         raise ValueError("no cases to score the reference rows on")
