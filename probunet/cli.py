@@ -346,6 +346,11 @@ def _print_summary(result: dict) -> None:
               f"r {corr:.3f} (raters: MAE {les['mae_raters_vs_true']:.4f})" if corr is not None and
               math.isfinite(corr) else f"  lesion presence ({les['num_lesions']} lesions): MAE "
               f"{les['mae_sampled_vs_true']:.4f} (raters: MAE {les['mae_raters_vs_true']:.4f})")
+    from .reference import reference_table, spread_text
+
+    print("  " + spread_text(result["spread"]))
+    for line in reference_table(result):
+        print(line)
     for name, path in result["files"].items():
         print(f"  {name + ':':15s}{path}")
     print(result["conventions"]["line"])

@@ -951,3 +951,19 @@ def pearson(x, y) -> float:
     if x.size < 2 or x.std() == 0 or y.std() == 0:
         return float("nan")
     return float(np.corrcoef(x, y)[0, 1])
+
+
+def mean_and_sem(values) -> dict:
+    """Mean, standard deviation (ddof=1) and standard error over the finite values of
+    ``values (N,)``.
+
+    ``n`` is the number of finite values, ``num_nan`` the others (NaN cases, e.g.
+    S_NCC on an image where the model is certain everywhere).
+    """
+    v = np.asarray(values, dtype=np.float64)
+    ok = v[np.isfinite(v)]
+    n = int(ok.size)
+    mean = float(ok.mean()) if n else float("nan")
+    std = float(ok.std(ddof=1)) if n > 1 else float("nan")
+    sem = std / math.sqrt(n) if n > 1 else float("nan")
+    return {"mean": mean, "sem": sem, "std": std, "n": n, "num_nan": int(v.size - n)}

@@ -40,6 +40,8 @@ from . import __version__, metrics
 from .collapse import diversity_warning
 from .data import real_raters
 from .inference import evaluation_sampler
+from .metrics import mean_and_sem
+from .reference import fresh_true_references, reference_rows, spread_ratio
 from .report import output_paths, write_outputs
 
 logger = logging.getLogger(__name__)
@@ -75,28 +77,12 @@ TRUTH_METRICS = {
 # ----------------------------------------------------------------------------- small helpers
 
 
-def mean_and_sem(values) -> dict:
-    """Mean, standard deviation (ddof=1) and standard error over the finite values.
-
-    ``n`` is the number of finite values, ``num_nan`` the others (NaN cases, e.g.
-    S_NCC on an image where the model is certain everywhere).
-    """
-    v = np.asarray(values, dtype=np.float64)
-    ok = v[np.isfinite(v)]
-    n = int(ok.size)
-    mean = float(ok.mean()) if n else float("nan")
-    std = float(ok.std(ddof=1)) if n > 1 else float("nan")
-    sem = std / math.sqrt(n) if n > 1 else float("nan")
-    return {"mean": mean, "sem": sem, "std": std, "n": n, "num_nan": int(v.size - n)}
-
-
-
 # ----------------------------------------------------------------------------- library
 
 
 def evaluate(model, cfg, items: list[dict], *, num_samples: int, seed: int, device, progress: bool = False,
              out_dir: Optional[str | Path] = None, summary_path: Optional[str | Path] = None,
-             checkpoint: Optional[str] = None, split: Optional[str] = None) -> dict:
+             checkpoint: Optional[str] = None, split: Optional[str] = None, references: bool = True) -> dict:
     """Sample ``num_samples`` segmentations per item and score them against the raters.
 
     Args:
@@ -115,6 +101,10 @@ def evaluate(model, cfg, items: list[dict], *, num_samples: int, seed: int, devi
             ``lesions.csv``, ``lesions.png`` with truth) there. ``summary_path``
             instead names the summary JSON itself (see :func:`output_paths`).
         checkpoint, split: recorded in the summary (split defaults to ``cfg.eval.split``).
+        references: add the reference rows on the same cases (``summary["reference"]``:
+            majority vote, all-empty and, with truth, the true sampler; see
+            :mod:`probunet.reference`). The spread ratio (``summary["spread"]``) is
+            always there.
 
     The samples are drawn by :func:`probunet.inference.evaluation_sampler`, the
     sampler validation during training uses: the same samples per case, in full
@@ -136,6 +126,11 @@ def evaluate(model, cfg, items: list[dict], *, num_samples: int, seed: int, devi
     pooled = metrics.aggregate_calibration(calibrations)
     summary = _summary(cfg, rows, lesion_rows, pooled, num_samples=int(num_samples), seed=int(seed), device=device,
                        checkpoint=checkpoint, split=split or cfg.eval.split, has_truth=has_truth)
+    if references:
+        summary["reference"] = reference_rows(items, num_samples=int(num_samples), seed=int(seed),
+                                              num_classes=int(cfg.model.num_classes),
+                                              empty_iou=float(cfg.eval.empty_iou),
+                                              num_true_references=int(cfg.eval.num_true_references))
     summary["files"] = {}
     if out_dir is not None or summary_path is not None:
         paths = output_paths(summary_path if summary_path is not None else Path(out_dir) / "summary.json")
@@ -298,6 +293,7 @@ def _summary(cfg, rows: list[dict], lesion_rows: list[dict], pooled, *, num_samp
         summary["truth"] = _truth_summary(rows, lesion_rows, int(cfg.eval.num_true_references))
     summary["conventions"]["line"] = conventions_line(summary)
     m = summary["metrics"]
+    summary["spread"] = spread_ratio(m["sample_diversity"]["mean"], m["reference_diversity"]["mean"])
     warning = diversity_warning(m["sample_diversity"]["mean"], m["reference_diversity"]["mean"])
     summary["warnings"] = [warning] if warning else []
     if warning:
@@ -352,8 +348,7 @@ def _truth_scores(sam: torch.Tensor, truth: dict, item: dict, index: int, seed: 
     """Scores of one case's samples ``(1, S, *spatial)`` against its true rater distribution."""
     from .data import synthetic
 
-    rng = np.random.default_rng([int(seed), int(index)])
-    true_refs = synthetic.draw_references(truth, num_true, rng)  # (K, *spatial)
+    true_refs = fresh_true_references(truth, seed, index, num_true)  # (K, *spatial)
     true_refs = torch.as_tensor(true_refs).to(sam.device)[None]  # (1, K, *spatial)
     comp = metrics.ged_components(sam, true_refs, **kw)
     sampled = synthetic.lesion_presence(sam[0].cpu().numpy(), truth).mean(axis=0)  # (S, L) -> (L,)

@@ -16,7 +16,10 @@ the test split, and prints one table per dataset:
 - three reference rows on the same cases: all-empty masks, the raters'
   strict-majority mask repeated for every sample, and an oracle that sees the
   raters: sample s marks the pixels at least (s mod A) + 1 of the A raters mark
-  (the floor a model reading the raters' agreement from the image could reach).
+  (the floor a model reading the raters' agreement from the image could reach);
+  on the synthetic set a fourth, the true sampler: 16 draws per case from the
+  true rater distribution (the floor where the truth is known; results.json
+  "truth_references"), and the GED against the truth of every row.
 
 Datasets:
 - ``synthetic``: the embedded synthetic multi-rater set of configs/synthetic.yaml
@@ -301,10 +304,40 @@ def reference_scores(refs: torch.Tensor, num_samples: int = NUM_SAMPLES) -> dict
 
 def reference_rows(cfg: dict) -> dict:
     """:func:`reference_scores` over the test split of ``cfg``: mean and standard error."""
+    return all_reference_rows(cfg)[0]
+
+
+def all_reference_rows(cfg: dict) -> tuple[dict, dict]:
+    """:func:`reference_rows` and, where the test cases record their true rater distribution
+    (the synthetic set), the true sampler's row: ``({name: row}, {"true sampler": row} or {})``.
+
+    With the truth, each row also gets ``ged_true``: its GED against the fresh references
+    from the true distribution that the models' "GED vs truth" is scored against
+    (:mod:`probunet.reference`, ``eval.seed`` 0, 32 references). The true sampler draws
+    ``NUM_SAMPLES`` masks per case from the true distribution: the floor a perfect model
+    reaches with that many samples.
+    """
     from probunet.config import from_dict
     from probunet.data import load_splits, real_raters
 
     items = load_splits(from_dict(cfg))["test"]
+    rows = _reference_rows(items, real_raters)
+    truth_rows: dict = {}
+    if items and all("truth" in it.get("meta", {}) for it in items):
+        from probunet.reference import reference_rows as library_rows
+
+        lib = library_rows(items, num_samples=NUM_SAMPLES, seed=0, num_true_references=32)
+        for name in ("all-empty", "majority vote"):
+            rows[name]["ged_true"] = lib[name]["metrics"]["ged_true"]["mean"]
+        m = lib["true sampler"]["metrics"]
+        truth_rows["true sampler"] = {
+            "ged": m["ged"]["mean"], "ged_sem": m["ged"]["sem"], "hm_iou": m["hm_iou"]["mean"],
+            "hm_iou_sem": m["hm_iou"]["sem"], "diversity": m["sample_diversity"]["mean"],
+            "ged_true": m["ged_true"]["mean"], "num_cases": m["ged"]["n"]}
+    return rows, truth_rows
+
+
+def _reference_rows(items: list, real_raters) -> dict:
     scores: dict[str, list] = {}
     for item in items:
         refs = torch.as_tensor(real_raters(item)).long()[None]  # (1, A, *spatial)
@@ -330,8 +363,8 @@ def _f(v, nd=3) -> str:
     return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{nd}f}"
 
 
-def markdown_table(dataset: str, results: list[dict], refs: dict) -> str:
-    truth = any("ged_true" in b for r in results for b in r["budgets"].values())
+def markdown_table(dataset: str, results: list[dict], refs: dict, truth_refs: dict | None = None) -> str:
+    truth = bool(truth_refs) or any("ged_true" in b for r in results for b in r["budgets"].values())
     head = ["config", "steps", "KL end", "KL min after 200", "E[d(S,S')]", "raters E[d(Y,Y')]", "GED", "HM-IoU"]
     if truth:
         head.append("GED vs truth")
@@ -346,10 +379,11 @@ def markdown_table(dataset: str, results: list[dict], refs: dict) -> str:
                 cells.append(_f(b.get("ged_true")))
             cells.append(f"{b['train_seconds']:.0f}")
             lines.append("| " + " | ".join(cells) + " |")
-    for name, v in refs.items():
-        label = f"*{name}*" if "oracle" in name else f"*{name}* ({NUM_SAMPLES} copies)"
+    for name, v in {**refs, **(truth_refs or {})}.items():
+        label = (f"*{name}*" if "oracle" in name else f"*{name}* ({NUM_SAMPLES} draws from the true distribution)"
+                 if name == "true sampler" else f"*{name}* ({NUM_SAMPLES} copies)")
         cells = [label, "", "", "", _f(v.get("diversity", 0.0)), "", f"{_f(v['ged'])} ± {_f(v['ged_sem'])}",
-                 f"{_f(v['hm_iou'])} ± {_f(v['hm_iou_sem'])}"] + ([""] if truth else []) + [""]
+                 f"{_f(v['hm_iou'])} ± {_f(v['hm_iou_sem'])}"] + ([_f(v.get("ged_true"))] if truth else []) + [""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -498,7 +532,9 @@ def main(argv=None) -> int:
 def report(args, argv, budgets, results, data_cfgs, failures, seconds) -> int:
     """Tables, targets and the figure from finished runs; returns the exit status."""
     args.datasets = [ds for ds in args.datasets if ds in data_cfgs]
-    refs = {ds: reference_rows(cfg) for ds, cfg in data_cfgs.items()}
+    both = {ds: all_reference_rows(cfg) for ds, cfg in data_cfgs.items()}
+    refs = {ds: rows for ds, (rows, _) in both.items()}
+    truth_refs = {ds: rows for ds, (_, rows) in both.items() if rows}
     by_dataset = {ds: [r for r in results if r["dataset"] == ds] for ds in args.datasets}
     device = next((r["device"] for r in results if r.get("device")), None) or device_name()
     md = ["# Quality benchmark\n", f"`{' '.join(['python', 'scripts/benchmark_quality.py', *(argv or sys.argv[1:])])}`",
@@ -508,7 +544,7 @@ def report(args, argv, budgets, results, data_cfgs, failures, seconds) -> int:
     for ds in args.datasets:
         n = refs[ds]["all-empty"]["num_cases"]
         md.append(f"\n## {ds} (test split, {n} cases)\n")
-        md.append(markdown_table(ds, by_dataset[ds], refs[ds]))
+        md.append(markdown_table(ds, by_dataset[ds], refs[ds], truth_refs.get(ds)))
         checks = target_checks(ds, by_dataset[ds], refs[ds], check_budget)
         if checks:
             md.append("\nTargets at " + str(check_budget) + " steps:\n")
@@ -519,8 +555,10 @@ def report(args, argv, budgets, results, data_cfgs, failures, seconds) -> int:
     text = "\n".join(md) + "\n"
     (args.out / "results.md").write_text(text)
     (args.out / "results.json").write_text(json.dumps({"results": results, "references": refs,
+                                                      "truth_references": truth_refs,
                                                       "failures": failures, "budgets": budgets}, indent=1))
-    figure(args.out / "ged_vs_steps.png", by_dataset, refs)
+    figure(args.out / "ged_vs_steps.png", by_dataset,
+           {ds: {**rows, **truth_refs.get(ds, {})} for ds, rows in refs.items()})
     print(text)
     print(f"written: {args.out / 'results.md'}, {args.out / 'results.json'}, {args.out / 'ged_vs_steps.png'}")
     return 1 if failures else 0
