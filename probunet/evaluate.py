@@ -591,8 +591,13 @@ def evaluate_checkpoint(options, *, progress: bool = False) -> dict:
     device = _resolve_device(options.device)
     summary_path = _summary_path(options.out, given, ckpt_path)
     _check_outputs(output_paths(summary_path), ckpt_path, cfg.data.path)
+    include_new = bool(getattr(options, "include_new_cases", False))
+    if include_new and cfg.eval.split != "test":
+        raise ValueError(f"--include-new-cases: new cases join the test split only, not eval.split="
+                         f"{cfg.eval.split}")
+    record, where = recorded_split_of(given, ckpt_path, ckpt, cfg)
     try:
-        splits = load_splits(cfg)
+        splits = load_splits(cfg, recorded=record, recorded_from=where, include_new=include_new)
     except DataError as exc:
         raise _model_mismatch(exc, ckpt_path) from None
     items = splits[cfg.eval.split]
@@ -605,6 +610,33 @@ def evaluate_checkpoint(options, *, progress: bool = False) -> dict:
                 len(items), num_samples, device)
     return evaluate(model, cfg, items, num_samples=num_samples, seed=cfg.eval.seed, device=device,
                     progress=progress, summary_path=summary_path, checkpoint=str(ckpt_path), split=cfg.eval.split)
+
+
+def recorded_split_of(given: Path, ckpt_path: Path, ckpt: dict, cfg) -> tuple[Optional[dict], str]:
+    """The split the run fixed when it started (its checkpoint's record, else ``RUN_DIR/splits.json``),
+    when the evaluated data is the run's own (same ``data.format`` and ``data.path``); ``(None, "")``
+    for another dataset or a run without a record. Overriding ``data.split`` on the run's own data
+    is refused: it would move training cases into the test set."""
+    from .config import ConfigError, from_dict
+    from .data.recorded_split import read_recorded_split, same_data_source
+
+    now = cfg.to_dict()["data"]
+    trained = from_dict(ckpt["config"]).to_dict()["data"]
+    if not same_data_source(now, trained):
+        logger.info("data.format/data.path differ from the run's: another dataset, split by its data.split")
+        return None, ""
+    run_dir = given if given.is_dir() else ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" \
+        else None
+    record, where = read_recorded_split(run_dir, ckpt)
+    if record is None:
+        logger.warning("%s: no recorded split (a run from before probunet kept one); the data is split again by "
+                       "data.split, which matches training only if the data did not change", ckpt_path)
+    elif now["split"] != trained["split"]:
+        changed = sorted(k for k in set(now["split"]) | set(trained["split"])
+                         if now["split"].get(k) != trained["split"].get(k))
+        raise ConfigError(f"data.split.{changed[0]}: the run's split is fixed ({where}) and cannot be changed "
+                          f"on its own data; point data.path at another folder to evaluate other cases")
+    return record, where
 
 
 def _summary_path(out: Optional[str], given: Path, ckpt_path: Path) -> Path:

@@ -77,6 +77,11 @@ class EvaluateOptions:
     out: Optional[str] = _opt(None, "--out", "summary JSON path (default RUN_DIR/eval/summary.json)",
                               metavar="FILE")
     device: str = _opt("auto", "--device", "auto | cpu | cuda | cuda:N")
+    include_new_cases: bool = _opt(False, "--include-new-cases", "cases added to the data since the run started "
+                                   "(of patients/series not in its train/val split) join the test split; by "
+                                   "default they are left out and reported", action="store_true")
+    overwrite: bool = _opt(False, "--overwrite", "replace existing files at the output paths even if probunet "
+                           "did not write them (never the checkpoint or the input data)", action="store_true")
 
 
 @dataclass
