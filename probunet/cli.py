@@ -26,10 +26,11 @@ def _user_errors() -> tuple:
     from .config import ConfigError
     from .data.errors import DataError
     from .nonfinite import TrainingError
+    from .guards import WriteError
     from .utils import FolderBusyError
 
     return (UserError, ConfigError, DataError, TrainingError, FolderBusyError, FileNotFoundError, FileExistsError,
-            NotADirectoryError, IsADirectoryError, PermissionError, ValueError)
+            NotADirectoryError, IsADirectoryError, PermissionError, ValueError, WriteError)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -203,6 +204,14 @@ def main(argv=None) -> int:
         if args.debug:
             raise
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        print(f"probunet {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as exc:  # an allocation that still failed: one line with its size
+        from .guards import out_of_memory_message
+
+        msg = out_of_memory_message(exc)
+        if msg is None or args.debug:
+            raise
         print(f"probunet {args.command}: error: {msg}", file=sys.stderr)
         return 2
 

@@ -42,6 +42,7 @@ from .collapse import diversity_warning
 from .data import real_raters
 from .checkpoint import load_model
 from .inference import evaluation_sampler
+from .guards import MAX_SAMPLES, ensure_writable_dir
 from .utils import atomic_call, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -473,6 +474,9 @@ def _write_outputs(summary: dict, rows: list[dict], lesion_rows: list[dict], poo
     from .viz import reliability_diagram
 
     columns = ["case_id", "index", "num_raters", *CASE_METRICS, *(TRUTH_METRICS if has_truth else ())]
+    folder = Path(files["summary"]).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    _record_outputs(folder, [Path(f).name for f in files.values() if Path(f).parent == folder])
     atomic_write_text(files["per_case"], _csv_text(rows, columns))
     ece = float(pooled.ece)
     reliability_diagram(files["reliability"], pooled.bin_edges.numpy(), pooled.mean_predicted.numpy(),
@@ -520,8 +524,56 @@ def _is_within(path: Path, folder: Path) -> bool:
         return False
 
 
-def _check_outputs(paths: dict[str, Path], checkpoint: Path, data_path: Optional[str]) -> None:
-    """Never overwrite the checkpoint, the input data, or a file that is not an evaluation summary."""
+OUTPUTS_RECORD = ".probunet-evaluation.json"  # names of the files evaluations wrote into a folder
+_RECORD_KIND = "probunet-evaluation-files"
+
+
+def _recorded_outputs(folder: Path) -> Optional[set]:
+    """Names the record in ``folder`` lists (empty when there is none); None when a file of that
+    name exists but is not probunet's."""
+    path = folder / OUTPUTS_RECORD
+    if not (path.exists() or path.is_symlink()):
+        return set()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() and not path.is_symlink() else None
+    except (OSError, ValueError, UnicodeDecodeError):
+        data = None
+    if not isinstance(data, dict) or data.get("kind") != _RECORD_KIND or not isinstance(data.get("files"), list):
+        return None
+    return {str(n) for n in data["files"]}
+
+
+def _record_outputs(folder: Path, names) -> None:
+    """Add ``names`` to the folder's record before they are written (an interrupted evaluation's
+    files stay probunet's own)."""
+    known = _recorded_outputs(folder) or set()
+    if set(names) <= known:
+        return
+    atomic_write_text(folder / OUTPUTS_RECORD, json.dumps({"kind": _RECORD_KIND, "files": sorted(known | set(names))},
+                                                          indent=1) + "\n")
+
+
+def _own_outputs(summary: Path) -> set:
+    """Names in the summary's folder that probunet's evaluations wrote: those of the folder's record,
+    and those a probunet summary at ``summary`` lists."""
+    names = set(_recorded_outputs(summary.parent) or ())
+    if summary.is_file():
+        try:
+            data = json.loads(summary.read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError):
+            data = None
+        if isinstance(data, dict) and data.get("kind") == SUMMARY_KIND:
+            names.add(summary.name)
+            files = data.get("files")
+            names.update(Path(str(f)).name for f in (files.values() if isinstance(files, dict) else ())
+                         if Path(str(f)).parent == summary.parent or not Path(str(f)).is_absolute())
+    return names
+
+
+def _check_outputs(paths: dict[str, Path], checkpoint: Path, data_path: Optional[str], *,
+                   overwrite: bool = False) -> None:
+    """Never overwrite the checkpoint, the input data, or (unless ``overwrite``) a file that
+    probunet's evaluations did not write: every output path is checked, not only the summary."""
     for p in paths.values():
         if p.exists() and p.resolve() == checkpoint.resolve():
             raise ValueError(f"--out {paths['summary']}: would overwrite the checkpoint {checkpoint}")
@@ -530,15 +582,19 @@ def _check_outputs(paths: dict[str, Path], checkpoint: Path, data_path: Optional
                              f"data folder {data_path}; choose another --out")
         if p.is_dir():
             raise IsADirectoryError(f"cannot write {p}: it is a directory")
+    if overwrite:
+        return
     summary = paths["summary"]
-    if summary.is_file():
-        try:
-            ok = json.loads(summary.read_text(encoding="utf-8")).get("kind") == SUMMARY_KIND
-        except (ValueError, UnicodeDecodeError, AttributeError):
-            ok = False
-        if not ok:
-            raise FileExistsError(f"--out {summary}: exists and is not a probunet evaluation summary; "
-                                  f"refusing to overwrite it")
+    record = summary.parent / OUTPUTS_RECORD
+    if _recorded_outputs(summary.parent) is None:
+        raise FileExistsError(f"--out {summary}: {record} exists and probunet did not write it; refusing to "
+                              f"overwrite it (--overwrite replaces it)")
+    own = _own_outputs(summary)
+    for key, p in paths.items():
+        if (p.exists() or p.is_symlink()) and p.name not in own:
+            what = "is not a probunet evaluation summary" if key == "summary" else "was not written by probunet"
+            raise FileExistsError(f"--out {summary}: {p} exists and {what}; refusing to overwrite it "
+                                  f"(--overwrite replaces it)")
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -585,12 +641,13 @@ def evaluate_checkpoint(options, *, progress: bool = False) -> dict:
     ckpt_path = Path(ckpt["path"])
     cfg = config_for_evaluation(ckpt["config"], list(options.overrides or []))
     num_samples = options.num_samples if options.num_samples is not None else cfg.eval.num_samples
-    if num_samples < 1:
-        raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
+    if not 1 <= num_samples <= MAX_SAMPLES:
+        raise ValueError(f"--num-samples must be in 1..{MAX_SAMPLES}, got {num_samples}")
     cfg.eval.num_samples = int(num_samples)
     device = _resolve_device(options.device)
     summary_path = _summary_path(options.out, given, ckpt_path)
-    _check_outputs(output_paths(summary_path), ckpt_path, cfg.data.path)
+    _check_outputs(output_paths(summary_path), ckpt_path, cfg.data.path,
+                   overwrite=bool(getattr(options, "overwrite", False)))
     include_new = bool(getattr(options, "include_new_cases", False))
     if include_new and cfg.eval.split != "test":
         raise ValueError(f"--include-new-cases: new cases join the test split only, not eval.split="
@@ -606,6 +663,8 @@ def evaluate_checkpoint(options, *, progress: bool = False) -> dict:
         raise ValueError(f"the {cfg.eval.split} split is empty ({sizes} cases); choose another eval.split=... "
                          f"or change data.split")
     _check_divisible(items, int(getattr(model, "divisor", 1)))
+    _check_sample_memory(items, cfg, num_samples, device)
+    ensure_writable_dir(summary_path.parent, "--out")  # a read-only or missing folder: refused before the work
     logger.info("evaluating %s on the %s split (%d cases, %d samples each) on %s", ckpt_path, cfg.eval.split,
                 len(items), num_samples, device)
     return evaluate(model, cfg, items, num_samples=num_samples, seed=cfg.eval.seed, device=device,
@@ -623,7 +682,8 @@ def recorded_split_of(given: Path, ckpt_path: Path, ckpt: dict, cfg) -> tuple[Op
     now = cfg.to_dict()["data"]
     trained = from_dict(ckpt["config"]).to_dict()["data"]
     if not same_data_source(now, trained):
-        logger.info("data.format/data.path differ from the run's: another dataset, split by its data.split")
+        logger.info("the data (format, path or synthetic settings) differs from the run's: another dataset, split by "
+                    "its data.split")
         return None, ""
     run_dir = given if given.is_dir() else ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" \
         else None
@@ -637,6 +697,18 @@ def recorded_split_of(given: Path, ckpt_path: Path, ckpt: dict, cfg) -> tuple[Op
         raise ConfigError(f"data.split.{changed[0]}: the run's split is fixed ({where}) and cannot be changed "
                           f"on its own data; point data.path at another folder to evaluate other cases")
     return record, where
+
+
+def _check_sample_memory(items: list[dict], cfg, num_samples: int, device) -> None:
+    """The samples of one batch (label maps and the logits evaluation keeps) against the memory available:
+    too many samples is one line with the figures, before anything is drawn."""
+    from .guards import check_memory
+
+    voxels = max(int(np.prod(np.shape(i["image"])[1:])) for i in items)
+    batch = min(int(cfg.eval.batch_size), len(items))
+    per_sample = voxels * (1 + 4 * int(cfg.model.num_classes))  # uint8 labels + fp32 logits
+    check_memory(batch * num_samples * per_sample, f"--num-samples {num_samples} (eval.batch_size {batch}, "
+                 f"{voxels} voxels per image)", device)
 
 
 def _summary_path(out: Optional[str], given: Path, ckpt_path: Path) -> Path:

@@ -119,8 +119,10 @@ class PredictOptions:
 
     def check(self) -> "PredictOptions":
         """Raise ValueError naming the option for a value out of range; returns self."""
-        if int(self.num_samples) < 1:
-            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+        from .guards import MAX_SAMPLES
+
+        if not 1 <= int(self.num_samples) <= MAX_SAMPLES:
+            raise ValueError(f"num_samples must be in 1..{MAX_SAMPLES}, got {self.num_samples}")
         if self.blend not in ("gaussian", "constant"):
             raise ValueError(f"blend must be 'gaussian' or 'constant', got {self.blend!r}")
         if self.prior_window not in ("image", "roi"):

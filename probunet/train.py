@@ -65,6 +65,7 @@ from .step import backward_and_step, fused_adam_ok, lr_at
 from .utils import atomic_write_text, resolve_device
 from .validation import batch_diversity, validate
 from .ema import WeightAverage
+from .guards import WriteError, check_free_space
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,12 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(_to_tuples(state["python"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_bytes(params) -> int:
+    """A checkpoint's size, estimated from the trained parameters: the weights, Adam's two moments,
+    the averaged weights (at most), and 64 KB for the rest."""
+    return 4 * sum(int(p.numel()) * p.element_size() for p in params) + (1 << 16)
 
 
 # ----------------------------------------------------------------------------- fit
@@ -194,6 +201,10 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                                           fused=fused_adam_ok(device) or None)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        if dist.is_main:  # room for the checkpoints before the first step (a full disk is one line now)
+            copies = 1 if ckpt is not None else 3  # last.pt, best.pt and the temporary file of a write
+            check_free_space(run_dir / "checkpoints", copies * checkpoint_bytes(self.params),
+                             f"{'a checkpoint' if copies == 1 else 'last.pt, best.pt and a temporary file'}")
         self.start_step, self.best = 0, math.inf
         self.saved = {"last.pt": None}
         if ckpt is not None:
@@ -395,7 +406,7 @@ class Trainer:
                 "geco": geco.state_dict() if geco is not None else None,
                 "step": step, "best_metric": self.best, "rng": _rng_state(), SPLIT_KEY: self.split_text,
             }, self.run_dir / "checkpoints" / name)
-        except CheckpointError as exc:
+        except (CheckpointError, WriteError) as exc:
             raise TrainingError(f"step {step}: {exc}; training stopped, {self._kept()}") from None
         self.saved[name] = step
 

@@ -54,18 +54,29 @@ def atomic_call(path: str | Path, writer: Callable[[str], None], suffix: str = "
     ``suffix`` keeps the extension on the temp file for writers that choose the
     format by extension (nibabel, SimpleITK, matplotlib).
     """
+    from .guards import write_failure
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp" + suffix, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp" + suffix, dir=path.parent)
+    except OSError as exc:
+        failure = write_failure(path, exc)
+        if failure is None:
+            raise
+        raise failure from None
     os.close(fd)
     try:
         writer(tmp)
         os.chmod(tmp, _umask_mode())  # mkstemp creates 0600; give the file normal permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+        failure = write_failure(path, exc)  # a full or read-only disk: one line naming the file
+        if failure is None:
+            raise
+        raise failure from None
     return path
 
 

@@ -155,10 +155,14 @@ def apply_recorded_split(items: list[dict], record: dict[str, list[tuple[str, st
 
 def same_data_source(cfg_data: dict, trained_data: dict) -> bool:
     """Whether the evaluated data is the run's own: same ``format`` and ``path`` (the same
-    folder however it is spelled)."""
+    folder however it is spelled); for synthetic data generated in memory, also the same
+    generator settings but the number of cases (more cases: the run's cases plus new ones)."""
     if cfg_data.get("format") != trained_data.get("format"):
         return False
     a, b = cfg_data.get("path") or "", trained_data.get("path") or ""
+    if not a and not b and cfg_data.get("format") == "synthetic":
+        drop = lambda d: {k: v for k, v in (d.get("synthetic") or {}).items() if k != "num_cases"}  # noqa: E731
+        return drop(cfg_data) == drop(trained_data)
     if a == b:
         return True
     if not a or not b:
