@@ -3,10 +3,10 @@
 Next to ``summary.json`` (mean and standard error of every metric, the
 conventions, the data config): ``per_case.csv``, ``reliability.png`` and, for
 data with a known true rater distribution, ``lesions.csv`` and ``lesions.png``
-(see :func:`output_paths`). The names of the files go first into the folder's record
-``.probunet-evaluation.json``: files it lists (or a probunet summary lists) are
-probunet's own and may be replaced; others are refused unless ``--overwrite``
-(:func:`check_owned`). The scores come from :mod:`probunet.scoring`, the
+(see :func:`output_paths`). Each is recognisably probunet's (the summary's
+``kind``, the CSV headers, the PNG "Software" text), so a rerun may replace its
+own files, and ``probunet evaluate`` refuses any other file at those paths unless
+``--overwrite`` (:func:`check_owned`). The scores come from :mod:`probunet.scoring`, the
 figures from :mod:`probunet.viz`.
 """
 
@@ -17,12 +17,11 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
 from .utils import atomic_write_text
-from .viz import lesion_scatter, reliability_diagram
+from .viz import PNG_SOFTWARE, lesion_scatter, reliability_diagram
 
 LESION_COLUMNS = ["case", "lesion", "contrast", "true_p", "sampled_freq", "rater_freq"]
 
@@ -65,62 +64,36 @@ def output_paths(summary_path: str | Path) -> dict[str, Path]:
             "lesions_plot": folder / f"{prefix}lesions.png"}
 
 
-OUTPUTS_RECORD = ".probunet-evaluation.json"  # names of the files evaluations wrote into a folder
-_RECORD_KIND = "probunet-evaluation-files"
-
-
-def _recorded_outputs(folder: Path) -> Optional[set]:
-    """Names the record in ``folder`` lists (empty when there is none); None when a file of that
-    name exists but is not probunet's."""
-    path = folder / OUTPUTS_RECORD
-    if not (path.exists() or path.is_symlink()):
-        return set()
+def is_own_output(path: Path, key: str, summary_kind: str) -> bool:
+    """Whether the file at ``path`` (output ``key`` of :func:`output_paths`) was written by a probunet
+    evaluation: a summary JSON of kind ``summary_kind``, a CSV starting with the per-case or lesion
+    header, a PNG whose "Software" text is probunet's."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() and not path.is_symlink() else None
+        if not path.is_file() or path.is_symlink():
+            return False
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 16)
+    except OSError:
+        return False
+    if key in ("reliability", "lesions_plot"):
+        return b"Software\x00" + PNG_SOFTWARE.encode() in head
+    if key in ("per_case", "lesions"):
+        first = head.split(b"\n", 1)[0].decode("utf-8", "replace")
+        return first.startswith("case_id,index,num_raters,ged,") if key == "per_case" else \
+            first == ",".join(LESION_COLUMNS)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, UnicodeDecodeError):
-        data = None
-    if not isinstance(data, dict) or data.get("kind") != _RECORD_KIND or not isinstance(data.get("files"), list):
-        return None
-    return {str(n) for n in data["files"]}
-
-
-def record_outputs(folder: Path, names) -> None:
-    """Add ``names`` to the folder's record before they are written (an interrupted evaluation's
-    files stay probunet's own)."""
-    known = _recorded_outputs(folder) or set()
-    if set(names) <= known:
-        return
-    atomic_write_text(folder / OUTPUTS_RECORD, json.dumps({"kind": _RECORD_KIND, "files": sorted(known | set(names))},
-                                                          indent=1) + "\n")
-
-
-def own_outputs(summary: Path, summary_kind: str) -> set:
-    """Names in the summary's folder that probunet's evaluations wrote: those of the folder's record,
-    and those a probunet summary (``"kind": summary_kind``) at ``summary`` lists (all beside it)."""
-    names = set(_recorded_outputs(summary.parent) or ())
-    if summary.is_file():
-        try:
-            data = json.loads(summary.read_text(encoding="utf-8"))
-        except (OSError, ValueError, UnicodeDecodeError):
-            data = None
-        if isinstance(data, dict) and data.get("kind") == summary_kind:
-            names.add(summary.name)
-            files = data.get("files")
-            names.update(Path(str(f)).name for f in (files.values() if isinstance(files, dict) else ()))
-    return names
+        return False
+    return isinstance(data, dict) and data.get("kind") == summary_kind
 
 
 def check_owned(paths: dict[str, Path], summary_kind: str) -> None:
-    """FileExistsError naming the first of ``paths`` (from :func:`output_paths`) that exists and was
-    not written by probunet's evaluations: the folder's record lists it, or the probunet summary at
-    ``paths["summary"]`` does. The record itself is checked too."""
+    """FileExistsError naming the first of ``paths`` (from :func:`output_paths`) that exists and is
+    not probunet's own (:func:`is_own_output`)."""
     summary = paths["summary"]
-    if _recorded_outputs(summary.parent) is None:
-        raise FileExistsError(f"--out {summary}: {summary.parent / OUTPUTS_RECORD} exists and probunet did not "
-                              f"write it; refusing to overwrite it (--overwrite replaces it)")
-    own = own_outputs(summary, summary_kind)
     for key, p in paths.items():
-        if (p.exists() or p.is_symlink()) and p.name not in own:
+        if (p.exists() or p.is_symlink()) and not is_own_output(p, key, summary_kind):
             what = "is not a probunet evaluation summary" if key == "summary" else "was not written by probunet"
             raise FileExistsError(f"--out {summary}: {p} exists and {what}; refusing to overwrite it "
                                   f"(--overwrite replaces it)")
@@ -131,10 +104,6 @@ def write_outputs(summary: dict, rows: list[dict], lesion_rows: list[dict], pool
     """Write the per-case CSV (``columns`` of ``rows``), the reliability diagram of ``pooled``
     (a :class:`probunet.metrics.Calibration`), with truth the lesion CSV and scatter, then the
     summary JSON, to the paths in ``files`` (from :func:`output_paths`)."""
-    folder = Path(files["summary"]).parent
-    folder.mkdir(parents=True, exist_ok=True)
-    # the names go into the folder's record first: an interrupted evaluation's files stay probunet's own
-    record_outputs(folder, [Path(f).name for f in files.values() if Path(f).parent == folder])
     atomic_write_text(files["per_case"], _csv_text(rows, columns))
     ece = float(pooled.ece)
     reliability_diagram(files["reliability"], pooled.bin_edges.numpy(), pooled.mean_predicted.numpy(),
@@ -150,5 +119,4 @@ def write_outputs(summary: dict, rows: list[dict], lesion_rows: list[dict], pool
     atomic_write_text(files["summary"], json.dumps(_finite_or_none(summary), indent=1) + "\n")
 
 
-__all__ = ["LESION_COLUMNS", "OUTPUTS_RECORD", "check_owned", "output_paths", "own_outputs", "record_outputs",
-           "write_outputs"]
+__all__ = ["LESION_COLUMNS", "check_owned", "is_own_output", "output_paths", "write_outputs"]

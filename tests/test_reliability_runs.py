@@ -170,3 +170,284 @@ def test_an_edited_splits_json_or_a_new_split_on_the_runs_data_is_refused(traine
     (run / "splits.json").write_text(json.dumps(record))
     assert main(["evaluate", str(run), "--no-progress", "--device", "cpu", "--out", str(tmp_path / "ev") + "/"]) == 2
     _one_line_error(capsys, "evaluate", "splits.json", "differs")
+
+
+# ----------------------------------------------------------------------------- row 8: evaluate's other files
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run") / "run"
+    fit(load_config(DEBUG, FAST), run_dir)
+    return run_dir
+
+
+def _evaluate(run, out, *extra):
+    return main(["--quiet", "evaluate", str(run), "--num-samples", "2", "--no-progress", "--device", "cpu",
+                 "--out", str(out), *extra])
+
+
+@pytest.mark.parametrize("name", ["report_per_case.csv", "report_reliability.png", "report_lesions.csv",
+                                  "report_lesions.png"])
+def test_evaluate_never_replaces_a_users_file_beside_the_summary(run, tmp_path, capsys, name):
+    out = tmp_path / "evout"
+    out.mkdir()
+    (out / name).write_text("the user's own\n")
+    assert _evaluate(run, out / "report") == 2
+    _one_line_error(capsys, "evaluate", name, "refusing to overwrite", "--overwrite")
+    assert (out / name).read_text() == "the user's own\n"
+    assert sorted(p.name for p in out.iterdir()) == [name]  # nothing else was written
+    assert _evaluate(run, out / "report", "--overwrite") == 0
+    assert (out / name).read_bytes() != b"the user's own\n" and (out / "report").is_file()
+
+
+def test_evaluate_replaces_its_own_files_even_after_an_interruption(run, tmp_path, capsys):
+    out = tmp_path / "ev"
+    assert _evaluate(run, str(out) + "/") == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert _evaluate(run, str(out) + "/") == 0  # a rerun replaces its own files
+    (out / "summary.json").unlink()  # an evaluation killed before its summary: the rest is still probunet's
+    assert _evaluate(run, str(out) + "/") == 0
+    assert sorted(p.name for p in out.iterdir()) == names
+    # a user's file of the same name (another CSV, a PNG from elsewhere) is not
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def users_png(path):
+        fig = plt.figure()
+        fig.savefig(path)
+        plt.close(fig)
+
+    for name, write in (("reliability.png", users_png), ("per_case.csv", lambda p: p.write_text("case_id,x\n"))):
+        write(out / name)
+        before = (out / name).read_bytes()
+        assert _evaluate(run, str(out) + "/") == 2
+        _one_line_error(capsys, "evaluate", name, "refusing to overwrite")
+        assert (out / name).read_bytes() == before
+        (out / name).unlink()
+
+
+# ----------------------------------------------------------------------------- row 10: full and read-only disks
+
+
+def _mount_tmpfs(where: Path, options: str) -> bool:
+    """A tmpfs at ``where`` (needs root and a kernel that allows it); False where it cannot be had."""
+    import os
+    import subprocess
+
+    where.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
+                          capture_output=True).returncode == 0
+
+
+def _umount(where: Path) -> None:
+    import subprocess
+
+    subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MB tmpfs (root only; elsewhere these tests are skipped and the patched-write tests below stand in)."""
+    where = tmp_path / "disk"
+    if not _mount_tmpfs(where, "size=2m"):
+        pytest.skip("mounting a tmpfs needs root; the patched-write tests cover ENOSPC instead")
+    yield where
+    _umount(where)
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """A read-only folder: a read-only tmpfs as root (root ignores permission bits), else mode 0555."""
+    import os
+
+    where = tmp_path / "ro"
+    if os.geteuid() == 0:
+        if not _mount_tmpfs(where, "ro,size=1m"):
+            pytest.skip("no read-only folder can be made here (root, and mounting a tmpfs is not allowed)")
+        yield where
+        _umount(where)
+    else:
+        where.mkdir()
+        where.chmod(0o555)
+        yield where
+        where.chmod(0o755)
+
+
+def _fill(disk: Path, leave: int) -> None:
+    """Take the disk's free space down to about ``leave`` bytes."""
+    free = shutil.disk_usage(disk).free
+    name = f"filler{len(list(disk.glob('filler*')))}"
+    with open(disk / name, "wb") as fh:
+        fh.write(b"\0" * max(0, free - leave))
+
+
+def _full_disk_line(capsys, command, *needles):
+    line = _one_line_error(capsys, command, "cannot write", "no space left on device", *needles)
+    return line
+
+
+def test_train_on_a_full_disk_is_refused_before_the_first_step(small_disk, capsys):
+    _fill(small_disk, 100 << 10)
+    assert main(["train", str(DEBUG), "--out", str(small_disk / "run"), *FAST, "--no-progress"]) == 2
+    _full_disk_line(capsys, "train", str(small_disk / "run" / "checkpoints"), "free")
+    assert not (small_disk / "run" / "checkpoints" / "last.pt").exists()
+    assert not (small_disk / "run" / "metrics.jsonl").exists()
+
+
+def test_disk_full_during_train_predict_and_evaluate_is_one_line(small_disk, capsys, monkeypatch, run, tmp_path):
+    from probunet import train
+
+    # train: the disk fills up after the first checkpoint
+    real_save = train.save_checkpoint
+    calls = []
+
+    def save_then_fill(state, path):
+        calls.append(path)
+        if len(calls) == 2:
+            _fill(small_disk, 0)
+        return real_save(state, path)
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_fill)
+    out = small_disk / "run"
+    assert main(["train", str(DEBUG), "--out", str(out), "train.steps=4", "train.checkpoint_every=1",
+                 "train.val_every=100", "train.device=cpu", "--no-progress"]) == 2
+    line = _full_disk_line(capsys, "train", "last.pt", "training stopped")
+    assert "step 2" in line
+    assert int(__import__("probunet.checkpoint", fromlist=["x"]).load_checkpoint(out / "checkpoints" / "last.pt")
+               ["step"]) == 1  # the last good checkpoint stays
+    assert not [p for p in (out / "checkpoints").iterdir() if ".tmp" in p.name]
+    monkeypatch.undo()
+    for p in small_disk.iterdir():
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+    # predict: the cases fail as rows, the summary that cannot be written is one line
+    from probunet.data import synthetic
+
+    inputs = tmp_path / "in"
+    synthetic.write_qubiq(synthetic.generate(num_cases=2, size=32), tmp_path / "syn")
+    inputs.mkdir()
+    for case in ("case_0000", "case_0001"):
+        shutil.copy(tmp_path / "syn" / case / "image.nii.gz", inputs / f"{case}.nii.gz")
+    _fill(small_disk, 8 << 10)
+    assert main(["predict", str(run), str(inputs), str(small_disk / "pred"), "--num-samples", "4", "--device",
+                 "cpu", "--no-progress"]) == 2
+    _full_disk_line(capsys, "predict", str(small_disk / "pred" / "summary.csv"))
+
+    # evaluate: the files, one line
+    for p in small_disk.iterdir():
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    _fill(small_disk, 16 << 10)
+    assert main(["evaluate", str(run), "--num-samples", "2", "--device", "cpu", "--no-progress",
+                 "--out", str(small_disk / "ev") + "/"]) == 2
+    _full_disk_line(capsys, "evaluate", str(small_disk / "ev"))
+
+
+def test_read_only_out_is_refused_before_the_work(read_only, run, capsys, monkeypatch):
+    from probunet import scoring, train
+
+    started = []
+    monkeypatch.setattr(train, "build_model", lambda *a, **k: started.append("train") or 1 / 0)
+    monkeypatch.setattr(scoring, "evaluate", lambda *a, **k: started.append("evaluate") or 1 / 0)
+    for out in (read_only / "run", read_only):
+        assert main(["train", str(DEBUG), "--out", str(out), *FAST, "--no-progress"]) == 2
+        line = _one_line_error(capsys, "train", str(out), "cannot write")
+        assert "read-only file system" in line or "permission denied" in line
+        assert main(["evaluate", str(run), "--no-progress", "--device", "cpu", "--out", str(out) + "/"]) == 2
+        line = _one_line_error(capsys, "evaluate", str(out), "cannot write")
+        assert "read-only file system" in line or "permission denied" in line
+    assert started == []
+
+
+def test_a_failed_write_is_one_line_and_leaves_the_old_file(tmp_path, monkeypatch):
+    """ENOSPC simulated by patching the write (the tmpfs tests above need root)."""
+    import errno
+
+    from probunet import guards
+    from probunet.guards import WriteError
+    from probunet.utils import atomic_call, atomic_save, atomic_write_text
+
+    target = tmp_path / "summary.csv"
+    target.write_text("old")
+
+    def no_space(tmp):
+        with open(tmp, "w") as fh:
+            fh.write("partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(WriteError) as info:
+        atomic_call(target, no_space)
+    assert str(info.value) == f"{target}: cannot write: no space left on device"
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["summary.csv"]
+    # torch.save's zip writer says "unexpected pos" on a short write: the free space names the cause
+    import torch
+
+    monkeypatch.setattr(torch, "save", lambda obj, f: (_ for _ in ()).throw(
+        RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 79680 vs 79568")))
+    monkeypatch.setattr(guards, "free_bytes", lambda folder: 512)
+    with pytest.raises(WriteError, match=r"last\.pt: cannot write: no space left on device \(512 bytes free\)"):
+        atomic_save({}, tmp_path / "last.pt")
+    with pytest.raises(WriteError, match="read-only file system"):
+        atomic_call(tmp_path / "x.txt", lambda tmp: (_ for _ in ()).throw(OSError(errno.EROFS, "Read-only")))
+    atomic_write_text(tmp_path / "ok.txt", "fine")  # other writes are untouched
+    assert (tmp_path / "ok.txt").read_text() == "fine"
+
+
+# ----------------------------------------------------------------------------- row 10: counts and memory
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--num-samples", "1000000000000"], ["--num-samples", "1..1000", "1000000000000"]),
+    (["eval.num_samples=1e12"], ["eval.num_samples", "at most 1000"]),
+    (["--num-samples", "0"], ["--num-samples"]),
+])
+def test_sample_counts_are_range_checked(run, capsys, argv, needles, tmp_path):
+    assert main(["evaluate", str(run), *argv, "--no-progress", "--device", "cpu",
+                 "--out", str(tmp_path / "ev") + "/"]) == 2
+    _one_line_error(capsys, "evaluate", *needles)
+    assert not (tmp_path / "ev").exists()
+
+
+@pytest.mark.parametrize("override, needles", [
+    ("data.synthetic.size=100000", ["data.synthetic.size", "100000^2", "at most"]),
+    ("data.synthetic.num_cases=1e9", ["data.synthetic.num_cases", "at most"]),
+    ("data.synthetic.num_raters=1000", ["data.synthetic.num_raters", "at most 64"]),
+    ("train.val_samples=100000", ["train.val_samples", "at most 1000"]),
+])
+def test_synthetic_sizes_are_range_checked(tmp_path, capsys, override, needles):
+    assert main(["train", str(DEBUG), override, "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    _one_line_error(capsys, "train", *needles)
+    assert not (tmp_path / "run").exists()
+
+
+def test_memory_estimates_refuse_with_the_figure(run, tmp_path, capsys, monkeypatch):
+    from probunet import guards
+
+    monkeypatch.setattr(guards, "available_memory", lambda device=None: 10 << 20)  # a machine with 10 MB free
+    assert main(["evaluate", str(run), "--num-samples", "1000", "--no-progress", "--device", "cpu",
+                 "--out", str(tmp_path / "ev") + "/"]) == 2
+    _one_line_error(capsys, "evaluate", "--num-samples 1000", "needs about", "10.0 MB are available")
+    assert main(["train", str(DEBUG), "data.synthetic.num_cases=2000", "data.synthetic.size=256", "--out",
+                 str(tmp_path / "run"), "--no-progress"]) == 2
+    _one_line_error(capsys, "train", "data.synthetic", "2000 cases", "needs about", "10.0 MB are available")
+
+
+def test_an_allocation_that_fails_is_one_line_with_its_size(run, tmp_path, capsys, monkeypatch):
+    from probunet import scoring
+
+    def oom(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 5120000000000000 bytes. Error code 12")
+
+    monkeypatch.setattr(scoring, "evaluate", oom)
+    assert main(["evaluate", str(run), "--num-samples", "2", "--no-progress", "--device", "cpu",
+                 "--out", str(tmp_path / "ev") + "/"]) == 2
+    _one_line_error(capsys, "evaluate", "out of memory", "4656.6 TB", "--num-samples")
+    monkeypatch.setattr(scoring, "evaluate", lambda *a, **k: 1 / 0)  # other errors still show their traceback
+    with pytest.raises(ZeroDivisionError):
+        main(["evaluate", str(run), "--num-samples", "2", "--no-progress", "--device", "cpu",
+              "--out", str(tmp_path / "ev") + "/"])
