@@ -451,3 +451,125 @@ def test_an_allocation_that_fails_is_one_line_with_its_size(run, tmp_path, capsy
     with pytest.raises(ZeroDivisionError):
         main(["evaluate", str(run), "--num-samples", "2", "--no-progress", "--device", "cpu",
               "--out", str(tmp_path / "ev") + "/"])
+
+
+# ----------------------------------------------------------------------------- rows 2, 11, 13: predict's output folder
+
+
+def _scans(folder: Path, names=("c1", "c2", "c3")) -> Path:
+    import nibabel as nib
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for n in names:
+        nib.save(nib.Nifti1Image(rng.normal(size=(32, 32)).astype(np.float32), np.eye(4)), str(folder / f"{n}.nii.gz"))
+    return folder
+
+
+def _predict(run, inp, out, *extra):
+    return main(["--quiet", "predict", str(run), str(inp), str(out), "--num-samples", "2", "--device", "cpu",
+                 "--no-progress", *extra])
+
+
+def _tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_predict_refuses_a_users_folder_and_never_deletes_its_files(run, tmp_path, capsys):
+    inp = _scans(tmp_path / "in")
+    user = tmp_path / "userdir"
+    (user / "notes").mkdir(parents=True)
+    (user / "draft.tmp1").write_text("mine")
+    (user / "notes" / ".report.abcd1234.tmp").write_text("mine too")  # looks like a temp name, deep down
+    (user / "summary.csv").write_text("my,own,table\n")
+    before = _tree(user)
+    assert _predict(run, inp, user) == 2
+    _one_line_error(capsys, "predict", str(user), "probunet did not write", "new or empty folder")
+    assert _tree(user) == before and not (user / ".probunet.lock").exists()
+    # an empty folder is taken (and marked); a user's summary.csv put there later is never replaced
+    out = tmp_path / "out"
+    out.mkdir()
+    assert _predict(run, inp, out) == 0
+    assert (out / ".probunet-predict.json").is_file()
+    (out / "summary.csv").write_text("my,own,table\n")
+    assert _predict(run, inp, out) == 2
+    _one_line_error(capsys, "predict", "summary.csv", "not a probunet summary")
+    assert (out / "summary.csv").read_text() == "my,own,table\n"
+
+
+def test_predict_removes_only_its_own_temps_where_it_writes(run, tmp_path):
+    inp = _scans(tmp_path / "in", ("c1",))
+    out = tmp_path / "out"
+    assert _predict(run, inp, out) == 0
+    ours = [out / ".probunet-summary.ab12cd34.tmp", out / "c1" / ".probunet-sample_000.zz99yy88.tmp.nii.gz",
+            out / "c1" / ".probability.k3j4h5g6.tmp.nii.gz"]
+    kept = [out / "c1" / "deeper" / ".probunet-x.ab12cd34.tmp",  # below the depth predict writes
+            out / "c9" / ".probunet-sample_000.zz99yy88.tmp.nii.gz"]  # not a case of this run
+    for p in ours + kept:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"half")
+    assert _predict(run, inp, out, "--overwrite") == 0
+    assert not any(p.exists() for p in ours) and all(p.exists() for p in kept)
+
+
+def _shards(run, inp, out, n, *extra):
+    return [_predict(run, inp, out, "--shard", f"{k}/{n}", *extra) for k in range(n)]
+
+
+def test_an_output_folder_remembers_its_shard_count_and_options(run, tmp_path, capsys):
+    inp = _scans(tmp_path / "in", ("c1", "c2", "c3", "c4", "c5", "c6"))
+    out = tmp_path / "out"
+    assert _shards(run, inp, out, 3) == [0, 0, 0]
+    capsys.readouterr()
+    assert _predict(run, inp, out, "--shard", "0/2") == 2
+    _one_line_error(capsys, "predict", "--shard 0/2", "another shard count (2, the folder's is 3)")
+    assert _predict(run, inp, out, "--shard", "1/3", "--seed", "5") == 2
+    _one_line_error(capsys, "predict", "seed 0 -> 5")
+    assert sorted(p.name for p in out.glob("summary.shard-*")) == [f"summary.shard-{k}-of-3.csv" for k in range(3)]
+    import subprocess
+    import sys
+
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
+    merge = [sys.executable, str(ROOT / "scripts" / "predict_batch.py"), "--merge", str(out)]
+    res = subprocess.run(merge, capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0 and "merged 6 rows" in res.stdout, res.stderr
+    # --overwrite starts over with the new count; the old run's shard summaries go
+    assert _shards(run, inp, out, 2, "--overwrite") == [0, 0]
+    assert sorted(p.name for p in out.glob("summary.shard-*")) == [f"summary.shard-{k}-of-2.csv" for k in range(2)]
+    # merge refuses mixed summaries: another count, or a case twice
+    import shutil as sh
+
+    sh.copy(out / "summary.shard-0-of-2.csv", out / "summary.shard-0-of-3.csv")
+    res = subprocess.run(merge, capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 2 and "different shard counts" in res.stderr and "Traceback" not in res.stderr
+    (out / "summary.shard-0-of-3.csv").unlink()
+    sh.copy(out / "summary.shard-0-of-2.csv", out / "summary.shard-1-of-2.csv")
+    res = subprocess.run(merge, capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 2 and "is in two shard summaries" in res.stderr
+
+
+def test_shards_of_two_counts_at_once_are_refused(run, tmp_path, capsys):
+    """0/2 and 0/3 running at the same time: the second to start is refused (the marker is read and
+    written under an exclusive lock)."""
+    from probunet.utils import FolderLock
+
+    inp = _scans(tmp_path / "in", ("c1", "c2", "c3", "c4"))
+    out = tmp_path / "out"
+    out.mkdir()
+    with FolderLock(out, shared=True):  # another shard of the first run still holds the folder
+        assert _predict(run, inp, out, "--shard", "0/2") == 0
+        assert _predict(run, inp, out, "--shard", "0/3") == 2
+    _one_line_error(capsys, "predict", "another shard count (3, the folder's is 2)")
+
+
+def test_a_dangling_lock_symlink_is_never_followed(run, tmp_path, capsys):
+    inp = _scans(tmp_path / "in", ("c1",))
+    out = tmp_path / "out"
+    out.mkdir()
+    target = tmp_path / "elsewhere" / "planted"
+    target.parent.mkdir()
+    (out / ".probunet.lock").symlink_to(target)
+    assert _predict(run, inp, out) == 2
+    _one_line_error(capsys, "predict", ".probunet.lock", "symbolic link")
+    assert not target.exists() and list(target.parent.iterdir()) == []
