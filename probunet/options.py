@@ -82,6 +82,8 @@ class EvaluateOptions:
                                    "default they are left out and reported", action="store_true")
     overwrite: bool = _opt(False, "--overwrite", "replace existing files at the output paths even if probunet "
                            "did not write them (never the checkpoint or the input data)", action="store_true")
+    report: bool = _opt(False, "--report", "also write report.html (a static page: summary, figures, per-case "
+                        "table and maps, worst cases first) next to the summary", action="store_true")
 
 
 @dataclass
