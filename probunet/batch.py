@@ -74,7 +74,8 @@ from .data import io
 from .data.errors import DataError
 from .options import PredictOptions, with_overrides
 from .predictor import Prediction, Predictor
-from .utils import FolderLock, atomic_write_text, check_writable, remove_stale_temps
+from . import output_folder
+from .utils import FolderLock, atomic_write_text, check_writable
 
 logger = logging.getLogger(__name__)
 
@@ -324,6 +325,7 @@ def merge_summaries(output_dir: str | Path) -> tuple[Path, list[dict]]:
     parts = sorted(output_dir.glob("summary.shard-*-of-*.csv"))
     if not parts:
         raise FileNotFoundError(f"no shard summaries (summary.shard-K-of-N.csv) in {output_dir}")
+    output_folder.check_mergeable(output_dir, parts, read_summary)  # one run's shards, never mixed
     rows = [r for p in parts for r in read_summary(p)]
     rows.sort(key=lambda r: r["case"])
     return write_summary(rows, output_dir / "summary.csv"), rows
@@ -408,14 +410,24 @@ def predict_folder(checkpoint, input_dir: str | Path, output_dir: str | Path,
         raise PermissionError(f"OUTPUT_DIR {output_dir} cannot be created "
                               f"({exc.strerror or exc.__class__.__name__})") from None
     check_writable(output_dir, "OUTPUT_DIR")  # before any model is loaded or run
+    name = "summary.csv" if shard is None else f"summary.shard-{shard[0]}-of-{shard[1]}.csv"
+    # a folder probunet did not create, or a user's summary.csv, is refused before anything is written
+    output_folder.check_output_dir(output_dir, SUMMARY_COLUMNS, [name])
     with ExitStack() as locks:
         # One run per OUTPUT_DIR (exclusive lock); the shards of one run share it, each shard alone.
         locks.enter_context(FolderLock(output_dir, shared=shard is not None, what="OUTPUT_DIR"))
         if shard is not None:
             locks.enter_context(FolderLock(output_dir, what=f"OUTPUT_DIR (shard {shard[0]}/{shard[1]})",
                                            name=f".probunet.shard-{shard[0]}-of-{shard[1]}.lock"))
-        else:  # alone in the folder: temp files of an interrupted run are nobody's
-            remove_stale_temps(output_dir, recursive=True)
+        if shard is not None and not cases:  # more shards than cases: nothing to do, nothing written
+            return PredictSummary([], output_dir / name, output_dir)
+        # the folder remembers the shard count and settings of a sharded run (another N is refused)
+        output_folder.claim_output_dir(output_dir, shard=shard, settings=_run_settings(checkpoint, input_dir, opts),
+                                       overwrite=opts.overwrite)
+        # only predict's own temporary files, only where it writes: OUTPUT_DIR and this run's case folders
+        # (each case belongs to one shard, whose lock this process holds)
+        output_folder.remove_own_temps([output_dir, *(output_dir / c.case_id for c in cases
+                                                      if ".." not in Path(c.case_id).parts)])
         predictor = checkpoint if isinstance(checkpoint, Predictor) else Predictor.from_checkpoint(checkpoint, opts)
         run = _FolderRun(predictor, "" if isinstance(checkpoint, Predictor) else str(checkpoint), output_dir,
                          overwrite=opts.overwrite, output_format=opts.output_format or "same")
@@ -423,12 +435,24 @@ def predict_folder(checkpoint, input_dir: str | Path, output_dir: str | Path,
                     input_dir, output_dir, predictor.num_samples, predictor.device, predictor.roi_size,
                     predictor.batch_size)
         rows = run.run(cases, workers=max(1, int(opts.workers)), progress=progress)
-    name = "summary.csv" if shard is None else f"summary.shard-{shard[0]}-of-{shard[1]}.csv"
     path = write_summary(rows, output_dir / name)
     summary = PredictSummary(rows, path, output_dir)
     logger.info("predict: %d ok, %d skipped, %d failed; summary %s", len(rows) - len(summary.failed)
                 - len(summary.skipped), len(summary.skipped), len(summary.failed), path)
     return summary
+
+
+def _run_settings(checkpoint, input_dir: Path, opts: PredictOptions) -> dict:
+    """What a sharded run's outputs depend on: the checkpoint, the inputs, the sampling options."""
+    settings = {"checkpoint": "" if isinstance(checkpoint, Predictor) else str(Path(checkpoint).resolve()),
+                "input_dir": str(input_dir.resolve()), "recursive": bool(opts.recursive),
+                "file_list": str(Path(opts.file_list).resolve()) if opts.file_list else None,
+                "output_format": opts.output_format or "same"}
+    src = checkpoint.options if isinstance(checkpoint, Predictor) else opts
+    for key in ("num_samples", "seed", "amp", "roi_size", "overlap", "blend", "prior_window", "axis"):
+        value = getattr(src, key)
+        settings[key] = list(value) if isinstance(value, tuple) else value
+    return json.loads(json.dumps(settings, default=str))
 
 
 def _case_dir(output_dir: Path, case: InputCase) -> Path:

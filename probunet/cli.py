@@ -36,10 +36,11 @@ def _user_errors() -> tuple:
     from .config import ConfigError
     from .data.errors import DataError
     from .nonfinite import TrainingError
+    from .guards import WriteError
     from .utils import FolderBusyError
 
     return (UserError, ConfigError, DataError, TrainingError, FolderBusyError, FileNotFoundError, FileExistsError,
-            NotADirectoryError, IsADirectoryError, PermissionError, ValueError)
+            NotADirectoryError, IsADirectoryError, PermissionError, ValueError, WriteError)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -207,8 +208,10 @@ def _is_within(path: Path, folder: Path) -> bool:
         return False
 
 
-def _check_outputs(paths: dict[str, Path], checkpoint: Path, data_path: Optional[str]) -> None:
-    """Never overwrite the checkpoint, the input data, or a file that is not an evaluation summary."""
+def _check_outputs(paths: dict[str, Path], checkpoint: Path, data_path: Optional[str], *,
+                   overwrite: bool = False) -> None:
+    """Never overwrite the checkpoint, the input data, or (unless ``overwrite``) a file probunet's
+    evaluations did not write: every output path is checked (:func:`probunet.report.check_owned`)."""
     for p in paths.values():
         if p.exists() and p.resolve() == checkpoint.resolve():
             raise ValueError(f"--out {paths['summary']}: would overwrite the checkpoint {checkpoint}")
@@ -217,17 +220,11 @@ def _check_outputs(paths: dict[str, Path], checkpoint: Path, data_path: Optional
                              f"data folder {data_path}; choose another --out")
         if p.is_dir():
             raise IsADirectoryError(f"cannot write {p}: it is a directory")
-    from .scoring import SUMMARY_KIND
+    if not overwrite:
+        from .report import check_owned
+        from .scoring import SUMMARY_KIND
 
-    summary = paths["summary"]
-    if summary.is_file():
-        try:
-            ok = json.loads(summary.read_text(encoding="utf-8")).get("kind") == SUMMARY_KIND
-        except (ValueError, UnicodeDecodeError, AttributeError):
-            ok = False
-        if not ok:
-            raise FileExistsError(f"--out {summary}: exists and is not a probunet evaluation summary; "
-                                  f"refusing to overwrite it")
+        check_owned(paths, SUMMARY_KIND)
 
 
 def _model_mismatch(exc: Exception, checkpoint: Path) -> Exception:
@@ -253,6 +250,7 @@ def evaluate_checkpoint(options, *, progress: bool = False) -> dict:
     :func:`probunet.scoring.evaluate`'s result."""
     from .checkpoint import load_model
     from .data import DataError, load_splits
+    from .guards import MAX_SAMPLES, ensure_writable_dir
     from .report import output_paths
     from .scoring import evaluate
     from .utils import resolve_device
@@ -264,14 +262,20 @@ def evaluate_checkpoint(options, *, progress: bool = False) -> dict:
     ckpt_path = Path(ckpt["path"])
     cfg = config_for_evaluation(ckpt["config"], list(options.overrides or []))
     num_samples = options.num_samples if options.num_samples is not None else cfg.eval.num_samples
-    if num_samples < 1:
-        raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
+    if not 1 <= num_samples <= MAX_SAMPLES:
+        raise ValueError(f"--num-samples must be in 1..{MAX_SAMPLES}, got {num_samples}")
     cfg.eval.num_samples = int(num_samples)
     device = resolve_device(options.device, option="--device")
     summary_path = _summary_path(options.out, given, ckpt_path)
-    _check_outputs(output_paths(summary_path), ckpt_path, cfg.data.path)
+    _check_outputs(output_paths(summary_path), ckpt_path, cfg.data.path,
+                   overwrite=bool(getattr(options, "overwrite", False)))
+    include_new = bool(getattr(options, "include_new_cases", False))
+    if include_new and cfg.eval.split != "test":
+        raise ValueError(f"--include-new-cases: new cases join the test split only, not eval.split="
+                         f"{cfg.eval.split}")
+    record, where = recorded_split_of(given, ckpt_path, ckpt, cfg)
     try:
-        splits = load_splits(cfg)
+        splits = load_splits(cfg, recorded=record, recorded_from=where, include_new=include_new)
     except DataError as exc:
         raise _model_mismatch(exc, ckpt_path) from None
     items = splits[cfg.eval.split]
@@ -280,6 +284,8 @@ def evaluate_checkpoint(options, *, progress: bool = False) -> dict:
         raise ValueError(f"the {cfg.eval.split} split is empty ({sizes} cases); choose another eval.split=... "
                          f"or change data.split")
     _check_divisible(items, int(getattr(model, "divisor", 1)))
+    _check_sample_memory(items, cfg, num_samples, device)
+    ensure_writable_dir(summary_path.parent, "--out")  # a read-only or missing folder: refused before the work
     logger.info("evaluating %s on the %s split (%d cases, %d samples each) on %s", ckpt_path, cfg.eval.split,
                 len(items), num_samples, device)
     result = evaluate(model, cfg, items, num_samples=num_samples, seed=cfg.eval.seed, device=device,
@@ -289,6 +295,48 @@ def evaluate_checkpoint(options, *, progress: bool = False) -> dict:
 
         result["files"]["report"] = str(write_report(result, model, cfg, items, device=device, progress=progress))
     return result
+
+
+def recorded_split_of(given: Path, ckpt_path: Path, ckpt: dict, cfg) -> tuple[Optional[dict], str]:
+    """The split the run fixed when it started (its checkpoint's record, else ``RUN_DIR/splits.json``),
+    when the evaluated data is the run's own (same ``data.format`` and ``data.path``); ``(None, "")``
+    for another dataset or a run without a record. Overriding ``data.split`` on the run's own data
+    is refused: it would move training cases into the test set."""
+    from .config import ConfigError, from_dict
+    from .data.recorded_split import read_recorded_split, same_data_source
+
+    now = cfg.to_dict()["data"]
+    trained = from_dict(ckpt["config"]).to_dict()["data"]
+    if not same_data_source(now, trained):
+        logger.info("the data (format, path or synthetic settings) differs from the run's: another dataset, "
+                    "split by its data.split")
+        return None, ""
+    run_dir = given if given.is_dir() else ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" \
+        else None
+    record, where = read_recorded_split(run_dir, ckpt)
+    if record is None:
+        logger.warning("%s: no recorded split (a run from before probunet kept one); the data is split again by "
+                       "data.split, which matches training only if the data did not change", ckpt_path)
+    elif now["split"] != trained["split"]:
+        changed = sorted(k for k in set(now["split"]) | set(trained["split"])
+                         if now["split"].get(k) != trained["split"].get(k))
+        raise ConfigError(f"data.split.{changed[0]}: the run's split is fixed ({where}) and cannot be changed "
+                          f"on its own data; point data.path at another folder to evaluate other cases")
+    return record, where
+
+
+def _check_sample_memory(items: list[dict], cfg, num_samples: int, device) -> None:
+    """The samples of one batch (label maps and the logits evaluation keeps) against the memory available:
+    too many samples is one line with the figures, before anything is drawn."""
+    import numpy as np
+
+    from .guards import check_memory
+
+    voxels = max(int(np.prod(np.shape(i["image"])[1:])) for i in items)
+    batch = min(int(cfg.eval.batch_size), len(items))
+    per_sample = voxels * (1 + 4 * int(cfg.model.num_classes))  # uint8 labels + fp32 logits
+    check_memory(batch * num_samples * per_sample, f"--num-samples {num_samples} (eval.batch_size {batch}, "
+                 f"{voxels} voxels per image)", device)
 
 
 def _summary_path(out: Optional[str], given: Path, ckpt_path: Path) -> Path:
@@ -488,6 +536,14 @@ def main(argv=None) -> int:
         if args.debug:
             raise
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        print(f"probunet {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as exc:  # an allocation that still failed: one line with its size
+        from .guards import out_of_memory_message
+
+        msg = out_of_memory_message(exc)
+        if msg is None or args.debug:
+            raise
         print(f"probunet {args.command}: error: {msg}", file=sys.stderr)
         return 2
 

@@ -430,7 +430,30 @@ def validate(cfg: Config) -> Config:
         check_number(f"data.augment.{key}", getattr(a, key))
     if d.format != "synthetic" and not d.path:
         raise ConfigError(f"config key 'data.path': required for data.format={d.format}")
+    _check_counts(cfg)
     return cfg
+
+
+MAX_SYNTHETIC_VOXELS = 1 << 24  # 4096^2 or 256^3 per synthetic image
+MAX_SYNTHETIC_CASES = 1_000_000
+MAX_RATERS = 64
+
+
+def _check_counts(cfg: Config) -> None:
+    """Upper bounds of sample counts and synthetic sizes (each error names its key)."""
+    from .guards import MAX_SAMPLES
+
+    for key, value in (("eval.num_samples", cfg.eval.num_samples), ("train.val_samples", cfg.train.val_samples)):
+        if value > MAX_SAMPLES:
+            raise ConfigError(f"config key '{key}': at most {MAX_SAMPLES} samples per image, got {value}")
+    s = cfg.data.synthetic
+    if s.num_cases > MAX_SYNTHETIC_CASES:
+        raise ConfigError(f"config key 'data.synthetic.num_cases': at most {MAX_SYNTHETIC_CASES}, got {s.num_cases}")
+    if s.num_raters > MAX_RATERS:
+        raise ConfigError(f"config key 'data.synthetic.num_raters': at most {MAX_RATERS}, got {s.num_raters}")
+    if s.spatial_dims in (2, 3) and s.size ** s.spatial_dims > MAX_SYNTHETIC_VOXELS:
+        raise ConfigError(f"config key 'data.synthetic.size': {s.size}^{s.spatial_dims} voxels per image, at most "
+                          f"{MAX_SYNTHETIC_VOXELS} (4096 in 2D, 256 in 3D)")
 
 
 def from_dict(data: Optional[dict]) -> Config:

@@ -77,6 +77,11 @@ class EvaluateOptions:
     out: Optional[str] = _opt(None, "--out", "summary JSON path (default RUN_DIR/eval/summary.json)",
                               metavar="FILE")
     device: str = _opt("auto", "--device", "auto | cpu | cuda | cuda:N")
+    include_new_cases: bool = _opt(False, "--include-new-cases", "cases added to the data since the run started "
+                                   "(of patients/series not in its train/val split) join the test split; by "
+                                   "default they are left out and reported", action="store_true")
+    overwrite: bool = _opt(False, "--overwrite", "replace existing files at the output paths even if probunet "
+                           "did not write them (never the checkpoint or the input data)", action="store_true")
     report: bool = _opt(False, "--report", "also write report.html (a static page: summary, figures, per-case "
                         "table and maps, worst cases first) next to the summary", action="store_true")
 
@@ -116,8 +121,10 @@ class PredictOptions:
 
     def check(self) -> "PredictOptions":
         """Raise ValueError naming the option for a value out of range; returns self."""
-        if int(self.num_samples) < 1:
-            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+        from .guards import MAX_SAMPLES
+
+        if not 1 <= int(self.num_samples) <= MAX_SAMPLES:
+            raise ValueError(f"num_samples must be in 1..{MAX_SAMPLES}, got {self.num_samples}")
         if self.blend not in ("gaussian", "constant"):
             raise ValueError(f"blend must be 'gaussian' or 'constant', got {self.blend!r}")
         if self.prior_window not in ("image", "roi"):

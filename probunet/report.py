@@ -3,7 +3,10 @@
 Next to ``summary.json`` (mean and standard error of every metric, the
 conventions, the data config): ``per_case.csv``, ``reliability.png`` and, for
 data with a known true rater distribution, ``lesions.csv`` and ``lesions.png``
-(see :func:`output_paths`). The scores come from :mod:`probunet.scoring`, the
+(see :func:`output_paths`). Each is recognisably probunet's (the summary's
+``kind``, the CSV headers, the PNG "Software" text), so a rerun may replace its
+own files, and ``probunet evaluate`` refuses any other file at those paths unless
+``--overwrite`` (:func:`check_owned`). The scores come from :mod:`probunet.scoring`, the
 figures from :mod:`probunet.viz`.
 """
 
@@ -18,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .utils import atomic_write_text
-from .viz import lesion_scatter, reliability_diagram
+from .viz import PNG_SOFTWARE, lesion_scatter, reliability_diagram
 
 LESION_COLUMNS = ["case", "lesion", "contrast", "true_p", "sampled_freq", "rater_freq"]
 
@@ -61,6 +64,40 @@ def output_paths(summary_path: str | Path) -> dict[str, Path]:
             "lesions_plot": folder / f"{prefix}lesions.png"}
 
 
+def is_own_output(path: Path, key: str, summary_kind: str) -> bool:
+    """Whether the file at ``path`` (output ``key`` of :func:`output_paths`) was written by a probunet
+    evaluation: a summary JSON of kind ``summary_kind``, a CSV starting with the per-case or lesion
+    header, a PNG whose "Software" text is probunet's."""
+    try:
+        if not path.is_file() or path.is_symlink():
+            return False
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 16)
+    except OSError:
+        return False
+    if key in ("reliability", "lesions_plot"):
+        return b"Software\x00" + PNG_SOFTWARE.encode() in head
+    if key in ("per_case", "lesions"):
+        first = head.split(b"\n", 1)[0].decode("utf-8", "replace")
+        return first.startswith("case_id,index,num_raters,ged,") if key == "per_case" else \
+            first == ",".join(LESION_COLUMNS)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("kind") == summary_kind
+
+
+def check_owned(paths: dict[str, Path], summary_kind: str) -> None:
+    """FileExistsError naming the first of ``paths`` (from :func:`output_paths`) that exists and is
+    not probunet's own (:func:`is_own_output`)."""
+    summary = paths["summary"]
+    for key, p in paths.items():
+        if (p.exists() or p.is_symlink()) and not is_own_output(p, key, summary_kind):
+            what = "is not a probunet evaluation summary" if key == "summary" else "was not written by probunet"
+            raise FileExistsError(f"--out {summary}: {p} exists and {what}; refusing to overwrite it "
+                                  f"(--overwrite replaces it)")
+
 
 def write_outputs(summary: dict, rows: list[dict], lesion_rows: list[dict], pooled, files: dict, *,
                   columns: list[str], has_truth: bool) -> None:
@@ -82,4 +119,4 @@ def write_outputs(summary: dict, rows: list[dict], lesion_rows: list[dict], pool
     atomic_write_text(files["summary"], json.dumps(_finite_or_none(summary), indent=1) + "\n")
 
 
-__all__ = ["LESION_COLUMNS", "output_paths", "write_outputs"]
+__all__ = ["LESION_COLUMNS", "check_owned", "is_own_output", "output_paths", "write_outputs"]

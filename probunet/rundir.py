@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 from . import __version__
+from .guards import ensure_writable_dir, write_failure
 from .utils import FolderLock, atomic_write_text, remove_stale_temps
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def claim_run_dir(run_dir: Path, resume: bool) -> FolderLock:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise FileExistsError(f"--out {run_dir} holds files probunet did not write ({shown}); train into a new "
                               f"or empty folder (or resume a probunet run with --resume)")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    ensure_writable_dir(run_dir, "--out")  # a read-only or full disk is refused before any work
     lock = FolderLock(run_dir, what="run directory").acquire()
     try:
         if not (run_dir / RUN_MARKER).is_file():
@@ -102,8 +103,14 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+        except OSError as exc:  # a full disk: one line naming the file
+            failure = write_failure(self.path, exc)
+            if failure is None:
+                raise
+            raise failure from None
         if self.writer is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):

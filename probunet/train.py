@@ -51,6 +51,7 @@ from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, loa
 from .collapse import CollapseMonitor
 from .config import Config, save_config
 from .data import MultiRaterDataset, load_splits, train_transform
+from .data.recorded_split import CHECKPOINT_KEY as SPLIT_KEY, read_recorded_split, split_record_text
 from .data.stream import BatchStream, batches, step_seed
 from .distributed import (all_reduce, broadcast_from_main, destroy_distributed, dist_info,
                           init_distributed, rank_device, replica_digests)
@@ -64,6 +65,7 @@ from .step import backward_and_step, fused_adam_ok, lr_at
 from .utils import atomic_write_text, resolve_device
 from .validation import batch_diversity, validate
 from .ema import WeightAverage
+from .guards import WriteError, check_free_space
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +105,12 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(_to_tuples(state["python"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_bytes(params) -> int:
+    """A checkpoint's size, estimated from the trained parameters: the weights, Adam's two moments,
+    the averaged weights (at most), and 64 KB for the rest."""
+    return 4 * sum(int(p.numel()) * p.element_size() for p in params) + (1 << 16)
 
 
 # ----------------------------------------------------------------------------- fit
@@ -170,7 +178,7 @@ class Trainer:
         self.dtype = amp_dtype(cfg.train.amp, device)
         torch.manual_seed(cfg.train.seed)
 
-        self.splits = load_splits(cfg, run_dir if dist.is_main else None)
+        self.splits = self._load_splits(ckpt)
         if not self.splits["train"]:
             raise ValueError("the training split is empty: add data or lower data.split.test_fraction/val_fraction")
         self.stream = BatchStream(MultiRaterDataset(self.splits["train"]), cfg.train.batch_size, cfg.train.seed,
@@ -193,6 +201,10 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                                           fused=fused_adam_ok(device) or None)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        if dist.is_main:  # room for the checkpoints before the first step (a full disk is one line now)
+            copies = 1 if ckpt is not None else 3  # last.pt, best.pt and the temporary file of a write
+            check_free_space(run_dir / "checkpoints", copies * checkpoint_bytes(self.params),
+                             f"{'a checkpoint' if copies == 1 else 'last.pt, best.pt and a temporary file'}")
         self.start_step, self.best = 0, math.inf
         self.saved = {"last.pt": None}
         if ckpt is not None:
@@ -221,7 +233,25 @@ class Trainer:
 
     def _claim(self, resume: bool):
         self.lock = claim_run_dir(self.run_dir, resume)
-        return load_checkpoint(self.last_path, map_location="cpu") if resume else None
+        if not resume:
+            return None
+        ckpt = load_checkpoint(self.last_path, map_location="cpu")
+        # the split fixed when the run started (checked here, on rank 0, and sent to every rank)
+        ckpt["_recorded_split"] = read_recorded_split(self.run_dir, ckpt)
+        return ckpt
+
+    def _load_splits(self, ckpt) -> dict:
+        """A new run splits the data and writes ``splits.json``; a resumed run keeps its recorded
+        split (new cases left out, missing ones an error) and never rewrites the file."""
+        record, where = (ckpt or {}).get("_recorded_split") or (None, "")
+        main = self.dist.is_main
+        if ckpt is not None and record is None:
+            logger.warning("%s: no recorded split (a run from before probunet kept one); the data is split again "
+                           "by data.split", self.run_dir)
+        splits = load_splits(self.cfg, self.run_dir if main and record is None else None, recorded=record,
+                             recorded_from=where, hint=False)
+        self.split_text = split_record_text(splits)
+        return splits
 
     def _resume_from(self, ckpt: dict) -> None:
         stored = {"name": DEFAULT_MODEL, **ckpt["config"]["model"]}  # checkpoints from before model.name
@@ -374,9 +404,9 @@ class Trainer:
                 "config": self.cfg.to_dict(),
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "geco": geco.state_dict() if geco is not None else None,
-                "step": step, "best_metric": self.best, "rng": _rng_state(),
+                "step": step, "best_metric": self.best, "rng": _rng_state(), SPLIT_KEY: self.split_text,
             }, self.run_dir / "checkpoints" / name)
-        except CheckpointError as exc:
+        except (CheckpointError, WriteError) as exc:
             raise TrainingError(f"step {step}: {exc}; training stopped, {self._kept()}") from None
         self.saved[name] = step
 

@@ -54,18 +54,29 @@ def atomic_call(path: str | Path, writer: Callable[[str], None], suffix: str = "
     ``suffix`` keeps the extension on the temp file for writers that choose the
     format by extension (nibabel, SimpleITK, matplotlib).
     """
+    from .guards import write_failure
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp" + suffix, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".probunet-{path.stem}.", suffix=".tmp" + suffix, dir=path.parent)
+    except OSError as exc:
+        failure = write_failure(path, exc)
+        if failure is None:
+            raise
+        raise failure from None
     os.close(fd)
     try:
         writer(tmp)
         os.chmod(tmp, _umask_mode())  # mkstemp creates 0600; give the file normal permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+        failure = write_failure(path, exc)  # a full or read-only disk: one line naming the file
+        if failure is None:
+            raise
+        raise failure from None
     return path
 
 
@@ -115,7 +126,7 @@ def seed_everything(seed: int) -> None:
 
 # ----------------------------------------------------------------------------- folders shared with other runs
 
-# atomic_call's temporary files: ".<stem>.<8 random chars>.tmp[<suffix>]"
+# atomic_call's temporary files: ".probunet-<stem>.<8 random chars>.tmp[<suffix>]" (".<stem>..." in earlier versions)
 _TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp(\.[A-Za-z0-9.]+)?$")
 
 
@@ -175,9 +186,12 @@ class FolderLock:
     def acquire(self) -> "FolderLock":
         import fcntl
 
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a symbolic link: a planted link would create a file outside the folder
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         except OSError as exc:
+            if self.path.is_symlink():
+                raise PermissionError(f"{self.what} {self.folder}: its lock file {self.path} is a symbolic link; "
+                                      f"probunet does not follow it (remove the link)") from None
             raise PermissionError(f"{self.what} {self.folder} is not writable "
                                   f"({exc.strerror or exc.__class__.__name__})") from None
         try:

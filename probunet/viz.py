@@ -14,6 +14,14 @@ from .utils import atomic_call
 logger = logging.getLogger(__name__)
 
 
+PNG_SOFTWARE = "probunet"  # the PNG "Software" text of every figure: marks it as probunet's own
+
+
+def _save_png(fig, path: str | Path) -> Path:
+    return atomic_call(path, lambda p: fig.savefig(p, dpi=110, format="png", metadata={"Software": PNG_SOFTWARE}),
+                       suffix=".png")
+
+
 def _plt():
     import matplotlib
 
@@ -67,7 +75,7 @@ def sample_grid(path: str | Path, images: np.ndarray, raters: np.ndarray, sample
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    out = atomic_call(path, lambda p: fig.savefig(p, dpi=110, format="png"), suffix=".png")
+    out = _save_png(fig, path)
     plt.close(fig)
     return out
 
@@ -89,7 +97,7 @@ def reliability_diagram(path: str | Path, bin_edges: np.ndarray, predicted: np.n
     axc.set_xlabel("sampled foreground frequency")
     axc.set_ylabel("pixels")
     fig.tight_layout()
-    out = atomic_call(path, lambda p: fig.savefig(p, dpi=110, format="png"), suffix=".png")
+    out = _save_png(fig, path)
     plt.close(fig)
     return out
 
@@ -149,6 +157,6 @@ def lesion_scatter(path: str | Path, rows: list[dict], *, title: str = "lesion p
     ax.set_title(f"{title} (MAE {mae:.3f}, r {pearson(sampled, true_p):.2f})", fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    out = atomic_call(path, lambda p: fig.savefig(p, dpi=110, format="png"), suffix=".png")
+    out = _save_png(fig, path)
     plt.close(fig)
     return out

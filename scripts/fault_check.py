@@ -24,6 +24,12 @@ Four parts, one table at the end (exit 0 when every figure is as required):
    optimizer state at chosen steps, and an infinite learning rate: no checkpoint
    with a non-finite tensor may be written, ever.
 4. hostile inputs (the list in docs/safety.md), each with its expected outcome.
+5. full and read-only disks: train, predict and evaluate on a 2 MB tmpfs filled up (before the
+   run, and after the first checkpoint) and into a read-only tmpfs, where the machine allows
+   mounting one (root); elsewhere a full disk is simulated (every rename fails with ENOSPC) and
+   the read-only case is skipped. Each must end with one line naming the path and the cause.
+6. data changed between train and evaluate: cases added to and removed from a run's data
+   folder; evaluate and ``--resume`` must keep the run's recorded split.
 """
 
 from __future__ import annotations
@@ -603,6 +609,220 @@ def hostile(work: Path, ckpt_run: Path, kill_failures: list[str]) -> list[dict]:
     return rows
 
 
+# ============================================================================ 5. full disk (issue 30)
+
+
+def _mount_tmpfs(where: Path, options: str) -> bool:
+    where.mkdir(parents=True, exist_ok=True)
+    if not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("mount"):
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
+                          capture_output=True).returncode == 0
+
+
+def _umount(where: Path) -> None:
+    subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def _fill(disk: Path, leave: int) -> None:
+    free = shutil.disk_usage(disk).free
+    with open(disk / f"filler{len(list(disk.glob('filler*')))}", "wb") as fh:
+        fh.write(b"\0" * max(0, free - leave))
+
+
+def _empty(disk: Path) -> None:
+    for p in disk.iterdir():
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def full_disk(work: Path, ckpt_run: Path) -> tuple[list[dict], str]:
+    """train, predict and evaluate on a full 2 MB tmpfs and into a read-only one; each must end with one
+    line naming the path and the cause (exit 2), no traceback, the last good checkpoint kept. Where no
+    tmpfs can be mounted (not root), the full disk is simulated by making every rename fail with ENOSPC."""
+    import errno
+    import logging
+
+    import nibabel as nib
+    import numpy as np
+
+    from probunet import train as train_mod
+    from probunet import utils
+    from probunet.checkpoint import load_checkpoint
+
+    logging.disable(logging.WARNING)
+    rows = []
+
+    def add(what, expected, passed, got=""):
+        rows.append({"input": what, "expected": expected, "ok": bool(passed), "got": got[:160]})
+
+    last = ckpt_run / "checkpoints" / "last.pt"
+    inp = work / "in"
+    inp.mkdir(parents=True)
+    for n in ("c1", "c2"):
+        nib.save(nib.Nifti1Image(np.random.default_rng(1).normal(size=(32, 32)).astype(np.float32), np.eye(4)),
+                 str(inp / f"{n}.nii.gz"))
+    disk, ro = work / "disk", work / "ro"
+    mounted = _mount_tmpfs(disk, "size=2m")
+    how = "2 MB tmpfs" if mounted else "simulated ENOSPC: no tmpfs can be mounted here"
+    real_replace, real_save = utils.os.replace, train_mod.save_checkpoint
+
+    def no_space(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    try:
+        if mounted:
+            _fill(disk, 100 << 10)
+        else:
+            utils.os.replace = no_space
+        rc, err = _cli(["train", DEBUG, "--out", str(disk / "run"), *TRAIN_ARGS[:1], "--no-progress"])
+        add(f"train on a full disk ({how})", "one line, exit 2, no checkpoint",
+            rc == 2 and _one_line(err, "no space left on device")
+            and not (disk / "run" / "checkpoints" / "last.pt").exists(), err.strip())
+        if mounted:
+            _empty(disk)
+            calls = []
+
+            def save_then_fill(state, path):
+                calls.append(path)
+                if len(calls) == 2:
+                    _fill(disk, 0)
+                return real_save(state, path)
+
+            train_mod.save_checkpoint = save_then_fill
+            rc, err = _cli(["train", DEBUG, "--out", str(disk / "run"), "train.steps=4", "train.checkpoint_every=1",
+                            "train.val_every=100", "--no-progress"])
+            train_mod.save_checkpoint = real_save
+            kept = load_checkpoint(disk / "run" / "checkpoints" / "last.pt")["step"] == 1
+            add("disk full after the first checkpoint (2 MB tmpfs)", "one line, exit 2, step 1 kept",
+                rc == 2 and _one_line(err, "no space left on device") and kept, err.strip())
+            _empty(disk)
+            _fill(disk, 8 << 10)
+        rc, err = _cli(["predict", str(last), str(inp), str(disk / "pred"), "--num-samples", "2", "--no-progress"])
+        lines = [l for l in err.splitlines() if l.startswith("probunet predict: error:")]
+        add(f"predict onto a full disk ({how})", "cases fail as rows; one error line, exit 2",
+            rc == 2 and len(lines) == 1 and "no space left on device" in lines[0] and "Traceback" not in err,
+            err.strip().splitlines()[-1] if err.strip() else "")
+        if mounted:
+            _empty(disk)
+            _fill(disk, 16 << 10)
+        rc, err = _cli(["evaluate", str(ckpt_run), "--num-samples", "2", "--out", str(disk / "ev") + "/",
+                        "--no-progress"])
+        add(f"evaluate onto a full disk ({how})", "one line, exit 2",
+            rc == 2 and _one_line(err, "no space left on device"), err.strip())
+    except Exception as exc:  # a crash of the checker's own run: counted as a failure
+        add(f"full disk ({how})", "no exception", False, f"{exc.__class__.__name__}: {exc}")
+    finally:
+        utils.os.replace, train_mod.save_checkpoint = real_replace, real_save
+        if mounted:
+            _umount(disk)
+    ro_ok = _mount_tmpfs(ro, "ro,size=1m")
+    if ro_ok:
+        try:
+            for cmd in (["train", DEBUG, "--out", str(ro / "run"), "--no-progress"],
+                        ["evaluate", str(ckpt_run), "--out", str(ro / "ev") + "/", "--no-progress"]):
+                t0 = time.perf_counter()
+                rc, err = _cli(cmd)
+                add(f"{cmd[0]} into a read-only --out (read-only tmpfs)", "one line before the work, exit 2",
+                    rc == 2 and _one_line(err, "read-only file system"),
+                    f"{err.strip()} ({time.perf_counter() - t0:.1f}s)")
+        finally:
+            _umount(ro)
+    else:
+        rows.append({"input": "train / evaluate into a read-only --out", "expected": "not run: no read-only tmpfs "
+                     "can be mounted here", "ok": True, "skip": True, "got": ""})
+    logging.disable(logging.NOTSET)
+    return rows, how
+
+
+# ============================================================================ 6. changed data (issue 30)
+
+
+def changed_data(work: Path) -> list[dict]:
+    """A run trained on 24 cases of a folder; then 16 cases are added and one removed. Evaluate and
+    --resume must keep the run's split (never re-split), report new cases in one line and refuse
+    missing ones by name; --resume never rewrites splits.json."""
+    import csv as _csv
+    import logging
+
+    from probunet.data import synthetic
+
+    logging.disable(logging.NOTSET)
+    rows = []
+
+    def add(what, expected, passed, got=""):
+        rows.append({"input": what, "expected": expected, "ok": bool(passed), "got": got[:160]})
+
+    class Said(logging.Handler):  # the warnings of each command, as the user sees them
+        lines: list = []
+
+        def emit(self, record):
+            self.lines.append(record.getMessage())
+
+    said_handler = Said(logging.WARNING)
+    logging.getLogger("probunet").addHandler(said_handler)
+    full, data, run = work / "full", work / "data", work / "run"
+    synthetic.write_qubiq(synthetic.generate(num_cases=40, size=32), full)
+    shutil.copytree(full, data)
+    later = sorted(p.name for p in data.iterdir() if p.is_dir())[24:]
+    for name in later:
+        shutil.rmtree(data / name)
+    args = [f"data.path={data}", "train.steps=2", "train.val_every=2", "train.val_cases=2", "train.val_samples=2"]
+    try:
+        rc, err = _cli(["train", DEBUG, *args, "--out", str(run), "--no-progress"])
+        record = json.loads((run / "splits.json").read_text())
+        test_ids = sorted(e["case_id"] for e in record["test"])
+        before = (run / "splits.json").read_bytes()
+        for name in later:
+            shutil.copytree(full / name, data / name)
+
+        def evaluated(out):
+            with open(out / "per_case.csv", newline="") as fh:
+                return sorted(r["case_id"] for r in _csv.DictReader(fh))
+
+        Said.lines.clear()
+        rc, err = _cli(["evaluate", str(run), "--num-samples", "2", "--out", str(work / "ev") + "/", "--no-progress"])
+        said = [l for l in Said.lines if "new since the run's split was fixed" in l]
+        add("16 cases added, then evaluate RUN", "the run's test cases only; one line on the new ones",
+            rc == 0 and evaluated(work / "ev") == test_ids and len(said) == 1, said[0] if said else err.strip())
+        rc, err = _cli(["evaluate", str(run), "--num-samples", "2", "--include-new-cases", "--out",
+                        str(work / "ev_new") + "/", "--no-progress"])
+        add("... evaluate RUN --include-new-cases", "the test cases and the 16 new ones",
+            rc == 0 and evaluated(work / "ev_new") == sorted(test_ids + later), err.strip()[-160:])
+        rc, err = _cli(["train", str(run / "config.yaml"), "--out", str(run), "--resume", "train.steps=3",
+                        "--no-progress"])
+        add("... train --resume", "splits.json unchanged, training on the recorded cases",
+            rc == 0 and (run / "splits.json").read_bytes() == before, err.strip()[-160:])
+        rc, err = _cli(["evaluate", str(run), "data.split.seed=9", "--out", str(work / "ev2") + "/", "--no-progress"])
+        add("... evaluate with data.split.seed changed", "refused: the split is fixed, exit 2",
+            rc == 2 and _one_line(err, "data.split.seed"), err.strip())
+        gone = record["train"][0]["case_id"]
+        shutil.rmtree(data / gone)
+        rc, err = _cli(["evaluate", str(run), "--num-samples", "2", "--out", str(work / "ev3") + "/", "--no-progress"])
+        add("a training case removed, then evaluate RUN", "one line naming the case, exit 2",
+            rc == 2 and _one_line(err, gone), err.strip())
+        rc, err = _cli(["train", str(run / "config.yaml"), "--out", str(run), "--resume", "train.steps=4",
+                        "--no-progress"])
+        add("... train --resume", "one line naming the case, exit 2", rc == 2 and _one_line(err, gone), err.strip())
+    except Exception as exc:
+        add("changed data", "no exception", False, f"{exc.__class__.__name__}: {exc}")
+    finally:
+        logging.getLogger("probunet").removeHandler(said_handler)
+    return rows
+
+
+def _family_lines(title: str, rows: list[dict], seconds: float) -> tuple[list[str], bool]:
+    """The report lines of one family of checks and whether all passed."""
+    out = [f"{title} ({seconds:.0f}s)"]
+    ok = True
+    for r in rows:
+        ok &= r["ok"]
+        mark = "SKIP" if r.get("skip") else "PASS" if r["ok"] else "FAIL"
+        out.append(f"   {r['input']:<62} -> {r['expected']}  [{mark}]")
+        if not r["ok"]:
+            out.append(f"       got: {r['got']}")
+    return out, ok
+
+
 # ============================================================================ main
 
 
@@ -644,6 +864,12 @@ def main(argv=None) -> int:
         (work / "hostile").mkdir(exist_ok=True)
         h = hostile(work / "hostile", ckpt_run, k["failures"])
         t_h = time.perf_counter() - t
+        t = time.perf_counter()
+        disk_rows, disk_how = full_disk(work / "disk", ckpt_run)
+        t_disk = time.perf_counter() - t
+        t = time.perf_counter()
+        data_rows = changed_data(work / "changed")
+        t_data = time.perf_counter() - t
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
@@ -683,6 +909,11 @@ def main(argv=None) -> int:
         out.append(f"   row {r['row']}: {r['input']:<60} -> {r['expected']}  [{'PASS' if r['ok'] else 'FAIL'}]")
         if not r["ok"]:
             out.append(f"       got: {r['got']}")
+    for title, rows, seconds in ((f"5. full and read-only disks ({disk_how})", disk_rows, t_disk),
+                                 ("6. data changed between train and evaluate", data_rows, t_data)):
+        lines, passed = _family_lines(title, rows, seconds)
+        out += lines
+        ok &= passed
     out.append("")
     out.append(f"total {time.perf_counter() - t_all:.0f}s: {'ALL PASS' if ok else 'FAILURES'}")
     print("\n".join(out))

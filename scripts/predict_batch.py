@@ -55,7 +55,11 @@ def main(argv=None) -> int:
     from probunet.predict import merge_summaries
 
     if args.merge:
-        path, rows = merge_summaries(args.merge)
+        try:
+            path, rows = merge_summaries(args.merge)
+        except (ValueError, FileNotFoundError) as exc:  # mixed or missing shard summaries: one line
+            print(f"predict_batch: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+            return 2
         print(f"merged {len(rows)} rows into {path}")
         return 1 if any(r["status"] == "error" for r in rows) else 0
     if not (args.checkpoint and args.input_dir and args.output_dir):
@@ -66,10 +70,8 @@ def main(argv=None) -> int:
         p.error("--shard is set per worker by this script")
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else []
     n = args.workers
-    for stale in os.listdir(args.output_dir) if os.path.isdir(args.output_dir) else ():
-        if stale.startswith("summary.shard-") and stale.endswith(".csv"):
-            os.unlink(os.path.join(args.output_dir, stale))  # from an earlier run with another N
-
+    # the folder remembers the shard count and options of its run: workers of another N or other
+    # options are refused (exit 2); --overwrite starts over and removes the other run's shard summaries
     procs, pumps = [], []
     t0 = time.perf_counter()
     for k in range(n):
@@ -92,7 +94,7 @@ def main(argv=None) -> int:
         return 2
     try:
         path, rows = merge_summaries(args.output_dir)
-    except FileNotFoundError as exc:
+    except (ValueError, FileNotFoundError) as exc:
         print(f"predict_batch: {exc} (worker exit codes {codes})", file=sys.stderr)
         return 2
     failed = [r for r in rows if r["status"] == "error"]

@@ -100,15 +100,26 @@ def apply_group_pattern(items: list[dict], pattern: str) -> None:
         item.setdefault("meta", {})["group"] = m.group(1) if rx.groups else m.group(0)
 
 
-def load_splits(cfg, run_dir: Optional[str | Path] = None) -> dict[str, list[dict]]:
+def load_splits(cfg, run_dir: Optional[str | Path] = None, *, recorded: Optional[dict] = None,
+                recorded_from: str = "", include_new: bool = False, hint: bool = True) -> dict[str, list[dict]]:
     """Read, normalise, validate and split the dataset of ``cfg.data``.
 
-    Writes ``RUN_DIR/splits.json`` (the case lists) when ``run_dir`` is given.
+    ``recorded`` (a run's split record, :mod:`probunet.data.recorded_split`): the cases
+    keep the splits recorded when the run started (``recorded_from`` names the record in
+    messages); new cases are left out unless ``include_new``, missing ones are an error.
+    Otherwise the data is split by ``cfg.data.split`` and, when ``run_dir`` is given,
+    the case lists are written to ``RUN_DIR/splits.json``.
     """
     items = prepare_items(read_cases(cfg.data), cfg)
-    splits = split_items(items, cfg.data.split)
-    if run_dir is not None:
-        write_split(splits, Path(run_dir) / "splits.json")
+    if recorded is not None:
+        from .recorded_split import apply_recorded_split
+
+        splits = apply_recorded_split(items, recorded, recorded_from or "the run's split", include_new=include_new,
+                                      hint=hint)
+    else:
+        splits = split_items(items, cfg.data.split)
+        if run_dir is not None:
+            write_split(splits, Path(run_dir) / "splits.json")
     logger.info("data: %s", ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
     return splits
 
