@@ -209,9 +209,10 @@ def _is_within(path: Path, folder: Path) -> bool:
 
 
 def _check_outputs(paths: dict[str, Path], checkpoint: Path, data_path: Optional[str], *,
-                   overwrite: bool = False) -> None:
+                   overwrite: bool = False, report: bool = False) -> None:
     """Never overwrite the checkpoint, the input data, or (unless ``overwrite``) a file probunet's
-    evaluations did not write: every output path is checked (:func:`probunet.report.check_owned`)."""
+    evaluations did not write: every output path is checked (:func:`probunet.report.check_owned`), and
+    with ``report`` the HTML report's page and figures (:func:`probunet.html_report.check_report_outputs`)."""
     for p in paths.values():
         if p.exists() and p.resolve() == checkpoint.resolve():
             raise ValueError(f"--out {paths['summary']}: would overwrite the checkpoint {checkpoint}")
@@ -225,6 +226,10 @@ def _check_outputs(paths: dict[str, Path], checkpoint: Path, data_path: Optional
         from .scoring import SUMMARY_KIND
 
         check_owned(paths, SUMMARY_KIND)
+        if report:
+            from .html_report import check_report_outputs
+
+            check_report_outputs(paths["summary"].parent)
 
 
 def _model_mismatch(exc: Exception, checkpoint: Path) -> Exception:
@@ -268,7 +273,7 @@ def evaluate_checkpoint(options, *, progress: bool = False) -> dict:
     device = resolve_device(options.device, option="--device")
     summary_path = _summary_path(options.out, given, ckpt_path)
     _check_outputs(output_paths(summary_path), ckpt_path, cfg.data.path,
-                   overwrite=bool(getattr(options, "overwrite", False)))
+                   overwrite=bool(getattr(options, "overwrite", False)), report=bool(getattr(options, "report", False)))
     include_new = bool(getattr(options, "include_new_cases", False))
     if include_new and cfg.eval.split != "test":
         raise ValueError(f"--include-new-cases: new cases join the test split only, not eval.split="

@@ -34,11 +34,13 @@ import torch
 
 from . import metrics
 from .utils import atomic_call, atomic_write_text
+from .viz import PNG_SOFTWARE
 
 logger = logging.getLogger(__name__)
 
 REPORT_FILE = "report.html"
 FILES_DIR = "report_files"
+GENERATOR = "probunet evaluate --report"  # marks a report.html as probunet's own (overwrite checks)
 # the per-case table's columns: (key, header, True when larger is worse)
 CASE_COLUMNS = (("ged", "GED", True), ("hm_iou", "HM-IoU", False), ("empty_gap", "empty-gap", True),
                 ("sample_diversity", "E[d(S,S')]", None), ("reference_diversity", "E[d(Y,Y')]", None),
@@ -153,7 +155,7 @@ def case_figure(path: Path, image: np.ndarray, raters: np.ndarray, logits: torch
         ax.axis("off")
     fig.suptitle(title, fontsize=7, x=0.01, y=0.99, ha="left", va="top")
     fig.tight_layout(pad=0.2, rect=(0, 0, 1, 0.88))  # room for the title above the panels' own
-    out = atomic_call(path, lambda p: fig.savefig(p, dpi=80, format="png"), suffix=".png")
+    out = atomic_call(path, lambda p: fig.savefig(p, dpi=80, format="png", metadata={"Software": PNG_SOFTWARE}), suffix=".png")
     plt.close(fig)
     return out
 
@@ -171,6 +173,32 @@ def case_logits(model, cfg, items: list[dict], *, num_samples: int, seed: int, d
         for j, index in enumerate(batch):
             out[index] = result.logits[j].cpu()
     return out
+
+
+def check_report_outputs(folder: Path) -> None:
+    """FileExistsError when ``report.html`` or a file in ``report_files/`` under ``folder`` exists and was
+    not written by a probunet report (its generator tag, the PNGs' "Software" text); a directory where
+    ``report.html`` goes, or anything but plain files in ``report_files/``, is refused too."""
+    page, pngs = Path(folder) / REPORT_FILE, Path(folder) / FILES_DIR
+    if page.is_symlink() or page.is_dir() or (page.exists() and not _head_has(page, GENERATOR.encode())):
+        raise FileExistsError(f"{page} exists and was not written by probunet; refusing to overwrite it "
+                              f"(--overwrite replaces it)")
+    if pngs.is_symlink() or (pngs.exists() and not pngs.is_dir()):
+        raise FileExistsError(f"{pngs} exists and is not probunet's report folder; refusing to overwrite it "
+                              f"(--overwrite replaces it)")
+    if pngs.is_dir():
+        for p in sorted(pngs.iterdir()):
+            if p.is_symlink() or not p.is_file() or not _head_has(p, b"Software\x00" + PNG_SOFTWARE.encode()):
+                raise FileExistsError(f"{p} was not written by probunet; refusing to overwrite the report folder "
+                                      f"{pngs} (--overwrite replaces it)")
+
+
+def _head_has(path: Path, marker: bytes) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return marker in fh.read(1 << 16)
+    except OSError:
+        return False
 
 
 def write_report(result: dict, model, cfg, items: list[dict], *, device="cpu", out_dir=None,
@@ -226,6 +254,7 @@ def render(result: dict, ordered: list[dict], pngs: dict, folder: Path) -> str:
     desc = result.get("descriptions", {})
     conv = result.get("conventions", {})
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+             f'<meta name="generator" content="{GENERATOR}">',
              f"<title>probunet evaluation: {e(str(result.get('split')))} split</title>",
              f"<style>{_CSS}</style></head><body>",
              f"<h1>Evaluation: {e(str(result.get('checkpoint')))}</h1>",

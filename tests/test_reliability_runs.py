@@ -201,6 +201,23 @@ def test_evaluate_never_replaces_a_users_file_beside_the_summary(run, tmp_path, 
     assert (out / name).read_bytes() != b"the user's own\n" and (out / "report").is_file()
 
 
+@pytest.mark.parametrize("name", ["report.html", "report_files/case.png"])
+def test_evaluate_report_never_replaces_a_users_page_or_figure(run, tmp_path, capsys, name):
+    out = tmp_path / "evout"
+    (out / name).parent.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text("the user's own\n")
+    assert _evaluate(run, str(out) + "/", "--report") == 2
+    _one_line_error(capsys, "evaluate", name.split("/")[-1], "refusing to overwrite", "--overwrite")
+    assert (out / name).read_text() == "the user's own\n"
+    assert not (out / "summary.json").exists()  # refused before the work
+    assert _evaluate(run, str(out) + "/", "--report", "--overwrite") == 0
+    assert (out / "report.html").is_file()
+    if name != "report.html":  # a figure name the report does not write is left alone, even with --overwrite
+        assert (out / name).read_text() == "the user's own\n"
+        (out / name).unlink()
+    assert _evaluate(run, str(out) + "/", "--report") == 0  # its own page and figures are replaced on a rerun
+
+
 def test_evaluate_replaces_its_own_files_even_after_an_interruption(run, tmp_path, capsys):
     out = tmp_path / "ev"
     assert _evaluate(run, str(out) + "/") == 0
