@@ -77,10 +77,10 @@ class SplitConfig:
 
     def __post_init__(self):
         if self.protocol not in ("fractions", "file", "release"):
-            raise ConfigError(f"config key 'data.split.protocol': {self.protocol!r} is not one of: "
+            raise ConfigError(f"config key 'data.split.protocol': {_shown(self.protocol)} is not one of: "
                               f"fractions, file, release")
         if self.unlisted not in ("error", "ignore"):
-            raise ConfigError(f"config key 'data.split.unlisted': {self.unlisted!r} is not one of: error, ignore")
+            raise ConfigError(f"config key 'data.split.unlisted': {_shown(self.unlisted)} is not one of: error, ignore")
         if self.file and self.protocol == "fractions":
             self.protocol = "file"
         if self.protocol == "file" and not self.file:
@@ -88,7 +88,7 @@ class SplitConfig:
         for key in ("test_fraction", "val_fraction"):
             v = getattr(self, key)
             if not 0.0 <= v < 1.0:
-                raise ConfigError(f"config key 'data.split.{key}': must be in [0, 1), got {v}")
+                raise ConfigError(f"config key 'data.split.{key}': must be in [0, 1), got {_shown(v)}")
 
 
 @dataclass
@@ -122,6 +122,8 @@ class DataConfig:
     binarize: bool = False  # rater masks: every value > 0 becomes 1 (masks stored as 0/255)
     check_geometry: bool = True  # masks must share the image's spacing/origin/direction
     pickle_files: Optional[tuple] = None  # lidc_pickle: file names under data.path (default: all *.pickle)
+    max_voxels: int = 2**28  # the largest image (voxels x components) a header may claim; checked before reading
+    allow_external_data_files: bool = False  # .mhd/.nhdr data files outside the header's folder
     group_pattern: Optional[str] = None  # regex on the case id whose first group is the patient id
     num_workers: int = 0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -136,7 +138,7 @@ class DataConfig:
             window = None
         if window is None or len(window) != 2 or not all(math.isfinite(v) for v in window) or window[0] >= window[1]:
             raise ConfigError(f"config key 'data.ct_window': expected [low, high] with low < high, "
-                              f"got {list(self.ct_window)}")
+                              f"got {_shown(self.ct_window)}")
         if self.num_raters is not None and self.num_raters < 1:
             raise ConfigError("config key 'data.num_raters': must be >= 1 (or null to infer)")
         if self.group_pattern:
@@ -155,18 +157,18 @@ def _crop_size(value):
         return None
     if isinstance(value, str):
         try:
-            value = yaml.safe_load(value)
-        except yaml.YAMLError:
+            value = yaml_load(value)
+        except (yaml.YAMLError, ValueError, RecursionError):
             pass
     values = value if isinstance(value, (list, tuple)) else [value]
     out = []
     for v in values:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or int(v) < 1:
             raise ConfigError(f"config key 'data.crop_size': expected a positive integer or a list of them "
-                              f"(one per spatial axis), got {value!r}")
+                              f"(one per spatial axis), got {_shown(value)}")
         out.append(int(v))
     if not 1 <= len(out) <= 3:
-        raise ConfigError(f"config key 'data.crop_size': expected 1 to 3 sizes, got {value!r}")
+        raise ConfigError(f"config key 'data.crop_size': expected 1 to 3 sizes, got {_shown(value)}")
     return out[0] if not isinstance(value, (list, tuple)) else tuple(out)
 
 
@@ -214,7 +216,7 @@ class TrainConfig:
     def __post_init__(self):
         modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
         if self.compile_mode not in modes:
-            raise ConfigError(f"config key 'train.compile_mode': {self.compile_mode!r} is not one of: {', '.join(modes)}")
+            raise ConfigError(f"config key 'train.compile_mode': {_shown(self.compile_mode)} is not one of: {', '.join(modes)}")
 
 
 @dataclass
@@ -265,31 +267,34 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+        raise ConfigError(f"config key '{key}': expected true/false, got {_shown(value)}")
     if tp is int:
         return _to_int(value, key)
     if tp is float:
         if isinstance(value, bool):
-            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+            raise ConfigError(f"config key '{key}': expected a number, got {_shown(value)}")
         try:
             return float(value)
         except (TypeError, ValueError, OverflowError):
-            raise ConfigError(f"config key '{key}': expected a number, got {value!r}") from None
+            raise ConfigError(f"config key '{key}': expected a number, got {_shown(value)}") from None
     if tp is str:
         if isinstance(value, bool):  # YAML 1.1 reads off/no/false as False
             return "off" if not value else "on"
         if isinstance(value, (dict, list)):
-            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+            raise ConfigError(f"config key '{key}': expected a string, got {_shown(value)}")
         return str(value)
     if tp is tuple:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            try:
+                value = yaml_load(value)
+            except (yaml.YAMLError, ValueError, RecursionError):
+                raise ConfigError(f"config key '{key}': expected a list, got {_shown(value)}") from None
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+            raise ConfigError(f"config key '{key}': expected a list, got {_shown(value)}")
         return tuple(value)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"config section '{key}': expected a mapping, got {value!r}")
+            raise ConfigError(f"config section '{key}': expected a mapping, got {_shown(value)}")
         return _build(tp, value, key)
     return value
 
@@ -314,8 +319,25 @@ def _to_int(value: Any, key: str) -> int:
     return int(value)
 
 
+def _short_repr():
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxdict, r.maxlist, r.maxtuple, r.maxset = 3, 6, 8, 8, 6
+    r.maxstring, r.maxother, r.maxlong = 60, 60, 40
+    return r
+
+
+_REPR = _short_repr()
+
+
 def _shown(value: Any) -> str:
-    text = repr(value)
+    """A short prefix of ``repr(value)``: bounded work and length whatever the value (nested or
+    shared containers are cut at a few levels and items, long text and numbers at 80 characters)."""
+    try:
+        text = _REPR.repr(value)
+    except ValueError:  # an int past Python's digit limit
+        text = f"<{type(value).__name__} too long to show>"
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -409,19 +431,19 @@ def _check_model_name(m) -> None:
 
     known = model_names()
     if not isinstance(m.name, str) or m.name not in known:
-        raise ConfigError(f"config key 'model.name': unknown model {m.name!r}; known: {', '.join(known)}")
+        raise ConfigError(f"config key 'model.name': unknown model {_shown(m.name)}; known: {', '.join(known)}")
 
 
 def _check_model(m) -> None:
     _check_model_name(m)
     if m.spatial_dims not in (2, 3):
-        raise ConfigError(f"config key 'model.spatial_dims': must be 2 or 3, got {m.spatial_dims}")
+        raise ConfigError(f"config key 'model.spatial_dims': must be 2 or 3, got {_shown(m.spatial_dims)}")
     for key in ("in_channels", "num_classes", "latent_dim", "fcomb_layers", "convs_per_level"):
         lo, hi = MODEL_LIMITS[key]
         v = getattr(m, key)
         if not lo <= v <= hi:
             what = " (background + foreground)" if key == "num_classes" and v < lo else ""
-            raise ConfigError(f"config key 'model.{key}': must be in [{lo}, {hi}]{what}, got {v}")
+            raise ConfigError(f"config key 'model.{key}': must be in [{lo}, {hi}]{what}, got {_shown(v)}")
     feats = []
     for f in m.features:
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or f != int(f):
@@ -456,20 +478,20 @@ def _check_zoo_keys(m) -> None:
                "roi": ("none", "image")}
     for key, allowed in choices.items():
         if getattr(m, key) not in allowed:
-            raise ConfigError(f"config key 'model.{key}': {getattr(m, key)!r} is not one of: {', '.join(allowed)}")
+            raise ConfigError(f"config key 'model.{key}': {_shown(getattr(m, key))} is not one of: {', '.join(allowed)}")
     for key, lo, hi in (("ensemble_size", 1, 64), ("rank", 1, 1024), ("mc_samples", 1, 10000),
                         ("roi_dilation", 0, 1000), ("latent_channels", 1, 1024), ("res_blocks", 1, 64)):
         _check_int(f"model.{key}", getattr(m, key), lo)
         if getattr(m, key) > hi:
-            raise ConfigError(f"config key 'model.{key}': must be <= {hi}, got {getattr(m, key)}")
+            raise ConfigError(f"config key 'model.{key}': must be <= {hi}, got {_shown(getattr(m, key))}")
     if m.latent_levels is not None:
         _check_int("model.latent_levels", m.latent_levels, 1)
         if m.latent_levels > len(m.features):
             raise ConfigError(f"config key 'model.latent_levels': at most one per level ({len(m.features)}), "
-                              f"got {m.latent_levels}")
+                              f"got {_shown(m.latent_levels)}")
     _check_number("model.dropout", m.dropout, lo=0)
     if m.dropout >= 1:
-        raise ConfigError(f"config key 'model.dropout': must be in [0, 1), got {m.dropout}")
+        raise ConfigError(f"config key 'model.dropout': must be in [0, 1), got {_shown(m.dropout)}")
     _check_number("model.diag_eps", m.diag_eps, lo=0, lo_open=True)
     _check_number("model.roi_threshold", m.roi_threshold, lo=0)
     _check_number("model.topk_fraction", m.topk_fraction, lo=0, lo_open=True, hi=1)
@@ -487,12 +509,12 @@ def _check_number(key: str, value, *, lo=None, lo_open=False, hi=None, hi_open=F
     if not ok:
         bound = " and ".join(b for b in ((f"> {lo}" if lo_open else f">= {lo}") if lo is not None else "",
                                          (f"< {hi}" if hi_open else f"<= {hi}") if hi is not None else "") if b)
-        raise ConfigError(f"config key '{key}': must be a finite number{' ' + bound if bound else ''}, got {value}")
+        raise ConfigError(f"config key '{key}': must be a finite number{' ' + bound if bound else ''}, got {_shown(value)}")
 
 
 def _check_int(key: str, value: int, lo: int) -> None:
     if value < lo:
-        raise ConfigError(f"config key '{key}': must be >= {lo}, got {value}")
+        raise ConfigError(f"config key '{key}': must be >= {lo}, got {_shown(value)}")
 
 
 def validate(cfg: Config) -> Config:
@@ -503,7 +525,7 @@ def validate(cfg: Config) -> Config:
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
             shown = ", ".join(str(c) for c in choices)
-            raise ConfigError(f"config key '{key}': {value!r} is not one of: {shown}")
+            raise ConfigError(f"config key '{key}': {_shown(value)} is not one of: {shown}")
     _check_model(cfg.model)
     t = cfg.train
     for key in ("steps", "batch_size", "log_every", "val_every", "checkpoint_every", "val_samples",
@@ -512,7 +534,7 @@ def validate(cfg: Config) -> Config:
     for key in ("val_cases", "kl_warmup_steps"):
         _check_int(f"train.{key}", getattr(t, key), 0)
     if not _DEVICE.fullmatch(str(t.device)):
-        raise ConfigError(f"config key 'train.device': {t.device!r} is not one of: auto, cpu, cuda, cuda:N, mps")
+        raise ConfigError(f"config key 'train.device': {_shown(t.device)} is not one of: auto, cpu, cuda, cuda:N, mps")
     _check_number("train.lr", t.lr, lo=0, lo_open=True)
     _check_number("train.lr_final_fraction", t.lr_final_fraction, lo=0, hi=1)
     _check_number("train.weight_decay", t.weight_decay, lo=0)
@@ -540,7 +562,40 @@ def validate(cfg: Config) -> Config:
         _check_number(f"data.augment.{key}", getattr(a, key))
     if d.format != "synthetic" and not d.path:
         raise ConfigError(f"config key 'data.path': required for data.format={d.format}")
+    _check_upper_bounds(cfg)
     return cfg
+
+
+MAX_SEED = 2**63 - 1
+MAX_BATCH = 65536
+MAX_WORKERS = 256
+MAX_RATERS = 64  # as probunet.data.guards.MAX_RATERS
+MAX_VOXELS_LIMIT = 2**40
+
+
+def _check_range(key: str, value, lo: int, hi: int) -> None:
+    if not lo <= value <= hi:
+        raise ConfigError(f"config key '{key}': must be in [{lo}, {hi}], got {_shown(value)}")
+
+
+def _check_upper_bounds(cfg: Config) -> None:
+    """Upper bounds of the keys whose huge values would hang or exhaust memory before any other
+    check (a batch of 1e21 cases, a seed past 64 bits, a crop larger than data.max_voxels)."""
+    for key, value in (("train.seed", cfg.train.seed), ("eval.seed", cfg.eval.seed),
+                       ("data.split.seed", cfg.data.split.seed), ("data.synthetic.seed", cfg.data.synthetic.seed)):
+        _check_range(key, value, 0, MAX_SEED)
+    _check_range("train.batch_size", cfg.train.batch_size, 1, MAX_BATCH)
+    _check_range("eval.batch_size", cfg.eval.batch_size, 1, MAX_BATCH)
+    _check_range("data.num_workers", cfg.data.num_workers, 0, MAX_WORKERS)
+    if cfg.data.num_raters is not None:
+        _check_range("data.num_raters", cfg.data.num_raters, 1, MAX_RATERS)
+    _check_range("data.max_voxels", cfg.data.max_voxels, 1, MAX_VOXELS_LIMIT)
+    crop = cfg.data.crop_size
+    if crop is not None:
+        n = math.prod(crop) if isinstance(crop, tuple) else crop ** max(2, int(cfg.model.spatial_dims))
+        if n > cfg.data.max_voxels:
+            raise ConfigError(f"config key 'data.crop_size': {_shown(crop)} is {n:,} voxels, over "
+                              f"data.max_voxels = {cfg.data.max_voxels:,}")
 
 
 def from_dict(data: Optional[dict]) -> Config:
@@ -558,8 +613,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key:
         raise ConfigError(f"override '{text}': empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+        value = yaml_load(raw) if raw.strip() else None
+    except _YamlRefused as exc:
+        raise ConfigError(f"override '{_shown(key)[1:-1]}': refused: {exc.what}") from None
+    except (yaml.YAMLError, ValueError, RecursionError):
         value = raw
     return key.split("."), value
 
@@ -581,20 +638,96 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+# ----------------------------------------------------------------------------- YAML
+
+MAX_CONFIG_BYTES = 1 << 20  # a config file is text of at most this size
+
+
+class _YamlRefused(yaml.YAMLError):
+    """A YAML construct configs never need: an anchor or alias, a duplicate key."""
+
+    def __init__(self, what: str, mark=None):
+        super().__init__(what)
+        self.what = what + (f" (line {mark.line + 1})" if mark is not None else "")
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` without anchors and aliases (``&a`` / ``*a``): a chain of aliases (a
+    "billion laughs" of a few hundred bytes) would build a structure whose every walk, copy or
+    repr never ends, so the first anchor or alias is refused before anything is built."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise _YamlRefused(f"an alias (*{event.anchor[:40]}); anchors and aliases are not allowed in configs",
+                               event.start_mark)
+        if getattr(event, "anchor", None) is not None:
+            raise _YamlRefused(f"an anchor (&{event.anchor[:40]}); anchors and aliases are not allowed in configs",
+                               event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def _duplicate_keys(node, prefix: str = "") -> None:
+    """Raise _YamlRefused naming the first key given twice in one mapping (its dotted path)."""
+    stack = [(node, prefix)]
+    while stack:
+        node, prefix = stack.pop()
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for k, v in node.value:
+                key = k.value if isinstance(k, yaml.ScalarNode) else None
+                full = f"{prefix}.{key}" if prefix else str(key)
+                if key is not None:
+                    if key in seen:
+                        raise _YamlRefused(f"duplicate key '{_shown(full)[1:-1]}' (lines {seen[key]} and "
+                                           f"{k.start_mark.line + 1}): the second would silently win")
+                    seen[key] = k.start_mark.line + 1
+                stack.append((v, full))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((v, prefix) for v in node.value)
+
+
+def yaml_load(text):
+    """``yaml.safe_load`` for configs and override values: anchors, aliases and duplicate keys are
+    refused (:class:`yaml.YAMLError`, the message in ``.what``)."""
+    loader = ConfigLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _duplicate_keys(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def load_yaml(path: str | Path) -> dict:
+    import os
+    import stat
+
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        raise ConfigError(f"config file not found: {path}") from None
+    if not stat.S_ISREG(st.st_mode) or str(path.resolve()).startswith(("/proc/", "/sys/")):
+        raise ConfigError(f"config file {path}: not a regular file (a folder, FIFO, device or /proc file)")
+    if st.st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path}: {st.st_size:,} bytes; a config is at most {MAX_CONFIG_BYTES:,}")
     try:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+            data = yaml_load(fh.read(MAX_CONFIG_BYTES + 1))
     except UnicodeDecodeError as exc:
         raise ConfigError(f"config file {path}: not a YAML text file (byte {exc.start} is not UTF-8 text; "
                           f"is it a binary file?)") from None
+    except _YamlRefused as exc:
+        raise ConfigError(f"config file {path}: refused: {exc.what}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path}: not valid YAML ({exc.__class__.__name__})") from None
     except RecursionError:
         raise ConfigError(f"config file {path}: not valid YAML (nested too deeply)") from None
+    except ValueError as exc:  # e.g. an integer past Python's digit limit
+        raise ConfigError(f"config file {path}: a value cannot be read ({_shown(str(exc))[1:-1]})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
