@@ -43,6 +43,7 @@ import numpy as np
 
 from ..utils import atomic_call
 from .errors import DataError
+from .native_output import native_output_to_log
 from .guards import check_data_files, check_folder_entries, check_regular_file, check_voxels
 
 logger = logging.getLogger(__name__)
@@ -148,12 +149,14 @@ def read_image(path: str | Path, *, max_voxels: Optional[int] = None,
     try:
         if path.is_dir():
             check_folder_entries(path)
-            array, meta = _read_dicom_series(path, max_voxels)
+            with native_output_to_log(str(path)):  # ITK / GDCM / HDF5 diagnostics go to the log
+                array, meta = _read_dicom_series(path, max_voxels)
         elif is_nifti(path):
             array, meta = _read_nifti(path, max_voxels)
         else:
             check_data_files(path, allow_external=allow_external_data_files)
-            array, meta = _read_itk(path, max_voxels)
+            with native_output_to_log(str(path)):
+                array, meta = _read_itk(path, max_voxels)
     except DataError:
         raise
     except Exception as exc:  # a reader's own error: name the file, keep the reason
@@ -340,7 +343,8 @@ def _write_itk(array, meta, path: Path, ndim: int, suffix: str) -> Path:
 
     def write(tmp: str) -> None:
         try:
-            sitk.WriteImage(img, tmp, useCompression=suffix not in (".png", ".jpg", ".jpeg", ".bmp"))
+            with native_output_to_log(str(path)):
+                sitk.WriteImage(img, tmp, useCompression=suffix not in (".png", ".jpg", ".jpeg", ".bmp"))
         except RuntimeError as exc:
             raise DataError(f"{path}: SimpleITK cannot write this image ({str(exc).strip().splitlines()[-1]})") \
                 from exc
