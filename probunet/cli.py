@@ -1,4 +1,9 @@
-"""The ``probunet`` command line: thin wrappers over the library.
+"""The ``probunet`` command line: the thin wrappers over the library.
+
+This module holds all the command-line glue and nothing else: argument handling,
+printing and exit codes. Each command reads its options (:mod:`probunet.options`),
+calls one library function (``fit``, ``evaluate``, ``predict_folder``, ...) and
+prints what came back.
 
 User errors (bad path, bad config key, bad file) exit non-zero with one line on
 stderr and no traceback; ``--debug`` shows the traceback.
@@ -7,10 +12,14 @@ stderr and no traceback; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import math
+import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 from . import __version__
 from .options import EvaluateOptions, PredictOptions, TrainOptions, add_arguments, from_args
@@ -79,15 +88,26 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import evaluate_cli
-
     return evaluate_cli(args)
 
 
 def cmd_predict(args) -> int:
-    from .predict import predict_cli
-
     return predict_cli(args)
+
+
+def predict_cli(args) -> int:
+    """``probunet predict``: 0 all cases written (or skipped), 1 some failed, user errors raise."""
+    from .batch import predict_folder
+
+    summary = predict_folder(args.checkpoint, args.input_dir, args.output_dir, from_args(PredictOptions, args),
+                             progress=not getattr(args, "no_progress", False))
+    n, failed, skipped = len(summary.rows), summary.failed, summary.skipped
+    print(f"predicted {n - len(failed) - len(skipped)} of {n} case(s)"
+          + (f", {len(skipped)} skipped (outputs exist; --overwrite recomputes them)" if skipped else "")
+          + (f", {len(failed)} FAILED" if failed else "") + f"; summary: {summary.summary_path}")
+    for r in failed:
+        print(f"probunet predict: failed: {r['case']}: {r['error']}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_demo(args) -> int:
@@ -115,6 +135,192 @@ def cmd_demo(args) -> int:
                                          overrides=[], no_progress=args.no_progress, device="auto"))
     print(f"done in {time.perf_counter() - t0:.0f}s; everything is under {out}")
     return rc
+
+
+# ----------------------------------------------------------------------------- evaluate: checkpoint in, table out
+
+
+def run_dir_of(given: Path, checkpoint: Path) -> Path:
+    """RUN_DIR: the given run folder, or RUN for RUN/checkpoints/x.pt, else the checkpoint's folder."""
+    if given.is_dir():
+        return given
+    if checkpoint.parent.name == "checkpoints":
+        return checkpoint.parent.parent
+    return checkpoint.parent
+
+
+def config_for_evaluation(ckpt_config: dict, overrides: list[str]):
+    """The checkpoint's resolved config with ``key=value`` overrides; ``model.*`` is fixed."""
+    from .config import ConfigError, apply_overrides, from_dict, parse_override
+
+    for text in overrides or []:
+        path, _ = parse_override(text)
+        if path[0] == "model":
+            raise ConfigError(f"override '{text}': the model is defined by the checkpoint; model.* cannot be "
+                              f"changed at evaluation")
+    return from_dict(apply_overrides(ckpt_config, list(overrides or [])))
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _check_outputs(paths: dict[str, Path], checkpoint: Path, data_path: Optional[str]) -> None:
+    """Never overwrite the checkpoint, the input data, or a file that is not an evaluation summary."""
+    for p in paths.values():
+        if p.exists() and p.resolve() == checkpoint.resolve():
+            raise ValueError(f"--out {paths['summary']}: would overwrite the checkpoint {checkpoint}")
+        if data_path and _is_within(p, Path(data_path)):
+            raise ValueError(f"--out {paths['summary']}: refusing to write evaluation results inside the input "
+                             f"data folder {data_path}; choose another --out")
+        if p.is_dir():
+            raise IsADirectoryError(f"cannot write {p}: it is a directory")
+    from .scoring import SUMMARY_KIND
+
+    summary = paths["summary"]
+    if summary.is_file():
+        try:
+            ok = json.loads(summary.read_text(encoding="utf-8")).get("kind") == SUMMARY_KIND
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            ok = False
+        if not ok:
+            raise FileExistsError(f"--out {summary}: exists and is not a probunet evaluation summary; "
+                                  f"refusing to overwrite it")
+
+
+def _resolve_device(name: str):
+    """``--device``: a torch.device, or ValueError naming the argument."""
+    from .utils import resolve_device
+
+    try:
+        return resolve_device(name or "auto")
+    except RuntimeError:
+        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device auto "
+                         f"or --device cpu") from None
+    except Exception as exc:  # a malformed device string
+        raise ValueError(f"--device {name}: not a device ({exc.__class__.__name__}); use auto, cpu, cuda "
+                         f"or cuda:N") from None
+
+
+def _model_mismatch(exc: Exception, checkpoint: Path) -> Exception:
+    """Name the checkpoint in data errors that are really a model/data mismatch."""
+    from .data import DataError
+
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+    if any(k in msg for k in ("model.in_channels", "model.num_classes", "model.spatial_dims")):
+        return DataError(f"the data does not match the checkpoint {checkpoint}: {msg}")
+    return exc
+
+
+def evaluate_cli(args) -> int:
+    """``probunet evaluate CHECKPOINT_OR_RUN [--num-samples N] [--out FILE] [key=value ...]``."""
+    result = evaluate_checkpoint(from_args(EvaluateOptions, args), progress=not getattr(args, "no_progress", False))
+    _print_summary(result)
+    return 0
+
+
+def evaluate_checkpoint(options, *, progress: bool = False) -> dict:
+    """Evaluate a checkpoint or run directory as ``probunet evaluate`` does (a
+    :class:`probunet.options.EvaluateOptions`); writes the files and returns
+    :func:`probunet.scoring.evaluate`'s result."""
+    from .checkpoint import load_model
+    from .data import DataError, load_splits
+    from .report import output_paths
+    from .scoring import evaluate
+
+    given = Path(options.checkpoint)
+    if not given.exists():
+        raise FileNotFoundError(f"checkpoint or run directory not found: {given}")
+    model, _, ckpt = load_model(given)
+    ckpt_path = Path(ckpt["path"])
+    cfg = config_for_evaluation(ckpt["config"], list(options.overrides or []))
+    num_samples = options.num_samples if options.num_samples is not None else cfg.eval.num_samples
+    if num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
+    cfg.eval.num_samples = int(num_samples)
+    device = _resolve_device(options.device)
+    summary_path = _summary_path(options.out, given, ckpt_path)
+    _check_outputs(output_paths(summary_path), ckpt_path, cfg.data.path)
+    try:
+        splits = load_splits(cfg)
+    except DataError as exc:
+        raise _model_mismatch(exc, ckpt_path) from None
+    items = splits[cfg.eval.split]
+    if not items:
+        sizes = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
+        raise ValueError(f"the {cfg.eval.split} split is empty ({sizes} cases); choose another eval.split=... "
+                         f"or change data.split")
+    _check_divisible(items, int(getattr(model, "divisor", 1)))
+    logger.info("evaluating %s on the %s split (%d cases, %d samples each) on %s", ckpt_path, cfg.eval.split,
+                len(items), num_samples, device)
+    return evaluate(model, cfg, items, num_samples=num_samples, seed=cfg.eval.seed, device=device,
+                    progress=progress, summary_path=summary_path, checkpoint=str(ckpt_path), split=cfg.eval.split)
+
+
+def _summary_path(out: Optional[str], given: Path, ckpt_path: Path) -> Path:
+    """``--out`` (a folder gets summary.json) or RUN_DIR/eval/summary.json."""
+    if out:
+        return Path(out) / "summary.json" if Path(out).is_dir() or str(out).endswith(("/", os.sep)) else Path(out)
+    return run_dir_of(given, ckpt_path) / "eval" / "summary.json"
+
+
+def _check_divisible(items: list[dict], divisor: int) -> None:
+    import numpy as np
+
+    from .data import DataError
+
+    for item in items:
+        shape = tuple(np.shape(item["image"])[1:])
+        if any(s % divisor for s in shape):
+            raise DataError(f"case {item['case_id']}: spatial size {shape} is not divisible by {divisor}, as the "
+                            f"checkpoint's model needs; set data.crop_size=... to a multiple of {divisor}")
+
+
+def _fmt(stat: dict) -> str:
+    if stat["mean"] is None or not math.isfinite(stat["mean"]):
+        return "n/a"
+    sem = stat["sem"]
+    return f"{stat['mean']:.4f} +- {sem:.4f}" if sem is not None and math.isfinite(sem) else f"{stat['mean']:.4f}"
+
+
+def _print_summary(result: dict) -> None:
+    m = result["metrics"]
+    print(f"{result['checkpoint']}: {result['split']} split, {result['num_cases']} cases, "
+          f"{result['num_samples']} samples per image (mean +- standard error)")
+    print(f"  GED            {_fmt(m['ged'])}  (E[d(S,Y)] {_fmt(m['ged_cross'])}, "
+          f"E[d(S,S')] {_fmt(m['sample_diversity'])}, E[d(Y,Y')] {_fmt(m['reference_diversity'])})")
+    print(f"  HM-IoU         {_fmt(m['hm_iou'])}")
+    print(f"  S_NCC          {_fmt(m['s_ncc'])}")
+    print(f"  consensus Dice {_fmt(m['consensus_dice'])}, IoU {_fmt(m['consensus_iou'])}")
+    ece = result["calibration"]["ece"]
+    print(f"  ECE            {ece:.4f} (pooled), {_fmt(m['ece'])} (per case)")
+    print(f"  QUBIQ score    {_fmt(m['qubiq'])}")
+    print(f"  empty masks    samples {m['empty_samples']['mean']:.4f}, raters {m['empty_raters']['mean']:.4f}, "
+          f"per-case gap {_fmt(m['empty_gap'])}")
+    groups = result.get("by_empty_raters") or []
+    if len(groups) > 1:
+        print("  GED by raters with an empty mask: " + "; ".join(
+            f"{g['empty_raters']}/{g['num_raters']}: {g['num_cases']} cases, GED {g['ged']['mean']:.4f}, "
+            f"samples empty {g['empty_samples']['mean']:.3f}" for g in groups))
+    truth = result.get("truth")
+    if truth:
+        t, les = truth["metrics"], truth["lesions"]
+        print(f"  vs. true rater distribution ({truth['num_references']} fresh references): "
+              f"GED {_fmt(t['ged_true'])}, HM-IoU {_fmt(t['hm_iou_true'])}")
+        corr = les["corr_sampled_vs_true"]
+        print(f"  lesion presence ({les['num_lesions']} lesions): MAE {les['mae_sampled_vs_true']:.4f}, "
+              f"r {corr:.3f} (raters: MAE {les['mae_raters_vs_true']:.4f})" if corr is not None and
+              math.isfinite(corr) else f"  lesion presence ({les['num_lesions']} lesions): MAE "
+              f"{les['mae_sampled_vs_true']:.4f} (raters: MAE {les['mae_raters_vs_true']:.4f})")
+    for name, path in result["files"].items():
+        print(f"  {name + ':':15s}{path}")
+    print(result["conventions"]["line"])
+    for warning in result.get("warnings", []):
+        print(f"warning: {warning}")
 
 
 # ----------------------------------------------------------------------------- parser

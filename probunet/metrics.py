@@ -64,6 +64,7 @@ __all__ = [
     "empty_share",
     "QUBIQ_THRESHOLDS",
     "qubiq_score",
+    "pearson",
 ]
 
 # Elements per one-hot operand chunk (float32): 2**22 elements = 16 MiB. Also
@@ -936,3 +937,17 @@ def qubiq_score(
         scores.append(torch.where(empty, torch.full_like(total, float(empty_dice)),
                                   2.0 * inter / torch.where(empty, torch.ones_like(total), total)))
     return torch.stack(scores, dim=1).mean(dim=1).to(_out_dtype())
+
+
+# ----------------------------------------------------------------------------
+# Summaries over cases
+# ----------------------------------------------------------------------------
+
+
+def pearson(x, y) -> float:
+    """Pearson correlation of two 1-D sequences of equal length ``(N,)``; NaN when it is
+    undefined (fewer than two values, or either sequence constant)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.size < 2 or x.std() == 0 or y.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1])

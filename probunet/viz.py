@@ -1,4 +1,5 @@
-"""Figures: sample grids with uncertainty, and reliability diagrams (PNG, written atomically)."""
+"""Figures: sample grids with uncertainty, reliability diagrams and lesion-presence scatters
+(PNG, written atomically)."""
 
 from __future__ import annotations
 
@@ -121,3 +122,33 @@ def model_figure(path: str | Path, model, items: list[dict], *, num_samples: int
     return sample_grid(path, images.cpu().numpy(), raters, labels.cpu().numpy(), fg.cpu().numpy(),
                        entropy.cpu().numpy(), case_ids=[i["case_id"] for i in items],
                        spatial_dims=spatial_dims, max_samples=num_samples, title=title)
+
+
+def lesion_scatter(path: str | Path, rows: list[dict], *, title: str = "lesion presence") -> Path:
+    """Sampled presence frequency (y) against the true presence probability (x), one dot per
+    lesion; the raters' observed frequency in grey for comparison.
+
+    ``rows``: one dict per lesion with ``true_p``, ``sampled_freq`` and ``rater_freq``
+    (the rows of an evaluation's ``lesions.csv``).
+    """
+    from .metrics import pearson
+
+    plt = _plt()
+    true_p = np.array([r["true_p"] for r in rows], dtype=np.float64)
+    sampled = np.array([r["sampled_freq"] for r in rows], dtype=np.float64)
+    raters = np.array([r["rater_freq"] for r in rows], dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfect")
+    ax.scatter(true_p, raters, s=10, c="0.7", marker="x", label="raters")
+    ax.scatter(true_p, sampled, s=14, c="C0", label="model samples")
+    mae = float(np.mean(np.abs(sampled - true_p))) if rows else float("nan")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("true presence probability")
+    ax.set_ylabel("presence frequency")
+    ax.set_title(f"{title} (MAE {mae:.3f}, r {pearson(sampled, true_p):.2f})", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    out = atomic_call(path, lambda p: fig.savefig(p, dpi=110, format="png"), suffix=".png")
+    plt.close(fig)
+    return out

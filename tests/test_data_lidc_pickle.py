@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from probunet.config import load_config
-from probunet.data import lidc_pickle, load_splits, read_cases
+from probunet.data import lidc_pickle, load_splits, read_cases, safe_pickle
 from probunet.data.splits import group_of
 from probunet.data.validate import DataError
 
@@ -105,7 +105,7 @@ def test_chunked_reading_of_large_files(tmp_path, monkeypatch):
     """Files over 2 GB are read in pieces; shrink the piece size to exercise that path."""
     entries = _entries(2, 2, size=64)
     lidc_pickle.write_pickle(entries, tmp_path / "big.pickle")
-    monkeypatch.setattr(lidc_pickle, "MAX_READ", 1000)
+    monkeypatch.setattr(safe_pickle, "MAX_READ", 1000)
     items = read_cases(_cfg(tmp_path / "big.pickle").data)
     for item in items:
         np.testing.assert_array_equal(item["labels"], np.stack(entries[item["case_id"]]["masks"]))

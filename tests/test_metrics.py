@@ -565,3 +565,12 @@ def test_results_stay_on_input_device(device):
     same(cal.ece.cpu(), [0.125, 0.0])
     p = _two_pixel_probs().to(device)
     same(M.mutual_information(p, from_logits=False).cpu(), [[[LN2, LN2 - H_QUARTER]]])
+
+
+def test_pearson_by_hand():
+    from probunet.metrics import pearson
+
+    # x - mean = (-1, 0, 1), y - mean = (-7/3, -1/3, 8/3): r = 5 / (sqrt(2) * sqrt(114) / 3) = 15 / sqrt(228)
+    assert pearson([1, 2, 3], [2, 4, 7]) == pytest.approx(15 / math.sqrt(228))
+    assert pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert math.isnan(pearson([1, 2, 3], [5, 5, 5])) and math.isnan(pearson([1], [2]))

@@ -1,0 +1,247 @@
+"""Inference on images in memory: :class:`Predictor` turns one array into samples,
+mean class probabilities, predictive entropy and a consensus (:class:`Prediction`).
+
+The folder batch job (scanning, writers, summary, sharding, locks) built on it is
+:mod:`probunet.batch`; ``probunet predict`` is its thin wrapper in :mod:`probunet.cli`.
+
+Preprocessing is that of training, read from the checkpoint's config: the image
+gets a channel axis (``num_components`` of the file, channels last), the channel
+count must equal ``model.in_channels``, and ``data.normalize`` is applied per
+image as :func:`probunet.data.transforms.normalize_image` did in training (per
+*slice* when a 2D model runs slice by slice on a volume, because its training
+images were single slices).
+
+Sampling goes through :class:`probunet.inference.Sampler`, the path validation
+and ``probunet evaluate`` use (same checkpoint, image, case id and seed: same
+samples), in fp32 unless ``--amp`` asks for autocast (the one precision policy,
+written down in :mod:`probunet.inference`). Sample ``s`` of a case uses the
+standard-normal draw ``eps_s`` seeded by ``(seed, case id, s)``, so outputs are reproducible, independent of the batch
+size, of the order of cases and of sharding, and ``--num-samples 32`` extends the
+first 16. ``z_s = mu + sigma * eps_s`` with the prior ``p(z|x) = N(mu, sigma)``:
+
+* whole image (it fits the training patch, or no patch is known): the image is
+  padded to a multiple of ``model.divisor`` (with its per-channel minimum, as
+  training pads crops), the U-Net runs once and f_comb once per sample; the
+  padding is cropped off.
+* larger than the training patch: MONAI's ``sliding_window_inference`` over the
+  U-Net + f_comb, the predictor returning the logits of all samples of a chunk
+  as ``S*C`` channels. The prior (global average pooled, so any size that is a
+  multiple of ``divisor`` is valid) is computed ONCE on the whole padded image
+  (``prior_window="image"``, default) or on its central patch (``"roi"``, less
+  memory), and every window uses the same ``z_s``: sample ``s`` is one coherent
+  segmentation, not a patchwork of independent draws. Overlaps are blended
+  (Gaussian weights by default) in logit space.
+* a 2D model on a 3D volume: slice by slice along ``axis`` (default: the axis
+  with the coarsest spacing, the last one on ties), batched over slices. Each
+  slice has its own prior ``(mu, sigma)``, but sample ``s`` uses the same
+  ``eps_s`` on every slice, so it is one coherent volume.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .checkpoint import load_model
+from .data.errors import DataError
+from .data.transforms import normalize_image
+from .inference import Sampler
+from .options import PredictOptions, with_overrides
+from .utils import resolve_device
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass
+class Prediction:
+    """One image's prediction; ``*spatial`` is the input's spatial shape.
+
+    samples (S, *spatial) uint8 label maps; probability (C, *spatial) float32 mean
+    class probabilities over the samples; entropy (*spatial) float32 predictive
+    entropy of that mean (nats); consensus (*spatial) uint8 majority vote.
+    """
+
+    samples: np.ndarray
+    probability: np.ndarray
+    entropy: np.ndarray
+    consensus: np.ndarray
+    mode: str = "whole"
+
+    @property
+    def foreground(self) -> np.ndarray:
+        """(*spatial) float32: mean probability of any class != 0."""
+        return (1.0 - self.probability[0]).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- predictor
+
+
+def _config_roi(roi, cfg):
+    """``"config"``: the training patch (data.crop_size, or the synthetic image size); else ``roi``."""
+    if isinstance(roi, str) and roi == "config":
+        roi = cfg.data.crop_size
+        if roi is None and cfg.data.format == "synthetic" and not cfg.data.path:
+            roi = cfg.data.synthetic.size
+    return roi
+
+
+class Predictor:
+    """A model and the preprocessing of its training config, ready to predict images.
+
+    Args:
+        model: a model meeting :class:`probunet.models.base.SegmentationSampler` (its weights are used as is).
+        cfg: the resolved :class:`probunet.config.Config` it was trained with.
+        options: a :class:`probunet.options.PredictOptions` (the sampling fields are used:
+            num_samples, seed, device, amp, batch_size, roi_size, overlap, blend,
+            prior_window, axis, sample_chunk); keyword arguments of the same names
+            override single fields. ``amp`` None means fp32 (the policy of
+            :mod:`probunet.inference`); ``batch_size`` None: 16 for 2D models, 1 for 3D;
+            ``roi_size`` ``"config"``: the training patch (``data.crop_size``, or the
+            synthetic image size), None or 0: always the whole image.
+
+    Sampling goes through :class:`probunet.inference.Sampler`, as validation and
+    ``evaluate`` do: sample ``s`` of a case is decided by ``(seed, case id, s)``.
+    """
+
+    def __init__(self, model, cfg, options: Optional[PredictOptions] = None, **kwargs):
+        opts = with_overrides(options, PredictOptions, **kwargs).check()
+        self.options = opts
+        self.device = opts.device if isinstance(opts.device, torch.device) else resolve_device(opts.device)
+        self.model = model.to(self.device).eval()
+        self.cfg = cfg
+        self.num_samples = int(opts.num_samples)
+        self.seed = int(opts.seed)
+        self.axis = opts.axis
+        self.batch_size = int(opts.batch_size) if opts.batch_size else (16 if model.spatial_dims == 2 else 1)
+        self.sampler = Sampler(self.model, seed=self.seed, device=self.device, amp=opts.amp,
+                               batch_size=self.batch_size, roi_size=_config_roi(opts.roi_size, cfg),
+                               overlap=opts.overlap, blend=opts.blend, context_window=opts.prior_window,
+                               sample_chunk=opts.sample_chunk)
+        self.roi_size = self.sampler.roi_size
+        self.dtype = self.sampler.dtype
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, options: Optional[PredictOptions] = None, **kwargs) -> "Predictor":
+        """Load a checkpoint file or run directory (``best.pt``, else ``last.pt``)."""
+        model, cfg, _ = load_model(path)
+        return cls(model, cfg, options, **kwargs)
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes
+
+    # -- preprocessing
+
+    def to_channels_first(self, array: np.ndarray, meta: Optional[dict] = None, where: str = "image"):
+        """``array`` as read by :func:`probunet.data.io.read_image` -> float32 (C, *spatial).
+
+        Channels come from ``meta["num_components"]`` (channels last). For a 2D
+        model, a 3D array whose last axis equals ``in_channels`` (> 1) is read as
+        channels last, as the training readers do. Raises DataError naming ``where``.
+        """
+        meta = meta or {}
+        array = np.asarray(array)
+        if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool) or np.iscomplexobj(array):
+            raise DataError(f"{where}: image has unsupported dtype {array.dtype}")
+        c_in = self.model.in_channels
+        if meta.get("num_components"):
+            image = np.moveaxis(array, -1, 0)
+        elif self.model.spatial_dims == 2 and array.ndim == 3 and c_in > 1 and array.shape[-1] == c_in:
+            image = np.moveaxis(array, -1, 0)
+        else:
+            image = array[None]
+        if image.ndim - 1 not in (2, 3):
+            raise DataError(f"{where}: expected a 2D or 3D image, got shape {array.shape}")
+        if image.shape[0] != c_in:
+            raise DataError(f"{where}: image has {image.shape[0]} channel(s), the model expects {c_in} "
+                            f"(model.in_channels of the checkpoint)")
+        if image.ndim - 1 == 2 and self.model.spatial_dims == 3:
+            raise DataError(f"{where}: a 2D image of shape {array.shape} for a 3D model")
+        image = np.asarray(image, dtype=np.float32)
+        if not np.isfinite(image).all():
+            raise DataError(f"{where}: image contains NaN or Inf values")
+        return image
+
+    def choose_axis(self, spacing: Optional[Sequence[float]]) -> int:
+        if self.axis != "auto":
+            return self.axis
+        if not spacing or len(spacing) != 3:
+            return 2
+        sp = np.asarray(spacing, dtype=float)
+        return int(max(range(3), key=lambda k: (round(sp[k], 6), k)))
+
+    def prepare(self, image: np.ndarray, spacing=None) -> tuple[torch.Tensor, Optional[int]]:
+        """image (C, *spatial) -> normalised units (N, C, *unit_spatial) and the slicing axis (or None)."""
+        if image.ndim - 1 == self.model.spatial_dims:
+            return torch.from_numpy(normalize_image(image, self.cfg.data))[None], None
+        axis = self.choose_axis(spacing)
+        slices = np.moveaxis(image, 1 + axis, 0)  # (N, C, a, b)
+        units = np.stack([normalize_image(s, self.cfg.data) for s in slices])  # per slice, as in training
+        return torch.from_numpy(units), axis
+
+    def run(self, units: torch.Tensor, case_ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """units (N, C, *u) of one shape, one case id per unit (slices of a volume share theirs) ->
+        mean class probabilities (N, C, *u) float32 and labels (N, S, *u), on the CPU."""
+        probs, labels = [], []
+        for i in range(0, units.shape[0], self.batch_size):
+            out = self.sampler.sample(list(case_ids[i:i + self.batch_size]), units[i:i + self.batch_size],
+                                      self.num_samples, pairwise=False)
+            probs.append(out.mean_probability.cpu())
+            labels.append(out.labels.cpu())
+        return torch.cat(probs), torch.cat(labels)
+
+    def mode_of(self, unit_spatial: Sequence[int], axis: Optional[int]) -> str:
+        mode = "sliding_window" if self.sampler.uses_window(unit_spatial) else "whole"
+        return mode if axis is None else f"slices(axis={axis})" + (" + sliding_window" if mode != "whole" else "")
+
+    def finish(self, mean_prob: torch.Tensor, labels: torch.Tensor, axis: Optional[int], mode: str) -> Prediction:
+        """mean_prob (N, C, *u), labels (N, S, *u) from the runner -> :class:`Prediction`."""
+        from .metrics import predictive_entropy
+
+        if axis is None:
+            prob, lab = mean_prob[0], labels[0]  # (C, *sp), (S, *sp)
+        else:
+            prob, lab = mean_prob.movedim(0, 1 + axis), labels.movedim(0, 1 + axis)
+        entropy = predictive_entropy(prob[None, None], from_logits=False)[0]  # (*sp)
+        c = self.num_classes
+        if c == 2:
+            consensus = (2 * (lab != 0).sum(dim=0) > lab.shape[0]).to(torch.uint8)
+        else:
+            counts = torch.stack([(lab == k).sum(dim=0) for k in range(c)])  # (C, *sp)
+            consensus = counts.argmax(dim=0).to(torch.uint8)  # first maximum: ties -> lower label
+        return Prediction(samples=lab.contiguous().numpy(), probability=prob.contiguous().numpy(),
+                          entropy=entropy.float().numpy(), consensus=consensus.numpy(), mode=mode)
+
+    def __call__(self, image: np.ndarray, *, case_id: str = "", spacing=None,
+                 meta: Optional[dict] = None) -> Prediction:
+        """Predict one image.
+
+        ``image``: with ``meta`` (as :func:`probunet.data.io.read_image` returns
+        them), the array as read; without, channels first ``(C, *spatial)`` or
+        ``(*spatial)`` for single-channel models, where ``*spatial`` has the
+        model's dims or, for a 2D model, 3 dims (run slice by slice).
+        ``case_id`` seeds the samples with the predictor's seed.
+        """
+        image = np.asarray(image)
+        if meta is not None:
+            spacing = spacing or meta.get("spacing")
+            image = self.to_channels_first(image, meta)
+        else:
+            nd = self.model.spatial_dims
+            if self.model.in_channels == 1 and image.ndim in (2, 3) and not (nd == 2 and image.shape[0] == 1):
+                image = image[None]  # (*spatial) -> (1, *spatial)
+            image = self.to_channels_first(np.moveaxis(image, 0, -1), {"num_components": image.shape[0]})
+        units, axis = self.prepare(image, spacing)
+        mean_prob, labels = self.run(units, [case_id] * units.shape[0])
+        return self.finish(mean_prob, labels, axis, self.mode_of(units.shape[2:], axis))
+
+
+__all__ = ["Prediction", "Predictor"]
