@@ -43,13 +43,17 @@ def read_png(path: Path, max_voxels: Optional[int] = None) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     check_regular_file(path)
+    with open(path, "rb") as fh:
+        head = fh.read(24)
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":  # the size, before PIL sees the file
+        check_voxels(path, (int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")), max_voxels)
     try:
         with Image.open(path) as im:
             check_voxels(path, im.size, max_voxels, len(im.getbands()))  # the header's claim, before decoding
             im.load()
             mode = im.mode
             array = np.asarray(im)
-    except (OSError, UnidentifiedImageError) as exc:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
         raise DataError(f"{path}: cannot read this PNG ({exc})") from None
     if array.ndim == 3:
         if mode in ("RGB", "RGBA") and np.array_equal(array[..., 0], array[..., 1]) and \
