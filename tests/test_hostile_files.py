@@ -19,14 +19,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from probunet.checkpoint import CheckpointError, load_checkpoint, load_model, measure, save_checkpoint
+from probunet.checkpoint import load_checkpoint, load_model, save_checkpoint
 from probunet.config import ConfigError, _shown, load_config, load_yaml
 from probunet.data import io
 from probunet.data.errors import DataError
-from probunet.data.guards import DEFAULT_MAX_VOXELS, check_data_files, check_regular_file, detached_data_files
 from probunet.inference import _seed_of, case_seed
+
+# (names added with these checks are imported in the tests that use them, so that this file also
+# runs, and fails test by test, against the code before them)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEBUG = str(ROOT / "configs" / "debug.yaml")
@@ -93,6 +94,8 @@ def test_shared_reference_checkpoint_is_refused_in_well_under_a_second(tiny_ckpt
 
 
 def test_measure_visits_shared_containers_once():
+    from probunet.checkpoint import measure
+
     x = _shared(8, 10)
     t = time.perf_counter()
     with pytest.raises(ValueError, match="more than 1,000,000 entries"):
@@ -269,6 +272,8 @@ def test_fifo_is_refused_without_opening_it(tmp_path):
 
 
 def test_special_files_are_refused(tmp_path):
+    from probunet.data.guards import check_regular_file
+
     for path, needle in (("/dev/zero", "a character device"), ("/proc/self/mem", "special system file")):
         with pytest.raises(DataError, match=needle):
             io.read_image(path)
@@ -303,6 +308,8 @@ def test_mhd_data_file_outside_its_folder_is_refused_unless_allowed(tmp_path):
 
 
 def test_detached_nrrd_and_list_headers_are_checked(tmp_path):
+    from probunet.data.guards import check_data_files, detached_data_files
+
     nhdr = tmp_path / "a.nhdr"
     nhdr.write_text("NRRD0004\ntype: uint8\ndimension: 2\nsizes: 4 4\nencoding: raw\ndata file: /etc/hostname\n\n")
     assert detached_data_files(nhdr) == [Path("/etc/hostname")]
@@ -408,6 +415,8 @@ def test_batch_size_1e21_cli_exit_2_without_a_hang(tmp_path):
 
 
 def test_max_voxels_default_and_config_key():
+    from probunet.data.guards import DEFAULT_MAX_VOXELS
+
     cfg = load_config(DEBUG)
     assert cfg.data.max_voxels == DEFAULT_MAX_VOXELS == 2**28
     assert load_config(DEBUG, ["data.max_voxels=1000", "data.crop_size=null"]).data.max_voxels == 1000
