@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
-from .guards import check_regular_file
 
 # ------------------------------------------------------------------ restricted unpickling
 #
@@ -419,13 +418,27 @@ class _ChunkedFile(_io.RawIOBase):
         return self._fh.readline(size)
 
 
+def _check_regular(path: Path) -> None:
+    """DataError unless ``path`` is a regular file outside /proc and /sys (checked with os.stat:
+    a FIFO is never opened, its open would block; /proc/self/mem never reads)."""
+    import stat
+
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        raise DataError(f"{path}: file not found") from None
+    if not stat.S_ISREG(st.st_mode) or os.path.realpath(path).startswith(("/proc/", "/sys/")):
+        raise DataError(f"{path}: not a regular file (a folder, FIFO, device or /proc file); only regular files "
+                        f"are read")
+
+
 def safe_load(path: str | Path, *, layout: str = "the layout expected here"):
     """Unpickle ``path`` with :class:`RestrictedUnpickler`. Raises DataError naming the file when
     it asks for anything but builtin containers and numpy arrays/scalars of plain numeric/bool
     dtypes (refused before it is built), or is not a readable pickle; ``layout`` names what the
     file should have been in that message."""
     path = Path(path)
-    check_regular_file(path)  # never a FIFO, device or /proc file
+    _check_regular(path)  # never a FIFO, device or /proc file
     try:
         with open(path, "rb") as fh:
             return RestrictedUnpickler(_ChunkedFile(fh), encoding="latin1").load()
