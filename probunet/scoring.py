@@ -16,7 +16,6 @@ scored against fresh references drawn from the true rater distribution
 is compared with the true presence probability (the experiment of Kohl et al.
 2018 on their synthetic Cityscapes task).
 
-
 :func:`evaluate` returns the summary (mean and standard error of every metric,
 the conventions, the data config) with the per-case and per-lesion rows; given
 ``out_dir`` or ``summary_path`` it has :mod:`probunet.report` write them
