@@ -348,7 +348,7 @@ def _build(cls, data: dict, prefix: str = ""):
         full = f"{prefix}.{k}" if prefix else str(k)
         if k not in types:
             known = ", ".join(sorted(types))
-            raise ConfigError(f"unknown config key '{full}' (known keys here: {known})")
+            raise ConfigError(f"unknown config key '{_shown(full)[1:-1]}' (known keys here: {known})")
         kwargs[k] = _coerce(v, types[k], full)
     return cls(**kwargs)
 
@@ -750,4 +750,8 @@ def load_config(path: str | Path | None = None, overrides: Optional[list[str]] =
 def save_config(cfg: Config, path: str | Path) -> None:
     from .utils import atomic_write_text
 
-    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    class _NoAliases(yaml.SafeDumper):  # a value used twice is written twice: configs never hold aliases
+        def ignore_aliases(self, data):
+            return True
+
+    atomic_write_text(path, yaml.dump(cfg.to_dict(), Dumper=_NoAliases, sort_keys=False))
