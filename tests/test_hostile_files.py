@@ -521,3 +521,10 @@ def test_native_library_diagnostics_stay_off_the_terminal(tmp_path):
     assert proc.stdout.count("REFUSED") == 3, proc.stdout + proc.stderr
     for needle in ("HDF5-DIAG", "MetaImage", "libpng", "MetaObject"):
         assert needle not in proc.stderr and needle not in proc.stdout, proc.stderr[-2000:]
+
+
+def test_batch_stream_refuses_a_huge_batch_before_gathering():
+    from probunet.data.stream import BatchStream
+
+    with pytest.raises(ValueError, match=r"train.batch_size: must be in \[1, 65536\]"):
+        BatchStream(None, 10**21, 0, None)  # checked before the dataset is touched
