@@ -782,7 +782,7 @@ def files_headers(work: Path, last: Path, quick: bool = False) -> list[dict]:
     rows_ = _summary_rows(out)
     sizes = {"claims": inp / "claims.nii.gz", "huge": inp / "huge.png", "zero": inp / "zero.mhd",
              "wide": inp / "wide.mhd"}
-    labels = {"claims": "73-byte .nii.gz claiming 32767x32767", "huge": "PNG 20000x20000",
+    labels = {"claims": ".nii.gz header claiming 32767x32767", "huge": "PNG 20000x20000",
               "zero": ".mhd whose data file is /dev/zero (external files allowed)",
               "wide": ".mhd claiming 1e15 voxels over a 64-byte raw file"}
     for case, what in labels.items():
