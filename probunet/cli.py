@@ -192,20 +192,6 @@ def _check_outputs(paths: dict[str, Path], checkpoint: Path, data_path: Optional
                                   f"refusing to overwrite it")
 
 
-def _resolve_device(name: str):
-    """``--device``: a torch.device, or ValueError naming the argument."""
-    from .utils import resolve_device
-
-    try:
-        return resolve_device(name or "auto")
-    except RuntimeError:
-        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device auto "
-                         f"or --device cpu") from None
-    except Exception as exc:  # a malformed device string
-        raise ValueError(f"--device {name}: not a device ({exc.__class__.__name__}); use auto, cpu, cuda "
-                         f"or cuda:N") from None
-
-
 def _model_mismatch(exc: Exception, checkpoint: Path) -> Exception:
     """Name the checkpoint in data errors that are really a model/data mismatch."""
     from .data import DataError
@@ -231,6 +217,7 @@ def evaluate_checkpoint(options, *, progress: bool = False) -> dict:
     from .data import DataError, load_splits
     from .report import output_paths
     from .scoring import evaluate
+    from .utils import resolve_device
 
     given = Path(options.checkpoint)
     if not given.exists():
@@ -242,7 +229,7 @@ def evaluate_checkpoint(options, *, progress: bool = False) -> dict:
     if num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
     cfg.eval.num_samples = int(num_samples)
-    device = _resolve_device(options.device)
+    device = resolve_device(options.device, option="--device")
     summary_path = _summary_path(options.out, given, ckpt_path)
     _check_outputs(output_paths(summary_path), ckpt_path, cfg.data.path)
     try:

@@ -3,6 +3,12 @@
 A config is plain data (YAML). Sections: ``model``, ``data``, ``train``, ``eval``.
 Unknown keys are errors that name the key, so a typo never silently falls back
 to a default.
+
+This module imports no model: the ``model`` section's checks (its keys' ranges,
+the model's name and its size, estimated before anything is built) belong to
+the model registry, :mod:`probunet.models.registry`, which adds them to
+:func:`validate` with :func:`register_validator` when :mod:`probunet.models` is
+imported (importing any part of probunet imports it).
 """
 
 from __future__ import annotations
@@ -14,13 +20,11 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config file or override is invalid. The message names the key or file."""
+from .errors import ConfigError  # noqa: F401  (re-exported: ``from probunet.config import ConfigError``)
 
 
 @dataclass
@@ -77,10 +81,10 @@ class SplitConfig:
 
     def __post_init__(self):
         if self.protocol not in ("fractions", "file", "release"):
-            raise ConfigError(f"config key 'data.split.protocol': {_shown(self.protocol)} is not one of: "
+            raise ConfigError(f"config key 'data.split.protocol': {shown(self.protocol)} is not one of: "
                               f"fractions, file, release")
         if self.unlisted not in ("error", "ignore"):
-            raise ConfigError(f"config key 'data.split.unlisted': {_shown(self.unlisted)} is not one of: error, ignore")
+            raise ConfigError(f"config key 'data.split.unlisted': {shown(self.unlisted)} is not one of: error, ignore")
         if self.file and self.protocol == "fractions":
             self.protocol = "file"
         if self.protocol == "file" and not self.file:
@@ -88,7 +92,7 @@ class SplitConfig:
         for key in ("test_fraction", "val_fraction"):
             v = getattr(self, key)
             if not 0.0 <= v < 1.0:
-                raise ConfigError(f"config key 'data.split.{key}': must be in [0, 1), got {_shown(v)}")
+                raise ConfigError(f"config key 'data.split.{key}': must be in [0, 1), got {shown(v)}")
 
 
 @dataclass
@@ -138,7 +142,7 @@ class DataConfig:
             window = None
         if window is None or len(window) != 2 or not all(math.isfinite(v) for v in window) or window[0] >= window[1]:
             raise ConfigError(f"config key 'data.ct_window': expected [low, high] with low < high, "
-                              f"got {_shown(self.ct_window)}")
+                              f"got {shown(self.ct_window)}")
         if self.num_raters is not None and self.num_raters < 1:
             raise ConfigError("config key 'data.num_raters': must be >= 1 (or null to infer)")
         if self.group_pattern:
@@ -165,10 +169,10 @@ def _crop_size(value):
     for v in values:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or int(v) < 1:
             raise ConfigError(f"config key 'data.crop_size': expected a positive integer or a list of them "
-                              f"(one per spatial axis), got {_shown(value)}")
+                              f"(one per spatial axis), got {shown(value)}")
         out.append(int(v))
     if not 1 <= len(out) <= 3:
-        raise ConfigError(f"config key 'data.crop_size': expected 1 to 3 sizes, got {_shown(value)}")
+        raise ConfigError(f"config key 'data.crop_size': expected 1 to 3 sizes, got {shown(value)}")
     return out[0] if not isinstance(value, (list, tuple)) else tuple(out)
 
 
@@ -216,7 +220,7 @@ class TrainConfig:
     def __post_init__(self):
         modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
         if self.compile_mode not in modes:
-            raise ConfigError(f"config key 'train.compile_mode': {_shown(self.compile_mode)} is not one of: {', '.join(modes)}")
+            raise ConfigError(f"config key 'train.compile_mode': {shown(self.compile_mode)} is not one of: {', '.join(modes)}")
 
 
 @dataclass
@@ -267,34 +271,34 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"config key '{key}': expected true/false, got {_shown(value)}")
+        raise ConfigError(f"config key '{key}': expected true/false, got {shown(value)}")
     if tp is int:
         return _to_int(value, key)
     if tp is float:
         if isinstance(value, bool):
-            raise ConfigError(f"config key '{key}': expected a number, got {_shown(value)}")
+            raise ConfigError(f"config key '{key}': expected a number, got {shown(value)}")
         try:
             return float(value)
         except (TypeError, ValueError, OverflowError):
-            raise ConfigError(f"config key '{key}': expected a number, got {_shown(value)}") from None
+            raise ConfigError(f"config key '{key}': expected a number, got {shown(value)}") from None
     if tp is str:
         if isinstance(value, bool):  # YAML 1.1 reads off/no/false as False
             return "off" if not value else "on"
         if isinstance(value, (dict, list)):
-            raise ConfigError(f"config key '{key}': expected a string, got {_shown(value)}")
+            raise ConfigError(f"config key '{key}': expected a string, got {shown(value)}")
         return str(value)
     if tp is tuple:
         if isinstance(value, str):
             try:
                 value = yaml_load(value)
             except (yaml.YAMLError, ValueError, RecursionError):
-                raise ConfigError(f"config key '{key}': expected a list, got {_shown(value)}") from None
+                raise ConfigError(f"config key '{key}': expected a list, got {shown(value)}") from None
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}': expected a list, got {_shown(value)}")
+            raise ConfigError(f"config key '{key}': expected a list, got {shown(value)}")
         return tuple(value)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"config section '{key}': expected a mapping, got {_shown(value)}")
+            raise ConfigError(f"config section '{key}': expected a mapping, got {shown(value)}")
         return _build(tp, value, key)
     return value
 
@@ -302,7 +306,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def _to_int(value: Any, key: str) -> int:
     """An integer from an int, an integral finite float, or their text; else ConfigError naming ``key``."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ConfigError(f"config key '{key}': expected an integer, got {_shown(value)}")
+        raise ConfigError(f"config key '{key}': expected an integer, got {shown(value)}")
     if isinstance(value, int):
         return value
     if isinstance(value, str):
@@ -313,9 +317,9 @@ def _to_int(value: Any, key: str) -> int:
         try:
             value = float(value)
         except (ValueError, OverflowError):
-            raise ConfigError(f"config key '{key}': expected an integer, got {_shown(value)}") from None
+            raise ConfigError(f"config key '{key}': expected an integer, got {shown(value)}") from None
     if not math.isfinite(value) or value != int(value):
-        raise ConfigError(f"config key '{key}': expected an integer, got {_shown(value)}")
+        raise ConfigError(f"config key '{key}': expected an integer, got {shown(value)}")
     return int(value)
 
 
@@ -331,7 +335,7 @@ def _short_repr():
 _REPR = _short_repr()
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
     """A short prefix of ``repr(value)``: bounded work and length whatever the value (nested or
     shared containers are cut at a few levels and items, long text and numbers at 80 characters)."""
     try:
@@ -341,6 +345,9 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+_shown = shown  # the former name
+
+
 def _build(cls, data: dict, prefix: str = ""):
     types = _field_types(cls)
     kwargs = {}
@@ -348,7 +355,7 @@ def _build(cls, data: dict, prefix: str = ""):
         full = f"{prefix}.{k}" if prefix else str(k)
         if k not in types:
             known = ", ".join(sorted(types))
-            raise ConfigError(f"unknown config key '{_shown(full)[1:-1]}' (known keys here: {known})")
+            raise ConfigError(f"unknown config key '{shown(full)[1:-1]}' (known keys here: {known})")
         kwargs[k] = _coerce(v, types[k], full)
     return cls(**kwargs)
 
@@ -367,137 +374,21 @@ _CHOICES = {
 }
 
 
-# Model size limits: each key's range, and the whole model (estimated from the config, before
-# anything is built or allocated).
-MODEL_LIMITS = {
-    "in_channels": (1, 1024),
-    "num_classes": (2, 1000),
-    "latent_dim": (1, 4096),
-    "fcomb_layers": (1, 64),
-    "convs_per_level": (1, 32),
-    "levels": (1, 10),  # len(model.features)
-    "channels": (1, 8192),  # each entry of model.features
-}
-MAX_MODEL_PARAMETERS = 2_000_000_000
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
-
-def _norm_parameters(norm: Optional[str], channels: int) -> int:
-    """Learnable parameters of MONAI's norm layer after a conv (batch/group: affine; instance: none)."""
-    return 2 * channels if norm in ("batch", "group") else 0
-
-
-def estimate_model_parameters(model_cfg) -> int:
-    """The number of parameters :func:`probunet.models.build_model` would create for ``model_cfg``,
-    computed from the config alone (nothing is built). Exact for the Probabilistic U-Net of
-    :mod:`probunet.models`: U-Net, prior net (conditional prior), posterior net and f_comb."""
-    d = int(model_cfg.spatial_dims)
-    k = 3 ** d
-    feats = [int(f) for f in model_cfg.features]
-    cpl = int(model_cfg.convs_per_level)
-    latent, classes, cin = int(model_cfg.latent_dim), int(model_cfg.num_classes), int(model_cfg.in_channels)
-    norm = model_cfg.norm
-
-    def conv(a: int, b: int) -> int:  # 3x3(x3) conv with bias, then the norm
-        return a * b * k + b + _norm_parameters(norm, b)
-
-    def block(a: int, b: int) -> int:
-        return conv(a, b) + (cpl - 1) * conv(b, b)
-
-    def encoder(c: int) -> int:
-        total, prev = 0, c
-        for f in feats:
-            total += block(prev, f)
-            prev = f
-        return total
-
-    def latent_encoder(c: int) -> int:
-        return encoder(c) + feats[-1] * 2 * latent + 2 * latent  # + the Gaussian head (linear)
-
-    unet = encoder(cin) + sum(block(feats[i + 1] + feats[i], feats[i]) for i in range(len(feats) - 1))
-    prior = latent_encoder(cin) if model_cfg.prior == "conditional" else 0
-    posterior = latent_encoder(cin + classes)
-    layers = int(model_cfg.fcomb_layers)
-    first_out = feats[0] if layers > 1 else classes
-    fcomb = (feats[0] + latent) * first_out + first_out
-    for i in range(1, layers):
-        out = classes if i == layers - 1 else feats[0]
-        fcomb += feats[0] * out + out
-    return unet + prior + posterior + fcomb
+# Checks run by validate() after the choices, each given the whole Config: the model registry adds
+# the model section's (probunet.models.registry), so this module never imports a model.
+_VALIDATORS: list[Callable[["Config"], None]] = []
 
 
-def _check_model_name(m) -> None:
-    from .models import model_names  # importing the models registers them
-
-    known = model_names()
-    if not isinstance(m.name, str) or m.name not in known:
-        raise ConfigError(f"config key 'model.name': unknown model {_shown(m.name)}; known: {', '.join(known)}")
-
-
-def _check_model(m) -> None:
-    _check_model_name(m)
-    if m.spatial_dims not in (2, 3):
-        raise ConfigError(f"config key 'model.spatial_dims': must be 2 or 3, got {_shown(m.spatial_dims)}")
-    for key in ("in_channels", "num_classes", "latent_dim", "fcomb_layers", "convs_per_level"):
-        lo, hi = MODEL_LIMITS[key]
-        v = getattr(m, key)
-        if not lo <= v <= hi:
-            what = " (background + foreground)" if key == "num_classes" and v < lo else ""
-            raise ConfigError(f"config key 'model.{key}': must be in [{lo}, {hi}]{what}, got {_shown(v)}")
-    feats = []
-    for f in m.features:
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or f != int(f):
-            feats = None
-            break
-        feats.append(int(f))
-    lo, hi = MODEL_LIMITS["channels"]
-    if not feats or any(not lo <= f <= hi for f in feats):
-        raise ConfigError(f"config key 'model.features': expected a list of channel counts in [{lo}, {hi}] "
-                          f"(one per level), got {_shown(list(m.features))}")
-    if len(feats) > MODEL_LIMITS["levels"][1]:
-        raise ConfigError(f"config key 'model.features': at most {MODEL_LIMITS['levels'][1]} levels, "
-                          f"got {len(feats)}")
-    m.features = tuple(feats)
-    _check_zoo_keys(m)
-    n = estimate_model_parameters(m)
-    if getattr(m, "name", "prob_unet") == "ensemble":
-        n *= m.ensemble_size  # M networks (the estimate of one Probabilistic U-Net bounds one member)
-    if n > MAX_MODEL_PARAMETERS:
-        # Name the key whose default value shrinks the model most.
-        default = ModelConfig()
-        culprit = min(("features", "convs_per_level", "latent_dim", "num_classes", "in_channels", "fcomb_layers"),
-                      key=lambda key: estimate_model_parameters(dataclasses.replace(m, **{key: getattr(default, key)})))
-        raise ConfigError(f"config key 'model.{culprit}': the model would have {n:.3g} parameters "
-                          f"(~{4 * n / 1e9:.3g} GB of fp32 weights, ~{16 * n / 1e9:.3g} GB to train with Adam), "
-                          f"over the limit of {MAX_MODEL_PARAMETERS:.0e}")
+def register_validator(check: Callable[["Config"], None]) -> Callable[["Config"], None]:
+    """Add ``check(cfg)`` to :func:`validate` (it raises :class:`ConfigError` naming the key); returns it."""
+    if check not in _VALIDATORS:
+        _VALIDATORS.append(check)
+    return check
 
 
-def _check_zoo_keys(m) -> None:
-    """Ranges of the model zoo's keys (whatever model.name is: a bad value is a bad value)."""
-    choices = {"sampling": ("pixelwise", "argmax"), "ensemble_batch": ("bootstrap", "shuffle", "same"),
-               "roi": ("none", "image")}
-    for key, allowed in choices.items():
-        if getattr(m, key) not in allowed:
-            raise ConfigError(f"config key 'model.{key}': {_shown(getattr(m, key))} is not one of: {', '.join(allowed)}")
-    for key, lo, hi in (("ensemble_size", 1, 64), ("rank", 1, 1024), ("mc_samples", 1, 10000),
-                        ("roi_dilation", 0, 1000), ("latent_channels", 1, 1024), ("res_blocks", 1, 64)):
-        _check_int(f"model.{key}", getattr(m, key), lo)
-        if getattr(m, key) > hi:
-            raise ConfigError(f"config key 'model.{key}': must be <= {hi}, got {_shown(getattr(m, key))}")
-    if m.latent_levels is not None:
-        _check_int("model.latent_levels", m.latent_levels, 1)
-        if m.latent_levels > len(m.features):
-            raise ConfigError(f"config key 'model.latent_levels': at most one per level ({len(m.features)}), "
-                              f"got {_shown(m.latent_levels)}")
-    _check_number("model.dropout", m.dropout, lo=0)
-    if m.dropout >= 1:
-        raise ConfigError(f"config key 'model.dropout': must be in [0, 1), got {_shown(m.dropout)}")
-    _check_number("model.diag_eps", m.diag_eps, lo=0, lo_open=True)
-    _check_number("model.roi_threshold", m.roi_threshold, lo=0)
-    _check_number("model.topk_fraction", m.topk_fraction, lo=0, lo_open=True, hi=1)
-
-
-def _check_number(key: str, value, *, lo=None, lo_open=False, hi=None, hi_open=False, optional=False) -> None:
+def check_number(key: str, value, *, lo=None, lo_open=False, hi=None, hi_open=False, optional=False) -> None:
     """A finite number within [lo, hi] (lo / hi excluded with lo_open / hi_open); None allowed with optional."""
     if value is None and optional:
         return
@@ -509,12 +400,12 @@ def _check_number(key: str, value, *, lo=None, lo_open=False, hi=None, hi_open=F
     if not ok:
         bound = " and ".join(b for b in ((f"> {lo}" if lo_open else f">= {lo}") if lo is not None else "",
                                          (f"< {hi}" if hi_open else f"<= {hi}") if hi is not None else "") if b)
-        raise ConfigError(f"config key '{key}': must be a finite number{' ' + bound if bound else ''}, got {_shown(value)}")
+        raise ConfigError(f"config key '{key}': must be a finite number{' ' + bound if bound else ''}, got {shown(value)}")
 
 
-def _check_int(key: str, value: int, lo: int) -> None:
+def check_int(key: str, value: int, lo: int) -> None:
     if value < lo:
-        raise ConfigError(f"config key '{key}': must be >= {lo}, got {_shown(value)}")
+        raise ConfigError(f"config key '{key}': must be >= {lo}, got {shown(value)}")
 
 
 def validate(cfg: Config) -> Config:
@@ -524,42 +415,43 @@ def validate(cfg: Config) -> Config:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
-            shown = ", ".join(str(c) for c in choices)
-            raise ConfigError(f"config key '{key}': {_shown(value)} is not one of: {shown}")
-    _check_model(cfg.model)
+            listed = ", ".join(str(c) for c in choices)
+            raise ConfigError(f"config key '{key}': {shown(value)} is not one of: {listed}")
+    for check in _VALIDATORS:  # the model section's checks (probunet.models.registry)
+        check(cfg)
     t = cfg.train
     for key in ("steps", "batch_size", "log_every", "val_every", "checkpoint_every", "val_samples",
                 "max_bad_steps"):
-        _check_int(f"train.{key}", getattr(t, key), 1)
+        check_int(f"train.{key}", getattr(t, key), 1)
     for key in ("val_cases", "kl_warmup_steps"):
-        _check_int(f"train.{key}", getattr(t, key), 0)
+        check_int(f"train.{key}", getattr(t, key), 0)
     if not _DEVICE.fullmatch(str(t.device)):
-        raise ConfigError(f"config key 'train.device': {_shown(t.device)} is not one of: auto, cpu, cuda, cuda:N, mps")
-    _check_number("train.lr", t.lr, lo=0, lo_open=True)
-    _check_number("train.lr_final_fraction", t.lr_final_fraction, lo=0, hi=1)
-    _check_number("train.weight_decay", t.weight_decay, lo=0)
-    _check_number("train.beta", t.beta, lo=0)
-    _check_number("train.free_bits", t.free_bits, lo=0)
-    _check_number("train.kl_balance", t.kl_balance, lo=0, hi=1, optional=True)
-    _check_number("train.ema_decay", t.ema_decay, lo=0, hi=1, hi_open=True, optional=True)
-    _check_number("train.grad_clip", t.grad_clip, lo=0, lo_open=True, optional=True)
+        raise ConfigError(f"config key 'train.device': {shown(t.device)} is not one of: auto, cpu, cuda, cuda:N, mps")
+    check_number("train.lr", t.lr, lo=0, lo_open=True)
+    check_number("train.lr_final_fraction", t.lr_final_fraction, lo=0, hi=1)
+    check_number("train.weight_decay", t.weight_decay, lo=0)
+    check_number("train.beta", t.beta, lo=0)
+    check_number("train.free_bits", t.free_bits, lo=0)
+    check_number("train.kl_balance", t.kl_balance, lo=0, hi=1, optional=True)
+    check_number("train.ema_decay", t.ema_decay, lo=0, hi=1, hi_open=True, optional=True)
+    check_number("train.grad_clip", t.grad_clip, lo=0, lo_open=True, optional=True)
     g = t.geco
-    _check_number("train.geco.goal", g.goal)
-    _check_number("train.geco.alpha", g.alpha, lo=0, hi=1)
-    _check_number("train.geco.step_size", g.step_size, lo=0)
+    check_number("train.geco.goal", g.goal)
+    check_number("train.geco.alpha", g.alpha, lo=0, hi=1)
+    check_number("train.geco.step_size", g.step_size, lo=0)
     for key in ("lambda_init", "lambda_min", "lambda_max"):
-        _check_number(f"train.geco.{key}", getattr(g, key), lo=0)
+        check_number(f"train.geco.{key}", getattr(g, key), lo=0)
     e = cfg.eval
     for key in ("num_samples", "batch_size", "sample_chunk", "num_true_references"):
-        _check_int(f"eval.{key}", getattr(e, key), 1)
+        check_int(f"eval.{key}", getattr(e, key), 1)
     d = cfg.data
-    _check_int("data.num_workers", d.num_workers, 0)
+    check_int("data.num_workers", d.num_workers, 0)
     for key in ("num_cases", "size", "num_raters"):
-        _check_int(f"data.synthetic.{key}", getattr(d.synthetic, key), 1)
+        check_int(f"data.synthetic.{key}", getattr(d.synthetic, key), 1)
     a = d.augment
-    _check_number("data.augment.prob", a.prob, lo=0, hi=1)
+    check_number("data.augment.prob", a.prob, lo=0, hi=1)
     for key in ("affine_rotate_deg", "affine_scale", "intensity_shift", "intensity_scale"):
-        _check_number(f"data.augment.{key}", getattr(a, key))
+        check_number(f"data.augment.{key}", getattr(a, key))
     if d.format != "synthetic" and not d.path:
         raise ConfigError(f"config key 'data.path': required for data.format={d.format}")
     _check_upper_bounds(cfg)
@@ -575,7 +467,7 @@ MAX_VOXELS_LIMIT = 2**40
 
 def _check_range(key: str, value, lo: int, hi: int) -> None:
     if not lo <= value <= hi:
-        raise ConfigError(f"config key '{key}': must be in [{lo}, {hi}], got {_shown(value)}")
+        raise ConfigError(f"config key '{key}': must be in [{lo}, {hi}], got {shown(value)}")
 
 
 def _check_upper_bounds(cfg: Config) -> None:
@@ -594,7 +486,7 @@ def _check_upper_bounds(cfg: Config) -> None:
     if crop is not None:
         n = math.prod(crop) if isinstance(crop, tuple) else crop ** max(2, int(cfg.model.spatial_dims))
         if n > cfg.data.max_voxels:
-            raise ConfigError(f"config key 'data.crop_size': {_shown(crop)} is {n:,} voxels, over "
+            raise ConfigError(f"config key 'data.crop_size': {shown(crop)} is {n:,} voxels, over "
                               f"data.max_voxels = {cfg.data.max_voxels:,}")
 
 
@@ -615,7 +507,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml_load(raw) if raw.strip() else None
     except _YamlRefused as exc:
-        raise ConfigError(f"override '{_shown(key)[1:-1]}': refused: {exc.what}") from None
+        raise ConfigError(f"override '{shown(key)[1:-1]}': refused: {exc.what}") from None
     except (yaml.YAMLError, ValueError, RecursionError):
         value = raw
     return key.split("."), value
@@ -679,7 +571,7 @@ def _duplicate_keys(node, prefix: str = "") -> None:
                 full = f"{prefix}.{key}" if prefix else str(key)
                 if key is not None:
                     if key in seen:
-                        raise _YamlRefused(f"duplicate key '{_shown(full)[1:-1]}' (lines {seen[key]} and "
+                        raise _YamlRefused(f"duplicate key '{shown(full)[1:-1]}' (lines {seen[key]} and "
                                            f"{k.start_mark.line + 1}): the second would silently win")
                     seen[key] = k.start_mark.line + 1
                 stack.append((v, full))
@@ -727,7 +619,7 @@ def load_yaml(path: str | Path) -> dict:
     except RecursionError:
         raise ConfigError(f"config file {path}: not valid YAML (nested too deeply)") from None
     except ValueError as exc:  # e.g. an integer past Python's digit limit
-        raise ConfigError(f"config file {path}: a value cannot be read ({_shown(str(exc))[1:-1]})") from None
+        raise ConfigError(f"config file {path}: a value cannot be read ({shown(str(exc))[1:-1]})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
