@@ -47,6 +47,7 @@ class ModelConfig:
     mc_sampling: bool = True  # mc_dropout: dropout kept on at sampling time
     ensemble_size: int = 4  # ensemble: members M
     ensemble_batch: str = "bootstrap"  # ensemble: bootstrap | shuffle | same (each member's batch)
+    member: Optional[str] = None  # ensemble: the member model (null or unet: U-Nets; e.g. prob_unet)
     rank: int = 10  # ssn: rank of the covariance factor P
     mc_samples: int = 20  # ssn: Monte-Carlo samples M of the loss
     diag_eps: float = 1e-5  # ssn: floor of the diagonal covariance d

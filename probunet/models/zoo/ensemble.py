@@ -100,7 +100,13 @@ class DeepEnsemble(SegmentationModel):
 
 @register_model("ensemble")
 def build_ensemble(model_cfg, train_cfg=None) -> DeepEnsemble:
-    """``model.name: ensemble``; options ``model.ensemble_size`` (4), ``model.ensemble_batch`` (bootstrap)."""
+    """``model.name: ensemble``; options ``model.ensemble_size`` (4), ``model.ensemble_batch`` (bootstrap),
+    ``model.member`` (null or ``unet``: these U-Nets; any other model: :mod:`.member_ensemble`)."""
+    member = option(model_cfg, "member", str)
+    if member not in (None, "unet"):
+        from .member_ensemble import build_member_ensemble
+
+        return build_member_ensemble(model_cfg, train_cfg, member)
     model = DeepEnsemble(**common_args(model_cfg), members=option(model_cfg, "ensemble_size", int),
                          batch_mode=option(model_cfg, "ensemble_batch", str))
     return model.configure_loss(loss_settings_from(train_cfg))
