@@ -56,6 +56,7 @@ import io as _io
 import json
 import logging
 import math
+import os
 import re
 import time
 from collections import deque
@@ -72,6 +73,7 @@ from . import __version__
 from .checkpoint import resolve_checkpoint_path
 from .data import io
 from .data.errors import DataError
+from .data.guards import check_regular_file
 from .options import PredictOptions, with_overrides
 from .predictor import Prediction, Predictor
 from . import output_folder
@@ -160,20 +162,26 @@ def find_inputs(input_dir: str | Path, *, recursive: bool = False,
     paths: list[Path] = []
     if file_list is not None:
         fl = Path(file_list)
-        if not fl.is_file():
+        if not fl.exists():
             raise FileNotFoundError(f"--file-list: not found: {fl}")
-        for line in fl.read_text(encoding="utf-8").splitlines():
-            line = line.strip()
+        try:
+            check_regular_file(fl, "--file-list")
+        except DataError as exc:
+            raise ValueError(str(exc)) from None
+        for number, raw in enumerate(fl.read_bytes().splitlines(), 1):
+            line = os.fsdecode(raw).strip()  # the bytes of the names, UTF-8 or not
             if not line or line.startswith("#"):
                 continue
+            if "\0" in line:
+                raise ValueError(f"--file-list {fl}, line {number}: a NUL byte in the path; no file name holds one")
             p = Path(line)
             paths.append(p if p.is_absolute() else root / p)
     else:
         pattern = root.rglob("*") if recursive else root.iterdir()
         for p in pattern:
             rel = p.relative_to(root)
-            if any(part.startswith(".") for part in rel.parts) or not p.is_file():
-                continue
+            if any(part.startswith(".") for part in rel.parts) or p.is_dir() or not (p.is_file() or p.exists()):
+                continue  # a FIFO or device with an image's name is kept: it becomes an error row, never opened
             if io.full_suffix(p) in IMAGE_SUFFIXES:
                 paths.append(p)
             else:
@@ -234,7 +242,20 @@ def _fmt(v) -> str:
         return ""
     if isinstance(v, float):
         return "" if math.isnan(v) else f"{v:.8g}"
-    return str(v)
+    return _printable(str(v))
+
+
+def _printable(text: str) -> str:
+    """``text`` as valid UTF-8: the bytes of a file name that is not UTF-8 (held as surrogate
+    escapes) are shown as ``\\xff``, so the summary can be written."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        try:
+            return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:
+            return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def case_statistics(pred: Prediction, meta: dict, num_classes: int, *, has_geometry: bool) -> dict:
@@ -431,6 +452,9 @@ def predict_folder(checkpoint, input_dir: str | Path, output_dir: str | Path,
         predictor = checkpoint if isinstance(checkpoint, Predictor) else Predictor.from_checkpoint(checkpoint, opts)
         run = _FolderRun(predictor, "" if isinstance(checkpoint, Predictor) else str(checkpoint), output_dir,
                          overwrite=opts.overwrite, output_format=opts.output_format or "same")
+        run.read_kw = {"max_voxels": opts.max_voxels if opts.max_voxels is not None else
+                       getattr(predictor.cfg.data, "max_voxels", None),
+                       "allow_external_data_files": bool(opts.allow_external_data_files)}
         logger.info("predict: %d case(s) from %s -> %s (%d samples, device %s, roi %s, batch %d)", len(cases),
                     input_dir, output_dir, predictor.num_samples, predictor.device, predictor.roi_size,
                     predictor.batch_size)
@@ -481,6 +505,7 @@ class _FolderRun:
                          "amp": str(predictor.dtype).replace("torch.", "") if predictor.dtype else "off"}
         self.rows: dict[str, dict] = {}
         self.bar = None
+        self.read_kw: dict = {}  # io.read_image's limits (max_voxels, allow_external_data_files)
 
     # -- per case, on the threads
 
@@ -497,7 +522,7 @@ class _FolderRun:
             if not self.overwrite and case_dir.is_dir() and any(case_dir.iterdir()):
                 raise FileExistsError(f"{case_dir} exists without case.json (an interrupted run?); "
                                       f"pass --overwrite to recompute it")
-            array, meta = io.read_image(case.path)
+            array, meta = io.read_image(case.path, **self.read_kw)
             image = self.predictor.to_channels_first(array, meta, where=str(case.path))
             item.meta = meta
             item.units, item.axis = self.predictor.prepare(image, meta.get("spacing"))

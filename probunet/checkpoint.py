@@ -17,6 +17,7 @@ GECO), so a broken model never replaces the last good checkpoint.
 from __future__ import annotations
 
 import hashlib
+import math
 import logging
 import re
 import struct
@@ -39,21 +40,105 @@ class CheckpointError(ValueError):
 
 
 # ----------------------------------------------------------------------------- walking a state
+#
+# A loaded pickle may share references: ``x = [x] * 10`` nested eight times is a few hundred bytes
+# on disk and 10**8 entries to walk. So before any walk, :func:`measure` visits every container
+# once (by id) and computes, for the walk as it would unfold, the number of entries, the depth and
+# the work (characters of the names it builds, bytes it hashes); a structure over the limits is
+# refused (StructureTooLarge) in time linear in the number of distinct objects. The walk itself
+# is unchanged, so digests of existing checkpoints stay valid.
+
+MAX_DEPTH = 64  # nesting of dicts / lists / tuples
+MAX_ENTRIES = 1_000_000  # entries of the unfolded walk (containers and leaves)
 
 
-def _walk(obj, name: str = "") -> Iterator[tuple[str, object]]:
-    """(dotted name, leaf) for every leaf of nested dicts / lists / tuples, in a fixed order."""
+class StructureTooLarge(ValueError):
+    """A nested structure whose walk would be too deep, too long or refer to itself."""
+
+
+def _leaf_work(v) -> int:
+    if isinstance(v, torch.Tensor):
+        return v.numel() * v.element_size()  # what hashing it reads (a stride-0 view counts in full)
+    if isinstance(v, (str, bytes, bytearray)):
+        return len(v)
+    return 16
+
+
+def measure(obj, max_depth: int = MAX_DEPTH, max_entries: int = MAX_ENTRIES) -> tuple[int, int, int]:
+    """(entries, depth, work) of :func:`_walk` over ``obj`` without walking it: each container is
+    visited once (by id). Raises StructureTooLarge past ``max_depth`` or ``max_entries``, or for
+    a container that contains itself."""
+    memo: dict[int, tuple[int, int, int]] = {}
+    active: set[int] = set()
+
+    def key_cost(k) -> int:
+        if isinstance(k, (str, int, float, bool, type(None))):
+            return len(str(k)) + 2 if not isinstance(k, str) else len(k) + 2
+        return visit(k, 1)[2] + 2  # a tuple key: str(k) unfolds it
+
+    def visit(o, depth: int) -> tuple[int, int, int]:
+        if not isinstance(o, (dict, list, tuple)):
+            return 1, 0, _leaf_work(o)
+        if depth > max_depth:
+            raise StructureTooLarge(f"nested more than {max_depth} levels deep")
+        oid = id(o)
+        if oid in memo:
+            return memo[oid]
+        if oid in active:
+            raise StructureTooLarge("a container that contains itself")
+        active.add(oid)
+        n, d, w = (0, 0, 0) if isinstance(o, dict) else (1, 0, 16)
+        children = o.items() if isinstance(o, dict) else enumerate(o)
+        for k, v in children:
+            cn, cd, cw = visit(v, depth + 1)
+            suffix = key_cost(k) if isinstance(o, dict) else len(str(k)) + 2
+            n, d, w = n + cn, max(d, cd + 1), w + cw + cn * suffix  # every entry below carries the name
+            if n > max_entries:
+                raise StructureTooLarge(f"more than {max_entries:,} entries (shared references unfolded)")
+        active.discard(oid)
+        memo[oid] = (n, d, w)
+        return n, d, w
+
+    return visit(obj, 0)
+
+
+def _walk(obj, name: str = "", *, checked: bool = False) -> Iterator[tuple[str, object]]:
+    """(dotted name, leaf) for every leaf of nested dicts / lists / tuples, in a fixed order.
+
+    The structure is measured first (:func:`measure`; StructureTooLarge when over the limits)."""
+    if not checked:
+        measure(obj)
+    yield from _unfold(obj, name)
+
+
+def _unfold(obj, name: str = "") -> Iterator[tuple[str, object]]:
     if isinstance(obj, dict):
         for k in sorted(obj, key=lambda k: (type(k).__name__, str(k))):
             if not name and k in _NOT_HASHED:
                 continue
-            yield from _walk(obj[k], f"{name}.{k}" if name else str(k))
+            yield from _unfold(obj[k], f"{name}.{k}" if name else str(k))
     elif isinstance(obj, (list, tuple)):
         yield name, f"<{type(obj).__name__}:{len(obj)}>"
         for i, v in enumerate(obj):
-            yield from _walk(v, f"{name}[{i}]")
+            yield from _unfold(v, f"{name}[{i}]")
     else:
         yield name, obj
+
+
+def check_structure(obj, path, file_size: int) -> None:
+    """Refuse (CheckpointError naming ``path``) a loaded object whose walk would be too deep, too
+    long, self-referential, or do more work than a few times the file's size (shared references
+    or stride-0 tensors that unfold into far more than the file holds)."""
+    try:
+        entries, depth, work = measure(obj)
+    except StructureTooLarge as exc:
+        raise CheckpointError(f"{path}: refused: its content is an over-large structure ({exc}); "
+                              f"not a probunet checkpoint") from None
+    budget = 4 * int(file_size) + (64 << 20)
+    if work > budget:
+        raise CheckpointError(f"{path}: refused: its content unfolds into {work:,} bytes to read, far more than "
+                              f"the file's {file_size:,} bytes (shared references or stride-0 tensors); "
+                              f"not a probunet checkpoint")
 
 
 def state_digest(state: dict) -> str:
@@ -165,6 +250,7 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or not isinstance(
             ckpt.get("config"), dict):
         raise CheckpointError(f"{path}: not a probunet checkpoint (no model weights and config)")
+    check_structure(ckpt, path, path.stat().st_size)
     stored = ckpt.get(DIGEST_KEY)
     if stored is None:
         logger.warning("%s: checkpoint without a digest (written by probunet before 0.2 or by hand): its "
@@ -186,6 +272,50 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     return ckpt
 
 
+class _NoRandomInit(torch.overrides.TorchFunctionMode):
+    """Random in-place initialisation is skipped (on the meta device it computes nothing, but its
+    first call imports PyTorch's decompositions: seconds)."""
+
+    _SKIPPED = frozenset({"normal_", "uniform_", "trunc_normal_", "erfinv_", "random_", "bernoulli_",
+                          "log_normal_", "exponential_", "cauchy_", "geometric_"})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in self._SKIPPED:
+            target = args[0] if args else kwargs.get("tensor", kwargs.get("self"))
+            if isinstance(target, torch.Tensor):
+                return target
+        return func(*args, **kwargs)
+
+
+def _check_weights_fit(cfg, weights: dict, where) -> None:
+    """Compare the model the config describes (built on PyTorch's ``meta`` device: shapes only,
+    nothing allocated) with the stored weights, before the real model is built: a config that
+    claims a far larger model than the file holds (``features=[4096]`` over 150 KB of weights)
+    is refused without allocating it."""
+    from .models import build_model
+
+    try:
+        with torch.device("meta"), _NoRandomInit():
+            ghost = build_model(cfg.model)
+        expected = {k: tuple(v.shape) for k, v in ghost.state_dict().items()}
+    except Exception as exc:  # noqa: BLE001 - a model that cannot be built on meta is checked after building
+        logger.debug("%s: shape check on the meta device skipped (%s)", where, exc)
+        return
+    stored = {k: tuple(v.shape) for k, v in weights.items() if isinstance(v, torch.Tensor)}
+    n_expected = sum(math.prod(s) for s in expected.values())
+    n_stored = sum(math.prod(s) for s in stored.values())
+    if expected == stored:
+        return
+    if set(expected) != set(stored):
+        detail = "missing or unexpected tensors"
+    else:
+        detail = "tensor shapes differ"
+    raise CheckpointError(f"{where}: the weights do not match the model its stored config describes ({detail}: "
+                          f"the config implies {n_expected:,} values, the file holds {n_stored:,}); "
+                          f"nothing was built")
+
+
 def load_model(path: str | Path, map_location="cpu"):
     """Model (eval mode) and its resolved config from a checkpoint or run directory.
 
@@ -202,6 +332,7 @@ def load_model(path: str | Path, map_location="cpu"):
     except (ConfigError, TypeError, ValueError, KeyError) as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise CheckpointError(f"{where}: the config stored in the checkpoint is invalid: {msg}") from None
+    _check_weights_fit(cfg, ckpt["model"], where)
     try:
         model = build_model(cfg.model)
     except MemoryError:

@@ -82,10 +82,10 @@ class SplitConfig:
 
     def __post_init__(self):
         if self.protocol not in ("fractions", "file", "release"):
-            raise ConfigError(f"config key 'data.split.protocol': {self.protocol!r} is not one of: "
+            raise ConfigError(f"config key 'data.split.protocol': {shown(self.protocol)} is not one of: "
                               f"fractions, file, release")
         if self.unlisted not in ("error", "ignore"):
-            raise ConfigError(f"config key 'data.split.unlisted': {self.unlisted!r} is not one of: error, ignore")
+            raise ConfigError(f"config key 'data.split.unlisted': {shown(self.unlisted)} is not one of: error, ignore")
         if self.file and self.protocol == "fractions":
             self.protocol = "file"
         if self.protocol == "file" and not self.file:
@@ -93,7 +93,7 @@ class SplitConfig:
         for key in ("test_fraction", "val_fraction"):
             v = getattr(self, key)
             if not 0.0 <= v < 1.0:
-                raise ConfigError(f"config key 'data.split.{key}': must be in [0, 1), got {v}")
+                raise ConfigError(f"config key 'data.split.{key}': must be in [0, 1), got {shown(v)}")
 
 
 @dataclass
@@ -127,6 +127,8 @@ class DataConfig:
     binarize: bool = False  # rater masks: every value > 0 becomes 1 (masks stored as 0/255)
     check_geometry: bool = True  # masks must share the image's spacing/origin/direction
     pickle_files: Optional[tuple] = None  # lidc_pickle: file names under data.path (default: all *.pickle)
+    max_voxels: int = 2**28  # the largest image (voxels x components) a header may claim; checked before reading
+    allow_external_data_files: bool = False  # .mhd/.nhdr data files outside the header's folder
     group_pattern: Optional[str] = None  # regex on the case id whose first group is the patient id
     num_workers: int = 0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -141,7 +143,7 @@ class DataConfig:
             window = None
         if window is None or len(window) != 2 or not all(math.isfinite(v) for v in window) or window[0] >= window[1]:
             raise ConfigError(f"config key 'data.ct_window': expected [low, high] with low < high, "
-                              f"got {list(self.ct_window)}")
+                              f"got {shown(self.ct_window)}")
         if self.num_raters is not None and self.num_raters < 1:
             raise ConfigError("config key 'data.num_raters': must be >= 1 (or null to infer)")
         if self.group_pattern:
@@ -160,18 +162,18 @@ def _crop_size(value):
         return None
     if isinstance(value, str):
         try:
-            value = yaml.safe_load(value)
-        except yaml.YAMLError:
+            value = yaml_load(value)
+        except (yaml.YAMLError, ValueError, RecursionError):
             pass
     values = value if isinstance(value, (list, tuple)) else [value]
     out = []
     for v in values:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or int(v) < 1:
             raise ConfigError(f"config key 'data.crop_size': expected a positive integer or a list of them "
-                              f"(one per spatial axis), got {value!r}")
+                              f"(one per spatial axis), got {shown(value)}")
         out.append(int(v))
     if not 1 <= len(out) <= 3:
-        raise ConfigError(f"config key 'data.crop_size': expected 1 to 3 sizes, got {value!r}")
+        raise ConfigError(f"config key 'data.crop_size': expected 1 to 3 sizes, got {shown(value)}")
     return out[0] if not isinstance(value, (list, tuple)) else tuple(out)
 
 
@@ -219,7 +221,7 @@ class TrainConfig:
     def __post_init__(self):
         modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
         if self.compile_mode not in modes:
-            raise ConfigError(f"config key 'train.compile_mode': {self.compile_mode!r} is not one of: {', '.join(modes)}")
+            raise ConfigError(f"config key 'train.compile_mode': {shown(self.compile_mode)} is not one of: {', '.join(modes)}")
 
 
 @dataclass
@@ -270,31 +272,34 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+        raise ConfigError(f"config key '{key}': expected true/false, got {shown(value)}")
     if tp is int:
         return _to_int(value, key)
     if tp is float:
         if isinstance(value, bool):
-            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+            raise ConfigError(f"config key '{key}': expected a number, got {shown(value)}")
         try:
             return float(value)
         except (TypeError, ValueError, OverflowError):
-            raise ConfigError(f"config key '{key}': expected a number, got {value!r}") from None
+            raise ConfigError(f"config key '{key}': expected a number, got {shown(value)}") from None
     if tp is str:
         if isinstance(value, bool):  # YAML 1.1 reads off/no/false as False
             return "off" if not value else "on"
         if isinstance(value, (dict, list)):
-            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+            raise ConfigError(f"config key '{key}': expected a string, got {shown(value)}")
         return str(value)
     if tp is tuple:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            try:
+                value = yaml_load(value)
+            except (yaml.YAMLError, ValueError, RecursionError):
+                raise ConfigError(f"config key '{key}': expected a list, got {shown(value)}") from None
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+            raise ConfigError(f"config key '{key}': expected a list, got {shown(value)}")
         return tuple(value)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"config section '{key}': expected a mapping, got {value!r}")
+            raise ConfigError(f"config section '{key}': expected a mapping, got {shown(value)}")
         return _build(tp, value, key)
     return value
 
@@ -319,9 +324,29 @@ def _to_int(value: Any, key: str) -> int:
     return int(value)
 
 
+def _short_repr():
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxdict, r.maxlist, r.maxtuple, r.maxset = 3, 6, 8, 8, 6
+    r.maxstring, r.maxother, r.maxlong = 60, 60, 40
+    return r
+
+
+_REPR = _short_repr()
+
+
 def shown(value: Any) -> str:
-    text = repr(value)
+    """A short prefix of ``repr(value)``: bounded work and length whatever the value (nested or
+    shared containers are cut at a few levels and items, long text and numbers at 80 characters)."""
+    try:
+        text = _REPR.repr(value)
+    except ValueError:  # an int past Python's digit limit
+        text = f"<{type(value).__name__} too long to show>"
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+_shown = shown  # the former name
 
 
 def _build(cls, data: dict, prefix: str = ""):
@@ -331,7 +356,7 @@ def _build(cls, data: dict, prefix: str = ""):
         full = f"{prefix}.{k}" if prefix else str(k)
         if k not in types:
             known = ", ".join(sorted(types))
-            raise ConfigError(f"unknown config key '{full}' (known keys here: {known})")
+            raise ConfigError(f"unknown config key '{shown(full)[1:-1]}' (known keys here: {known})")
         kwargs[k] = _coerce(v, types[k], full)
     return cls(**kwargs)
 
@@ -376,12 +401,12 @@ def check_number(key: str, value, *, lo=None, lo_open=False, hi=None, hi_open=Fa
     if not ok:
         bound = " and ".join(b for b in ((f"> {lo}" if lo_open else f">= {lo}") if lo is not None else "",
                                          (f"< {hi}" if hi_open else f"<= {hi}") if hi is not None else "") if b)
-        raise ConfigError(f"config key '{key}': must be a finite number{' ' + bound if bound else ''}, got {value}")
+        raise ConfigError(f"config key '{key}': must be a finite number{' ' + bound if bound else ''}, got {shown(value)}")
 
 
 def check_int(key: str, value: int, lo: int) -> None:
     if value < lo:
-        raise ConfigError(f"config key '{key}': must be >= {lo}, got {value}")
+        raise ConfigError(f"config key '{key}': must be >= {lo}, got {shown(value)}")
 
 
 def validate(cfg: Config) -> Config:
@@ -392,7 +417,7 @@ def validate(cfg: Config) -> Config:
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
             listed = ", ".join(str(c) for c in choices)
-            raise ConfigError(f"config key '{key}': {value!r} is not one of: {listed}")
+            raise ConfigError(f"config key '{key}': {shown(value)} is not one of: {listed}")
     for check in _VALIDATORS:  # the model section's checks (probunet.models.registry)
         check(cfg)
     t = cfg.train
@@ -402,7 +427,7 @@ def validate(cfg: Config) -> Config:
     for key in ("val_cases", "kl_warmup_steps"):
         check_int(f"train.{key}", getattr(t, key), 0)
     if not _DEVICE.fullmatch(str(t.device)):
-        raise ConfigError(f"config key 'train.device': {t.device!r} is not one of: auto, cpu, cuda, cuda:N, mps")
+        raise ConfigError(f"config key 'train.device': {shown(t.device)} is not one of: auto, cpu, cuda, cuda:N, mps")
     check_number("train.lr", t.lr, lo=0, lo_open=True)
     check_number("train.lr_final_fraction", t.lr_final_fraction, lo=0, hi=1)
     check_number("train.weight_decay", t.weight_decay, lo=0)
@@ -431,12 +456,12 @@ def validate(cfg: Config) -> Config:
     if d.format != "synthetic" and not d.path:
         raise ConfigError(f"config key 'data.path': required for data.format={d.format}")
     _check_counts(cfg)
+    _check_upper_bounds(cfg)
     return cfg
 
 
 MAX_SYNTHETIC_VOXELS = 1 << 24  # 4096^2 or 256^3 per synthetic image
 MAX_SYNTHETIC_CASES = 1_000_000
-MAX_RATERS = 64
 
 
 def _check_counts(cfg: Config) -> None:
@@ -456,6 +481,38 @@ def _check_counts(cfg: Config) -> None:
                           f"{MAX_SYNTHETIC_VOXELS} (4096 in 2D, 256 in 3D)")
 
 
+MAX_SEED = 2**63 - 1
+MAX_BATCH = 65536
+MAX_WORKERS = 256
+MAX_RATERS = 64  # as probunet.data.guards.MAX_RATERS
+MAX_VOXELS_LIMIT = 2**40
+
+
+def _check_range(key: str, value, lo: int, hi: int) -> None:
+    if not lo <= value <= hi:
+        raise ConfigError(f"config key '{key}': must be in [{lo}, {hi}], got {shown(value)}")
+
+
+def _check_upper_bounds(cfg: Config) -> None:
+    """Upper bounds of the keys whose huge values would hang or exhaust memory before any other
+    check (a batch of 1e21 cases, a seed past 64 bits, a crop larger than data.max_voxels)."""
+    for key, value in (("train.seed", cfg.train.seed), ("eval.seed", cfg.eval.seed),
+                       ("data.split.seed", cfg.data.split.seed), ("data.synthetic.seed", cfg.data.synthetic.seed)):
+        _check_range(key, value, 0, MAX_SEED)
+    _check_range("train.batch_size", cfg.train.batch_size, 1, MAX_BATCH)
+    _check_range("eval.batch_size", cfg.eval.batch_size, 1, MAX_BATCH)
+    _check_range("data.num_workers", cfg.data.num_workers, 0, MAX_WORKERS)
+    if cfg.data.num_raters is not None:
+        _check_range("data.num_raters", cfg.data.num_raters, 1, MAX_RATERS)
+    _check_range("data.max_voxels", cfg.data.max_voxels, 1, MAX_VOXELS_LIMIT)
+    crop = cfg.data.crop_size
+    if crop is not None:
+        n = math.prod(crop) if isinstance(crop, tuple) else crop ** max(2, int(cfg.model.spatial_dims))
+        if n > cfg.data.max_voxels:
+            raise ConfigError(f"config key 'data.crop_size': {shown(crop)} is {n:,} voxels, over "
+                              f"data.max_voxels = {cfg.data.max_voxels:,}")
+
+
 def from_dict(data: Optional[dict]) -> Config:
     data = data or {}
     if not isinstance(data, dict):
@@ -471,8 +528,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key:
         raise ConfigError(f"override '{text}': empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+        value = yaml_load(raw) if raw.strip() else None
+    except _YamlRefused as exc:
+        raise ConfigError(f"override '{shown(key)[1:-1]}': refused: {exc.what}") from None
+    except (yaml.YAMLError, ValueError, RecursionError):
         value = raw
     return key.split("."), value
 
@@ -494,20 +553,96 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+# ----------------------------------------------------------------------------- YAML
+
+MAX_CONFIG_BYTES = 1 << 20  # a config file is text of at most this size
+
+
+class _YamlRefused(yaml.YAMLError):
+    """A YAML construct configs never need: an anchor or alias, a duplicate key."""
+
+    def __init__(self, what: str, mark=None):
+        super().__init__(what)
+        self.what = what + (f" (line {mark.line + 1})" if mark is not None else "")
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` without anchors and aliases (``&a`` / ``*a``): a chain of aliases (a
+    "billion laughs" of a few hundred bytes) would build a structure whose every walk, copy or
+    repr never ends, so the first anchor or alias is refused before anything is built."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise _YamlRefused(f"an alias (*{event.anchor[:40]}); anchors and aliases are not allowed in configs",
+                               event.start_mark)
+        if getattr(event, "anchor", None) is not None:
+            raise _YamlRefused(f"an anchor (&{event.anchor[:40]}); anchors and aliases are not allowed in configs",
+                               event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def _duplicate_keys(node, prefix: str = "") -> None:
+    """Raise _YamlRefused naming the first key given twice in one mapping (its dotted path)."""
+    stack = [(node, prefix)]
+    while stack:
+        node, prefix = stack.pop()
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for k, v in node.value:
+                key = k.value if isinstance(k, yaml.ScalarNode) else None
+                full = f"{prefix}.{key}" if prefix else str(key)
+                if key is not None:
+                    if key in seen:
+                        raise _YamlRefused(f"duplicate key '{shown(full)[1:-1]}' (lines {seen[key]} and "
+                                           f"{k.start_mark.line + 1}): the second would silently win")
+                    seen[key] = k.start_mark.line + 1
+                stack.append((v, full))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((v, prefix) for v in node.value)
+
+
+def yaml_load(text):
+    """``yaml.safe_load`` for configs and override values: anchors, aliases and duplicate keys are
+    refused (:class:`yaml.YAMLError`, the message in ``.what``)."""
+    loader = ConfigLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _duplicate_keys(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def load_yaml(path: str | Path) -> dict:
+    import os
+    import stat
+
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        raise ConfigError(f"config file not found: {path}") from None
+    if not stat.S_ISREG(st.st_mode) or str(path.resolve()).startswith(("/proc/", "/sys/")):
+        raise ConfigError(f"config file {path}: not a regular file (a folder, FIFO, device or /proc file)")
+    if st.st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path}: {st.st_size:,} bytes; a config is at most {MAX_CONFIG_BYTES:,}")
     try:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+            data = yaml_load(fh.read(MAX_CONFIG_BYTES + 1))
     except UnicodeDecodeError as exc:
         raise ConfigError(f"config file {path}: not a YAML text file (byte {exc.start} is not UTF-8 text; "
                           f"is it a binary file?)") from None
+    except _YamlRefused as exc:
+        raise ConfigError(f"config file {path}: refused: {exc.what}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path}: not valid YAML ({exc.__class__.__name__})") from None
     except RecursionError:
         raise ConfigError(f"config file {path}: not valid YAML (nested too deeply)") from None
+    except ValueError as exc:  # e.g. an integer past Python's digit limit
+        raise ConfigError(f"config file {path}: a value cannot be read ({shown(str(exc))[1:-1]})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -530,4 +665,8 @@ def load_config(path: str | Path | None = None, overrides: Optional[list[str]] =
 def save_config(cfg: Config, path: str | Path) -> None:
     from .utils import atomic_write_text
 
-    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    class _NoAliases(yaml.SafeDumper):  # a value used twice is written twice: configs never hold aliases
+        def ignore_aliases(self, data):
+            return True
+
+    atomic_write_text(path, yaml.dump(cfg.to_dict(), Dumper=_NoAliases, sort_keys=False))

@@ -88,7 +88,14 @@ def inference_dtype(amp: Optional[str], device: torch.device) -> Optional[torch.
 
 
 def _seed_of(text: str) -> int:
-    digest = hashlib.sha256(text.encode()).digest()
+    """63 bits of SHA-256 of ``text``'s UTF-8 bytes. A name that is not valid UTF-8 (a file name
+    read with Python's surrogate escapes, ``bad\\xff.nii.gz``) counts by its bytes on disk,
+    as ``os.fsencode`` gives them; valid text gives the same seeds as before."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that no file name holds: its code points
+        raw = text.encode("utf-8", "surrogatepass")
+    digest = hashlib.sha256(raw).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 

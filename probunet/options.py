@@ -118,6 +118,10 @@ class PredictOptions:
     workers: int = _opt(2, "--workers", "threads reading/writing images (default 2)", type=int)
     shard: Optional[str] = _opt(None, "--shard", "only cases K, K+N, ...; writes summary.shard-K-of-N.csv "
                                 "(see scripts/predict_batch.py)", metavar="K/N")
+    max_voxels: Optional[int] = _opt(None, "--max-voxels", "largest image (voxels x components) a header may "
+                                     "claim; default: the checkpoint's data.max_voxels", type=int)
+    allow_external_data_files: bool = _opt(False, "--allow-external-data-files", "let .mhd/.nhdr headers name "
+                                           "data files outside their own folder", action="store_true")
 
     def check(self) -> "PredictOptions":
         """Raise ValueError naming the option for a value out of range; returns self."""
@@ -137,6 +141,8 @@ class PredictOptions:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if int(self.workers) < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.max_voxels is not None and int(self.max_voxels) < 1:
+            raise ValueError(f"max_voxels must be >= 1, got {self.max_voxels}")
         self.axis = parse_axis(self.axis)
         self.roi_size = parse_roi(self.roi_size)
         return self

@@ -30,6 +30,10 @@ Four parts, one table at the end (exit 0 when every figure is as required):
    the read-only case is skipped. Each must end with one line naming the path and the cause.
 6. data changed between train and evaluate: cases added to and removed from a run's data
    folder; evaluate and ``--resume`` must keep the run's recorded split.
+7. hostile files: shared-reference and oversized structures in checkpoints and
+   pickles, headers claiming huge images, FIFOs and special files, YAML bombs; each probe is a
+   ``probunet`` command in its own process with a time limit (a hang is reported as "hung") and
+   its peak memory. ``python scripts/fault_check.py files [CHECKPOINT]`` runs this part alone.
 """
 
 from __future__ import annotations
@@ -823,7 +827,341 @@ def _family_lines(title: str, rows: list[dict], seconds: float) -> tuple[list[st
     return out, ok
 
 
+# ============================================================================ 7. hostile files (issue 30)
+#
+# Four families, each probe in its own process with a time limit (a hang is reported as "hung",
+# never a stuck checker) and its peak memory measured: shared-reference and oversized structures
+# in pickles and checkpoints; headers claiming huge images; FIFOs and special files; YAML bombs.
+
+PROBE_TIMEOUT_S = 120.0
+
+_PROBE_RUNNER = r"""
+import resource, sys, time
+import torch, probunet.batch, probunet.checkpoint, probunet.config, probunet.data.io, probunet.train
+from probunet.cli import main
+t0 = time.perf_counter()  # imports done: what follows is the command's own work
+try:
+    rc = main(sys.argv[1:])
+except SystemExit as exc:
+    rc = exc.code if isinstance(exc.code, int) else 1
+sys.stdout.flush()
+sys.stderr.flush()
+print(f"@@RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} {time.perf_counter() - t0:.3f}",
+      flush=True)
+sys.exit(rc)
+"""
+
+
+def _probe(args: list[str], timeout: float = PROBE_TIMEOUT_S, stdin=None) -> dict:
+    """``probunet ARGS`` in a child process: exit status, stderr lines, seconds, peak MB, or hung."""
+    t = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-c", _PROBE_RUNNER, "--quiet", *args], env=_env(), cwd=REPO,
+                              capture_output=True, timeout=timeout, stdin=stdin)
+    except subprocess.TimeoutExpired:
+        return {"rc": None, "hung": True, "err": "", "out": "", "seconds": time.perf_counter() - t, "mb": 0,
+                "work": float("nan")}
+    out = proc.stdout.decode("utf-8", "replace")
+    tail = out.rsplit("@@RSS ", 1)[1].split() if "@@RSS " in out else ["0", "nan"]
+    return {"rc": proc.returncode, "hung": False, "err": proc.stderr.decode("utf-8", "replace"),
+            "out": out.split("@@RSS ")[0], "seconds": time.perf_counter() - t, "mb": int(tail[0]),
+            "work": float(tail[1])}
+
+
+def _file_row(rows: list, family: str, what: str, expected: str, r: dict, ok: bool) -> None:
+    if r["hung"]:
+        outcome = "hung"
+    elif r["rc"] not in (0, 1, 2):
+        outcome = f"crashed (exit {r['rc']})"
+    else:
+        outcome = f"exit {r['rc']}"
+    lines = [l for l in r["err"].splitlines() if l.strip() and not l.startswith(("INFO", "WARNING", "ERROR"))]
+    rows.append({"family": family, "input": what, "expected": expected, "outcome": outcome,
+                 "seconds": r["seconds"], "work": r["work"], "mb": r["mb"], "ok": bool(ok) and not r["hung"],
+                 "got": (lines[0] if lines else r["err"].strip()[-200:])[:200]})
+
+
+def _refused(r: dict, name: str, rc: int = 2) -> bool:
+    """Exit ``rc`` with one line on stderr (besides log lines) naming ``name``, no traceback."""
+    return not r["hung"] and r["rc"] == rc and _one_line(
+        "\n".join(l for l in r["err"].splitlines() if not l.startswith("ERROR")), name)
+
+
+def _summary_rows(out: Path) -> dict:
+    import csv as _csv
+
+    p = out / "summary.csv"
+    if not p.is_file():
+        return {}
+    with open(p, newline="", encoding="utf-8") as fh:
+        return {r["case"]: r for r in _csv.DictReader(fh)}
+
+
+def _shared_list(levels: int = 8, width: int = 10):
+    x = []
+    for _ in range(levels):
+        x = [x] * width
+    return x
+
+
+def files_structures(work: Path, last: Path, quick: bool = False) -> list[dict]:
+    """Shared-reference and oversized structures in checkpoints and LIDC pickles."""
+    import numpy as np
+    import torch
+
+    from probunet.checkpoint import save_checkpoint
+
+    rows, fam = [], "structures"
+    work.mkdir(parents=True, exist_ok=True)
+    state = torch.load(last, weights_only=True)
+    cases = {
+        "shared.pt": ("checkpoint with x=[x]*10 nested 8 times (150 KB, 1e8 entries unfolded)",
+                      lambda s: s.update(extra=_shared_list())),
+        "selfref.pt": ("checkpoint with a list that contains itself", None),
+        "expanded.pt": ("checkpoint with a stride-0 tensor of 2e9 floats over one stored float",
+                        lambda s: s.update(extra=torch.zeros(1).expand(200_000, 10_000))),
+    }
+    for name, (what, change) in list(cases.items())[:1 if quick else None]:
+        s = torch.load(last, weights_only=True)
+        if change is None:
+            loop: list = []
+            loop.append(loop)
+            s["extra"] = loop
+        else:
+            change(s)
+        torch.save(s, work / name)
+        r = _probe(["evaluate", str(work / name)])
+        _file_row(rows, fam, what, "refused, one line, exit 2, < 5 s of work", r, _refused(r, name) and r["work"] < 5)
+    if quick:
+        return rows
+    big = dict(state)
+    big["config"] = json.loads(json.dumps(state["config"]))
+    big["config"]["model"]["features"] = [4096]
+    save_checkpoint(big, work / "claims.pt")
+    r = _probe(["evaluate", str(work / "claims.pt")])
+    _file_row(rows, fam, "checkpoint (valid digest) whose config says features=[4096]",
+              "refused before building (no 3.7 GB model), exit 2", r,
+              _refused(r, "claims.pt") and "nothing was built" in r["err"] and r["mb"] < 2500)
+
+    m = np.zeros((8, 8), np.uint8)
+    for name, what, entry in (
+            ("uid.pickle", "LIDC pickle whose series_uid is x=[x]*10 nested 8 times", {"series_uid": _shared_list()}),
+            ("masks.pickle", "LIDC pickle with masks=[m]*300000", {"masks": [m] * 300000})):
+        base = {"image": np.zeros((8, 8)), "masks": [m], "series_uid": "1.2.3"}
+        base.update(entry)
+        (work / name).write_bytes(pickle.dumps({"LIDC-IDRI-0001_s0": base}, protocol=4))
+        r = _probe(["train", DEBUG, "data.format=lidc_pickle", f"data.path={work / name}", "--out",
+                    str(work / f"run_{name}"), "--no-progress"])
+        _file_row(rows, fam, what, "refused before converting, one line, exit 2", r,
+                  _refused(r, name) and not (work / f"run_{name}" / "checkpoints").exists())
+    return rows
+
+
+def _png_20000(path: Path) -> None:
+    """A real 20000 x 20000 grey PNG of zeros (~390 KB): its header claims 400 million pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    comp, row, parts = zlib.compressobj(9), b"\0" * 20001, []
+    for _ in range(20000):
+        parts.append(comp.compress(row))
+    parts.append(comp.flush())
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"".join(parts))
+                     + chunk(b"IEND", b""))
+
+
+def files_headers(work: Path, last: Path, quick: bool = False) -> list[dict]:
+    """Headers that claim huge images: checked against data.max_voxels before reading."""
+    import gzip
+
+    import nibabel as nib
+    import numpy as np
+
+    rows, fam = [], "headers"
+    inp = work / "in"
+    inp.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).normal(size=(32, 32)).astype(np.float32), np.eye(4)),
+             str(inp / "good.nii.gz"))
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((32767, 32767))
+    hdr.set_data_dtype(np.float32)
+    (inp / "claims.nii.gz").write_bytes(gzip.compress(hdr.binaryblock + b"\0" * 4))
+    _png_20000(inp / "huge.png")
+    (inp / "zero.mhd").write_text("ObjectType = Image\nNDims = 2\nDimSize = 4 4\nElementType = MET_UCHAR\n"
+                                  "ElementDataFile = /dev/zero\n")
+    (inp / "wide.raw").write_bytes(bytes(64))
+    (inp / "wide.mhd").write_text("ObjectType = Image\nNDims = 3\nDimSize = 100000 100000 100000\n"
+                                  "ElementType = MET_FLOAT\nElementDataFile = wide.raw\n")
+    out = work / "out"
+    r = _probe(["predict", str(last), str(inp), str(out), "--num-samples", "2", "--no-progress",
+                "--allow-external-data-files"])
+    rows_ = _summary_rows(out)
+    sizes = {"claims": inp / "claims.nii.gz", "huge": inp / "huge.png", "zero": inp / "zero.mhd",
+             "wide": inp / "wide.mhd"}
+    labels = {"claims": ".nii.gz header claiming 32767x32767", "huge": "PNG 20000x20000",
+              "zero": ".mhd whose data file is /dev/zero (external files allowed)",
+              "wide": ".mhd claiming 1e15 voxels over a 64-byte raw file"}
+    for case, what in labels.items():
+        row = rows_.get(case, {})
+        need = "a character device" if case == "zero" else "data.max_voxels"
+        what = f"{what} ({sizes[case].stat().st_size:,} B)"
+        _file_row(rows, fam, what, "error row naming the file; others written; peak < 2.5 GB", r,
+                  row.get("status") == "error" and need in row.get("error", "")
+                  and rows_.get("good", {}).get("status") == "ok" and r["rc"] == 1 and r["mb"] < 2500)
+    return rows
+
+
+def files_special(work: Path, last: Path, quick: bool = False) -> list[dict]:
+    """FIFOs, devices, /proc files, data files outside the scan's folder."""
+    import nibabel as nib
+    import numpy as np
+
+    rows, fam = [], "special files"
+    inp = work / "in"
+    (inp / "sub").mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).normal(size=(32, 32)).astype(np.float32), np.eye(4)),
+             str(inp / "good.nii.gz"))
+    os.mkfifo(inp / "pipe.nii.gz")
+    (work / "secret.bin").write_bytes(bytes(16))
+    (inp / "sub" / "evil.mhd").write_text("ObjectType = Image\nNDims = 2\nDimSize = 4 4\nElementType = MET_UCHAR\n"
+                                          f"ElementDataFile = ../../secret.bin\n")
+    os.mkfifo(inp / "sub" / "fifo.raw")
+    (inp / "sub" / "tofifo.mhd").write_text("ObjectType = Image\nNDims = 2\nDimSize = 4 4\n"
+                                            "ElementType = MET_UCHAR\nElementDataFile = fifo.raw\n")
+    out = work / "out"
+    r = _probe(["predict", str(last), str(inp), str(out), "--num-samples", "2", "--recursive", "--no-progress"])
+    rows_ = _summary_rows(out)
+    for case, what, need in (("pipe", "a FIFO named pipe.nii.gz in INPUT_DIR", "a FIFO"),
+                             ("sub/evil", ".mhd whose data file is ../../secret.bin", "outside the header's folder"),
+                             ("sub/tofifo", ".mhd whose data file is a FIFO", "a FIFO")):
+        row = rows_.get(case, {})
+        _file_row(rows, fam, what, "error row, never opened; the others and summary.csv written", r,
+                  row.get("status") == "error" and need in row.get("error", "")
+                  and rows_.get("good", {}).get("status") == "ok")
+    if quick:
+        return rows
+    fl = work / "list.txt"
+    fl.write_text("good.nii.gz\n/proc/self/mem\n/dev/zero\n")
+    out = work / "out_list"
+    r = _probe(["predict", str(last), str(inp), str(out), "--file-list", str(fl), "--num-samples", "2",
+                "--no-progress"])
+    rows_ = _summary_rows(out)
+    _file_row(rows, fam, "--file-list naming /proc/self/mem and /dev/zero", "error rows, others written, exit 1",
+              r, r["rc"] == 1 and "special system file" in rows_.get("mem", {}).get("error", "")
+              and "character device" in rows_.get("zero", {}).get("error", "")
+              and rows_.get("good", {}).get("status") == "ok")
+    os.mkfifo(work / "list.fifo")
+    r = _probe(["predict", str(last), str(inp), str(work / "out_fifo"), "--file-list", str(work / "list.fifo"),
+                "--no-progress"])
+    _file_row(rows, fam, "--file-list is a FIFO", "refused, one line, exit 2", r, _refused(r, "list.fifo"))
+    fl.write_bytes(b"good.nii.gz\nba\x00d.nii.gz\n")
+    r = _probe(["predict", str(last), str(inp), str(work / "out_nul"), "--file-list", str(fl), "--no-progress"])
+    _file_row(rows, fam, "--file-list with a NUL byte on line 2", "refused naming file and line, exit 2", r,
+              _refused(r, "list.txt, line 2"))
+    os.mkfifo(work / "config.fifo")
+    r = _probe(["train", str(work / "config.fifo"), "--out", str(work / "run_fifo"), "--no-progress"])
+    _file_row(rows, fam, "train CONFIG where CONFIG is a FIFO", "refused, one line, exit 2", r,
+              _refused(r, "config.fifo"))
+    for target in ("/dev/zero", "/proc/self/mem"):
+        r = _probe(["evaluate", target])
+        _file_row(rows, fam, f"evaluate {target} (as a checkpoint)", "refused, one line, exit 2", r,
+                  _refused(r, target))
+    return rows
+
+
+def files_yaml(work: Path, last: Path, quick: bool = False) -> list[dict]:
+    """YAML bombs and other hostile configs."""
+    rows, fam = [], "YAML"
+    work.mkdir(parents=True, exist_ok=True)
+    names = "abcdefghi"
+    bomb = "".join(f"{a}: &{a} [{', '.join([('*' + names[i - 1]) if i else 'lol'] * 9)}]\n"
+                   for i, a in enumerate(names)) + "train:\n  steps: *i\n"
+    (work / "bomb.yaml").write_text(bomb)
+    r = _probe(["train", str(work / "bomb.yaml"), "--out", str(work / "run_bomb"), "--no-progress"])
+    _file_row(rows, fam, f"billion-laughs alias chain as train.steps ({len(bomb)} B, 9**9 items)",
+              "refused naming the file, exit 2, no run folder", r,
+              _refused(r, "bomb.yaml") and not (work / "run_bomb").exists())
+    if quick:
+        return rows
+    r = _probe(["train", DEBUG, "train.steps=[*a]", "--out", str(work / "run_alias"), "--no-progress"])
+    _file_row(rows, fam, "an alias in an override value", "refused naming the override, exit 2", r,
+              _refused(r, "train.steps"))
+    (work / "dup.yaml").write_text("train:\n  steps: 3\n  steps: 5\n")
+    r = _probe(["train", str(work / "dup.yaml"), "--out", str(work / "run_dup"), "--no-progress"])
+    _file_row(rows, fam, "a duplicate key train.steps", "refused naming the key, exit 2", r,
+              _refused(r, "train.steps"))
+    (work / "huge.yaml").write_text("train:\n  steps: 3\n" + "# padding\n" * 200_000)
+    r = _probe(["train", str(work / "huge.yaml"), "--out", str(work / "run_huge"), "--no-progress"])
+    _file_row(rows, fam, "a 2 MB config file", "refused naming the file, exit 2", r, _refused(r, "huge.yaml"))
+    for override, key in (("train.batch_size=1e21", "train.batch_size"), ("train.seed=1e30", "train.seed"),
+                          ("data.split.protocol=" + "x" * 100_000, "data.split.protocol")):
+        r = _probe(["train", DEBUG, override, "--out", str(work / "run_range"), "--no-progress"])
+        shown = override if len(override) < 40 else override[:30] + "... (100 kB)"
+        _file_row(rows, fam, shown, "one short line naming the key, exit 2", r,
+                  _refused(r, key) and len(r["err"]) < 500)
+    return rows
+
+
+FILE_FAMILIES = (("shared-reference and oversized structures", files_structures),
+                 ("size-claiming headers", files_headers), ("FIFOs and special files", files_special),
+                 ("YAML bombs", files_yaml))
+
+
+def hostile_files(work: Path, last: Path, quick: bool = False) -> list[dict]:
+    """Every probe of the four families (``quick``: one process per family)."""
+    rows = []
+    for i, (_, fn) in enumerate(FILE_FAMILIES):
+        rows += fn(work / f"family{i}", last, quick)
+    return rows
+
+
+def format_files(rows: list[dict], seconds: float, quick: bool = False) -> tuple[list[str], bool]:
+    out = [f"7. hostile files, each probe in its own process, {PROBE_TIMEOUT_S:.0f} s limit ({seconds:.0f}s"
+           + (", --quick: one process per family)" if quick else ")"),
+           "   (s: the whole process, with ~20 s of imports on a busy machine; work s: the command after its "
+           "imports)",
+           f"   {'family':<15}{'input':<72}{'outcome':<9}{'s':>6}{'work s':>8}{'peak MB':>9}"]
+    ok = True
+    for r in rows:
+        ok &= r["ok"]
+        out.append(f"   {r['family']:<15}{r['input'][:71]:<72}{r['outcome']:<9}{r['seconds']:>6.1f}{r['work']:>8.2f}"
+                   f"{r['mb']:>9}  "
+                   f"[{'PASS' if r['ok'] else 'FAIL'}]")
+        if not r["ok"]:
+            out.append(f"       expected: {r['expected']}; got: {r['got']}")
+    hung = sum(r["outcome"] == "hung" or r["outcome"].startswith("crashed") for r in rows)
+    out.append(f"   crashed or hung: {hung}  [{'PASS' if hung == 0 else 'FAIL'}]")
+    return out, ok and hung == 0
+
+
 # ============================================================================ main
+
+
+def _main_files(argv: list[str]) -> int:
+    """``fault_check.py files [CHECKPOINT]``: part 5 alone (a 2-step debug run is trained when no
+    checkpoint is given)."""
+    work = Path(tempfile.mkdtemp(prefix="probunet-fault-files-"))
+    try:
+        if argv:
+            last = Path(argv[0])
+        else:
+            proc = _run([sys.executable, "-m", "probunet", "--quiet", "train", DEBUG, "train.steps=2",
+                         "train.val_every=1000", "--out", str(work / "ref"), "--no-progress"])
+            if proc.returncode != 0:
+                print(proc.stderr[-2000:])
+                return 1
+            last = work / "ref" / "checkpoints" / "last.pt"
+        t = time.perf_counter()
+        rows = hostile_files(work / "files", last)
+        lines, ok = format_files(rows, time.perf_counter() - t)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print("\n".join(lines))
+    return 0 if ok else 1
 
 
 def main(argv=None) -> int:
@@ -832,6 +1170,8 @@ def main(argv=None) -> int:
         return _worker_train(argv[1:])
     if argv and argv[0] == "_load":
         return _worker_load(argv[1:])
+    if argv and argv[0] == "files":
+        return _main_files(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kills", type=int, default=None, help="training runs to kill (default 20; --quick 1)")
     p.add_argument("--fuzz", type=int, default=None, help="mutated files per kind (default 1000; --quick 20)")
@@ -870,6 +1210,9 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         data_rows = changed_data(work / "changed")
         t_data = time.perf_counter() - t
+        t = time.perf_counter()
+        hf = hostile_files(work / "files", ckpt_run / "checkpoints" / "last.pt", quick=args.quick)
+        t_hf = time.perf_counter() - t
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
@@ -914,6 +1257,9 @@ def main(argv=None) -> int:
         lines, passed = _family_lines(title, rows, seconds)
         out += lines
         ok &= passed
+    lines, files_ok = format_files(hf, t_hf, args.quick)
+    out += lines
+    ok &= files_ok
     out.append("")
     out.append(f"total {time.perf_counter() - t_all:.0f}s: {'ALL PASS' if ok else 'FAILURES'}")
     print("\n".join(out))

@@ -26,11 +26,13 @@ import glob
 import logging
 import re
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 from . import io
 from .errors import DataError
+from .guards import read_limits
 from .validate import read_rater_masks, require_items, to_image
 
 logger = logging.getLogger(__name__)
@@ -124,12 +126,12 @@ def find_cases(root: Path, image_pattern: str, mask_pattern: str) -> list[tuple[
 
 
 def read_case(case: str, image_path: Path, masks: list[tuple[str, Path]], *, binarize: bool = False,
-              check_geometry: bool = True) -> dict:
+              check_geometry: bool = True, read_kw: Optional[dict] = None) -> dict:
     if not masks:
         raise DataError(f"{image_path}: no rater masks found for case {case!r} (check data.mask_pattern)")
-    image, image_meta = io.read_image(image_path)
+    image, image_meta = io.read_image(image_path, **(read_kw or {}))
     labels = read_rater_masks([m for _, m in masks], image, image_meta, image_path, binarize=binarize,
-                              check_geometry=check_geometry)
+                              check_geometry=check_geometry, read_kw=read_kw)
     spatial = labels[0].ndim
     geometry = io.trim_geometry(image_meta, spatial)
     meta = {
@@ -155,7 +157,8 @@ def read_cases(data_cfg) -> list[dict]:
     check_geometry = bool(getattr(data_cfg, "check_geometry", True))
     found = find_cases(root, data_cfg.image_pattern, data_cfg.mask_pattern)
     require_items(found, root, f"images matching data.image_pattern={data_cfg.image_pattern!r}")
-    items = [read_case(case, img, masks, binarize=binarize, check_geometry=check_geometry)
+    read_kw = read_limits(data_cfg)
+    items = [read_case(case, img, masks, binarize=binarize, check_geometry=check_geometry, read_kw=read_kw)
              for case, img, masks in found]
     logger.info("folder: %d cases from %s", len(items), root)
     return items

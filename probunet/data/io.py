@@ -43,6 +43,8 @@ import numpy as np
 
 from ..utils import atomic_call
 from .errors import DataError
+from .native_output import native_output_to_log
+from .guards import check_data_files, check_folder_entries, check_regular_file, check_voxels
 
 logger = logging.getLogger(__name__)
 
@@ -128,23 +130,33 @@ def trim_geometry(meta: dict, spatial: int) -> dict:
 # ---------------------------------------------------------------- reading
 
 
-def read_image(path: str | Path) -> tuple[np.ndarray, dict]:
+def read_image(path: str | Path, *, max_voxels: Optional[int] = None,
+               allow_external_data_files: bool = False) -> tuple[np.ndarray, dict]:
     """Read an image and its geometry: ``array`` ``(x, y[, z])`` (``(..., C)`` for
     multi-component images) in its stored dtype, and ``meta`` (see module doc).
 
-    Raises :class:`DataError` naming the file when it is missing or unreadable, or holds a
-    complex-valued image (refused rather than cast to real).
+    Before anything is decoded: the path must be a regular file (or a DICOM series
+    folder), never a FIFO, device or /proc file; a two-file header's data file must be
+    a regular file inside the header's folder (unless ``allow_external_data_files``);
+    and the size the header claims (voxels x components) must be at most ``max_voxels``
+    (None: :data:`probunet.data.guards.DEFAULT_MAX_VOXELS`, the default of ``data.max_voxels``).
+
+    Raises :class:`DataError` naming the file when it is missing, refused by those checks
+    or unreadable, or holds a complex-valued image (refused rather than cast to real).
     """
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
+    check_regular_file(path, allow_dir=True)
     try:
         if path.is_dir():
-            array, meta = _read_dicom_series(path)
+            check_folder_entries(path)
+            with native_output_to_log(str(path)):  # ITK / GDCM / HDF5 diagnostics go to the log
+                array, meta = _read_dicom_series(path, max_voxels)
         elif is_nifti(path):
-            array, meta = _read_nifti(path)
+            array, meta = _read_nifti(path, max_voxels)
         else:
-            array, meta = _read_itk(path)
+            check_data_files(path, allow_external=allow_external_data_files)
+            with native_output_to_log(str(path)):
+                array, meta = _read_itk(path, max_voxels)
     except DataError:
         raise
     except Exception as exc:  # a reader's own error: name the file, keep the reason
@@ -157,10 +169,11 @@ def read_image(path: str | Path) -> tuple[np.ndarray, dict]:
     return array, meta
 
 
-def _read_nifti(path: Path) -> tuple[np.ndarray, dict]:
+def _read_nifti(path: Path, max_voxels: Optional[int] = None) -> tuple[np.ndarray, dict]:
     import nibabel as nib
 
     img = nib.load(str(path))
+    check_voxels(path, img.shape, max_voxels)  # the header's claim, before the data is read
     array = np.asanyarray(img.dataobj)  # applies scl_slope/inter only when set
     if array.ndim > 4 or array.ndim < 2:
         raise DataError(f"{path}: expected a 2D or 3D image (or 4D with channels last), got shape {array.shape}")
@@ -197,10 +210,14 @@ def _itk_to_array(img) -> np.ndarray:
     return np.ascontiguousarray(np.transpose(array, order))
 
 
-def _read_itk(path: Path) -> tuple[np.ndarray, dict]:
+def _read_itk(path: Path, max_voxels: Optional[int] = None) -> tuple[np.ndarray, dict]:
     import SimpleITK as sitk
 
-    img = sitk.ReadImage(str(path))
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()  # the header only: the claimed size is checked before decoding
+    check_voxels(path, reader.GetSize(), max_voxels, reader.GetNumberOfComponents())
+    img = reader.Execute()
     if img.GetDimension() not in (2, 3):
         raise DataError(f"{path}: expected a 2D or 3D image, got {img.GetDimension()} dimensions")
     array = _itk_to_array(img)
@@ -209,7 +226,7 @@ def _read_itk(path: Path) -> tuple[np.ndarray, dict]:
     return array, meta
 
 
-def _read_dicom_series(path: Path) -> tuple[np.ndarray, dict]:
+def _read_dicom_series(path: Path, max_voxels: Optional[int] = None) -> tuple[np.ndarray, dict]:
     import SimpleITK as sitk
 
     series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
@@ -218,8 +235,14 @@ def _read_dicom_series(path: Path) -> tuple[np.ndarray, dict]:
     if len(series) > 1:
         raise DataError(f"{path}: holds {len(series)} DICOM series ({', '.join(series[:5])}); "
                         f"give a folder with exactly one series")
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0])
+    first = sitk.ImageFileReader()
+    first.SetFileName(files[0])
+    first.ReadImageInformation()
+    size = list(first.GetSize())[:2] + [len(files)]
+    check_voxels(path, size, max_voxels, first.GetNumberOfComponents())
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0]))
+    reader.SetFileNames(files)
     img = reader.Execute()
     array = _itk_to_array(img)
     meta = _itk_meta(img)
@@ -320,7 +343,8 @@ def _write_itk(array, meta, path: Path, ndim: int, suffix: str) -> Path:
 
     def write(tmp: str) -> None:
         try:
-            sitk.WriteImage(img, tmp, useCompression=suffix not in (".png", ".jpg", ".jpeg", ".bmp"))
+            with native_output_to_log(str(path)):
+                sitk.WriteImage(img, tmp, useCompression=suffix not in (".png", ".jpg", ".jpeg", ".bmp"))
         except RuntimeError as exc:
             raise DataError(f"{path}: SimpleITK cannot write this image ({str(exc).strip().splitlines()[-1]})") \
                 from exc

@@ -22,10 +22,12 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 from .errors import DataError
+from .guards import MAX_RATERS, check_regular_file, check_voxels
 from .validate import require_items
 
 logger = logging.getLogger(__name__)
@@ -35,17 +37,23 @@ _SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "v
                 "test": "test", "testing": "test"}
 
 
-def read_png(path: Path) -> np.ndarray:
+def read_png(path: Path, max_voxels: Optional[int] = None) -> np.ndarray:
     """A PNG as (H, W) array in its stored dtype; an RGB(A) file whose colour channels
     are equal is read as grey, anything else is an error naming the file."""
     from PIL import Image, UnidentifiedImageError
 
+    check_regular_file(path)
+    with open(path, "rb") as fh:
+        head = fh.read(24)
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":  # the size, before PIL sees the file
+        check_voxels(path, (int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")), max_voxels)
     try:
         with Image.open(path) as im:
+            check_voxels(path, im.size, max_voxels, len(im.getbands()))  # the header's claim, before decoding
             im.load()
             mode = im.mode
             array = np.asarray(im)
-    except (OSError, UnidentifiedImageError) as exc:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
         raise DataError(f"{path}: cannot read this PNG ({exc})") from None
     if array.ndim == 3:
         if mode in ("RGB", "RGBA") and np.array_equal(array[..., 0], array[..., 1]) and \
@@ -83,7 +91,8 @@ def _split_dirs(root: Path) -> list[tuple[Path, str | None]]:
     return found
 
 
-def read_split_dir(split_dir: Path, release_split: str | None, *, binarize: bool = False) -> list[dict]:
+def read_split_dir(split_dir: Path, release_split: str | None, *, binarize: bool = False,
+                   max_voxels: Optional[int] = None) -> list[dict]:
     images_dir, gt_dir = split_dir / "images", split_dir / "gt"
     if not gt_dir.is_dir():
         raise DataError(f"{gt_dir}: folder not found (the reader masks of {images_dir})")
@@ -102,11 +111,14 @@ def read_split_dir(split_dir: Path, release_split: str | None, *, binarize: bool
             raters = sorted(gts.get(name, []))
             if not raters:
                 raise DataError(f"{image_path}: no reader masks {gt_patient}/{name}_l<k>.png")
-            image = read_png(image_path)
+            if max(k for k, _ in raters) >= MAX_RATERS:
+                raise DataError(f"{image_path}: reader mask number {max(k for k, _ in raters)} in {gt_patient}; "
+                                f"at most {MAX_RATERS} raters per image")
+            image = read_png(image_path, max_voxels)
             scale = 65535.0 if image.dtype == np.uint16 else 255.0 if image.dtype == np.uint8 else 1.0
             labels = []
             for k, mask_path in raters:
-                mask = read_png(mask_path)
+                mask = read_png(mask_path, max_voxels)
                 if mask.shape != image.shape:
                     raise DataError(f"{mask_path}: mask shape {mask.shape} does not match the image shape "
                                     f"{image.shape} of {image_path}")
@@ -139,7 +151,8 @@ def read_cases(data_cfg) -> list[dict]:
     binarize = bool(getattr(data_cfg, "binarize", False))
     items = []
     for split_dir, release_split in _split_dirs(root):
-        new = read_split_dir(split_dir, release_split, binarize=binarize)
+        new = read_split_dir(split_dir, release_split, binarize=binarize,
+                             max_voxels=getattr(data_cfg, "max_voxels", None))
         logger.info("lidc_crops: %d slices from %s", len(new), split_dir)
         items.extend(new)
     require_items(items, root, "PNG crops under <split>/images/<patient>/")

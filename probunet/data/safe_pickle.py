@@ -113,9 +113,28 @@ def _raw(data, what: str) -> bytes:
     return data
 
 
+def _short_repr():
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxdict, r.maxlist, r.maxtuple, r.maxset = 3, 6, 8, 8, 6
+    r.maxstring, r.maxother, r.maxlong = 60, 60, 40
+    return r
+
+
+_REPR = _short_repr()
+
+
 def _short(obj) -> str:
-    text = repr(obj) if isinstance(obj, (tuple, list, str, bytes, int, float, bool, type(None))) \
-        else type(obj).__name__
+    """A short prefix of ``repr(obj)``, in bounded time: nested or shared containers from a file are
+    cut at a few levels and items (a full repr of ``x = [x] * 10`` nested eight times never ends)."""
+    if isinstance(obj, (tuple, list, str, bytes, int, float, bool, type(None))):
+        try:
+            text = _REPR.repr(obj)
+        except ValueError:  # an int past Python's digit limit
+            text = f"<{type(obj).__name__}>"
+    else:
+        text = type(obj).__name__
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -399,14 +418,27 @@ class _ChunkedFile(_io.RawIOBase):
         return self._fh.readline(size)
 
 
+def _check_regular(path: Path) -> None:
+    """DataError unless ``path`` is a regular file outside /proc and /sys (checked with os.stat:
+    a FIFO is never opened, its open would block; /proc/self/mem never reads)."""
+    import stat
+
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        raise DataError(f"{path}: file not found") from None
+    if not stat.S_ISREG(st.st_mode) or os.path.realpath(path).startswith(("/proc/", "/sys/")):
+        raise DataError(f"{path}: not a regular file (a folder, FIFO, device or /proc file); only regular files "
+                        f"are read")
+
+
 def safe_load(path: str | Path, *, layout: str = "the layout expected here"):
     """Unpickle ``path`` with :class:`RestrictedUnpickler`. Raises DataError naming the file when
     it asks for anything but builtin containers and numpy arrays/scalars of plain numeric/bool
     dtypes (refused before it is built), or is not a readable pickle; ``layout`` names what the
     file should have been in that message."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
+    _check_regular(path)  # never a FIFO, device or /proc file
     try:
         with open(path, "rb") as fh:
             return RestrictedUnpickler(_ChunkedFile(fh), encoding="latin1").load()

@@ -15,6 +15,9 @@ from torch.utils.data.distributed import DistributedSampler
 from . import MultiRaterDataset, real_raters
 
 
+MAX_BATCH = 65536  # as probunet.config.MAX_BATCH
+
+
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
     """The seed of step ``step`` on ``rank`` (rank 0's seeds are those of a single-process run)."""
     return (seed * 1_000_003 + step + rank * 7_919_000_003) % (2**63 - 1)
@@ -44,6 +47,8 @@ class BatchStream:
     """
 
     def __init__(self, dataset: MultiRaterDataset, batch_size: int, seed: int, dist, transform=None):
+        if not 1 <= int(batch_size) <= MAX_BATCH:  # a batch of 1e21 cases would never be gathered
+            raise ValueError(f"train.batch_size: must be in [1, {MAX_BATCH}], got {batch_size}")
         self.dataset = dataset
         self.batch_size = batch_size
         self.seed = seed

@@ -185,7 +185,7 @@ def require_items(items: Sequence, root, what: str) -> None:
 
 
 def read_rater_masks(mask_paths, image, image_meta: dict, image_path, *, binarize: bool = False,
-                     check_geometry: bool = True) -> list:
+                     check_geometry: bool = True, read_kw: Optional[dict] = None) -> list:
     """Read each rater's mask for an image already read with ``io.read_image``.
 
     Every mask must be a single label map with the image's spatial shape (the
@@ -197,7 +197,7 @@ def read_rater_masks(mask_paths, image, image_meta: dict, image_path, *, binariz
 
     labels = []
     for mask_path in mask_paths:
-        mask, mask_meta = io.read_image(mask_path)
+        mask, mask_meta = io.read_image(mask_path, **(read_kw or {}))
         if mask_meta.get("num_components"):
             raise DataError(f"{mask_path}: rater mask has {mask_meta['num_components']} components; expected a "
                             f"single label map")

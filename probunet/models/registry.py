@@ -130,7 +130,7 @@ def estimate_model_parameters(model_cfg) -> int:
 def _check_model_name(m) -> None:
     known = model_names()
     if not isinstance(m.name, str) or m.name not in known:
-        raise ConfigError(f"config key 'model.name': unknown model {m.name!r}; known: {', '.join(known)}")
+        raise ConfigError(f"config key 'model.name': unknown model {shown(m.name)}; known: {', '.join(known)}")
 
 
 def _check_model(m) -> None:
@@ -177,7 +177,7 @@ def _check_zoo_keys(m) -> None:
                "roi": ("none", "image")}
     for key, allowed in choices.items():
         if getattr(m, key) not in allowed:
-            raise ConfigError(f"config key 'model.{key}': {getattr(m, key)!r} is not one of: {', '.join(allowed)}")
+            raise ConfigError(f"config key 'model.{key}': {shown(getattr(m, key))} is not one of: {', '.join(allowed)}")
     for key, lo, hi in (("ensemble_size", 1, 64), ("rank", 1, 1024), ("mc_samples", 1, 10000),
                         ("roi_dilation", 0, 1000), ("latent_channels", 1, 1024), ("res_blocks", 1, 64)):
         check_int(f"model.{key}", getattr(m, key), lo)
