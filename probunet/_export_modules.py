@@ -36,6 +36,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+
+def _chunk_of(model) -> int:
+    """The samples per chunk that ``model.sample`` draws by default (its ``chunk_size``): the exported
+    sampler draws its random numbers in the same blocks, so it gives the same samples."""
+    import inspect
+
+    p = inspect.signature(type(model).sample).parameters.get("chunk_size")
+    return max(1, int(p.default)) if p is not None and p.default else 1 << 30
+
+
 # log-sigma is clamped to [-10, 10], as probunet.models.gaussian (LOG_SIGMA_MIN, LOG_SIGMA_MAX)
 
 
@@ -352,7 +362,7 @@ class EnsembleSampler(_Sampler):
 
 class MCDropoutSampler(_Sampler):
     """``mc_dropout``: encoder once; decoder per sample with channel dropout masks u >= p, drawn
-    ``sample_chunk`` samples at a time, block after block (as the model draws them)."""
+    ``chunk_size`` samples at a time, block after block (as the model draws them)."""
 
     def __init__(self, model: nn.Module, **kw):
         super().__init__(model, **kw)
@@ -361,7 +371,7 @@ class MCDropoutSampler(_Sampler):
         self.head = model.head
         self.p: float = float(model.dropout)
         self.mc: bool = bool(model.mc_sampling)
-        self.chunk: int = max(1, int(model.sample_chunk))
+        self.chunk: int = _chunk_of(model)
 
     def _drop(self, x: Tensor, active: bool, g: Optional[torch.Generator]) -> Tensor:
         if not active or self.p == 0.0:
@@ -401,7 +411,7 @@ class MCDropoutSampler(_Sampler):
 
 class SSNSampler(_Sampler):
     """``ssn``: mean, low-rank factor P and diagonal d once; eta = mu + P eps_R + sqrt(d) eps_N per sample,
-    eps_R (B, n, R) then eps_N (B, n, C, *sp) drawn ``sample_chunk`` samples at a time."""
+    eps_R (B, n, R) then eps_N (B, n, C, *sp) drawn ``chunk_size`` samples at a time."""
 
     def __init__(self, model: nn.Module, **kw):
         super().__init__(model, **kw)
@@ -412,7 +422,7 @@ class SSNSampler(_Sampler):
         self.roi_image: bool = model.roi == "image"
         self.roi_dilation: int = int(model.roi_dilation)
         self.roi_threshold: float = float(model.roi_threshold)
-        self.chunk: int = max(1, int(model.sample_chunk))
+        self.chunk: int = _chunk_of(model)
 
     def _roi_mask(self, image: Tensor) -> Tensor:
         fg = (image.float().abs() > self.roi_threshold).any(dim=1, keepdim=True).float()
@@ -471,7 +481,7 @@ class _HpuStage(nn.Module):
 
 
 class HPUNetSampler(_Sampler):
-    """``hpu_net``: the prior net's encoder once; per chunk of ``sample_chunk`` samples the decoder with
+    """``hpu_net``: the prior net's encoder once; per chunk of ``chunk_size`` samples the decoder with
     z_l drawn level after level (coarsest first)."""
 
     def __init__(self, model: nn.Module, **kw):
@@ -486,7 +496,7 @@ class HPUNetSampler(_Sampler):
                                     net.merge[j] if latent and j < len(net.merge) else None))
         self.stages = nn.ModuleList(stages)
         self.head = net.head
-        self.chunk: int = max(1, int(model.sample_chunk))
+        self.chunk: int = _chunk_of(model)
 
     def _sample(self, x: Tensor, num_samples: int, noise: Optional[Tensor], g: Optional[torch.Generator],
                 context: Optional[Tensor]) -> Tensor:
@@ -549,7 +559,7 @@ class PHiSegSampler(_Sampler):
                                        prior.heads[j], lik.z_in[j], lik.merge[j - 1] if j > 0 else None,
                                        lik.heads[j]))
         self.stages = nn.ModuleList(stages)
-        self.chunk: int = max(1, int(model.sample_chunk))
+        self.chunk: int = _chunk_of(model)
 
     def _features(self, x: Tensor) -> List[Tensor]:
         skips = self.encoder(x)

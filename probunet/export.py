@@ -87,7 +87,7 @@ class ExportResult:
 
 
 def model_name_of(model) -> str:
-    from .models.zoo._common import ZooModel  # noqa: F401  (the zoo registers its models)
+    from .models import zoo  # noqa: F401  (the zoo registers its models)
     from ._export_modules import SAMPLERS
 
     cls = type(model).__name__
