@@ -173,8 +173,16 @@ class Trainer:
         self.splits = load_splits(cfg, run_dir if dist.is_main else None)
         if not self.splits["train"]:
             raise ValueError("the training split is empty: add data or lower data.split.test_fraction/val_fraction")
-        self.stream = BatchStream(MultiRaterDataset(self.splits["train"]), cfg.train.batch_size, cfg.train.seed,
-                                  dist, train_transform(cfg.data, cfg.model.spatial_dims))
+        transform = train_transform(cfg.data, cfg.model.spatial_dims)
+        if cfg.data.patch_size is not None:  # whole scans: patches from the memory-mapped cache
+            from .data.patches import PatchStream
+
+            self.stream = PatchStream(self.splits["train"], cfg.data.patch_size, cfg.train.batch_size,
+                                      cfg.train.seed, dist, foreground_oversample=cfg.data.foreground_oversample,
+                                      transform=transform)
+        else:
+            self.stream = BatchStream(MultiRaterDataset(self.splits["train"]), cfg.train.batch_size,
+                                      cfg.train.seed, dist, transform)
         self.val_items = self.splits["val"][: cfg.train.val_cases]
 
         # channels-last: ~1.3x on a GPU (cuDNN NHWC kernels); no gain measured for CPU training

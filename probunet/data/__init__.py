@@ -103,8 +103,14 @@ def apply_group_pattern(items: list[dict], pattern: str) -> None:
 def load_splits(cfg, run_dir: Optional[str | Path] = None) -> dict[str, list[dict]]:
     """Read, normalise, validate and split the dataset of ``cfg.data``.
 
-    Writes ``RUN_DIR/splits.json`` (the case lists) when ``run_dir`` is given.
+    Writes ``RUN_DIR/splits.json`` (the case lists) when ``run_dir`` is given. With
+    ``data.patch_size`` the cases come from the preprocessed cache, as memory maps
+    (:func:`probunet.data.preprocess.load_cached_splits`).
     """
+    if getattr(cfg.data, "patch_size", None) is not None:
+        from .preprocess import load_cached_splits
+
+        return load_cached_splits(cfg, run_dir)
     items = prepare_items(read_cases(cfg.data), cfg)
     splits = split_items(items, cfg.data.split)
     if run_dir is not None:
