@@ -404,6 +404,10 @@ class Trainer:
                                     f"(SHA-256 per rank: {', '.join(d[:12] for d in replicas)})")
         figure = None
         show = (self.splits["test"] or self.splits["val"] or self.splits["train"])[:4]
+        if cfg.data.patch_size is not None:  # whole scans: a patch around each case's lesions
+            from .data.patches import foreground_crops
+
+            show = foreground_crops(show, cfg.data.patch_size)
         if dist.is_main and show and len({i["image"].shape for i in show}) == 1:
             from .viz import model_figure
 

@@ -139,4 +139,27 @@ class PatchStream:
         return images, labels, self.num_raters[idx].long()
 
 
-__all__ = ["PatchStream"]
+def foreground_crops(items: Sequence[dict], patch_size) -> list[dict]:
+    """Items cut to ``patch_size`` around the middle of each case's foreground (the case's centre
+    when it has none), padded as training patches are: for figures of whole scans, whose middle
+    slice would miss a small lesion. ``image`` (C, *patch) float32, ``labels`` (A, *patch) uint8."""
+    if not items:
+        return []
+    stream = PatchStream(items, patch_size, 1, 0, _OneProcess(), foreground_oversample=0.0)
+    out = []
+    for i, item in enumerate(items):
+        fg = stream.foreground[i]
+        centre = np.median(fg, axis=0).astype(int) if len(fg) else np.asarray(stream.shapes[i]) // 2
+        start = [min(max(int(c) - p // 2, 0), n - p) if n >= p else -((p - n) // 2)
+                 for c, n, p in zip(centre, stream.shapes[i], stream.patch)]
+        image, labels = stream.read_patch(i, start)
+        out.append({"image": image, "labels": labels[: item["labels"].shape[0]], "case_id": item["case_id"],
+                    "meta": {"crop_start": start}})
+    return out
+
+
+class _OneProcess:
+    rank, world_size = 0, 1
+
+
+__all__ = ["PatchStream", "foreground_crops"]
