@@ -23,7 +23,7 @@ Four parts, one table at the end (exit 0 when every figure is as required):
 3. non-finite injection: NaN/Inf in the loss, the gradients, the weights and the
    optimizer state at chosen steps, and an infinite learning rate: no checkpoint
    with a non-finite tensor may be written, ever.
-4. hostile inputs (the list in the README section "Safety and recovery"), each with its expected outcome.
+4. hostile inputs (the list in docs/safety.md), each with its expected outcome.
 """
 
 from __future__ import annotations
