@@ -236,3 +236,40 @@ def test_synthetic_default_cases_are_unchanged_by_the_new_option():
     assert not np.array_equal(a[0]["image"], c[0]["image"])
     for lesion in c[0]["meta"]["truth"]["lesions"]:
         assert max(lesion["radii"]) <= 0.08 * 16
+
+
+def test_prepare_lidc_3d_from_dicom_and_with_synthetic_images(tmp_path):
+    from tests.test_data_lidc_prepare import _fake_archive, _script
+
+    vol = _fake_archive(tmp_path)  # 64x64x4 CT; reader 1 box rows 20..30 cols 30..40 on slices 1-2, reader 2 on 2
+    mod = _script()
+    out = tmp_path / "v"
+    assert mod.main(["--3d", "--db", str(tmp_path / "fake.sqlite"), "--dicom-root", str(tmp_path / "dicom"),
+                     "--out", str(out), "--crop-size", "16"]) == 0
+    cfg = load_config(None, ["data.format=qubiq", f"data.path={out}", "model.spatial_dims=3"])
+    from probunet.data import read_cases
+
+    (item,) = read_cases(cfg.data)
+    assert item["case_id"] == "LIDC-IDRI-9001_s0001_n00"
+    assert item["image"].shape == (1, 16, 16, 16) and item["labels"].shape == (4, 16, 16, 16)
+    assert np.allclose(item["meta"]["spacing"], [0.7, 0.7, 2.5])
+    # centre of the union (rows 21..31, cols 31..39, slices 1-2) -> crop starts: rows 18, cols 27, slice 0
+    i0, j0 = 18, 27
+    window = (np.clip(vol[i0:i0 + 16, j0:j0 + 16, :].astype(np.float32), -1000, 400) + 1000) / 1400
+    x = np.transpose(item["image"][0], (1, 0, 2))  # back to (row, column, slice)
+    np.testing.assert_allclose(x[:, :, :4], window, atol=1e-6)
+    assert np.allclose(x[:, :, 4:], 0.0)  # past the scan's last slice: the window's low end
+    labels = np.transpose(item["labels"], (0, 2, 1, 3))
+    expected = np.zeros((4, 64, 64, 16), np.int64)
+    expected[0, 21:30, 31:40, 1:3] = 1
+    expected[1, 23:32, 31:40, 2] = 1
+    np.testing.assert_array_equal(labels, expected[:, i0:i0 + 16, j0:j0 + 16])
+    # the synthesised-image mode writes the same masks with a CT-like volume
+    out2 = tmp_path / "s"
+    assert mod.main(["--3d", "--synthetic-images", "--db", str(tmp_path / "fake.sqlite"), "--out", str(out2),
+                     "--crop-size", "16"]) == 0
+    (syn,) = read_cases(load_config(None, ["data.format=qubiq", f"data.path={out2}", "model.spatial_dims=3"]).data)
+    assert syn["image"].shape == (1, 16, 16, 16) and 0 <= syn["image"].min() and syn["image"].max() <= 1
+    fg, bg = syn["labels"].max(0) > 0, syn["labels"].max(0) == 0
+    assert syn["image"][0][fg].mean() > syn["image"][0][bg].mean() + 0.05  # the nodule is denser than the lung
+    assert (tmp_path / "s" / "cases.csv").read_text().splitlines()[0].startswith("key,patient")
