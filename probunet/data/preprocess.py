@@ -166,7 +166,7 @@ def resample_labels(labels: np.ndarray, spacing, target, num_classes: int) -> np
 
 def iter_cases(data_cfg) -> Iterator[dict]:
     """The dataset's cases one at a time where its reader can (``iter_cases``), else all read at once."""
-    from . import READERS
+    from .readers import READERS
 
     try:
         module = importlib.import_module(f".{READERS[data_cfg.format]}", __package__)
@@ -180,7 +180,7 @@ def iter_cases(data_cfg) -> Iterator[dict]:
 
 def _checked(item: dict, cfg) -> dict:
     """One case through the checks :func:`probunet.data.prepare_items` runs (no crop, no common shape)."""
-    from . import apply_group_pattern, squeeze_singleton_depth
+    from .readers import apply_group_pattern, squeeze_singleton_depth
     from .validate import validate_items
 
     d = cfg.data
