@@ -60,7 +60,8 @@ def soft_profile(lesion: dict, shape: tuple[int, ...]) -> np.ndarray:
     r2 = sum(((g - c) / r) ** 2 for g, c, r in zip(grids, lesion["center"], lesion["radii"]))
     rnorm = np.sqrt(r2)
     dist = (rnorm - 1.0) * float(np.mean(lesion["radii"]))  # signed distance (pixels), approx.
-    return (1.0 / (1.0 + np.exp(dist / lesion["edge"]))).astype(np.float32)
+    with np.errstate(over="ignore"):  # far from a sharp lesion exp() overflows to inf: the profile is 0 there
+        return (1.0 / (1.0 + np.exp(dist / lesion["edge"]))).astype(np.float32)
 
 
 def _texture(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
