@@ -194,6 +194,10 @@ def test_resume_is_exact_with_patches(tmp_path):
         assert torch.equal(a["model"][k], b["model"][k]), k
     splits = json.loads((tmp_path / "full" / "splits.json").read_text())
     assert sum(len(v) for v in splits.values()) == 5
+    # evaluate reads the same cache and samples whole cases in sliding windows of the patch
+    assert main(["--quiet", "evaluate", str(tmp_path / "full"), "--num-samples", "2", "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "full" / "eval" / "summary.json").read_text())
+    assert summary["num_cases"] == len(splits["test"]) and summary["metrics"]["ged"]["mean"] is not None
 
 
 class IntensityModel(torch.nn.Module):

@@ -393,8 +393,10 @@ def cached_items(folder: str | Path, cfg) -> list[dict]:
         meta = dict(c.get("meta", {}))
         meta.update(spacing=c["spacing"], origin=c["origin"], direction=c["direction"], shape=c["shape"])
         meta["rater_present"] = [True] * n + [False] * (target - n)
+        nd = len(c["shape"])  # foreground as a compact array, not JSON's lists of ints (~0.2 MB per case)
         meta["cache"] = {"image": str(folder / c["image"]), "raters": str(folder / c["raters"]),
-                         "foreground": c["foreground"], "image_min": c["image_min"]}
+                         "foreground": np.asarray(c["foreground"], np.int32).reshape(-1, nd),
+                         "image_min": c["image_min"]}
         items.append({"image": np.load(folder / c["image"], mmap_mode="r"),
                       "labels": np.load(folder / c["raters"], mmap_mode="r"), "case_id": cid, "meta": meta})
     return items
