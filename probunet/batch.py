@@ -13,7 +13,12 @@ geometry (same shape, spacing, origin, direction / affine)::
     probability                   mean foreground probability over the samples
                                   (1 - p(background)); multi-class models add
                                   probability_class1 ... probability_class{C-1}
-    entropy                       predictive entropy of the mean distribution (nats)
+    entropy                       predictive entropy of the mean distribution (nats): the
+                                  total uncertainty
+    aleatoric, epistemic          models with an epistemic map only (MC dropout, ensembles):
+                                  the decomposition total = aleatoric + epistemic (nats,
+                                  see probunet.uncertainty); for the other models the
+                                  aleatoric map is the entropy itself
     consensus                     majority vote of the samples (the most frequent
                                   label per voxel; ties go to the lower label, so
                                   for binary models: foreground iff > S/2 samples)
@@ -79,7 +84,7 @@ IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", "
 _NO_FLOAT = (".png", ".jpg", ".jpeg", ".bmp")  # no float pixels, no geometry
 _OUT_SUFFIX = {".nhdr": ".nrrd", ".mhd": ".mha", ".dcm": ".nii.gz", ".jpg": ".png", ".jpeg": ".png", ".bmp": ".png"}
 OUTPUT_FORMATS = ("same", "nii.gz", "nii", "nrrd", "mha")
-_OUR_FILE = re.compile(r"^(sample_\d+|probability(_class\d+)?|entropy|consensus)\.")
+_OUR_FILE = re.compile(r"^(sample_\d+|probability(_class\d+)?|entropy|aleatoric|epistemic|consensus)\.")
 
 SUMMARY_COLUMNS = (
     "case",  # case id = output sub-folder (relative path of the input without extension)
@@ -288,6 +293,8 @@ def write_prediction(pred: Prediction, meta: dict, case_dir: Path, suffixes: tup
         for k in range(1, num_classes):
             put(f"probability_class{k}", pred.probability[k].astype(np.float32), float_suffix)
     put("entropy", pred.entropy.astype(np.float32), float_suffix)
+    for name, umap in pred.maps.items():  # aleatoric, epistemic: models with an epistemic map
+        put(name, umap.astype(np.float32), float_suffix)
     put("consensus", pred.consensus.astype(ldtype), label_suffix)
     return names
 
@@ -484,11 +491,11 @@ class _FolderRun:
                            case_dir, old.get("num_samples"), old.get("seed"))
         item.skip = True
 
-    def finish(self, item: _Prepared, mean_prob, labels, seconds: float) -> dict:
+    def finish(self, item: _Prepared, mean_prob, labels, seconds: float, aleatoric=None) -> dict:
         """Write one case's maps and case.json; returns its summary row (status ok or error)."""
         row, case_dir = item.row, self.output_dir / item.case.case_id
         try:
-            pred = self.predictor.finish(mean_prob, labels, item.axis, item.mode)
+            pred = self.predictor.finish(mean_prob, labels, item.axis, item.mode, aleatoric)
             suffixes = output_suffixes(item.case.path, self.output_format)
             row.update(case_statistics(pred, item.meta, self.predictor.num_classes,
                                        has_geometry=suffixes[0] not in _NO_FLOAT))
@@ -530,7 +537,7 @@ class _FolderRun:
             ids = [g.case.case_id for g, n in zip(group, counts) for _ in range(n)]  # slices share their case's
             for g in group:
                 g.units = None  # only the stacked copy is kept
-            mean_prob, labels = self.predictor.run(units, ids)
+            mean_prob, labels, aleatoric = self.predictor.run(units, ids)
         except Exception as exc:  # e.g. out of memory: these cases fail, the rest go on
             for g in group:
                 self.fail(g, _error_message(exc))
@@ -538,7 +545,8 @@ class _FolderRun:
         share = (time.perf_counter() - t0) / units.shape[0]
         writes, i = [], 0
         for g, n in zip(group, counts):
-            writes.append(pool.submit(self.finish, g, mean_prob[i:i + n], labels[i:i + n], share * n))
+            writes.append(pool.submit(self.finish, g, mean_prob[i:i + n], labels[i:i + n], share * n,
+                                      None if aleatoric is None else aleatoric[i:i + n]))
             i += n
         return writes
 

@@ -25,6 +25,7 @@ from . import __version__
 from .options import EvaluateOptions, PredictOptions, TrainOptions, add_arguments, from_args
 
 logger = logging.getLogger("probunet")
+SHIFT_KINDS = ("intensity", "noise", "blur", "texture", "lesion_contrast")  # probunet.shift.SHIFTS
 
 
 class UserError(Exception):
@@ -56,6 +57,11 @@ def cmd_synth(args) -> int:
               "num_raters": args.num_raters, "seed": args.seed}
     if offcentre:
         params["lesion_offcentre"] = True
+    if getattr(args, "shift", None):
+        from .shift import shift_items
+
+        items = shift_items(items, args.shift, args.severity, seed=args.seed)  # same masks and truth
+        params["shift"] = {"kind": args.shift, "severity": args.severity}
     synthetic.write_qubiq(items, out, params=params)
     print(f"wrote {args.num_cases} cases ({args.spatial_dims}D, {args.size}px, {args.num_raters} raters) "
           f"to {out} in {time.perf_counter() - t0:.1f}s; truth in {out / 'truth.json'}")
@@ -114,6 +120,17 @@ def cmd_predict(args) -> int:
     return predict_cli(args)
 
 
+def cmd_export(args) -> int:
+    from .export import export_model
+
+    result = export_model(args.source, args.format, args.out, num_samples=args.num_samples,
+                          overwrite=args.overwrite, seed=args.seed, roi_size=args.roi, evaluation=args.evaluation)
+    for path, size in result.files.items():
+        print(f"  {size / 1e6:8.3f} MB  {path}")
+    print(f"exported {args.source} as {args.format} to {result.path} ({result.size / 1e6:.3f} MB)")
+    return 0
+
+
 def predict_cli(args) -> int:
     """``probunet predict``: 0 all cases written (or skipped), 1 some failed, user errors raise."""
     from .batch import predict_folder
@@ -127,6 +144,27 @@ def predict_cli(args) -> int:
     for r in failed:
         print(f"probunet predict: failed: {r['case']}: {r['error']}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def cmd_study(args) -> int:
+    from .study import StudySettings, parse_failure, run_study
+
+    settings = StudySettings(num_samples=args.num_samples, seed=args.seed, steps=args.steps, shift=args.shift,
+                             severity=args.severity, ood=args.ood, maps=tuple(args.maps) if args.maps else None,
+                             threshold=args.threshold, patch_size=args.patch_size,
+                             failure=parse_failure(args.fail), device=args.device)
+    t0 = time.perf_counter()
+    from .train import fit
+
+    study = run_study(args.sources, args.out, settings, train=fit, progress=not args.no_progress)
+    print(f"study of {len(study['settings']['models'])} models in {time.perf_counter() - t0:.0f}s")
+    for question, best in study["best"].items():
+        o = best["overall"]
+        if o:
+            print(f"  {question:32s} best score {o['score']} ({o['mean']:.4f}, mean over {o['n_models']} models)")
+    for name, path in study["files"].items():
+        print(f"  {name + ':':15s}{path}")
+    return 0
 
 
 def cmd_demo(args) -> int:
@@ -211,20 +249,6 @@ def _check_outputs(paths: dict[str, Path], checkpoint: Path, data_path: Optional
                                   f"refusing to overwrite it")
 
 
-def _resolve_device(name: str):
-    """``--device``: a torch.device, or ValueError naming the argument."""
-    from .utils import resolve_device
-
-    try:
-        return resolve_device(name or "auto")
-    except RuntimeError:
-        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device auto "
-                         f"or --device cpu") from None
-    except Exception as exc:  # a malformed device string
-        raise ValueError(f"--device {name}: not a device ({exc.__class__.__name__}); use auto, cpu, cuda "
-                         f"or cuda:N") from None
-
-
 def _model_mismatch(exc: Exception, checkpoint: Path) -> Exception:
     """Name the checkpoint in data errors that are really a model/data mismatch."""
     from .data import DataError
@@ -250,6 +274,7 @@ def evaluate_checkpoint(options, *, progress: bool = False) -> dict:
     from .data import DataError, load_splits
     from .report import output_paths
     from .scoring import evaluate
+    from .utils import resolve_device
 
     given = Path(options.checkpoint)
     if not given.exists():
@@ -261,7 +286,7 @@ def evaluate_checkpoint(options, *, progress: bool = False) -> dict:
     if num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
     cfg.eval.num_samples = int(num_samples)
-    device = _resolve_device(options.device)
+    device = resolve_device(options.device, option="--device")
     summary_path = _summary_path(options.out, given, ckpt_path)
     _check_outputs(output_paths(summary_path), ckpt_path, cfg.data.path)
     try:
@@ -277,8 +302,13 @@ def evaluate_checkpoint(options, *, progress: bool = False) -> dict:
         _check_divisible(items, int(getattr(model, "divisor", 1)))
     logger.info("evaluating %s on the %s split (%d cases, %d samples each) on %s", ckpt_path, cfg.eval.split,
                 len(items), num_samples, device)
-    return evaluate(model, cfg, items, num_samples=num_samples, seed=cfg.eval.seed, device=device,
-                    progress=progress, summary_path=summary_path, checkpoint=str(ckpt_path), split=cfg.eval.split)
+    result = evaluate(model, cfg, items, num_samples=num_samples, seed=cfg.eval.seed, device=device,
+                      progress=progress, summary_path=summary_path, checkpoint=str(ckpt_path), split=cfg.eval.split)
+    if getattr(options, "report", False):
+        from .html_report import write_report
+
+        result["files"]["report"] = str(write_report(result, model, cfg, items, device=device, progress=progress))
+    return result
 
 
 def _summary_path(out: Optional[str], given: Path, ckpt_path: Path) -> Path:
@@ -365,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--lesion-offcentre", action="store_true",
                    help="small lesions (radius 4-8%% of the side) placed away from the centre, as in whole scans")
+    s.add_argument("--shift", default=None, choices=SHIFT_KINDS,
+                   help="write a shifted copy: the same cases, masks and truth, images changed by this kind")
+    s.add_argument("--severity", type=float, default=1.0, help="strength of --shift (0: none; default 1)")
     s.set_defaults(func=cmd_synth)
 
     pp = sub.add_parser("preprocess", help="resample, normalise and cache whole scans for patch training "
@@ -389,15 +422,56 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser(
         "predict", help="segment every image of a folder: samples, probability, uncertainty",
         description="Per image of INPUT_DIR (NIfTI, NRRD, MHA, TIFF, DICOM, ...; PNG for 2D models), write "
-                    "OUTPUT_DIR/<case>/ sample_000.., probability, entropy, consensus in the input's format and "
-                    "geometry, and OUTPUT_DIR/summary.csv. Exit 0: all written; 1: some cases failed (see the "
-                    "summary); 2: bad arguments.")
+                    "OUTPUT_DIR/<case>/ sample_000.., probability, entropy (MC dropout and ensembles: also "
+                    "aleatoric, epistemic), consensus in the input's format and geometry, and "
+                    "OUTPUT_DIR/summary.csv. Exit 0: all written; 1: some cases failed (see the summary); 2: bad "
+                    "arguments.")
     r.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file or run directory")
     r.add_argument("input_dir", metavar="INPUT_DIR", help="folder of images (never written to)")
     r.add_argument("output_dir", metavar="OUTPUT_DIR")
     add_arguments(r, PredictOptions)
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_predict)
+
+    x = sub.add_parser(
+        "export", help="export the sampler: TorchScript, ONNX or a MONAI Bundle (use the model without probunet)",
+        description="Write the model's sampler (image, noise or seed -> S sample logits) as TorchScript or ONNX, "
+                    "or a MONAI Bundle folder (configs/metadata.json, configs/inference.json, models/model.ts, "
+                    "docs/README.md model card).")
+    x.add_argument("source", metavar="RUN_OR_CHECKPOINT", help="run directory or checkpoint file")
+    x.add_argument("--format", required=True, choices=("torchscript", "onnx", "bundle"))
+    x.add_argument("--out", required=True, metavar="FILE_OR_DIR", help="the file (torchscript, onnx) or folder "
+                   "(bundle) to write")
+    x.add_argument("--num-samples", type=int, default=16, help="samples per image (default 16)")
+    x.add_argument("--seed", type=int, default=0, help="bundle: the seed of the samples (default 0)")
+    x.add_argument("--roi", default="config", help="bundle: sliding-window size (default: the training patch)")
+    x.add_argument("--evaluation", default=None, metavar="SUMMARY_JSON",
+                   help="bundle: evaluation summary.json for the model card (default RUN/eval/summary.json)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    x.set_defaults(func=cmd_export)
+
+    st = sub.add_parser(
+        "study", help="uncertainty study of several models: failure and OOD detection, calibration, maps",
+        description="Per model (a run directory, or a YAML config trained here into OUT/runs/), sample the "
+                    "test split and a shifted set, and write OUT/study.json, study.md, study.csv and figures. "
+                    "A killed study resumes per model (OUT/cache/).")
+    st.add_argument("sources", nargs="+", metavar="CONFIG_OR_RUN")
+    st.add_argument("--out", required=True, help="output folder")
+    st.add_argument("--ood", default=None, metavar="DIR", help="a folder of other scans as the shifted set")
+    st.add_argument("--shift", default=None, choices=SHIFT_KINDS, help="shift the test split itself")
+    st.add_argument("--severity", type=float, default=1.0, help="strength of --shift (default 1)")
+    st.add_argument("--steps", type=int, default=None, help="training steps for the configs (default: theirs)")
+    st.add_argument("--num-samples", type=int, default=16, help="samples per case, every model (default 16)")
+    st.add_argument("--seed", type=int, default=0, help="sampling seed, every model (default 0)")
+    st.add_argument("--maps", nargs="+", default=None, metavar="MAP",
+                    help="total, aleatoric, epistemic (default: every map each model gives)")
+    st.add_argument("--threshold", type=float, default=0.1, help="above_threshold aggregation, nats (0.1)")
+    st.add_argument("--patch-size", type=int, default=8, help="patch_max window, voxels per axis (8)")
+    st.add_argument("--fail", action="append", metavar="RISK=T",
+                    help="a case failed when RISK > T (default one_minus_dice=0.2, ged=0.3)")
+    st.add_argument("--device", default="auto")
+    st.add_argument("--no-progress", action="store_true")
+    st.set_defaults(func=cmd_study)
 
     d = sub.add_parser("demo", help="the main job: synth -> train -> evaluate on the synthetic default")
     d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")

@@ -3,6 +3,12 @@
 A config is plain data (YAML). Sections: ``model``, ``data``, ``train``, ``eval``.
 Unknown keys are errors that name the key, so a typo never silently falls back
 to a default.
+
+This module imports no model: the ``model`` section's checks (its keys' ranges,
+the model's name and its size, estimated before anything is built) belong to
+the model registry, :mod:`probunet.models.registry`, which adds them to
+:func:`validate` with :func:`register_validator` when :mod:`probunet.models` is
+imported (importing any part of probunet imports it).
 """
 
 from __future__ import annotations
@@ -14,13 +20,11 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config file or override is invalid. The message names the key or file."""
+from .errors import ConfigError  # noqa: F401  (re-exported: ``from probunet.config import ConfigError``)
 
 
 @dataclass
@@ -43,6 +47,7 @@ class ModelConfig:
     mc_sampling: bool = True  # mc_dropout: dropout kept on at sampling time
     ensemble_size: int = 4  # ensemble: members M
     ensemble_batch: str = "bootstrap"  # ensemble: bootstrap | shuffle | same (each member's batch)
+    member: Optional[str] = None  # ensemble: the member model (null or unet: U-Nets; e.g. prob_unet)
     rank: int = 10  # ssn: rank of the covariance factor P
     mc_samples: int = 20  # ssn: Monte-Carlo samples M of the loss
     diag_eps: float = 1e-5  # ssn: floor of the diagonal covariance d
@@ -327,7 +332,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def _to_int(value: Any, key: str) -> int:
     """An integer from an int, an integral finite float, or their text; else ConfigError naming ``key``."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ConfigError(f"config key '{key}': expected an integer, got {_shown(value)}")
+        raise ConfigError(f"config key '{key}': expected an integer, got {shown(value)}")
     if isinstance(value, int):
         return value
     if isinstance(value, str):
@@ -338,13 +343,13 @@ def _to_int(value: Any, key: str) -> int:
         try:
             value = float(value)
         except (ValueError, OverflowError):
-            raise ConfigError(f"config key '{key}': expected an integer, got {_shown(value)}") from None
+            raise ConfigError(f"config key '{key}': expected an integer, got {shown(value)}") from None
     if not math.isfinite(value) or value != int(value):
-        raise ConfigError(f"config key '{key}': expected an integer, got {_shown(value)}")
+        raise ConfigError(f"config key '{key}': expected an integer, got {shown(value)}")
     return int(value)
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
@@ -375,137 +380,21 @@ _CHOICES = {
 }
 
 
-# Model size limits: each key's range, and the whole model (estimated from the config, before
-# anything is built or allocated).
-MODEL_LIMITS = {
-    "in_channels": (1, 1024),
-    "num_classes": (2, 1000),
-    "latent_dim": (1, 4096),
-    "fcomb_layers": (1, 64),
-    "convs_per_level": (1, 32),
-    "levels": (1, 10),  # len(model.features)
-    "channels": (1, 8192),  # each entry of model.features
-}
-MAX_MODEL_PARAMETERS = 2_000_000_000
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
-
-def _norm_parameters(norm: Optional[str], channels: int) -> int:
-    """Learnable parameters of MONAI's norm layer after a conv (batch/group: affine; instance: none)."""
-    return 2 * channels if norm in ("batch", "group") else 0
-
-
-def estimate_model_parameters(model_cfg) -> int:
-    """The number of parameters :func:`probunet.models.build_model` would create for ``model_cfg``,
-    computed from the config alone (nothing is built). Exact for the Probabilistic U-Net of
-    :mod:`probunet.models`: U-Net, prior net (conditional prior), posterior net and f_comb."""
-    d = int(model_cfg.spatial_dims)
-    k = 3 ** d
-    feats = [int(f) for f in model_cfg.features]
-    cpl = int(model_cfg.convs_per_level)
-    latent, classes, cin = int(model_cfg.latent_dim), int(model_cfg.num_classes), int(model_cfg.in_channels)
-    norm = model_cfg.norm
-
-    def conv(a: int, b: int) -> int:  # 3x3(x3) conv with bias, then the norm
-        return a * b * k + b + _norm_parameters(norm, b)
-
-    def block(a: int, b: int) -> int:
-        return conv(a, b) + (cpl - 1) * conv(b, b)
-
-    def encoder(c: int) -> int:
-        total, prev = 0, c
-        for f in feats:
-            total += block(prev, f)
-            prev = f
-        return total
-
-    def latent_encoder(c: int) -> int:
-        return encoder(c) + feats[-1] * 2 * latent + 2 * latent  # + the Gaussian head (linear)
-
-    unet = encoder(cin) + sum(block(feats[i + 1] + feats[i], feats[i]) for i in range(len(feats) - 1))
-    prior = latent_encoder(cin) if model_cfg.prior == "conditional" else 0
-    posterior = latent_encoder(cin + classes)
-    layers = int(model_cfg.fcomb_layers)
-    first_out = feats[0] if layers > 1 else classes
-    fcomb = (feats[0] + latent) * first_out + first_out
-    for i in range(1, layers):
-        out = classes if i == layers - 1 else feats[0]
-        fcomb += feats[0] * out + out
-    return unet + prior + posterior + fcomb
+# Checks run by validate() after the choices, each given the whole Config: the model registry adds
+# the model section's (probunet.models.registry), so this module never imports a model.
+_VALIDATORS: list[Callable[["Config"], None]] = []
 
 
-def _check_model_name(m) -> None:
-    from .models import model_names  # importing the models registers them
-
-    known = model_names()
-    if not isinstance(m.name, str) or m.name not in known:
-        raise ConfigError(f"config key 'model.name': unknown model {m.name!r}; known: {', '.join(known)}")
-
-
-def _check_model(m) -> None:
-    _check_model_name(m)
-    if m.spatial_dims not in (2, 3):
-        raise ConfigError(f"config key 'model.spatial_dims': must be 2 or 3, got {m.spatial_dims}")
-    for key in ("in_channels", "num_classes", "latent_dim", "fcomb_layers", "convs_per_level"):
-        lo, hi = MODEL_LIMITS[key]
-        v = getattr(m, key)
-        if not lo <= v <= hi:
-            what = " (background + foreground)" if key == "num_classes" and v < lo else ""
-            raise ConfigError(f"config key 'model.{key}': must be in [{lo}, {hi}]{what}, got {v}")
-    feats = []
-    for f in m.features:
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or f != int(f):
-            feats = None
-            break
-        feats.append(int(f))
-    lo, hi = MODEL_LIMITS["channels"]
-    if not feats or any(not lo <= f <= hi for f in feats):
-        raise ConfigError(f"config key 'model.features': expected a list of channel counts in [{lo}, {hi}] "
-                          f"(one per level), got {_shown(list(m.features))}")
-    if len(feats) > MODEL_LIMITS["levels"][1]:
-        raise ConfigError(f"config key 'model.features': at most {MODEL_LIMITS['levels'][1]} levels, "
-                          f"got {len(feats)}")
-    m.features = tuple(feats)
-    _check_zoo_keys(m)
-    n = estimate_model_parameters(m)
-    if getattr(m, "name", "prob_unet") == "ensemble":
-        n *= m.ensemble_size  # M networks (the estimate of one Probabilistic U-Net bounds one member)
-    if n > MAX_MODEL_PARAMETERS:
-        # Name the key whose default value shrinks the model most.
-        default = ModelConfig()
-        culprit = min(("features", "convs_per_level", "latent_dim", "num_classes", "in_channels", "fcomb_layers"),
-                      key=lambda key: estimate_model_parameters(dataclasses.replace(m, **{key: getattr(default, key)})))
-        raise ConfigError(f"config key 'model.{culprit}': the model would have {n:.3g} parameters "
-                          f"(~{4 * n / 1e9:.3g} GB of fp32 weights, ~{16 * n / 1e9:.3g} GB to train with Adam), "
-                          f"over the limit of {MAX_MODEL_PARAMETERS:.0e}")
+def register_validator(check: Callable[["Config"], None]) -> Callable[["Config"], None]:
+    """Add ``check(cfg)`` to :func:`validate` (it raises :class:`ConfigError` naming the key); returns it."""
+    if check not in _VALIDATORS:
+        _VALIDATORS.append(check)
+    return check
 
 
-def _check_zoo_keys(m) -> None:
-    """Ranges of the model zoo's keys (whatever model.name is: a bad value is a bad value)."""
-    choices = {"sampling": ("pixelwise", "argmax"), "ensemble_batch": ("bootstrap", "shuffle", "same"),
-               "roi": ("none", "image")}
-    for key, allowed in choices.items():
-        if getattr(m, key) not in allowed:
-            raise ConfigError(f"config key 'model.{key}': {getattr(m, key)!r} is not one of: {', '.join(allowed)}")
-    for key, lo, hi in (("ensemble_size", 1, 64), ("rank", 1, 1024), ("mc_samples", 1, 10000),
-                        ("roi_dilation", 0, 1000), ("latent_channels", 1, 1024), ("res_blocks", 1, 64)):
-        _check_int(f"model.{key}", getattr(m, key), lo)
-        if getattr(m, key) > hi:
-            raise ConfigError(f"config key 'model.{key}': must be <= {hi}, got {getattr(m, key)}")
-    if m.latent_levels is not None:
-        _check_int("model.latent_levels", m.latent_levels, 1)
-        if m.latent_levels > len(m.features):
-            raise ConfigError(f"config key 'model.latent_levels': at most one per level ({len(m.features)}), "
-                              f"got {m.latent_levels}")
-    _check_number("model.dropout", m.dropout, lo=0)
-    if m.dropout >= 1:
-        raise ConfigError(f"config key 'model.dropout': must be in [0, 1), got {m.dropout}")
-    _check_number("model.diag_eps", m.diag_eps, lo=0, lo_open=True)
-    _check_number("model.roi_threshold", m.roi_threshold, lo=0)
-    _check_number("model.topk_fraction", m.topk_fraction, lo=0, lo_open=True, hi=1)
-
-
-def _check_number(key: str, value, *, lo=None, lo_open=False, hi=None, hi_open=False, optional=False) -> None:
+def check_number(key: str, value, *, lo=None, lo_open=False, hi=None, hi_open=False, optional=False) -> None:
     """A finite number within [lo, hi] (lo / hi excluded with lo_open / hi_open); None allowed with optional."""
     if value is None and optional:
         return
@@ -520,7 +409,7 @@ def _check_number(key: str, value, *, lo=None, lo_open=False, hi=None, hi_open=F
         raise ConfigError(f"config key '{key}': must be a finite number{' ' + bound if bound else ''}, got {value}")
 
 
-def _check_int(key: str, value: int, lo: int) -> None:
+def check_int(key: str, value: int, lo: int) -> None:
     if value < lo:
         raise ConfigError(f"config key '{key}': must be >= {lo}, got {value}")
 
@@ -532,43 +421,44 @@ def validate(cfg: Config) -> Config:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
-            shown = ", ".join(str(c) for c in choices)
-            raise ConfigError(f"config key '{key}': {value!r} is not one of: {shown}")
-    _check_model(cfg.model)
+            listed = ", ".join(str(c) for c in choices)
+            raise ConfigError(f"config key '{key}': {value!r} is not one of: {listed}")
+    for check in _VALIDATORS:  # the model section's checks (probunet.models.registry)
+        check(cfg)
     t = cfg.train
     for key in ("steps", "batch_size", "log_every", "val_every", "checkpoint_every", "val_samples",
                 "max_bad_steps"):
-        _check_int(f"train.{key}", getattr(t, key), 1)
+        check_int(f"train.{key}", getattr(t, key), 1)
     for key in ("val_cases", "kl_warmup_steps"):
-        _check_int(f"train.{key}", getattr(t, key), 0)
+        check_int(f"train.{key}", getattr(t, key), 0)
     if not _DEVICE.fullmatch(str(t.device)):
         raise ConfigError(f"config key 'train.device': {t.device!r} is not one of: auto, cpu, cuda, cuda:N, mps")
-    _check_number("train.lr", t.lr, lo=0, lo_open=True)
-    _check_number("train.lr_final_fraction", t.lr_final_fraction, lo=0, hi=1)
-    _check_number("train.weight_decay", t.weight_decay, lo=0)
-    _check_number("train.beta", t.beta, lo=0)
-    _check_number("train.free_bits", t.free_bits, lo=0)
-    _check_number("train.kl_balance", t.kl_balance, lo=0, hi=1, optional=True)
-    _check_number("train.ema_decay", t.ema_decay, lo=0, hi=1, hi_open=True, optional=True)
-    _check_number("train.grad_clip", t.grad_clip, lo=0, lo_open=True, optional=True)
+    check_number("train.lr", t.lr, lo=0, lo_open=True)
+    check_number("train.lr_final_fraction", t.lr_final_fraction, lo=0, hi=1)
+    check_number("train.weight_decay", t.weight_decay, lo=0)
+    check_number("train.beta", t.beta, lo=0)
+    check_number("train.free_bits", t.free_bits, lo=0)
+    check_number("train.kl_balance", t.kl_balance, lo=0, hi=1, optional=True)
+    check_number("train.ema_decay", t.ema_decay, lo=0, hi=1, hi_open=True, optional=True)
+    check_number("train.grad_clip", t.grad_clip, lo=0, lo_open=True, optional=True)
     g = t.geco
-    _check_number("train.geco.goal", g.goal)
-    _check_number("train.geco.alpha", g.alpha, lo=0, hi=1)
-    _check_number("train.geco.step_size", g.step_size, lo=0)
+    check_number("train.geco.goal", g.goal)
+    check_number("train.geco.alpha", g.alpha, lo=0, hi=1)
+    check_number("train.geco.step_size", g.step_size, lo=0)
     for key in ("lambda_init", "lambda_min", "lambda_max"):
-        _check_number(f"train.geco.{key}", getattr(g, key), lo=0)
+        check_number(f"train.geco.{key}", getattr(g, key), lo=0)
     e = cfg.eval
     for key in ("num_samples", "batch_size", "sample_chunk", "num_true_references"):
-        _check_int(f"eval.{key}", getattr(e, key), 1)
+        check_int(f"eval.{key}", getattr(e, key), 1)
     d = cfg.data
-    _check_int("data.num_workers", d.num_workers, 0)
-    _check_number("data.foreground_oversample", d.foreground_oversample, lo=0, hi=1)
+    check_int("data.num_workers", d.num_workers, 0)
+    check_number("data.foreground_oversample", d.foreground_oversample, lo=0, hi=1)
     for key in ("num_cases", "size", "num_raters"):
-        _check_int(f"data.synthetic.{key}", getattr(d.synthetic, key), 1)
+        check_int(f"data.synthetic.{key}", getattr(d.synthetic, key), 1)
     a = d.augment
-    _check_number("data.augment.prob", a.prob, lo=0, hi=1)
+    check_number("data.augment.prob", a.prob, lo=0, hi=1)
     for key in ("affine_rotate_deg", "affine_scale", "intensity_shift", "intensity_scale"):
-        _check_number(f"data.augment.{key}", getattr(a, key))
+        check_number(f"data.augment.{key}", getattr(a, key))
     if d.format != "synthetic" and not d.path:
         raise ConfigError(f"config key 'data.path': required for data.format={d.format}")
     return cfg

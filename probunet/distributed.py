@@ -56,12 +56,8 @@ def init_distributed(device_name: str = "auto") -> bool:
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
         return False
-    device = resolve_device(device_name)
+    device = resolve_device(device_name, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if device.index is None:
-            device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
     else:
         dist.init_process_group("gloo")
@@ -79,8 +75,7 @@ def destroy_distributed() -> None:
 def rank_device(device: torch.device, dist: DistInfo) -> torch.device:
     """The device of this rank: GPU ``LOCAL_RANK`` for a multi-process CUDA run (made current)."""
     if dist.world_size > 1 and device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank if device.index is None else device.index)
-        torch.cuda.set_device(device)
+        return resolve_device(device, local_rank=dist.local_rank)
     return device
 
 

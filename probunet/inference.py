@@ -179,7 +179,9 @@ class SampleSummary:
     labels (B, S, *spatial) integer sample maps (uint8 when the classes fit);
     mean_probability (B, C, *spatial) fp32 mean class probabilities over samples;
     d_ss (B, S, S) sample-to-sample distances (None when the reducer was asked for no ``pairwise``); d_sy (B, S, A) and d_yy (B, A, A)
-    against the references (None without); logits (B, S, C, *spatial) fp32 when kept.
+    against the references (None without); logits (B, S, C, *spatial) fp32 when kept;
+    aleatoric (B, *spatial) fp32 when the reducer was given ``groups`` (see :mod:`probunet.uncertainty`:
+    the mean over the G model draws of the entropy of each draw's mean probability).
     """
 
     labels: torch.Tensor
@@ -188,6 +190,7 @@ class SampleSummary:
     d_sy: Optional[torch.Tensor] = None
     d_yy: Optional[torch.Tensor] = None
     logits: Optional[torch.Tensor] = None
+    aleatoric: Optional[torch.Tensor] = None
 
     @property
     def entropy(self) -> torch.Tensor:
@@ -239,11 +242,13 @@ class SampleReducer:
     references are computed as they come, so nothing but the label maps (and the
     logits with ``keep_logits``) is held. ``pairwise=False`` skips the sample-to-sample
     distances (for callers that need only the label maps and the mean probability).
+    ``groups`` G (a divisor of S; sample s from model draw s mod G): also stream the aleatoric
+    map (G = S: the sum of the samples' entropies; 1 < G < S: each draw's probability sum).
     """
 
     def __init__(self, batch: int, num_samples: int, num_classes: int, spatial: Sequence[int], *,
                  references: Optional[torch.Tensor] = None, empty_iou: float = 1.0, keep_logits: bool = False,
-                 device="cpu", pairwise: bool = True):
+                 device="cpu", pairwise: bool = True, groups: Optional[int] = None):
         self.num_samples, self.num_classes, self.empty_iou = int(num_samples), int(num_classes), float(empty_iou)
         spatial = tuple(int(s) for s in spatial)
         dev = torch.device(device)
@@ -266,6 +271,16 @@ class SampleReducer:
         self.logits = (torch.empty(batch, self.num_samples, num_classes, *spatial, device=dev)
                        if keep_logits else None)
         self._done = torch.zeros(self.num_samples, dtype=torch.bool)
+        self.groups = None if groups is None else int(groups)
+        self.entropy_sum = self.group_sum = None
+        if self.groups is not None:
+            if self.groups < 1 or self.num_samples % self.groups:
+                raise ValueError(f"{self.num_samples} samples cannot be split into {self.groups} model draws; "
+                                 f"use a multiple of {self.groups} samples")
+            if self.groups == self.num_samples:
+                self.entropy_sum = torch.zeros(batch, *spatial, device=dev)
+            elif self.groups > 1:
+                self.group_sum = torch.zeros(batch, self.groups, num_classes, *spatial, device=dev)
 
     def add(self, logits: torch.Tensor, start: int) -> None:
         logits = logits.float()
@@ -275,7 +290,13 @@ class SampleReducer:
             raise ValueError(f"samples {start}..{stop - 1} are outside 0..{self.num_samples - 1}")
         kw = {"num_classes": self.num_classes, "empty_iou": self.empty_iou}
         dev = self.labels.device
-        self.prob_sum.add_(torch.softmax(logits, dim=2).sum(dim=1).to(dev))
+        probs = torch.softmax(logits, dim=2)  # (B, s, C, *sp)
+        self.prob_sum.add_(probs.sum(dim=1).to(dev))
+        if self.entropy_sum is not None:
+            self.entropy_sum.add_(-torch.special.xlogy(probs, probs).sum(dim=2).sum(dim=1).to(dev))
+        if self.group_sum is not None:
+            for j in range(s):
+                self.group_sum[:, (start + j) % self.groups].add_(probs[:, j].to(dev))
         new = logits.argmax(dim=2).to(dev, self.labels.dtype)  # (B, s, *sp)
         self.labels[:, start:stop] = new
         if self.logits is not None:
@@ -295,8 +316,17 @@ class SampleReducer:
         if not bool(self._done.all()):
             missing = (~self._done).nonzero().flatten().tolist()
             raise ValueError(f"samples {missing[:5]}{'...' if len(missing) > 5 else ''} were never added")
-        return SampleSummary(labels=self.labels, mean_probability=self.prob_sum / self.num_samples, d_ss=self.d_ss,
-                             d_sy=self.d_sy, d_yy=self.d_yy, logits=self.logits)
+        mean = self.prob_sum / self.num_samples
+        aleatoric = None
+        if self.entropy_sum is not None:
+            aleatoric = self.entropy_sum / self.num_samples
+        elif self.group_sum is not None:
+            member = self.group_sum / (self.num_samples // self.groups)  # (B, G, C, *sp)
+            aleatoric = -torch.special.xlogy(member, member).sum(dim=2).mean(dim=1)
+        elif self.groups == 1:
+            aleatoric = metrics.predictive_entropy(mean[:, None], from_logits=False)
+        return SampleSummary(labels=self.labels, mean_probability=mean, d_ss=self.d_ss,
+                             d_sy=self.d_sy, d_yy=self.d_yy, logits=self.logits, aleatoric=aleatoric)
 
 
 # ----------------------------------------------------------------------------- the sampler
@@ -385,8 +415,9 @@ class Sampler:
 
     def sample(self, case_ids: Sequence[str], images: torch.Tensor, num_samples: int, *,
                references: Optional[torch.Tensor] = None, empty_iou: float = 1.0,
-               keep_logits: bool = False, pairwise: bool = True) -> SampleSummary:
-        """Sample one batch: images (N, C, *spatial) of one shape, ``case_ids`` one per row."""
+               keep_logits: bool = False, pairwise: bool = True, groups: Optional[int] = None) -> SampleSummary:
+        """Sample one batch: images (N, C, *spatial) of one shape, ``case_ids`` one per row; ``groups``
+        as :class:`SampleReducer`'s."""
         model = self.model
         if images.dim() != model.spatial_dims + 2 or images.shape[1] != model.in_channels:
             raise ValueError(f"images must be (N, {model.in_channels}, *spatial) with {model.spatial_dims} spatial "
@@ -396,7 +427,7 @@ class Sampler:
         n, spatial = images.shape[0], tuple(images.shape[2:])
         reducer = SampleReducer(n, num_samples, model.num_classes, spatial, references=references,
                                 empty_iou=empty_iou, keep_logits=keep_logits, device=self.device,
-                                pairwise=pairwise)
+                                pairwise=pairwise, groups=groups)
         x = images.to(self.device, torch.float32)
         noise = None
         if self.noise_shape is not None:

@@ -77,6 +77,8 @@ class EvaluateOptions:
     out: Optional[str] = _opt(None, "--out", "summary JSON path (default RUN_DIR/eval/summary.json)",
                               metavar="FILE")
     device: str = _opt("auto", "--device", "auto | cpu | cuda | cuda:N")
+    report: bool = _opt(False, "--report", "also write report.html (a static page: summary, figures, per-case "
+                        "table and maps, worst cases first) next to the summary", action="store_true")
 
 
 @dataclass

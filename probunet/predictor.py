@@ -40,7 +40,7 @@ first 16. ``z_s = mu + sigma * eps_s`` with the prior ``p(z|x) = N(mu, sigma)``:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -66,7 +66,10 @@ class Prediction:
 
     samples (S, *spatial) uint8 label maps; probability (C, *spatial) float32 mean
     class probabilities over the samples; entropy (*spatial) float32 predictive
-    entropy of that mean (nats); consensus (*spatial) uint8 majority vote.
+    entropy of that mean (nats); consensus (*spatial) uint8 majority vote; maps: the
+    uncertainty maps beyond ``entropy`` (which is the ``total`` map) that the model gives,
+    ``{"aleatoric", "epistemic"}`` (*spatial) float32 nats, empty for a model whose
+    aleatoric map is its total (see :mod:`probunet.uncertainty`).
     """
 
     samples: np.ndarray
@@ -74,6 +77,7 @@ class Prediction:
     entropy: np.ndarray
     consensus: np.ndarray
     mode: str = "whole"
+    maps: dict = field(default_factory=dict)
 
     @property
     def foreground(self) -> np.ndarray:
@@ -128,6 +132,14 @@ class Predictor:
                                sample_chunk=opts.sample_chunk)
         self.roi_size = self.sampler.roi_size
         self.dtype = self.sampler.dtype
+        from .uncertainty import model_maps
+
+        spec = model_maps(self.model)  # models with an epistemic map: stream the aleatoric one too
+        self.groups = (spec.groups_for(self.num_samples) or self.num_samples) if "epistemic" in spec.maps else None
+        if self.groups is not None and self.num_samples % self.groups:
+            self.groups = None  # an ensemble sampled fewer times than multiples of its members: entropy only
+            logger.warning("%d samples are not a multiple of the ensemble's %d members: only the entropy map is "
+                           "written", self.num_samples, spec.groups)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, options: Optional[PredictOptions] = None, **kwargs) -> "Predictor":
@@ -188,23 +200,28 @@ class Predictor:
         units = np.stack([normalize_image(s, self.cfg.data) for s in slices])  # per slice, as in training
         return torch.from_numpy(units), axis
 
-    def run(self, units: torch.Tensor, case_ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, units: torch.Tensor, case_ids: Sequence[str]) -> tuple:
         """units (N, C, *u) of one shape, one case id per unit (slices of a volume share theirs) ->
-        mean class probabilities (N, C, *u) float32 and labels (N, S, *u), on the CPU."""
-        probs, labels = [], []
+        mean class probabilities (N, C, *u) float32, labels (N, S, *u) and, for models with an
+        epistemic map, the aleatoric map (N, *u) float32 (else None), on the CPU."""
+        probs, labels, aleatoric = [], [], []
         for i in range(0, units.shape[0], self.batch_size):
             out = self.sampler.sample(list(case_ids[i:i + self.batch_size]), units[i:i + self.batch_size],
-                                      self.num_samples, pairwise=False)
+                                      self.num_samples, pairwise=False, groups=self.groups)
             probs.append(out.mean_probability.cpu())
             labels.append(out.labels.cpu())
-        return torch.cat(probs), torch.cat(labels)
+            if out.aleatoric is not None:
+                aleatoric.append(out.aleatoric.cpu())
+        return torch.cat(probs), torch.cat(labels), (torch.cat(aleatoric) if aleatoric else None)
 
     def mode_of(self, unit_spatial: Sequence[int], axis: Optional[int]) -> str:
         mode = "sliding_window" if self.sampler.uses_window(unit_spatial) else "whole"
         return mode if axis is None else f"slices(axis={axis})" + (" + sliding_window" if mode != "whole" else "")
 
-    def finish(self, mean_prob: torch.Tensor, labels: torch.Tensor, axis: Optional[int], mode: str) -> Prediction:
-        """mean_prob (N, C, *u), labels (N, S, *u) from the runner -> :class:`Prediction`."""
+    def finish(self, mean_prob: torch.Tensor, labels: torch.Tensor, axis: Optional[int], mode: str,
+               aleatoric: Optional[torch.Tensor] = None) -> Prediction:
+        """mean_prob (N, C, *u), labels (N, S, *u) and aleatoric (N, *u) or None from the runner ->
+        :class:`Prediction` (with ``aleatoric``: ``maps`` aleatoric and epistemic = entropy - aleatoric)."""
         from .metrics import predictive_entropy
 
         if axis is None:
@@ -212,6 +229,11 @@ class Predictor:
         else:
             prob, lab = mean_prob.movedim(0, 1 + axis), labels.movedim(0, 1 + axis)
         entropy = predictive_entropy(prob[None, None], from_logits=False)[0]  # (*sp)
+        maps = {}
+        if aleatoric is not None:
+            aleatoric = aleatoric[0] if axis is None else aleatoric.movedim(0, axis)  # (*sp)
+            maps = {"aleatoric": aleatoric.float().numpy(),
+                    "epistemic": (entropy - aleatoric).clamp_min(0.0).float().numpy()}
         c = self.num_classes
         if c == 2:
             consensus = (2 * (lab != 0).sum(dim=0) > lab.shape[0]).to(torch.uint8)
@@ -219,7 +241,7 @@ class Predictor:
             counts = torch.stack([(lab == k).sum(dim=0) for k in range(c)])  # (C, *sp)
             consensus = counts.argmax(dim=0).to(torch.uint8)  # first maximum: ties -> lower label
         return Prediction(samples=lab.contiguous().numpy(), probability=prob.contiguous().numpy(),
-                          entropy=entropy.float().numpy(), consensus=consensus.numpy(), mode=mode)
+                          entropy=entropy.float().numpy(), consensus=consensus.numpy(), mode=mode, maps=maps)
 
     def __call__(self, image: np.ndarray, *, case_id: str = "", spacing=None,
                  meta: Optional[dict] = None) -> Prediction:
@@ -241,8 +263,8 @@ class Predictor:
                 image = image[None]  # (*spatial) -> (1, *spatial)
             image = self.to_channels_first(np.moveaxis(image, 0, -1), {"num_components": image.shape[0]})
         units, axis = self.prepare(image, spacing)
-        mean_prob, labels = self.run(units, [case_id] * units.shape[0])
-        return self.finish(mean_prob, labels, axis, self.mode_of(units.shape[2:], axis))
+        mean_prob, labels, aleatoric = self.run(units, [case_id] * units.shape[0])
+        return self.finish(mean_prob, labels, axis, self.mode_of(units.shape[2:], axis), aleatoric)
 
 
 __all__ = ["Prediction", "Predictor"]

@@ -55,7 +55,7 @@ from .data.stream import BatchStream, batches, step_seed
 from .distributed import (all_reduce, broadcast_from_main, destroy_distributed, dist_info,
                           init_distributed, rank_device, replica_digests)
 from .models import LossForward, build_model
-from .models.base import DEFAULT_MODEL
+from .models.registry import DEFAULT_MODEL
 from .models.unet import to_channels_last
 from .nonfinite import NonFiniteGuard, TrainingError
 from .precision import amp_dtype, autocast

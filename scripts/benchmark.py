@@ -42,7 +42,8 @@ from typing import Callable, Optional
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmark_metrics
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/_common, benchmark_metrics
+import _common  # noqa: E402,F401  (probunet importable from a source checkout)
 
 LIDC = {"size": 128, "features": (32, 64, 128, 192), "latent_dim": 6, "fcomb_layers": 4, "num_samples": 100}
 TARGETS = {  # the targets, checked only at the LIDC sizes

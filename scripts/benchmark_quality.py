@@ -63,16 +63,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-try:
-    import probunet  # noqa: F401
-except ImportError:  # running from a source checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/_common (also when loaded from its file)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+from _common import REPO, repo_env, run_logged  # noqa: E402  (probunet importable from here on)
 SHIPPED = ["configs/lidc.yaml", "configs/lidc_paper.yaml", "configs/qubiq.yaml", "configs/folder3d.yaml",
            "configs/synthetic.yaml"]
 NUM_SAMPLES = 16
@@ -137,18 +134,6 @@ def recipe_config(path: Path, overrides: list[str], data: dict, *, batch_size: i
 # ----------------------------------------------------------------------------- one chain of budgets
 
 
-def run_logged(cmd: list[str], env: dict, log: Path) -> None:
-    """Run ``cmd`` in the repository, its output appended to ``log``; a failure raises with the log's tail.
-    (Also used by scripts/compare_models.py.)"""
-    with open(log, "a", encoding="utf-8") as fh:
-        fh.write("$ " + " ".join(cmd) + "\n")
-        fh.flush()
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
-    if proc.returncode != 0:
-        tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-5:]
-        raise RuntimeError(f"{' '.join(cmd[2:5])} failed (exit {proc.returncode}); see {log}: " + " | ".join(tail))
-
-
 def checkpoint_step(path: Path) -> int | None:
     """The step a checkpoint was written at, or None when there is none."""
     from probunet.checkpoint import load_checkpoint
@@ -198,7 +183,7 @@ def run_chain(job: dict) -> dict:
     done = earlier_budgets(job, cfg_path, record)
     cfg_path.write_text(yaml.safe_dump(job["config"], sort_keys=False))
     log = run_dir.parent / f"{run_dir.name}.log"
-    env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]), "PYTHONUNBUFFERED": "1"}
+    env = repo_env(OMP_NUM_THREADS=str(job["threads"]), PYTHONUNBUFFERED="1")
     py = [sys.executable, "-m", "probunet"]
     out = {"config": job["name"], "dataset": job["dataset"], "budgets": {}, "run_dir": str(run_dir)}
     # a learning-rate schedule spans train.steps: each budget is then a run of its own, not a resumed one

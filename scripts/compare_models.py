@@ -28,23 +28,17 @@ import csv
 import io
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
-try:
-    import probunet  # noqa: F401
-except ImportError:  # running from a source checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/_common (also when loaded from its file)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from benchmark_quality import run_logged  # noqa: E402  (scripts/ is on sys.path when run as a script)
-
-REPO = Path(__file__).resolve().parents[1]
+from _common import REPO, repo_env, run_logged  # noqa: E402  (also makes probunet importable from a source checkout)
 
 COLUMNS = [("model", "model"), ("ged", "GED"), ("hm_iou", "HM-IoU"), ("s_ncc", "S_NCC"), ("ece", "ECE"),
            ("qubiq", "QUBIQ"), ("sample_diversity", "E[d(S,S')]"), ("reference_diversity", "E[d(Y,Y')]"),
@@ -188,7 +182,7 @@ def main(argv=None) -> int:
     batch = args.batch_size or first_train.get("batch_size", 16)
     if args.quick:
         steps, data = 4, {**data, "synthetic": {**data.get("synthetic", {}), "num_cases": 24, "size": 32}}
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = repo_env(PYTHONUNBUFFERED="1")
     rows, failures, models, cfgs = [], [], {}, {}
     t0 = time.perf_counter()
     for name, cfg in zip(names, raw):

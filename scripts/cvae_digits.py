@@ -23,10 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-try:
-    import probunet  # noqa: F401
-except ImportError:  # running from a source checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/_common (also when loaded from its file)
+import _common  # noqa: E402,F401  (probunet importable from a source checkout)
 
 from probunet.models.cvae import ConditionalVAE  # noqa: E402
 from probunet.utils import atomic_call, seed_everything  # noqa: E402

@@ -45,9 +45,10 @@ import time
 import zipfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/_common (also when loaded from its file)
+from _common import REPO, add_repo_to_path, repo_env  # noqa: E402
+
+add_repo_to_path(always=True)  # this tree's probunet, as the children get it through PYTHONPATH
 DEBUG = str(REPO / "configs" / "debug.yaml")
 TRAIN_ARGS = ["train.steps=12", "train.checkpoint_every=2", "train.log_every=1", "train.val_every=4",
               "train.val_cases=2", "train.val_samples=2"]
@@ -55,8 +56,7 @@ HANG_S = 60.0
 
 
 def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-            "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return repo_env(pythonpath=True, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 # ============================================================================ workers (subprocesses)

@@ -58,10 +58,8 @@ from typing import Optional
 
 import numpy as np
 
-try:
-    import probunet  # noqa: F401
-except ImportError:  # running from a source checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/_common (also when loaded from its file)
+import _common  # noqa: E402,F401  (probunet importable from a source checkout)
 
 from probunet.data import lidc_pickle as lp  # noqa: E402
 from probunet.data.lidc_style import crop_seed, synthesize_ct  # noqa: E402

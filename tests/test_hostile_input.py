@@ -270,8 +270,8 @@ def test_complex_image_in_a_pickle_is_refused(tmp_path):
 
 # ----------------------------------------------------------------------------- config ranges and model size
 
-from probunet.config import (ConfigError, MAX_MODEL_PARAMETERS, ModelConfig, estimate_model_parameters,  # noqa: E402
-                             from_dict, load_config)
+from probunet.config import ConfigError, ModelConfig, from_dict, load_config  # noqa: E402
+from probunet.models.registry import MAX_MODEL_PARAMETERS, estimate_model_parameters  # noqa: E402
 
 
 @pytest.mark.parametrize("kw", [

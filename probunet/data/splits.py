@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
-from .lidc_manifest import patient_for_series, resolve_split_file
+from .lidc_patients import patient_for_series, resolve_split_file
 
 logger = logging.getLogger(__name__)
 

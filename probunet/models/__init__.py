@@ -1,15 +1,15 @@
-"""Networks: the model interface and registry, the Probabilistic U-Net, its parts, and the generic conditional VAE."""
+"""Networks: the model interface, base class and registry, the Probabilistic U-Net, its parts, and the generic conditional VAE."""
 
-from .base import (LossForward, SegmentationSampler, build_model, model_names, pick_raters,
-                   register_model)
+from .base import LossForward, LossSettings, SegmentationModel, SegmentationSampler, pick_raters
+from .registry import build_model, model_names, register_model
 from .fcomb import Fcomb
 from .gaussian import GaussianHead, analytic_kl, diagonal_gaussian, standard_gaussian
-from .prob_unet import LatentEncoder, LossSettings, ProbabilisticUNet, ProbUNetOutput  # registers "prob_unet"
+from .prob_unet import LatentEncoder, ProbabilisticUNet, ProbUNetOutput  # registers "prob_unet"
 from .unet import Encoder, UNet
 from . import zoo  # noqa: E402,F401  registers the zoo's models (unet, mc_dropout, ensemble, ssn, hpu_net, phiseg)
 
 __all__ = [
     "Encoder", "Fcomb", "GaussianHead", "LatentEncoder", "LossForward", "LossSettings", "ProbUNetOutput",
-    "ProbabilisticUNet", "SegmentationSampler", "UNet", "analytic_kl", "build_model", "diagonal_gaussian",
-    "model_names", "pick_raters", "register_model", "standard_gaussian",
+    "ProbabilisticUNet", "SegmentationModel", "SegmentationSampler", "UNet", "analytic_kl", "build_model",
+    "diagonal_gaussian", "model_names", "pick_raters", "register_model", "standard_gaussian",
 ]

@@ -31,19 +31,33 @@ batch first, so a window batch selects rows of it with :func:`index_context`.
 loss: their hooks run on ``forward``, so the trainer wraps ``LossForward(model)``
 instead of calling ``training_loss`` on the bare model.
 
+:class:`SegmentationModel` is the base class of every model here (the
+Probabilistic U-Net and the zoo): the interface attributes and their checks,
+``divisor``, the input check, the loss settings (:class:`LossSettings`, one type
+for every model) and the chunked sampling loop (:func:`chunked_samples`).
+
 Models are built by name (``model.name`` in the config, ``prob_unet`` when the
-config has no such key) with :func:`build_model`; a model registers its builder
-with :func:`register_model`.
+config has no such key) with :func:`probunet.models.registry.build_model`; a
+model registers its builder with :func:`~probunet.models.registry.register_model`
+(both also importable from here).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Protocol, runtime_checkable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
-DEFAULT_MODEL = "prob_unet"
+from ..config import ModelConfig, TrainConfig
+from ..losses import Geco, beta_schedule, build_geco
+from .registry import DEFAULT_MODEL, build_model, model_name, model_names, register_model  # noqa: F401
+
+RATER_MODES = ("random", "all")
+DEFAULTS = ModelConfig()  # every model key's default, stated once (in probunet.config.ModelConfig)
+CHUNK_SIZE = 16  # samples per chunk of SegmentationModel.sample (the Probabilistic U-Net's own: 32)
 
 
 @runtime_checkable
@@ -138,44 +152,199 @@ class LossForward(nn.Module):
         return self.model.training_loss(image, labels, step=step, num_raters=num_raters, generator=generator)
 
 
-# ----------------------------------------------------------------------------- registry
-
-Builder = Callable[[Any, Any], nn.Module]
-_REGISTRY: Dict[str, Builder] = {}
+# ----------------------------------------------------------------------------- loss settings
 
 
-def register_model(name: str, builder: Optional[Builder] = None):
-    """Register ``builder(model_cfg, train_cfg_or_None) -> model`` under ``name``; usable as a decorator."""
-    def add(fn: Builder) -> Builder:
-        if name in _REGISTRY and _REGISTRY[name] is not fn:
-            raise ValueError(f"a model named {name!r} is already registered")
-        _REGISTRY[name] = fn
-        return fn
+@dataclass
+class LossSettings:
+    """How a model's ``training_loss`` picks its targets and weighs its terms (from ``train.*``).
 
-    return add(builder) if builder is not None else add
+    beta, kl_warmup_steps: the KL weight of the latent-variable models and its
+    linear warm-up (:func:`probunet.losses.beta_schedule`); rater: ``random`` (one
+    rater per image) or ``all``; geco: a :class:`probunet.losses.Geco` to train
+    with the GECO constraint instead of the ELBO, or None; free_bits: the KL floor
+    per latent dimension (:func:`probunet.losses.kl_objective`); kl_balance: None
+    (the plain KL, or free bits on both nets) or the prior's share of KL balancing
+    (:func:`probunet.losses.balanced_kl_objective`; free bits then spare the
+    posterior only). A model uses the fields its objective has (the zoo's: rater,
+    beta and warm-up, GECO where it trains with it).
 
-
-def model_names() -> list[str]:
-    """The registered ``model.name`` values."""
-    return sorted(_REGISTRY)
-
-
-def model_name(model_cfg) -> str:
-    """``model_cfg.name`` (``prob_unet`` for configs without the key)."""
-    name = getattr(model_cfg, "name", None)
-    return DEFAULT_MODEL if name is None else str(name)
-
-
-def build_model(model_cfg, train_cfg=None) -> nn.Module:
-    """Build the model named by ``model_cfg.name`` from a :class:`probunet.config.ModelConfig`.
-
-    With ``train_cfg`` (a :class:`probunet.config.TrainConfig`) the model also
-    takes its loss settings from it (KL weight and warm-up, rater choice, GECO);
-    without, the defaults (enough for sampling and evaluation).
+    The Geco module is held here, not registered as a submodule: its buffers
+    (lambda, the constraint's moving average) stay out of the model's state dict,
+    so checkpoint keys are those of the bare network, old checkpoints load, and
+    the trainer keeps saving the Geco state on its own (``checkpoint["geco"]``)
+    and moves it to the device (``model.to`` does not).
     """
-    name = model_name(model_cfg)
-    if name not in _REGISTRY:
-        from ..config import ConfigError
 
-        raise ConfigError(f"model.name: unknown model {name!r}; known: {', '.join(model_names())}")
-    return _REGISTRY[name](model_cfg, train_cfg)
+    beta: float = TrainConfig.beta  # each default as train.* states it
+    kl_warmup_steps: int = TrainConfig.kl_warmup_steps
+    rater: str = TrainConfig.rater
+    geco: Optional[Geco] = None
+    free_bits: float = TrainConfig.free_bits
+    kl_balance: Optional[float] = TrainConfig.kl_balance
+
+    def __post_init__(self):
+        self.check()
+        self.beta, self.kl_warmup_steps, self.free_bits = float(self.beta), int(self.kl_warmup_steps), \
+            float(self.free_bits)
+        self.kl_balance = None if self.kl_balance is None else float(self.kl_balance)
+
+    def check(self) -> None:
+        """Raise ValueError for a value out of range."""
+        if self.rater not in RATER_MODES:
+            raise ValueError(f"rater must be 'random' or 'all', got {self.rater!r}")
+        if self.kl_warmup_steps < 0:
+            raise ValueError(f"kl_warmup_steps must be >= 0, got {self.kl_warmup_steps}")
+        if not self.free_bits >= 0:
+            raise ValueError(f"free_bits must be >= 0, got {self.free_bits}")
+        if self.kl_balance is not None and not 0.0 <= self.kl_balance <= 1.0:
+            raise ValueError(f"kl_balance must be in [0, 1] or None, got {self.kl_balance}")
+
+
+def loss_settings_from(train_cfg) -> LossSettings:
+    """:class:`LossSettings` of a :class:`probunet.config.TrainConfig` (the defaults for None; a key the
+    object lacks takes its default)."""
+    default = LossSettings()
+    if train_cfg is None:
+        return default
+    rater = getattr(train_cfg, "rater", default.rater)
+    if rater not in RATER_MODES:
+        raise ValueError(f"train.rater must be 'random' or 'all', got {rater!r}")
+    geco_cfg = getattr(train_cfg, "geco", None)
+    return LossSettings(beta=getattr(train_cfg, "beta", default.beta), rater=rater,
+                        kl_warmup_steps=getattr(train_cfg, "kl_warmup_steps", default.kl_warmup_steps),
+                        geco=build_geco(geco_cfg) if geco_cfg is not None else None,
+                        free_bits=getattr(train_cfg, "free_bits", default.free_bits),
+                        kl_balance=getattr(train_cfg, "kl_balance", default.kl_balance))
+
+
+# ----------------------------------------------------------------------------- the base class
+
+DrawChunk = Callable[[int, int, Optional[Tensor]], Tensor]
+
+
+def chunked_samples(num_samples: int, chunk_size: Optional[int], draw: DrawChunk) -> Tensor:
+    """The chunked sampling loop: ``draw(start, n, out)`` -> logits (B, n, C, *spatial) of samples
+    ``start .. start+n-1``, chunk after chunk of ``chunk_size`` samples (None or 0: all at once).
+
+    The first chunk is drawn with ``out=None``; when more follow, one output (B, S, C, *spatial) is
+    allocated and every later chunk is handed its slice ``out`` (a model may write into it; what
+    it returns is copied there otherwise), so memory is the output plus one chunk's intermediates.
+    Chunks are drawn in order, so draws from a generator come chunk after chunk.
+    """
+    step = num_samples if not chunk_size else max(1, int(chunk_size))
+    first = draw(0, min(step, num_samples), None)
+    if step >= num_samples:
+        return first
+    out = first.new_empty((first.shape[0], num_samples, *first.shape[2:]))
+    out[:, :step] = first
+    del first
+    for start in range(step, num_samples, step):
+        view = out[:, start:start + step]
+        chunk = draw(start, view.shape[1], view)
+        if chunk is not view:
+            view.copy_(chunk)
+    return out
+
+
+class SegmentationModel(nn.Module):
+    """Base class of probunet's models (the Probabilistic U-Net and the zoo).
+
+    A subclass calls :meth:`init_interface` in its constructor and implements
+    ``training_loss`` and either :meth:`prepare_samples` (then :meth:`sample` is
+    the chunked loop, ``chunk_size`` samples at a time) or ``sample`` itself.
+    """
+
+    noise_shape = None  # no fixed-size per-sample draw (see the module notes); a tuple where there is one
+    has_mean_sample = False  # whether sample(mean=True) exists (a deterministic mean segmentation)
+    spatial_dims: int
+    in_channels: int
+    num_classes: int
+    _divisor: int = 1
+
+    def init_interface(self, spatial_dims: int, in_channels: int, num_classes: int,
+                       features: Sequence[int]) -> tuple:
+        """Check and set ``spatial_dims``, ``in_channels``, ``num_classes``; ``divisor`` 2**(levels-1)
+        for ``features`` (channels per level); the default :class:`LossSettings`. Returns ``features``
+        as a tuple of ints."""
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if in_channels < 1:
+            raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+        if len(features) < 1:
+            raise ValueError("features must name at least one level")
+        self.spatial_dims, self.in_channels, self.num_classes = spatial_dims, in_channels, num_classes
+        self._divisor = 2 ** (len(features) - 1)
+        self.loss_settings = LossSettings()  # a plain object: nothing in the state dict
+        return tuple(int(f) for f in features)
+
+    @property
+    def divisor(self) -> int:
+        """Spatial sizes must be multiples of this."""
+        return self._divisor
+
+    def configure_loss(self, settings: Optional[LossSettings] = None, **fields):
+        """Set the :class:`LossSettings` used by ``training_loss`` (a settings object, or its fields as
+        keywords, the others at their defaults); returns the model."""
+        if settings is None:
+            settings = LossSettings(**fields)
+        elif fields:
+            raise TypeError("configure_loss: pass a LossSettings or its fields, not both")
+        settings.check()
+        self.loss_settings = settings
+        return self
+
+    def beta_at(self, step: int) -> float:
+        """The KL weight of step ``step`` (with the warm-up)."""
+        ls = self.loss_settings
+        return beta_schedule(ls.beta, step, ls.kl_warmup_steps)
+
+    def check_input(self, image: Tensor) -> None:
+        """Raise ValueError unless ``image`` is (B, in_channels, *spatial) with sizes multiples of ``divisor``."""
+        if image.dim() != self.spatial_dims + 2:
+            raise ValueError(f"image must be (B, C, *spatial) with {self.spatial_dims} spatial dims, "
+                             f"got shape {tuple(image.shape)}")
+        if image.shape[1] != self.in_channels:
+            raise ValueError(f"image has {image.shape[1]} channels, the model expects {self.in_channels}")
+        if any(s % self.divisor for s in image.shape[2:]):
+            raise ValueError(f"spatial size {tuple(image.shape[2:])} must be divisible by {self.divisor} "
+                             f"(2**(levels-1)); pad or crop the image")
+
+    def sampling_context(self):
+        """``torch.inference_mode`` when nothing needs gradients (eval mode or grad disabled)."""
+        return torch.inference_mode() if (not self.training or not torch.is_grad_enabled()) else nullcontext()
+
+    def check_sample_args(self, num_samples: int, noise=None, context=None, mean: bool = False) -> None:
+        """``num_samples`` >= 1; ``noise`` only for a model with a ``noise_shape``, ``context`` only for one
+        with ``sample_context``, ``mean`` only for one with a mean sample."""
+        if int(num_samples) < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if noise is not None and self.noise_shape is None:
+            raise ValueError("noise: this model has no fixed-size per-sample draw (noise_shape is None); "
+                             "pass a generator instead")
+        if context is not None and not hasattr(self, "sample_context"):
+            raise ValueError("context: this model has no image-level sampling context (no sample_context)")
+        if mean and not self.has_mean_sample:
+            raise ValueError("mean: this model has no mean sample")
+
+    def prepare_samples(self, image: Tensor, num_samples: int, *, generator: Optional[torch.Generator],
+                        noise: Optional[Tensor], context: Any, mean: bool) -> DrawChunk:
+        """What runs once per image (``image`` checked, under :meth:`sampling_context`); returns
+        ``draw(start, n, out)`` -> logits (B, n, C, *spatial) of samples ``start .. start+n-1``
+        (see :func:`chunked_samples`)."""
+        raise NotImplementedError
+
+    def sample(self, image: Tensor, num_samples: int, *, chunk_size: Optional[int] = CHUNK_SIZE,
+               generator: Optional[torch.Generator] = None, noise: Optional[Tensor] = None, context=None,
+               mean: bool = False) -> Tensor:
+        """image (B, C_in, *spatial) -> logits (B, S, C, *spatial): :meth:`prepare_samples` once, then its
+        draws ``chunk_size`` samples at a time (None: all at once). Runs under
+        ``torch.inference_mode`` when gradients are disabled or the model is in eval mode."""
+        self.check_sample_args(num_samples, noise, context, mean)
+        with self.sampling_context():
+            self.check_input(image)
+            draw = self.prepare_samples(image, num_samples, generator=generator, noise=noise, context=context,
+                                        mean=mean)
+            return chunked_samples(num_samples, chunk_size, draw)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence
 
@@ -10,41 +9,14 @@ import torch
 from torch import nn
 from torch.distributions import Independent
 
-from ..losses import Geco, balanced_kl_dims, balanced_kl_objective, beta_schedule, build_geco, elbo_loss
+from ..losses import balanced_kl_dims, balanced_kl_objective, elbo_loss
 from ._cpu import cpu_parallel_map, split_over_threads, to_channels_last
-from .base import pick_raters, register_model
+from .base import DEFAULTS as D, LossSettings, SegmentationModel, loss_settings_from, pick_raters  # noqa: F401
 from .fcomb import Fcomb
-from .init import init_weights
 from .gaussian import GaussianHead, analytic_kl, standard_gaussian
+from .init import init_weights
+from .registry import build_model, register_model  # noqa: F401  (build_model: the one builder, re-exported)
 from .unet import Encoder, UNet
-
-
-@dataclass
-class LossSettings:
-    """How :meth:`ProbabilisticUNet.training_loss` trains (from ``train.*`` of the config).
-
-    beta, kl_warmup_steps: the ELBO's KL weight and its linear warm-up
-    (:func:`probunet.losses.beta_schedule`); rater: ``random`` (one rater per
-    image) or ``all``; geco: a :class:`probunet.losses.Geco` to train with the
-    GECO constraint instead of the ELBO, or None; free_bits: the KL floor per
-    latent dimension (:func:`probunet.losses.kl_objective`); kl_balance: None (the
-    plain KL, or free bits on both nets) or the prior's share of KL balancing
-    (:func:`probunet.losses.balanced_kl_objective`; free bits then spare the
-    posterior only).
-
-    The Geco module is held here, not registered as a submodule: its buffers
-    (lambda, the constraint's moving average) stay out of the model's state dict,
-    so checkpoint keys are those of the bare network, old checkpoints load, and
-    the trainer keeps saving the Geco state on its own (``checkpoint["geco"]``)
-    and moves it to the device (``model.to`` does not).
-    """
-
-    beta: float = 1.0
-    kl_warmup_steps: int = 0
-    rater: str = "random"
-    geco: Optional[Geco] = None
-    free_bits: float = 0.0
-    kl_balance: Optional[float] = None
 
 
 @dataclass
@@ -92,7 +64,7 @@ class LatentEncoder(nn.Module):
         return feats.flatten(2).float().mean(dim=2)  # (B, C): spatial mean, fp32
 
 
-class ProbabilisticUNet(nn.Module):
+class ProbabilisticUNet(SegmentationModel):
     """Conditional VAE around a U-Net for sampling plausible segmentations.
 
     Args:
@@ -112,18 +84,16 @@ class ProbabilisticUNet(nn.Module):
             The mu / log-sigma heads keep their own near-zero start.
     """
 
-    def __init__(self, spatial_dims: int = 2, in_channels: int = 1, num_classes: int = 2,
-                 features: Sequence[int] = (32, 64, 128, 192), latent_dim: int = 6,
-                 fcomb_layers: int = 4, prior: str = "conditional", convs_per_level: int = 3,
-                 norm: Optional[str] = None, init: str = "he_normal"):
+    has_mean_sample = True  # sample(mean=True): every sample at the prior mean
+
+    def __init__(self, spatial_dims: int = D.spatial_dims, in_channels: int = D.in_channels,
+                 num_classes: int = D.num_classes, features: Sequence[int] = D.features,
+                 latent_dim: int = D.latent_dim, fcomb_layers: int = D.fcomb_layers, prior: str = D.prior,
+                 convs_per_level: int = D.convs_per_level, norm: Optional[str] = D.norm, init: str = D.init):
         super().__init__()
         if prior not in ("conditional", "standard"):
             raise ValueError(f"prior must be 'conditional' or 'standard', got {prior!r}")
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        self.spatial_dims = spatial_dims
-        self.in_channels = in_channels
-        self.num_classes = num_classes
+        self.init_interface(spatial_dims, in_channels, num_classes, features)
         self.latent_dim = latent_dim
         self.prior_type = prior
         self.unet = UNet(spatial_dims, in_channels, features, convs_per_level, norm=norm, init=init)
@@ -136,7 +106,6 @@ class ProbabilisticUNet(nn.Module):
                      self.prior_net.encoder if self.prior_net is not None else None):
             if part is not None:
                 init_weights(part, init)
-        self.loss_settings = LossSettings()  # a plain object: nothing in the state dict
 
     # -- the model interface (probunet.models.base.SegmentationSampler) -----------
 
@@ -144,27 +113,6 @@ class ProbabilisticUNet(nn.Module):
     def noise_shape(self) -> tuple:
         """Shape of one sample's standard-normal draw: the latent ``eps`` (latent_dim,)."""
         return (self.latent_dim,)
-
-    def configure_loss(self, *, beta: float = 1.0, kl_warmup_steps: int = 0, rater: str = "random",
-                       geco: Optional[Geco] = None, free_bits: float = 0.0,
-                       kl_balance: Optional[float] = None) -> "ProbabilisticUNet":
-        """Set the :class:`LossSettings` used by :meth:`training_loss`; returns the model."""
-        if rater not in ("random", "all"):
-            raise ValueError(f"rater must be 'random' or 'all', got {rater!r}")
-        if kl_warmup_steps < 0:
-            raise ValueError(f"kl_warmup_steps must be >= 0, got {kl_warmup_steps}")
-        if not free_bits >= 0:
-            raise ValueError(f"free_bits must be >= 0, got {free_bits}")
-        if kl_balance is not None and not 0.0 <= kl_balance <= 1.0:
-            raise ValueError(f"kl_balance must be in [0, 1] or None, got {kl_balance}")
-        self.loss_settings = LossSettings(float(beta), int(kl_warmup_steps), rater, geco, float(free_bits),
-                                          None if kl_balance is None else float(kl_balance))
-        return self
-
-    def beta_at(self, step: int) -> float:
-        """The KL weight of step ``step`` (with the warm-up)."""
-        ls = self.loss_settings
-        return beta_schedule(ls.beta, step, ls.kl_warmup_steps)
 
     def training_loss(self, image: torch.Tensor, labels: torch.Tensor, *, step: int,
                       num_raters: Optional[torch.Tensor] = None,
@@ -204,26 +152,9 @@ class ProbabilisticUNet(nn.Module):
         image and each window is sampled with ``context=`` these rows.
         """
         self.check_input(image)
-        ctx = torch.inference_mode() if (not self.training or not torch.is_grad_enabled()) else nullcontext()
-        with ctx:
+        with self.sampling_context():
             prior = self.prior(image)
             return {"loc": prior.base_dist.loc.float(), "scale": prior.base_dist.scale.float()}
-
-    @property
-    def divisor(self) -> int:
-        """Spatial sizes must be multiples of this."""
-        return self.unet.divisor
-
-    def check_input(self, image: torch.Tensor) -> None:
-        if image.dim() != self.spatial_dims + 2:
-            raise ValueError(f"image must be (B, C, *spatial) with {self.spatial_dims} spatial dims, "
-                             f"got shape {tuple(image.shape)}")
-        if image.shape[1] != self.in_channels:
-            raise ValueError(f"image has {image.shape[1]} channels, the model expects {self.in_channels}")
-        bad = [s for s in image.shape[2:] if s % self.divisor]
-        if bad:
-            raise ValueError(f"spatial size {tuple(image.shape[2:])} must be divisible by {self.divisor} "
-                             f"(2**(levels-1)); pad or crop the image")
 
     def prior(self, image: torch.Tensor) -> Independent:
         """p(z|x) for image (B, C_in, *spatial); N(0, I) with ``prior='standard'``."""
@@ -287,65 +218,49 @@ class ProbabilisticUNet(nn.Module):
         (or of a larger image this one is a window of) instead of the prior of
         ``image`` itself.
         """
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        ctx = torch.inference_mode() if (not self.training or not torch.is_grad_enabled()) else nullcontext()
-        with ctx:
-            self.check_input(image)
-            b, dev = image.shape[0], image.device
-            if noise is not None:
-                if tuple(noise.shape) != (b, num_samples, self.latent_dim):
-                    raise ValueError(f"noise must be (B, S, latent_dim) = ({b}, {num_samples}, {self.latent_dim}), "
-                                     f"got {tuple(noise.shape)}")
-                eps = noise.to(dev, torch.float32)
-            elif mean:
-                eps = torch.zeros(b, num_samples, self.latent_dim, device=dev)
-            elif generator is None or generator.device.type == dev.type:
-                eps = torch.randn(b, num_samples, self.latent_dim, device=dev, generator=generator)
-            else:
-                eps = torch.randn(b, num_samples, self.latent_dim, generator=generator).to(dev)
-            if dev.type == "cpu" and self.spatial_dims == 2:
-                image = to_channels_last(image)  # ~2x faster convs on CPU (oneDNN)
-            features = self.unet(image)
-            if context is None:
-                prior = self.prior(image)
-                loc, scale = prior.base_dist.loc, prior.base_dist.scale  # (B, D) fp32
-            else:
-                loc, scale = context["loc"].to(dev, torch.float32), context["scale"].to(dev, torch.float32)
-                if loc.shape != (b, self.latent_dim) or scale.shape != (b, self.latent_dim):
-                    raise ValueError(f"context loc/scale must be (B, latent_dim) = ({b}, {self.latent_dim}), "
-                                     f"got {tuple(loc.shape)} and {tuple(scale.shape)}")
-            z = loc.unsqueeze(1) + scale.unsqueeze(1) * eps  # (B, S, D)
-            feat_term = self.fcomb.feature_term(features)  # (B, F, *spatial), once per image
-            step = num_samples if not chunk_size else max(1, int(chunk_size))
-            first = self.fcomb.combine(feat_term, z[:, :step])  # (B, s, C, *spatial)
-            if step >= num_samples:
-                return first
-            out = first.new_empty((b, num_samples, *first.shape[2:]))
-            out[:, :step] = first
-            del first
-            for i in range(step, num_samples, step):
-                self.fcomb.combine(feat_term, z[:, i:i + step], out=out[:, i:i + step])
-            return out
+        return super().sample(image, num_samples, chunk_size=chunk_size, generator=generator, noise=noise,
+                              context=context, mean=mean)
+
+    def prepare_samples(self, image: torch.Tensor, num_samples: int, *, generator: Optional[torch.Generator],
+                        noise: Optional[torch.Tensor], context: Optional[Dict[str, Any]], mean: bool):
+        """The U-Net, the prior (or ``context``) and every latent, once; the draws run f_comb only."""
+        b, dev = image.shape[0], image.device
+        if noise is not None:
+            if tuple(noise.shape) != (b, num_samples, self.latent_dim):
+                raise ValueError(f"noise must be (B, S, latent_dim) = ({b}, {num_samples}, {self.latent_dim}), "
+                                 f"got {tuple(noise.shape)}")
+            eps = noise.to(dev, torch.float32)
+        elif mean:
+            eps = torch.zeros(b, num_samples, self.latent_dim, device=dev)
+        elif generator is None or generator.device.type == dev.type:
+            eps = torch.randn(b, num_samples, self.latent_dim, device=dev, generator=generator)
+        else:
+            eps = torch.randn(b, num_samples, self.latent_dim, generator=generator).to(dev)
+        if dev.type == "cpu" and self.spatial_dims == 2:
+            image = to_channels_last(image)  # ~2x faster convs on CPU (oneDNN)
+        features = self.unet(image)
+        if context is None:
+            prior = self.prior(image)
+            loc, scale = prior.base_dist.loc, prior.base_dist.scale  # (B, D) fp32
+        else:
+            loc, scale = context["loc"].to(dev, torch.float32), context["scale"].to(dev, torch.float32)
+            if loc.shape != (b, self.latent_dim) or scale.shape != (b, self.latent_dim):
+                raise ValueError(f"context loc/scale must be (B, latent_dim) = ({b}, {self.latent_dim}), "
+                                 f"got {tuple(loc.shape)} and {tuple(scale.shape)}")
+        z = loc.unsqueeze(1) + scale.unsqueeze(1) * eps  # (B, S, D)
+        feat_term = self.fcomb.feature_term(features)  # (B, F, *spatial), once per image
+        return lambda start, n, out: self.fcomb.combine(feat_term, z[:, start:start + n], out=out)
 
 
-def build_model(model_cfg) -> ProbabilisticUNet:
-    """Build a :class:`ProbabilisticUNet` from a :class:`probunet.config.ModelConfig`."""
-    return ProbabilisticUNet(
+@register_model("prob_unet")
+def build_prob_unet(model_cfg, train_cfg=None) -> ProbabilisticUNet:
+    """``model.name: prob_unet``: a :class:`ProbabilisticUNet` from a :class:`probunet.config.ModelConfig`,
+    with the loss settings of ``train_cfg`` when given."""
+    model = ProbabilisticUNet(
         spatial_dims=model_cfg.spatial_dims, in_channels=model_cfg.in_channels,
         num_classes=model_cfg.num_classes, features=tuple(model_cfg.features),
         latent_dim=model_cfg.latent_dim, fcomb_layers=model_cfg.fcomb_layers,
         prior=model_cfg.prior, convs_per_level=model_cfg.convs_per_level, norm=model_cfg.norm,
-        init=getattr(model_cfg, "init", "he_normal"),
+        init=getattr(model_cfg, "init", D.init),
     )
-
-
-@register_model("prob_unet")
-def _build_from_config(model_cfg, train_cfg=None) -> ProbabilisticUNet:
-    """Registry builder: :func:`build_model`, with the loss settings of ``train_cfg`` when given."""
-    model = build_model(model_cfg)
-    if train_cfg is not None:
-        model.configure_loss(beta=train_cfg.beta, kl_warmup_steps=train_cfg.kl_warmup_steps, rater=train_cfg.rater,
-                             geco=build_geco(train_cfg.geco), free_bits=getattr(train_cfg, "free_bits", 0.0),
-                             kl_balance=getattr(train_cfg, "kl_balance", None))
-    return model
+    return model.configure_loss(loss_settings_from(train_cfg))

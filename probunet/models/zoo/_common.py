@@ -1,60 +1,30 @@
-"""What the zoo's models share: input checks, loss settings, seeded draws, diagonal Gaussians over maps.
+"""What the zoo's models share besides their base class: reading ``model.*``, seeded draws, diagonal
+Gaussians over maps.
 
-Nothing here is a network; the convolutional building blocks come from
-:mod:`probunet.models.unet`.
+The base class (interface, input checks, loss settings, the chunked sampling
+loop) is :class:`probunet.models.base.SegmentationModel`. Nothing here is a
+network; the convolutional building blocks come from :mod:`probunet.models.unet`.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Normal, kl_divergence
 
-from ...losses import Geco, build_geco
+from ..base import DEFAULTS
 from ..gaussian import LOG_SIGMA_MAX, LOG_SIGMA_MIN
 
-RATER_MODES = ("random", "all")
 
-
-@dataclass
-class ZooLossSettings:
-    """How a zoo model's ``training_loss`` picks targets and weighs its terms (from ``train.*``).
-
-    rater: ``random`` (one rater per image) or ``all``; beta / kl_warmup_steps: the KL
-    weight of the latent-variable models and its warm-up; geco: a
-    :class:`probunet.losses.Geco` (held here, not as a submodule, so that the model's
-    state dict stays the bare network's, as for the Probabilistic U-Net).
-    """
-
-    rater: str = "random"
-    beta: float = 1.0
-    kl_warmup_steps: int = 0
-    geco: Optional[Geco] = None
-
-
-def loss_settings_from(train_cfg) -> ZooLossSettings:
-    """:class:`ZooLossSettings` of a :class:`probunet.config.TrainConfig` (the defaults for None)."""
-    if train_cfg is None:
-        return ZooLossSettings()
-    rater = getattr(train_cfg, "rater", "random")
-    if rater not in RATER_MODES:
-        raise ValueError(f"train.rater must be 'random' or 'all', got {rater!r}")
-    geco_cfg = getattr(train_cfg, "geco", None)
-    return ZooLossSettings(rater=rater, beta=float(getattr(train_cfg, "beta", 1.0)),
-                           kl_warmup_steps=int(getattr(train_cfg, "kl_warmup_steps", 0)),
-                           geco=build_geco(geco_cfg) if geco_cfg is not None else None)
-
-
-def option(model_cfg, key: str, default, kind=None):
-    """``model_cfg.<key>`` (``default`` when the config has no such key), converted by ``kind``."""
+def option(model_cfg, key: str, kind=None, default=None):
+    """``model_cfg.<key>`` converted by ``kind``; when the config has no such key (or it is None),
+    ``default`` or else the key's default in :class:`probunet.config.ModelConfig`."""
     value = getattr(model_cfg, key, None)
     if value is None:
-        value = default
+        value = default if default is not None else getattr(DEFAULTS, key)
     return kind(value) if (kind is not None and value is not None) else value
 
 
@@ -62,73 +32,14 @@ def common_args(model_cfg) -> dict:
     """The constructor arguments every zoo model reads from ``model.*``."""
     return dict(spatial_dims=int(model_cfg.spatial_dims), in_channels=int(model_cfg.in_channels),
                 num_classes=int(model_cfg.num_classes), features=tuple(int(f) for f in model_cfg.features),
-                convs_per_level=int(getattr(model_cfg, "convs_per_level", 3)),
-                norm=getattr(model_cfg, "norm", None), init=getattr(model_cfg, "init", "he_normal"))
+                convs_per_level=option(model_cfg, "convs_per_level", int), norm=getattr(model_cfg, "norm", None),
+                init=option(model_cfg, "init"))
 
 
-class ZooModel(nn.Module):
-    """Base of the zoo's models: the interface attributes and the input check.
-
-    Subclasses set ``spatial_dims``, ``in_channels``, ``num_classes`` and ``_divisor``.
-    """
-
-    noise_shape = None  # no fixed-size per-sample draw (see probunet.models.base)
-    spatial_dims: int
-    in_channels: int
-    num_classes: int
-    _divisor: int = 1
-
-    def _init_interface(self, spatial_dims: int, in_channels: int, num_classes: int,
-                        features: Sequence[int]) -> None:
-        if spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        if in_channels < 1:
-            raise ValueError(f"in_channels must be >= 1, got {in_channels}")
-        if len(features) < 1:
-            raise ValueError("features must name at least one level")
-        self.spatial_dims, self.in_channels, self.num_classes = spatial_dims, in_channels, num_classes
-        self._divisor = 2 ** (len(features) - 1)
-        self.loss_settings = ZooLossSettings()
-
-    @property
-    def divisor(self) -> int:
-        """Spatial sizes must be multiples of this."""
-        return self._divisor
-
-    def configure_loss(self, settings: ZooLossSettings):
-        """Set the loss settings (rater choice, KL weight, GECO); returns the model."""
-        if settings.rater not in RATER_MODES:
-            raise ValueError(f"rater must be 'random' or 'all', got {settings.rater!r}")
-        self.loss_settings = settings
-        return self
-
-    def check_input(self, image: Tensor) -> None:
-        if image.dim() != self.spatial_dims + 2:
-            raise ValueError(f"image must be (B, C, *spatial) with {self.spatial_dims} spatial dims, "
-                             f"got shape {tuple(image.shape)}")
-        if image.shape[1] != self.in_channels:
-            raise ValueError(f"image has {image.shape[1]} channels, the model expects {self.in_channels}")
-        if any(s % self.divisor for s in image.shape[2:]):
-            raise ValueError(f"spatial size {tuple(image.shape[2:])} must be divisible by {self.divisor} "
-                             f"(2**(levels-1)); pad or crop the image")
-
-    def sampling_context(self):
-        """``torch.inference_mode`` when nothing needs gradients (eval mode or grad disabled)."""
-        return torch.inference_mode() if (not self.training or not torch.is_grad_enabled()) else nullcontext()
-
-
-def check_num_samples(num_samples: int, noise=None, context=None) -> None:
-    """``num_samples`` >= 1; ``noise`` and ``context`` must be None (the zoo's models have no fixed-size
-    per-sample draw, ``noise_shape`` None, and no image-level sampling context)."""
-    if int(num_samples) < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    if noise is not None:
-        raise ValueError("noise: this model has no fixed-size per-sample draw (noise_shape is None); "
-                         "pass a generator instead")
-    if context is not None:
-        raise ValueError("context: this model has no image-level sampling context (no sample_context)")
+def check_latent_levels(latent_levels: int, levels: int) -> None:
+    """A hierarchical model's ``latent_levels``: 1 .. ``levels`` (at most one latent scale per U-Net level)."""
+    if not 1 <= latent_levels <= levels:
+        raise ValueError(f"latent_levels must be in 1..{levels} (the number of levels), got {latent_levels}")
 
 
 def draw(shape, generator: Optional[torch.Generator], device, kind: str = "normal") -> Tensor:

@@ -23,22 +23,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..base import pick_raters, register_model
+from ..base import SegmentationModel, loss_settings_from, pick_raters
+from ..registry import register_model
 from ..unet import UNet
-from ._common import ZooModel, check_num_samples, common_args, draw, loss_settings_from, option
+from ._common import DEFAULTS as D, common_args, draw, option
 
 BATCH_MODES = ("bootstrap", "shuffle", "same")
 
 
-class DeepEnsemble(ZooModel):
+class DeepEnsemble(SegmentationModel):
     """M independently initialised U-Nets; sample s is member s mod M."""
 
-    def __init__(self, spatial_dims: int = 2, in_channels: int = 1, num_classes: int = 2,
-                 features: Sequence[int] = (32, 64, 128, 192), convs_per_level: int = 3,
-                 norm: Optional[str] = None, init: str = "he_normal", members: int = 4,
-                 batch_mode: str = "bootstrap"):
+    def __init__(self, spatial_dims: int = D.spatial_dims, in_channels: int = D.in_channels,
+                 num_classes: int = D.num_classes, features: Sequence[int] = D.features,
+                 convs_per_level: int = D.convs_per_level, norm: Optional[str] = D.norm, init: str = D.init,
+                 members: int = D.ensemble_size,
+                 batch_mode: str = D.ensemble_batch):
         super().__init__()
-        self._init_interface(spatial_dims, in_channels, num_classes, features)
+        self.init_interface(spatial_dims, in_channels, num_classes, features)
         if members < 1:
             raise ValueError(f"ensemble_size must be >= 1, got {members}")
         if batch_mode not in BATCH_MODES:
@@ -87,7 +89,7 @@ class DeepEnsemble(ZooModel):
                noise: Optional[Tensor] = None, context=None) -> Tensor:
         """image (B, C_in, *spatial) -> logits (B, S, C, *spatial), sample s from member s mod M
         (deterministic: ``generator`` is not used). Members needed by no sample are not run."""
-        check_num_samples(num_samples, noise, context)
+        self.check_sample_args(num_samples, noise, context)
         with self.sampling_context():
             self.check_input(image)
             used = min(num_samples, self.num_members)
@@ -98,7 +100,13 @@ class DeepEnsemble(ZooModel):
 
 @register_model("ensemble")
 def build_ensemble(model_cfg, train_cfg=None) -> DeepEnsemble:
-    """``model.name: ensemble``; options ``model.ensemble_size`` (4), ``model.ensemble_batch`` (bootstrap)."""
-    model = DeepEnsemble(**common_args(model_cfg), members=option(model_cfg, "ensemble_size", 4, int),
-                         batch_mode=option(model_cfg, "ensemble_batch", "bootstrap", str))
+    """``model.name: ensemble``; options ``model.ensemble_size`` (4), ``model.ensemble_batch`` (bootstrap),
+    ``model.member`` (null or ``unet``: these U-Nets; any other model: :mod:`.member_ensemble`)."""
+    member = option(model_cfg, "member", str)
+    if member not in (None, "unet"):
+        from .member_ensemble import build_member_ensemble
+
+        return build_member_ensemble(model_cfg, train_cfg, member)
+    model = DeepEnsemble(**common_args(model_cfg), members=option(model_cfg, "ensemble_size", int),
+                         batch_mode=option(model_cfg, "ensemble_batch", str))
     return model.configure_loss(loss_settings_from(train_cfg))

@@ -44,12 +44,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from monai.networks.layers.factories import Pool
 
-from ...losses import beta_schedule, elbo_loss
-from ..base import pick_raters, register_model
+from ...losses import elbo_loss
+from ..base import SegmentationModel, loss_settings_from, pick_raters
+from ..registry import register_model
 from ..init import init_weights
-from ._common import (ZooModel, check_num_samples, common_args, conv1x1, latent_level, loss_settings_from, map_kl,
-                      onehot, option, upsample)
+from ._common import (DEFAULTS as D, check_latent_levels, common_args, conv1x1, latent_level, map_kl, onehot,
+                      option, upsample)
 
+LATENT_LEVELS = 3  # model.latent_levels of hpu_net when the config leaves it null (at most len(features))
 RESIDUAL_INIT_SCALE = 0.1  # the last conv of every residual branch: He-normal times this
 Gaussian = Tuple[Tensor, Tensor]  # (mu, sigma), each (B, K, *spatial)
 
@@ -152,25 +154,24 @@ def topk_pixels(logits: Tensor, target: Tensor, fraction: float) -> Tuple[Tensor
     return flat_logits.gather(2, idx.unsqueeze(1).expand(b, c, k)), flat_target.gather(1, idx)
 
 
-class HierarchicalProbUNet(ZooModel):
+class HierarchicalProbUNet(SegmentationModel):
     """The hierarchical Probabilistic U-Net; see the module docstring."""
 
-    def __init__(self, spatial_dims: int = 2, in_channels: int = 1, num_classes: int = 2,
-                 features: Sequence[int] = (32, 64, 128, 192), convs_per_level: int = 3,
-                 norm: Optional[str] = None, init: str = "he_normal", latent_levels: int = 3,
-                 latent_channels: int = 2, res_blocks: int = 1, topk_fraction: float = 1.0,
-                 sample_chunk: int = 16):
+    def __init__(self, spatial_dims: int = D.spatial_dims, in_channels: int = D.in_channels,
+                 num_classes: int = D.num_classes, features: Sequence[int] = D.features,
+                 convs_per_level: int = D.convs_per_level, norm: Optional[str] = D.norm, init: str = D.init,
+                 latent_levels: int = LATENT_LEVELS,
+                 latent_channels: int = D.latent_channels, res_blocks: int = D.res_blocks,
+                 topk_fraction: float = D.topk_fraction):
         super().__init__()
-        self._init_interface(spatial_dims, in_channels, num_classes, features)
-        feats = tuple(int(f) for f in features)
-        if not 1 <= latent_levels <= len(feats):
-            raise ValueError(f"latent_levels must be in 1..{len(feats)} (the number of levels), got {latent_levels}")
+        feats = self.init_interface(spatial_dims, in_channels, num_classes, features)
+        check_latent_levels(latent_levels, len(feats))
         if latent_channels < 1 or res_blocks < 1:
             raise ValueError(f"latent_channels and res_blocks must be >= 1, got {latent_channels}, {res_blocks}")
         if not 0.0 < topk_fraction <= 1.0:
             raise ValueError(f"topk_fraction must be in (0, 1], got {topk_fraction}")
         self.latent_levels, self.latent_channels = int(latent_levels), int(latent_channels)
-        self.topk_fraction, self.sample_chunk = float(topk_fraction), int(sample_chunk)
+        self.topk_fraction = float(topk_fraction)
         self.prior_net = HierarchicalUNet(spatial_dims, in_channels, feats, latent_levels, latent_channels,
                                           res_blocks, num_classes)
         self.posterior_net = HierarchicalUNet(spatial_dims, in_channels + num_classes, feats, latent_levels,
@@ -208,36 +209,33 @@ class HierarchicalProbUNet(ZooModel):
         if ls.geco is not None:
             terms = ls.geco(logits, tgt, out["kl"])
         else:
-            terms = elbo_loss(logits, tgt, out["kl"], beta=beta_schedule(ls.beta, step, ls.kl_warmup_steps))
+            terms = elbo_loss(logits, tgt, out["kl"], beta=self.beta_at(step))
         for level, kl in enumerate(out["kl_levels"].mean(dim=0)):
             terms[f"kl_level{level}"] = kl.detach()
         return terms
 
-    def sample(self, image: Tensor, num_samples: int, *, generator: Optional[torch.Generator] = None,
-               noise: Optional[Tensor] = None, context=None, mean: bool = False) -> Tensor:
-        """image (B, C_in, *spatial) -> logits (B, S, C, *spatial) from the prior hierarchy (z_l drawn from
-        ``generator`` level after level, ``sample_chunk`` samples at a time); ``mean``: every z_l the
-        prior mean."""
-        check_num_samples(num_samples, noise, context)
-        with self.sampling_context():
-            self.check_input(image)
-            skips = self.prior_net.encode(image)
-            b, out = image.shape[0], []
-            for start in range(0, num_samples, max(1, self.sample_chunk)):
-                n = min(self.sample_chunk, num_samples - start)
-                logits = self.prior_net.decode(skips, repeats=n, generator=generator, mean=mean)[2]
-                out.append(logits.view(b, n, *logits.shape[1:]))
-            return torch.cat(out, dim=1)
+    has_mean_sample = True  # sample(mean=True): every z_l the prior mean
+
+    def prepare_samples(self, image: Tensor, num_samples: int, *, generator: Optional[torch.Generator],
+                        noise=None, context=None, mean: bool = False):
+        """The prior net's encoder once per image; each chunk of :meth:`sample` decodes ``n`` copies of
+        each image, z_l drawn from ``generator`` level after level (``mean``: the prior means)."""
+        skips, b = self.prior_net.encode(image), image.shape[0]
+
+        def draw_chunk(start: int, n: int, out: Optional[Tensor]) -> Tensor:
+            logits = self.prior_net.decode(skips, repeats=n, generator=generator, mean=mean)[2]
+            return logits.view(b, n, *logits.shape[1:])
+
+        return draw_chunk
 
 
 @register_model("hpu_net")
 def build_hpu_net(model_cfg, train_cfg=None) -> HierarchicalProbUNet:
-    """``model.name: hpu_net``; options ``model.latent_levels`` (3, at most len(features)),
-    ``model.latent_channels`` (2), ``model.res_blocks`` (1), ``model.topk_fraction`` (1.0: off)."""
+    """``model.name: hpu_net``; options ``model.latent_levels`` (null: :data:`LATENT_LEVELS`, at most
+    len(features)), ``model.latent_channels``, ``model.res_blocks``, ``model.topk_fraction`` (1.0: off)."""
     args = common_args(model_cfg)
     model = HierarchicalProbUNet(
-        **args, latent_levels=option(model_cfg, "latent_levels", min(3, len(args["features"])), int),
-        latent_channels=option(model_cfg, "latent_channels", 2, int),
-        res_blocks=option(model_cfg, "res_blocks", 1, int),
-        topk_fraction=option(model_cfg, "topk_fraction", 1.0, float))
+        **args, latent_levels=option(model_cfg, "latent_levels", int, min(LATENT_LEVELS, len(args["features"]))),
+        latent_channels=option(model_cfg, "latent_channels", int), res_blocks=option(model_cfg, "res_blocks", int),
+        topk_fraction=option(model_cfg, "topk_fraction", float))
     return model.configure_loss(loss_settings_from(train_cfg))

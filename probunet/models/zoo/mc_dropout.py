@@ -25,25 +25,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..base import pick_raters, register_model
+from ..base import SegmentationModel, loss_settings_from, pick_raters
+from ..registry import register_model
 from ..init import init_weights
 from ..unet import Encoder, conv_block
-from ._common import ZooModel, check_num_samples, common_args, conv1x1, draw, loss_settings_from, option, upsample
+from ._common import DEFAULTS as D, common_args, conv1x1, draw, option, upsample
 
 
-class MCDropoutUNet(ZooModel):
+class MCDropoutUNet(SegmentationModel):
     """U-Net with channel dropout after each decoder block, active when training and when sampling."""
 
-    def __init__(self, spatial_dims: int = 2, in_channels: int = 1, num_classes: int = 2,
-                 features: Sequence[int] = (32, 64, 128, 192), convs_per_level: int = 3,
-                 norm: Optional[str] = None, init: str = "he_normal", dropout: float = 0.5,
-                 mc_sampling: bool = True, sample_chunk: int = 16):
+    def __init__(self, spatial_dims: int = D.spatial_dims, in_channels: int = D.in_channels,
+                 num_classes: int = D.num_classes, features: Sequence[int] = D.features,
+                 convs_per_level: int = D.convs_per_level, norm: Optional[str] = D.norm, init: str = D.init,
+                 dropout: float = D.dropout,
+                 mc_sampling: bool = D.mc_sampling):
         super().__init__()
-        self._init_interface(spatial_dims, in_channels, num_classes, features)
+        feats = self.init_interface(spatial_dims, in_channels, num_classes, features)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        self.dropout, self.mc_sampling, self.sample_chunk = float(dropout), bool(mc_sampling), int(sample_chunk)
-        feats = tuple(int(f) for f in features)
+        self.dropout, self.mc_sampling = float(dropout), bool(mc_sampling)
         self.encoder = Encoder(spatial_dims, in_channels, feats, convs_per_level, norm=norm)
         self.decoder = nn.ModuleList(conv_block(spatial_dims, feats[i + 1] + feats[i], feats[i], convs_per_level,
                                                 norm=norm) for i in range(len(feats) - 2, -1, -1))
@@ -82,32 +83,27 @@ class MCDropoutUNet(ZooModel):
         ce = F.cross_entropy(self(image, dropout=True).float(), target.long(), reduction="none").flatten(1)
         return {"loss": ce.mean(), "ce_mean": ce.mean(), "ce_sum": ce.sum(dim=1).mean()}
 
-    def sample(self, image: Tensor, num_samples: int, *, generator: Optional[torch.Generator] = None,
-               noise: Optional[Tensor] = None, context=None) -> Tensor:
-        """image (B, C_in, *spatial) -> logits (B, S, C, *spatial); sample s uses its own dropout masks.
+    def prepare_samples(self, image: Tensor, num_samples: int, *, generator: Optional[torch.Generator],
+                        noise=None, context=None, mean: bool = False):
+        """The encoder once per image; each chunk of :meth:`sample` runs the decoder on ``n`` copies of
+        each image, every copy with its own dropout masks from ``generator`` (with ``mc_sampling``
+        off: the deterministic network once, every sample equal)."""
+        skips = self.encoder(image)
+        b = image.shape[0]
+        if not self.mc_sampling:
+            fixed = self._decode(skips, 1, False, None).unsqueeze(1)  # (B, 1, C, *spatial)
+            return lambda start, n, out: fixed.expand(-1, n, *fixed.shape[2:]).clone()
 
-        The decoder runs on ``sample_chunk`` samples per image at a time; masks are
-        drawn chunk after chunk from ``generator``.
-        """
-        check_num_samples(num_samples, noise, context)
-        with self.sampling_context():
-            self.check_input(image)
-            skips = self.encoder(image)
-            b = image.shape[0]
-            if not self.mc_sampling:
-                logits = self._decode(skips, 1, False, None)
-                return logits.unsqueeze(1).expand(-1, num_samples, *logits.shape[1:]).clone()
-            chunks = []
-            for start in range(0, num_samples, max(1, self.sample_chunk)):
-                n = min(self.sample_chunk, num_samples - start)
-                out = self._decode(skips, n, True, generator)
-                chunks.append(out.view(b, n, *out.shape[1:]))
-            return torch.cat(chunks, dim=1)
+        def draw_chunk(start: int, n: int, out: Optional[Tensor]) -> Tensor:
+            logits = self._decode(skips, n, True, generator)
+            return logits.view(b, n, *logits.shape[1:])
+
+        return draw_chunk
 
 
 @register_model("mc_dropout")
 def build_mc_dropout(model_cfg, train_cfg=None) -> MCDropoutUNet:
-    """``model.name: mc_dropout``; options ``model.dropout`` (0.5) and ``model.mc_sampling`` (true)."""
-    model = MCDropoutUNet(**common_args(model_cfg), dropout=option(model_cfg, "dropout", 0.5, float),
-                          mc_sampling=option(model_cfg, "mc_sampling", True, bool))
+    """``model.name: mc_dropout``; options ``model.dropout`` and ``model.mc_sampling``."""
+    model = MCDropoutUNet(**common_args(model_cfg), dropout=option(model_cfg, "dropout", float),
+                          mc_sampling=option(model_cfg, "mc_sampling", bool))
     return model.configure_loss(loss_settings_from(train_cfg))

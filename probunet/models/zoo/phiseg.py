@@ -34,12 +34,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...losses import beta_schedule
-from ..base import pick_raters, register_model
+from ...errors import ConfigError
+from ..base import SegmentationModel, loss_settings_from, pick_raters
+from ..registry import register_model
 from ..init import init_weights
 from ..unet import Encoder, conv_block
-from ._common import (ZooModel, check_num_samples, common_args, conv1x1, latent_level, loss_settings_from, map_kl,
-                      onehot, option, upsample)
+from ._common import (DEFAULTS as D, check_latent_levels, common_args, conv1x1, latent_level, map_kl, onehot,
+                      option, upsample)
+
+LATENT_LEVELS = 5  # model.latent_levels of phiseg when the config leaves it null (at most len(features))
 
 
 class LatentHierarchy(nn.Module):
@@ -116,22 +119,20 @@ class Likelihood(nn.Module):
         return outs
 
 
-class PHiSeg(ZooModel):
+class PHiSeg(SegmentationModel):
     """PHiSeg; see the module docstring."""
 
-    def __init__(self, spatial_dims: int = 2, in_channels: int = 1, num_classes: int = 2,
-                 features: Sequence[int] = (32, 64, 128, 192), convs_per_level: int = 3,
-                 norm: Optional[str] = None, init: str = "he_normal", latent_levels: int = 5,
-                 latent_channels: int = 2, sample_chunk: int = 16):
+    def __init__(self, spatial_dims: int = D.spatial_dims, in_channels: int = D.in_channels,
+                 num_classes: int = D.num_classes, features: Sequence[int] = D.features,
+                 convs_per_level: int = D.convs_per_level, norm: Optional[str] = D.norm, init: str = D.init,
+                 latent_levels: int = LATENT_LEVELS,
+                 latent_channels: int = D.latent_channels):
         super().__init__()
-        self._init_interface(spatial_dims, in_channels, num_classes, features)
-        feats = tuple(int(f) for f in features)
-        if not 1 <= latent_levels <= len(feats):
-            raise ValueError(f"latent_levels must be in 1..{len(feats)} (the number of levels), got {latent_levels}")
+        feats = self.init_interface(spatial_dims, in_channels, num_classes, features)
+        check_latent_levels(latent_levels, len(feats))
         if latent_channels < 1:
             raise ValueError(f"latent_channels must be >= 1, got {latent_channels}")
-        self.latent_levels, self.latent_channels, self.sample_chunk = int(latent_levels), int(latent_channels), \
-            int(sample_chunk)
+        self.latent_levels, self.latent_channels = int(latent_levels), int(latent_channels)
         args = (feats, self.latent_levels, self.latent_channels)
         self.prior_net = LatentHierarchy(spatial_dims, in_channels, *args, convs_per_level, norm)
         self.posterior_net = LatentHierarchy(spatial_dims, in_channels + num_classes, *args, convs_per_level, norm)
@@ -166,7 +167,7 @@ class PHiSeg(ZooModel):
         ce = [F.cross_entropy(o.float(), target.long(), reduction="none").flatten(1) for o in out["level_logits"]]
         ce_sums = torch.stack([c.sum(dim=1).mean() for c in ce])  # (L,)
         kl_levels = out["kl_levels"].mean(dim=0)  # (L,)
-        beta = beta_schedule(ls.beta, step, ls.kl_warmup_steps)
+        beta = self.beta_at(step)
         terms = {"loss": ce_sums.sum() + beta * kl_levels.sum(), "ce_sum": ce_sums[-1], "ce_mean": ce[-1].mean(),
                  "kl": out["kl"].mean()}
         for level in range(self.latent_levels):
@@ -174,33 +175,31 @@ class PHiSeg(ZooModel):
             terms[f"kl_level{level}"] = kl_levels[level].detach()
         return terms
 
-    def sample(self, image: Tensor, num_samples: int, *, generator: Optional[torch.Generator] = None,
-               noise: Optional[Tensor] = None, context=None, mean: bool = False) -> Tensor:
-        """image (B, C_in, *spatial) -> logits (B, S, C, *spatial): the finest level's prediction for latents
-        drawn from the prior hierarchy (``generator``; ``mean``: every z_l the prior mean)."""
-        check_num_samples(num_samples, noise, context)
-        with self.sampling_context():
-            self.check_input(image)
-            feats = self.prior_net.encode(image)
-            b, out = image.shape[0], []
-            for start in range(0, num_samples, max(1, self.sample_chunk)):
-                n = min(self.sample_chunk, num_samples - start)
-                _, zs = self.prior_net.latents(feats, repeats=n, generator=generator, mean=mean)
-                logits = self.likelihood(zs, image.dtype)[-1]
-                out.append(logits.view(b, n, *logits.shape[1:]))
-            return torch.cat(out, dim=1)
+    has_mean_sample = True  # sample(mean=True): every z_l the prior mean
+
+    def prepare_samples(self, image: Tensor, num_samples: int, *, generator: Optional[torch.Generator],
+                        noise=None, context=None, mean: bool = False):
+        """The prior net's encoder once per image; each chunk of :meth:`sample` is the finest level's
+        prediction for ``n`` latent draws per image from the prior hierarchy (``generator``; ``mean``:
+        every z_l the prior mean)."""
+        feats, b = self.prior_net.encode(image), image.shape[0]
+
+        def draw_chunk(start: int, n: int, out: Optional[Tensor]) -> Tensor:
+            zs = self.prior_net.latents(feats, repeats=n, generator=generator, mean=mean)[1]
+            logits = self.likelihood(zs, image.dtype)[-1]
+            return logits.view(b, n, *logits.shape[1:])
+
+        return draw_chunk
 
 
 @register_model("phiseg")
 def build_phiseg(model_cfg, train_cfg=None) -> PHiSeg:
-    """``model.name: phiseg``; options ``model.latent_levels`` (5, at most len(features)) and
-    ``model.latent_channels`` (2). Trains with its ELBO (``train.beta``, ``train.kl_warmup_steps``)."""
+    """``model.name: phiseg``; options ``model.latent_levels`` (null: :data:`LATENT_LEVELS`, at most
+    len(features)) and ``model.latent_channels``. Trains with its ELBO (``train.beta``, ``train.kl_warmup_steps``)."""
     args = common_args(model_cfg)
     settings = loss_settings_from(train_cfg)
     if settings.geco is not None:
-        from ...config import ConfigError
-
         raise ConfigError("train.geco.enabled: phiseg trains with its own multi-level ELBO; set it to false")
-    model = PHiSeg(**args, latent_levels=option(model_cfg, "latent_levels", min(5, len(args["features"])), int),
-                   latent_channels=option(model_cfg, "latent_channels", 2, int))
+    levels = option(model_cfg, "latent_levels", int, min(LATENT_LEVELS, len(args["features"])))
+    model = PHiSeg(**args, latent_levels=levels, latent_channels=option(model_cfg, "latent_channels", int))
     return model.configure_loss(settings)

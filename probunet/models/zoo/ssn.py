@@ -5,7 +5,7 @@ multivariate Gaussian with a low-rank-plus-diagonal covariance:
 
     eta | x ~ N(mu(x), Sigma(x)),   Sigma(x) = P(x) P(x)^T + diag(d(x)),
 
-with P (N*C) x R of rank R (``rank``, 10 by default) and d > 0. A U-Net body
+with P (N*C) x R of rank R (``rank``) and d > 0. A U-Net body
 gives features at full resolution and three 1x1 heads give mu, P (R maps of C
 channels) and d = softplus(.) + ``diag_eps`` (the diagonal floor that keeps
 Sigma positive definite whatever the network outputs). A draw is the
@@ -14,7 +14,7 @@ eps_N ~ N(0, I_{N*C}); each draw is one coherent segmentation, the correlations
 between pixels coming from P.
 
 Training maximises the log of a Monte-Carlo estimate of the marginal
-likelihood over M draws (``mc_samples``, 20):
+likelihood over M draws (``mc_samples``):
 
     loss = -log( (1/M) sum_m p(y | eta_m) ) = -logsumexp_m( log p(y | eta_m) ) + log M,
 
@@ -46,26 +46,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..base import pick_raters, register_model
+from ..base import SegmentationModel, loss_settings_from, pick_raters
+from ..registry import register_model
 from ..init import init_weights
 from ..unet import UNet
-from ._common import ZooModel, check_num_samples, common_args, conv1x1, draw, loss_settings_from, option
+from ._common import DEFAULTS as D, common_args, conv1x1, draw, option
 
 ROI_MODES = ("none", "image")
 COVARIANCE_INIT_SCALE = 0.1  # the factor and diagonal heads: He-normal weights times this
 DIAG_INIT_BIAS = -4.0  # softplus(-4) ~ 0.018: the diagonal's start
 
 
-class StochasticSegmentationNetwork(ZooModel):
+class StochasticSegmentationNetwork(SegmentationModel):
     """Low-rank multivariate Gaussian over all logits of an image; see the module docstring."""
 
-    def __init__(self, spatial_dims: int = 2, in_channels: int = 1, num_classes: int = 2,
-                 features: Sequence[int] = (32, 64, 128, 192), convs_per_level: int = 3,
-                 norm: Optional[str] = None, init: str = "he_normal", rank: int = 10, mc_samples: int = 20,
-                 diag_eps: float = 1e-5, roi: str = "none", roi_dilation: int = 3, roi_threshold: float = 0.0,
-                 sample_chunk: int = 16):
+    def __init__(self, spatial_dims: int = D.spatial_dims, in_channels: int = D.in_channels,
+                 num_classes: int = D.num_classes, features: Sequence[int] = D.features,
+                 convs_per_level: int = D.convs_per_level, norm: Optional[str] = D.norm, init: str = D.init,
+                 rank: int = D.rank, mc_samples: int = D.mc_samples,
+                 diag_eps: float = D.diag_eps, roi: str = D.roi, roi_dilation: int = D.roi_dilation,
+                 roi_threshold: float = D.roi_threshold):
         super().__init__()
-        self._init_interface(spatial_dims, in_channels, num_classes, features)
+        self.init_interface(spatial_dims, in_channels, num_classes, features)
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
         if mc_samples < 1:
@@ -78,7 +80,6 @@ class StochasticSegmentationNetwork(ZooModel):
             raise ValueError(f"roi_dilation must be >= 0, got {roi_dilation}")
         self.rank, self.mc_samples, self.diag_eps = int(rank), int(mc_samples), float(diag_eps)
         self.roi, self.roi_dilation, self.roi_threshold = roi, int(roi_dilation), float(roi_threshold)
-        self.sample_chunk = int(sample_chunk)
         self.body = UNet(spatial_dims, in_channels, features, convs_per_level, norm=norm, init=init)
         f0 = self.body.out_channels
         self.mean_head = conv1x1(spatial_dims, f0, num_classes)
@@ -148,26 +149,26 @@ class StochasticSegmentationNetwork(ZooModel):
         return {"loss": -log_mean_lik.mean(), "log_likelihood": log_mean_lik.mean().detach(),
                 "ce_mean": ce.mean().detach(), "ce_sum": ce.sum(dim=2).mean().detach()}
 
-    def sample(self, image: Tensor, num_samples: int, *, generator: Optional[torch.Generator] = None,
-               noise: Optional[Tensor] = None, context=None) -> Tensor:
-        """image (B, C_in, *spatial) -> logits (B, S, C, *spatial), fp32; the network runs once per image,
-        draws come ``sample_chunk`` samples at a time from ``generator``."""
-        check_num_samples(num_samples, noise, context)
-        with self.sampling_context():
-            mean, factor, diag = self.distribution(image)
+    def prepare_samples(self, image: Tensor, num_samples: int, *, generator: Optional[torch.Generator],
+                        noise=None, context=None, mean: bool = False):
+        """The network once per image; each chunk of :meth:`sample` (logits (B, S, C, *spatial), fp32) is
+        ``n`` draws of the Gaussian from ``generator``."""
+        loc, factor, diag = self.distribution(image)
+
+        def draw_chunk(start: int, n: int, out: Optional[Tensor]) -> Tensor:
             with torch.autocast(image.device.type, enabled=False):
-                step = max(1, self.sample_chunk)
-                return torch.cat([self._draws(mean, factor, diag, min(step, num_samples - i), generator)
-                                  for i in range(0, num_samples, step)], dim=1)
+                return self._draws(loc, factor, diag, n, generator)
+
+        return draw_chunk
 
 
 @register_model("ssn")
 def build_ssn(model_cfg, train_cfg=None) -> StochasticSegmentationNetwork:
-    """``model.name: ssn``; options ``model.rank`` (10), ``model.mc_samples`` (20), ``model.diag_eps``
-    (1e-5), ``model.roi`` (none | image), ``model.roi_dilation`` (3), ``model.roi_threshold`` (0.0)."""
+    """``model.name: ssn``; options ``model.rank``, ``model.mc_samples``, ``model.diag_eps``, ``model.roi``
+    (none | image), ``model.roi_dilation``, ``model.roi_threshold`` (defaults: :class:`probunet.config.ModelConfig`)."""
     model = StochasticSegmentationNetwork(
-        **common_args(model_cfg), rank=option(model_cfg, "rank", 10, int),
-        mc_samples=option(model_cfg, "mc_samples", 20, int), diag_eps=option(model_cfg, "diag_eps", 1e-5, float),
-        roi=option(model_cfg, "roi", "none", str), roi_dilation=option(model_cfg, "roi_dilation", 3, int),
-        roi_threshold=option(model_cfg, "roi_threshold", 0.0, float))
+        **common_args(model_cfg), rank=option(model_cfg, "rank", int),
+        mc_samples=option(model_cfg, "mc_samples", int), diag_eps=option(model_cfg, "diag_eps", float),
+        roi=option(model_cfg, "roi", str), roi_dilation=option(model_cfg, "roi_dilation", int),
+        roi_threshold=option(model_cfg, "roi_threshold", float))
     return model.configure_loss(loss_settings_from(train_cfg))

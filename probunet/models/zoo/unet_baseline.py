@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..base import check_labels, pick_raters, register_model
+from ..base import SegmentationModel, check_labels, loss_settings_from, pick_raters
+from ..registry import register_model
 from ..unet import UNet
-from ._common import (ZooModel, check_num_samples, common_args, draw, loss_settings_from, option,
-                      soft_cross_entropy, soft_targets)
+from ._common import DEFAULTS as D, common_args, draw, option, soft_cross_entropy, soft_targets
 
 SAMPLING_MODES = ("pixelwise", "argmax")
 DRAWN_LOGIT_GAP = 30.0  # logit of the drawn class minus the others' in a pixelwise sample
@@ -49,15 +49,16 @@ def pixelwise_samples(logits: Tensor, num_samples: int, generator: Optional[torc
     return torch.where(cls == classes, 0.0, -DRAWN_LOGIT_GAP)
 
 
-class UNetBaseline(ZooModel):
+class UNetBaseline(SegmentationModel):
     """Deterministic U-Net trained with cross-entropy; samples pixel-wise or all equal to its argmax."""
 
-    def __init__(self, spatial_dims: int = 2, in_channels: int = 1, num_classes: int = 2,
-                 features: Sequence[int] = (32, 64, 128, 192), convs_per_level: int = 3,
-                 norm: Optional[str] = None, init: str = "he_normal", sampling: str = "pixelwise",
-                 soft_target: bool = False):
+    def __init__(self, spatial_dims: int = D.spatial_dims, in_channels: int = D.in_channels,
+                 num_classes: int = D.num_classes, features: Sequence[int] = D.features,
+                 convs_per_level: int = D.convs_per_level, norm: Optional[str] = D.norm, init: str = D.init,
+                 sampling: str = D.sampling,
+                 soft_target: bool = D.soft_target):
         super().__init__()
-        self._init_interface(spatial_dims, in_channels, num_classes, features)
+        self.init_interface(spatial_dims, in_channels, num_classes, features)
         if sampling not in SAMPLING_MODES:
             raise ValueError(f"sampling must be one of {', '.join(SAMPLING_MODES)}, got {sampling!r}")
         self.sampling = sampling
@@ -86,7 +87,7 @@ class UNetBaseline(ZooModel):
     def sample(self, image: Tensor, num_samples: int, *, generator: Optional[torch.Generator] = None,
                noise: Optional[Tensor] = None, context=None) -> Tensor:
         """image (B, C_in, *spatial) -> logits (B, S, C, *spatial) (see the module docstring)."""
-        check_num_samples(num_samples, noise, context)
+        self.check_sample_args(num_samples, noise, context)
         with self.sampling_context():
             logits = self(image)
             if self.sampling == "argmax":
@@ -97,6 +98,6 @@ class UNetBaseline(ZooModel):
 @register_model("unet")
 def build_unet(model_cfg, train_cfg=None) -> UNetBaseline:
     """``model.name: unet``; options ``model.sampling`` and ``model.soft_target``."""
-    model = UNetBaseline(**common_args(model_cfg), sampling=option(model_cfg, "sampling", "pixelwise", str),
-                         soft_target=option(model_cfg, "soft_target", False, bool))
+    model = UNetBaseline(**common_args(model_cfg), sampling=option(model_cfg, "sampling", str),
+                         soft_target=option(model_cfg, "soft_target", bool))
     return model.configure_loss(loss_settings_from(train_cfg))

@@ -1,0 +1,127 @@
+"""``ensemble`` of any member model: ``model.name: ensemble`` with ``model.member: prob_unet`` (or any
+registered model but ``ensemble``); ``model.member`` null or ``unet`` is the U-Net ensemble of
+:mod:`probunet.models.zoo.ensemble`.
+
+M members (``model.ensemble_size``) of the member model, each built from the same ``model.*``
+keys and its own random initialisation, each trained on its own view of the batch
+(``model.ensemble_batch``: ``bootstrap`` (default) draws B images with replacement per member,
+``shuffle`` permutes them, ``same`` keeps the batch) with its own loss (its KL, its rater draw).
+The loss is the members' mean, so member m's gradient is that of its own loss only.
+
+Sampling: sample s comes from member s mod M; member m draws its K_m = |{s < S : s mod M = m}|
+samples with its own latent, from the case's generator, one member after the other. With
+S = M x K every member gives K latent draws: the spread within a member is its model of the
+raters' ambiguity (aleatoric), the spread between members the model's ignorance (epistemic);
+see :mod:`probunet.uncertainty`.
+
+Members whose loss keeps trainer-held state (GECO, ``train.geco.enabled``) are refused: the
+trainer moves and saves one GECO state per model, not one per member.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..base import SegmentationModel
+from ..registry import build_model
+from ._common import draw
+
+BATCH_MODES = ("bootstrap", "shuffle", "same")
+
+
+class MemberEnsemble(SegmentationModel):
+    """M independently initialised members of one registered model; sample s from member s mod M."""
+
+    def __init__(self, members: list[nn.Module], member_name: str, batch_mode: str = "bootstrap"):
+        super().__init__()
+        if not members:
+            raise ValueError("ensemble_size must be >= 1")
+        if batch_mode not in BATCH_MODES:
+            raise ValueError(f"ensemble_batch must be one of {', '.join(BATCH_MODES)}, got {batch_mode!r}")
+        first = members[0]
+        self.spatial_dims, self.in_channels, self.num_classes = first.spatial_dims, first.in_channels, \
+            first.num_classes
+        self._divisor = max(int(m.divisor) for m in members)
+        self.member_name, self.batch_mode = member_name, batch_mode
+        self.members = nn.ModuleList(members)
+        self.loss_settings = first.loss_settings  # the members' (one train config built them all)
+
+    def beta_at(self, step: int) -> float:
+        """The members' KL weight at ``step``."""
+        return self.members[0].beta_at(step)
+
+    @property
+    def num_members(self) -> int:
+        return len(self.members)
+
+    def _member_batch(self, image: Tensor, labels: Tensor, num_raters: Optional[Tensor],
+                      generator: Optional[torch.Generator]):
+        b = image.shape[0]
+        if self.batch_mode == "same":
+            return image, labels, num_raters
+        if self.batch_mode == "bootstrap":
+            idx = (draw((b,), generator, image.device, kind="uniform") * b).long().clamp(max=b - 1)
+        else:
+            idx = draw((b,), generator, image.device, kind="uniform").argsort()
+        counts = None if num_raters is None else torch.as_tensor(num_raters, device=image.device)[idx]
+        return image[idx], labels[idx.to(labels.device)], counts
+
+    def training_loss(self, image: Tensor, labels: Tensor, *, step: int, num_raters: Optional[Tensor] = None,
+                      generator: Optional[torch.Generator] = None) -> Dict[str, Tensor]:
+        """image (B, C_in, *spatial), labels (B, A, *spatial) -> the members' mean of every term they all
+        return (``loss`` among them), plus ``loss_member_spread`` (max - min member loss)."""
+        self.check_input(image)
+        terms = []
+        for member in self.members:
+            img, lab, counts = self._member_batch(image, labels, num_raters, generator)
+            terms.append(member.training_loss(img, lab, step=step, num_raters=counts, generator=generator))
+        keys = [k for k in terms[0] if all(k in t for t in terms[1:])]
+        out = {k: torch.stack([t[k].float() for t in terms]).mean() for k in keys}
+        losses = torch.stack([t["loss"].detach().float() for t in terms])
+        out["loss_member_spread"] = losses.max() - losses.min()
+        return out
+
+    def sample(self, image: Tensor, num_samples: int, *, generator: Optional[torch.Generator] = None,
+               noise: Optional[Tensor] = None, context=None) -> Tensor:
+        """image (B, C_in, *spatial) -> logits (B, S, C, *spatial); sample s from member s mod M."""
+        self.check_sample_args(num_samples, noise, context)
+        with self.sampling_context():
+            self.check_input(image)
+            m_count = self.num_members
+            out = None
+            for m in range(min(num_samples, m_count)):
+                k = len(range(m, num_samples, m_count))
+                logits = self.members[m].sample(image, k, generator=generator).float()  # (B, K_m, C, *sp)
+                if out is None:
+                    out = logits.new_empty(logits.shape[0], num_samples, *logits.shape[2:])
+                out[:, m::m_count] = logits
+            return out
+
+
+def build_member_ensemble(model_cfg, train_cfg, member: str) -> MemberEnsemble:
+    """The ensemble of ``member`` models described by ``model_cfg`` (``ensemble_size``, ``ensemble_batch``)."""
+    from ...errors import ConfigError
+    from ..registry import model_names
+
+    if member == "ensemble":
+        raise ConfigError("config key 'model.member': an ensemble cannot be the member of an ensemble")
+    if member not in model_names():
+        raise ConfigError(f"config key 'model.member': unknown model {member!r}; known: {', '.join(model_names())}")
+    if train_cfg is not None and getattr(getattr(train_cfg, "geco", None), "enabled", False):
+        raise ConfigError("config key 'train.geco.enabled': an ensemble's members cannot use GECO (the trainer "
+                          "holds one GECO state per model); set train.geco.enabled=false")
+    member_cfg = dataclasses.replace(model_cfg, name=member) if dataclasses.is_dataclass(model_cfg) else \
+        _with_name(model_cfg, member)
+    size = int(getattr(model_cfg, "ensemble_size", 4) or 4)
+    members = [build_model(member_cfg, train_cfg) for _ in range(size)]
+    return MemberEnsemble(members, member, str(getattr(model_cfg, "ensemble_batch", "bootstrap") or "bootstrap"))
+
+
+def _with_name(model_cfg, name: str):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**{**vars(model_cfg), "name": name})
