@@ -51,17 +51,36 @@ def cmd_synth(args) -> int:
 
     out = Path(args.out)
     t0 = time.perf_counter()
-    items = synthetic.generate(args.num_cases, args.size, args.spatial_dims, args.num_raters, args.seed)
+    offcentre = bool(getattr(args, "lesion_offcentre", False))
+    items = synthetic.iter_generate(args.num_cases, args.size, args.spatial_dims, args.num_raters, args.seed,
+                                    lesion_offcentre=offcentre)
     params = {"num_cases": args.num_cases, "size": args.size, "spatial_dims": args.spatial_dims,
               "num_raters": args.num_raters, "seed": args.seed}
+    if offcentre:
+        params["lesion_offcentre"] = True
     if getattr(args, "shift", None):
         from .shift import shift_items
 
         items = shift_items(items, args.shift, args.severity, seed=args.seed)  # same masks and truth
         params["shift"] = {"kind": args.shift, "severity": args.severity}
     synthetic.write_qubiq(items, out, params=params)
-    print(f"wrote {len(items)} cases ({args.spatial_dims}D, {args.size}px, {args.num_raters} raters) "
+    print(f"wrote {args.num_cases} cases ({args.spatial_dims}D, {args.size}px, {args.num_raters} raters) "
           f"to {out} in {time.perf_counter() - t0:.1f}s; truth in {out / 'truth.json'}")
+    return 0
+
+
+def cmd_preprocess(args) -> int:
+    from .config import load_config
+    from .data.preprocess import preprocess, read_index
+
+    cfg = load_config(args.config, list(args.overrides or []))
+    t0 = time.perf_counter()
+    folder = preprocess(cfg, args.out, progress=not args.no_progress)
+    index = read_index(folder)
+    spacing = index.get("spacing")
+    print(f"preprocessed {len(index['cases'])} cases into {folder} in {time.perf_counter() - t0:.1f}s "
+          f"(spacing {'as read' if spacing is None else spacing}); train with data.cache_dir="
+          f"{folder.parent} and the same data section to use it")
     return 0
 
 
@@ -288,7 +307,8 @@ def evaluate_checkpoint(options, *, progress: bool = False) -> dict:
         sizes = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
         raise ValueError(f"the {cfg.eval.split} split is empty ({sizes} cases); choose another eval.split=... "
                          f"or change data.split")
-    _check_divisible(items, int(getattr(model, "divisor", 1)))
+    if cfg.data.patch_size is None:  # whole scans are sampled in padded sliding windows
+        _check_divisible(items, int(getattr(model, "divisor", 1)))
     _check_sample_memory(items, cfg, num_samples, device)
     ensure_writable_dir(summary_path.parent, "--out")  # a read-only or missing folder: refused before the work
     logger.info("evaluating %s on the %s split (%d cases, %d samples each) on %s", ckpt_path, cfg.eval.split,
@@ -431,10 +451,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--spatial-dims", type=int, choices=(2, 3), default=2)
     s.add_argument("--num-raters", type=int, default=4)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--lesion-offcentre", action="store_true",
+                   help="small lesions (radius 4-8%% of the side) placed away from the centre, as in whole scans")
     s.add_argument("--shift", default=None, choices=SHIFT_KINDS,
                    help="write a shifted copy: the same cases, masks and truth, images changed by this kind")
     s.add_argument("--severity", type=float, default=1.0, help="strength of --shift (0: none; default 1)")
     s.set_defaults(func=cmd_synth)
+
+    pp = sub.add_parser("preprocess", help="resample, normalise and cache whole scans for patch training "
+                                           "(data.patch_size)")
+    pp.add_argument("config", metavar="CONFIG", help="YAML config whose data section is preprocessed")
+    pp.add_argument("--out", metavar="DIR", default=None,
+                    help="cache root (default: data.cache_dir, $PROBUNET_CACHE or ~/.cache/probunet/preprocessed)")
+    pp.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    pp.add_argument("--no-progress", action="store_true")
+    pp.set_defaults(func=cmd_preprocess)
 
     t = sub.add_parser("train", help="train from a YAML config")
     add_arguments(t, TrainOptions)

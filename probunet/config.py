@@ -131,12 +131,20 @@ class DataConfig:
     allow_external_data_files: bool = False  # .mhd/.nhdr data files outside the header's folder
     group_pattern: Optional[str] = None  # regex on the case id whose first group is the patient id
     num_workers: int = 0
+    # Whole scans (see docs/volumes.md): train on random patches of this size (int or one per
+    # axis) read from a preprocessed, memory-mapped cache; None: whole (cropped) cases in memory.
+    patch_size: Any = None
+    foreground_oversample: float = 1 / 3  # share of patches centred on a voxel some rater marked
+    spacing: Any = None  # resample to this voxel spacing (list per axis) or "median" of the cases; None: as read
+    cache_dir: Optional[str] = None  # the preprocessed cache's root (None: $PROBUNET_CACHE or ~/.cache/probunet)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self):
         self.crop_size = _crop_size(self.crop_size)
+        self.patch_size = _crop_size(self.patch_size, "data.patch_size")
+        self.spacing = _spacing(self.spacing)
         try:
             window = [float(v) for v in self.ct_window]
         except (TypeError, ValueError, OverflowError):
@@ -156,7 +164,29 @@ class DataConfig:
                     from None
 
 
-def _crop_size(value):
+def _spacing(value):
+    """``data.spacing``: None, ``"median"`` or a tuple of positive numbers (one per spatial axis)."""
+    if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~", "")):
+        return None
+    if isinstance(value, str) and value.strip().lower() != "median":
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            pass
+    if isinstance(value, str) and value.strip().lower() == "median":
+        return "median"
+    values = value if isinstance(value, (list, tuple)) else [value]
+    try:
+        out = tuple(float(v) for v in values if not isinstance(v, bool))
+    except (TypeError, ValueError):
+        out = ()
+    if len(out) != len(values) or not 1 <= len(out) <= 3 or not all(math.isfinite(v) and v > 0 for v in out):
+        raise ConfigError(f"config key 'data.spacing': expected \"median\" or 1 to 3 positive numbers "
+                          f"(one per spatial axis), got {value!r}")
+    return out
+
+
+def _crop_size(value, key: str = "data.crop_size"):
     """None, a positive int, or a tuple of positive ints (one per spatial axis)."""
     if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~", "")):
         return None
@@ -169,11 +199,11 @@ def _crop_size(value):
     out = []
     for v in values:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or int(v) < 1:
-            raise ConfigError(f"config key 'data.crop_size': expected a positive integer or a list of them "
+            raise ConfigError(f"config key '{key}': expected a positive integer or a list of them "
                               f"(one per spatial axis), got {shown(value)}")
         out.append(int(v))
     if not 1 <= len(out) <= 3:
-        raise ConfigError(f"config key 'data.crop_size': expected 1 to 3 sizes, got {shown(value)}")
+        raise ConfigError(f"config key '{key}': expected 1 to 3 sizes, got {shown(value)}")
     return out[0] if not isinstance(value, (list, tuple)) else tuple(out)
 
 
@@ -447,6 +477,7 @@ def validate(cfg: Config) -> Config:
         check_int(f"eval.{key}", getattr(e, key), 1)
     d = cfg.data
     check_int("data.num_workers", d.num_workers, 0)
+    check_number("data.foreground_oversample", d.foreground_oversample, lo=0, hi=1)
     for key in ("num_cases", "size", "num_raters"):
         check_int(f"data.synthetic.{key}", getattr(d.synthetic, key), 1)
     a = d.augment

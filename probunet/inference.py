@@ -59,6 +59,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 
 from . import metrics
@@ -412,10 +413,10 @@ class Sampler:
 
         groups = group_by_shape(range(len(images)), self.batch_size, key or shape_key)
         for idx in groups:
-            x = torch.stack([torch.as_tensor(images[i]) for i in idx]).float()
+            x = torch.stack([_tensor(images[i]) for i in idx]).float()
             refs = None
             if references is not None:
-                refs = torch.stack([torch.as_tensor(references[i]) for i in idx]).to(self.device)
+                refs = torch.stack([_tensor(references[i]) for i in idx]).to(self.device)
             yield idx, self.sample([case_ids[i] for i in idx], x, num_samples, references=refs,
                                    empty_iou=empty_iou, keep_logits=keep_logits, pairwise=pairwise)
 
@@ -506,12 +507,21 @@ class Sampler:
             reducer.add(out.reshape(n, s, c, *spatial), s0)
 
 
-def evaluation_sampler(model, eval_cfg, device, *, seed: Optional[int] = None) -> Sampler:
+def _tensor(array) -> torch.Tensor:
+    """A tensor of ``array``; a read-only memory map (a preprocessed case) is read into memory first."""
+    if isinstance(array, np.memmap) or (isinstance(array, np.ndarray) and not array.flags.writeable):
+        array = np.array(array)
+    return torch.as_tensor(array)
+
+
+def evaluation_sampler(model, eval_cfg, device, *, seed: Optional[int] = None, roi_size=None) -> Sampler:
     """The sampler of validation during training and of ``probunet evaluate``: seed ``eval.seed``
     (or ``seed``), ``eval.batch_size`` images per pass, ``eval.sample_chunk`` samples per call,
-    fp32 (the policy). Both draw a case's samples with it, so they score the same samples."""
+    fp32 (the policy), sliding windows of ``roi_size`` (``data.patch_size`` for whole scans).
+    Both draw a case's samples with it, so they score the same samples."""
     return Sampler(model, seed=eval_cfg.seed if seed is None else seed, device=device,
-                   batch_size=max(1, int(eval_cfg.batch_size)), sample_chunk=eval_cfg.sample_chunk)
+                   batch_size=max(1, int(eval_cfg.batch_size)), sample_chunk=eval_cfg.sample_chunk,
+                   roi_size=roi_size)
 
 
 __all__ = ["SampleReducer", "SampleSummary", "Sampler", "evaluation_sampler", "case_noise", "case_seed", "centre_crop",

@@ -89,9 +89,10 @@ class Prediction:
 
 
 def _config_roi(roi, cfg):
-    """``"config"``: the training patch (data.crop_size, or the synthetic image size); else ``roi``."""
+    """``"config"``: the training patch (data.patch_size, data.crop_size, or the synthetic image size);
+    else ``roi``."""
     if isinstance(roi, str) and roi == "config":
-        roi = cfg.data.crop_size
+        roi = getattr(cfg.data, "patch_size", None) or cfg.data.crop_size
         if roi is None and cfg.data.format == "synthetic" and not cfg.data.path:
             roi = cfg.data.synthetic.size
     return roi

@@ -120,7 +120,8 @@ def evaluate(model, cfg, items: list[dict], *, num_samples: int, seed: int, devi
         raise ValueError(f"the number of samples must be >= 1, got {num_samples}")
     device = torch.device(device)
     has_truth = any("truth" in it.get("meta", {}) for it in items)
-    sampler = evaluation_sampler(model, cfg.eval, device, seed=int(seed))
+    sampler = evaluation_sampler(model, cfg.eval, device, seed=int(seed),
+                                 roi_size=getattr(cfg.data, "patch_size", None))
     rows, lesion_rows, calibrations = _score_items(sampler, cfg, items, int(num_samples), int(seed), has_truth,
                                                    progress)
     pooled = metrics.aggregate_calibration(calibrations)

@@ -181,8 +181,16 @@ class Trainer:
         self.splits = self._load_splits(ckpt)
         if not self.splits["train"]:
             raise ValueError("the training split is empty: add data or lower data.split.test_fraction/val_fraction")
-        self.stream = BatchStream(MultiRaterDataset(self.splits["train"]), cfg.train.batch_size, cfg.train.seed,
-                                  dist, train_transform(cfg.data, cfg.model.spatial_dims))
+        transform = train_transform(cfg.data, cfg.model.spatial_dims)
+        if cfg.data.patch_size is not None:  # whole scans: patches from the memory-mapped cache
+            from .data.patches import PatchStream
+
+            self.stream = PatchStream(self.splits["train"], cfg.data.patch_size, cfg.train.batch_size,
+                                      cfg.train.seed, dist, foreground_oversample=cfg.data.foreground_oversample,
+                                      transform=transform)
+        else:
+            self.stream = BatchStream(MultiRaterDataset(self.splits["train"]), cfg.train.batch_size,
+                                      cfg.train.seed, dist, transform)
         self.val_items = self.splits["val"][: cfg.train.val_cases]
 
         # channels-last: ~1.3x on a GPU (cuDNN NHWC kernels); no gain measured for CPU training
@@ -426,6 +434,10 @@ class Trainer:
                                     f"(SHA-256 per rank: {', '.join(d[:12] for d in replicas)})")
         figure = None
         show = (self.splits["test"] or self.splits["val"] or self.splits["train"])[:4]
+        if cfg.data.patch_size is not None:  # whole scans: a patch around each case's lesions
+            from .data.patches import foreground_crops
+
+            show = foreground_crops(show, cfg.data.patch_size)
         if dist.is_main and show and len({i["image"].shape for i in show}) == 1:
             from .viz import model_figure
 

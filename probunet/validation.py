@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 
 from .data import real_raters
@@ -34,7 +35,7 @@ def validate(model, items: list[dict], cfg, device, dist: Optional[DistInfo] = N
     """
     dist = dist or DistInfo()
     device = torch.device(device)
-    sampler = evaluation_sampler(model, cfg.eval, device)
+    sampler = evaluation_sampler(model, cfg.eval, device, roi_size=getattr(cfg.data, "patch_size", None))
     ids = case_ids(items)
     refs = [real_raters(it) for it in items]
     groups = group_by_shape(range(len(items)), sampler.batch_size,
@@ -42,8 +43,8 @@ def validate(model, items: list[dict], cfg, device, dist: Optional[DistInfo] = N
     acc = torch.zeros(4, dtype=torch.float64, device=device)  # [GED sum, count, diversity sum, count]
     for j in range(dist.rank, len(groups), dist.world_size):
         idx = groups[j]
-        image = torch.stack([torch.as_tensor(items[i]["image"]) for i in idx]).float()
-        ref = torch.stack([torch.as_tensor(refs[i]) for i in idx]).to(device)
+        image = torch.stack([torch.from_numpy(np.array(items[i]["image"], dtype=np.float32)) for i in idx]).float()
+        ref = torch.stack([torch.from_numpy(np.array(refs[i])) for i in idx]).to(device).long()
         summary = sampler.sample([ids[i] for i in idx], image, cfg.train.val_samples, references=ref,
                                  empty_iou=cfg.eval.empty_iou)
         for slot, values in ((0, summary.ged()), (2, summary.sample_diversity)):

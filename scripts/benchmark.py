@@ -15,10 +15,16 @@ Rows:
           ``model.sample(image, 100)``; per additional sample = (t100 - t1) / 99.
   eval    GED + HM-IoU of 100 samples x 4 raters (scripts/benchmark_metrics.py).
   memory  peak resident memory (CPU) or peak CUDA allocation, per stage.
+  data    (``--pipeline CONFIG``, in place of the rows above) whole scans: the time
+          to build one batch of patches from the memory-mapped cache
+          (``data.patch_size``, foreground oversampling, augmentation) against the
+          time of one training step of the config's model on it; with
+          ``data.num_workers`` also the wait per batch behind DataLoader workers.
 
     python scripts/benchmark.py --quick              # CPU, < 2 minutes
     python scripts/benchmark.py --device cuda        # bf16 autocast; also times fp32 for the speed-up
     python scripts/benchmark.py --device cuda --dtype fp16 --compile
+    python scripts/benchmark.py --pipeline configs/volumes3d.yaml data.path=data/synth3d
 """
 
 from __future__ import annotations
@@ -276,6 +282,74 @@ def run(args) -> dict:
             "targets": check_targets(rows, device, batch, args, dname), "wall_s": time.perf_counter() - t_start}
 
 
+def run_pipeline(args) -> dict:
+    """The data-pipeline rows: patch batch time vs model step time (see the module notes)."""
+    from probunet.config import load_config
+    from probunet.data import train_transform
+    from probunet.data.patches import PatchStream
+    from probunet.data.preprocess import load_cached_splits
+    from probunet.data.stream import batches
+    from probunet.distributed import DistInfo
+    from probunet.models import LossForward, build_model
+    from probunet.precision import amp_dtype, autocast
+    from probunet.utils import resolve_device
+
+    cfg = load_config(args.pipeline, list(args.overrides))
+    if cfg.data.patch_size is None:
+        raise SystemExit("error: --pipeline needs a config with data.patch_size")
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    meter = Meter(device)
+    t_start = time.perf_counter()
+    train = load_cached_splits(cfg)["train"]
+    stream = PatchStream(train, cfg.data.patch_size, cfg.train.batch_size, cfg.train.seed, DistInfo(),
+                         foreground_oversample=cfg.data.foreground_oversample,
+                         transform=train_transform(cfg.data, cfg.model.spatial_dims))
+    n = args.repeats or (5 if args.quick else 20)
+    t_batch = [meter.time(lambda k=k: stream.batch(1000 + k)) for k in range(n)]  # fresh steps: other patches
+    model = build_model(cfg.model, cfg.train).to(device)
+    loss = LossForward(model)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    dtype = amp_dtype(cfg.train.amp, device)
+    image, labels, num = stream.batch(0)
+    image, labels, num = image.to(device), labels.to(device).long(), num.to(device)
+
+    def step():
+        with autocast(device, dtype):
+            terms = loss(image, labels, step=0, num_raters=num, generator=stream.rater_generator(0))
+        opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        opt.step()
+
+    step()
+    t_step = [meter.time(step) for _ in range(max(3, n // 4))]
+    tb, ts = statistics.median(t_batch), statistics.median(t_step)
+    patch = "x".join(str(p) for p in stream.patch)
+    rows = []
+
+    def row(name, seconds=None, value=None, unit="", note=""):
+        rows.append({"section": "data", "name": name, "seconds": seconds,
+                     "images_per_s": cfg.train.batch_size / seconds if seconds else None, "value": value,
+                     "unit": unit, "note": note})
+
+    note = f"batch {cfg.train.batch_size} x {patch}, {len(train)} training cases"
+    row("patch batch from the cache (1 process)", tb, note=note + ", with augmentation"
+        if stream.transform is not None else note)
+    row("model training step on it", ts, note=f"{cfg.model.name}, features {list(cfg.model.features)}")
+    row("ratio batch / model step", value=tb / ts, unit="x", note="under 1: loading keeps up without workers")
+    if cfg.data.num_workers > 0:
+        it = batches(stream, 2000, 2000 + n + 4, device, cfg.data.num_workers)
+        next(it)  # workers start
+        t0 = time.perf_counter()
+        got = sum(1 for _ in it)
+        row(f"batch wait behind {cfg.data.num_workers} workers", (time.perf_counter() - t0) / max(got, 1),
+            note="no model step in between: the pipeline's own throughput")
+    env = {"device": str(device), "torch": torch.__version__, "dtype": str(dtype), "threads": torch.get_num_threads(),
+           "config": args.pipeline, "overrides": list(args.overrides), "repeats": n}
+    return {"rows": rows, "env": env, "targets": [], "wall_s": time.perf_counter() - t_start}
+
+
 def environment(device, dname, batch, args, channels_last, warmup, repeats, per) -> dict:
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})",
            "torch": torch.__version__, "dtype": dname, "batch": batch, "size": args.size,
@@ -317,6 +391,14 @@ def check_targets(rows, device, batch, args, dname) -> list[dict]:
 
 def print_report(res: dict) -> None:
     env = res["env"]
+    if "config" in env:  # the data-pipeline rows
+        print(f"# probunet data pipeline: {env['config']} {' '.join(env['overrides'])}; {env['device']}, "
+              f"{env['threads']} threads, median of {env['repeats']}")
+        for r in res["rows"]:
+            t = fmt_s(r["seconds"]) if r["seconds"] is not None else ""
+            val = f"{r['value']:.3f} {r['unit']}" if r["value"] is not None else ""
+            print(f"| data | {r['name']:<40} | {t:>10} | {val:>10} | {r['note']}")
+        return
     print(f"# probunet benchmark: {env['device']}, torch {env['torch']}, {env['dtype']}, "
           f"{env['threads']} threads" + (f", load average {env['load_average_1m']} on {env['cpus']} CPUs"
                                          if "load_average_1m" in env else ""))
@@ -362,12 +444,15 @@ def parse_args(argv=None):
     p.add_argument("--no-eval", action="store_true", help="skip the GED + HM-IoU rows")
     p.add_argument("--no-compare", action="store_true", help="GPU: skip the fp32 comparison runs")
     p.add_argument("--json", default=None, help="also write the results as JSON here")
+    p.add_argument("--pipeline", metavar="CONFIG", default=None,
+                   help="only the data-pipeline rows, for this whole-scan config (data.patch_size)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="with --pipeline: dotted config overrides")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    res = run(args)
+    res = run_pipeline(args) if args.pipeline else run(args)
     print_report(res)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))

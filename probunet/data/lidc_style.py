@@ -82,4 +82,33 @@ def synthesize_ct(masks: np.ndarray, rng: np.random.Generator, *, window=WINDOW_
     return ((np.clip(hu, lo, hi) - lo) / (hi - lo)).astype(np.float32)
 
 
-__all__ = ["WINDOW_HU", "crop_seed", "synthesize_ct"]
+def synthesize_ct_volume(masks: np.ndarray, rng: np.random.Generator, *, window=WINDOW_HU) -> np.ndarray:
+    """A CT-like volume for one nodule, as :func:`synthesize_ct` in 3D (parenchyma texture,
+    one to three straight vessels, the nodule's density from the share of reader slots
+    marking each voxel, noise; no chest wall).
+
+    masks (A, H, W, D) 0/1 -> image (H, W, D) float32 in [0, 1] (``window`` in HU mapped to [0, 1]).
+    """
+    masks = np.asarray(masks)
+    if masks.ndim != 4:
+        raise ValueError(f"masks must be (A, H, W, D), got shape {masks.shape}")
+    shape = masks.shape[1:]
+    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"), -1)
+    hu = -850.0 + 40.0 * gaussian_filter(rng.standard_normal(shape), 2.0) / 0.053  # parenchyma texture
+    for _ in range(int(rng.integers(1, 4))):  # vessels: distance to a line through the volume
+        point = rng.uniform(0, 1, 3) * np.asarray(shape)
+        u = rng.standard_normal(3)
+        u /= np.linalg.norm(u)
+        d = grid - point
+        dist = np.linalg.norm(d - (d @ u)[..., None] * u, axis=-1)
+        hu += rng.uniform(250.0, 450.0) * np.exp(-0.5 * (dist / rng.uniform(0.6, 1.4)) ** 2)
+    frac = (masks > 0).mean(axis=0)
+    density = gaussian_filter(frac, 1.0)
+    tissue = rng.uniform(-60.0, 60.0)
+    hu = hu * (1 - density) + tissue * density
+    hu += 25.0 * rng.standard_normal(shape)
+    lo, hi = window
+    return ((np.clip(hu, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+
+
+__all__ = ["WINDOW_HU", "crop_seed", "synthesize_ct", "synthesize_ct_volume"]

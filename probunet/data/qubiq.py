@@ -81,8 +81,8 @@ def read_case(case_dir: Path, task: int, *, binarize: bool = False, check_geomet
             "labels": np.stack(labels).astype(np.int64, copy=False), "case_id": case_id, "meta": meta}
 
 
-def read_cases(data_cfg) -> list[dict]:
-    """Every case under ``data_cfg.path`` for task ``data_cfg.task``, sorted by folder name."""
+def iter_cases(data_cfg):
+    """The cases under ``data_cfg.path`` one at a time (for preprocessing sets larger than memory)."""
     root = Path(data_cfg.path)
     if not root.is_dir():
         raise DataError(f"{root}: data.path is not a folder (expected <root>/<case>/image.nii.gz and "
@@ -90,15 +90,20 @@ def read_cases(data_cfg) -> list[dict]:
     task = int(data_cfg.task)
     binarize = bool(getattr(data_cfg, "binarize", False))
     check_geometry = bool(getattr(data_cfg, "check_geometry", True))
-    items = []
     for case_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         has_image = _find_image(case_dir) is not None
         has_segs = any(_SEG.match(p.name) for p in case_dir.iterdir())
         if not has_image and not has_segs:
             logger.debug("qubiq: skipping %s (no image.nii.gz, no task files)", case_dir)
             continue
-        items.append(read_case(case_dir, task, binarize=binarize, check_geometry=check_geometry,
-                               read_kw=read_limits(data_cfg)))
+        yield read_case(case_dir, task, binarize=binarize, check_geometry=check_geometry,
+                        read_kw=read_limits(data_cfg))
+
+
+def read_cases(data_cfg) -> list[dict]:
+    """Every case under ``data_cfg.path`` for task ``data_cfg.task``, sorted by folder name."""
+    items = list(iter_cases(data_cfg))
+    root, task = Path(data_cfg.path), int(data_cfg.task)
     require_items(items, root, f"case folders with image.nii.gz and task{task:02d}_seg*.nii.gz")
     logger.info("qubiq: %d cases, task %02d, from %s", len(items), task, root)
     return items

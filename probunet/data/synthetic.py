@@ -60,7 +60,8 @@ def soft_profile(lesion: dict, shape: tuple[int, ...]) -> np.ndarray:
     r2 = sum(((g - c) / r) ** 2 for g, c, r in zip(grids, lesion["center"], lesion["radii"]))
     rnorm = np.sqrt(r2)
     dist = (rnorm - 1.0) * float(np.mean(lesion["radii"]))  # signed distance (pixels), approx.
-    return (1.0 / (1.0 + np.exp(dist / lesion["edge"]))).astype(np.float32)
+    with np.errstate(over="ignore"):  # far from a sharp lesion exp() overflows to inf: the profile is 0 there
+        return (1.0 / (1.0 + np.exp(dist / lesion["edge"]))).astype(np.float32)
 
 
 def _texture(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
@@ -72,20 +73,38 @@ def _texture(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     return 0.08 * coarse + 0.03 * fine
 
 
-def make_case(seed: int, index: int, size: int, spatial_dims: int, thresholds: list[float]) -> tuple[np.ndarray, dict]:
-    """One case: image (1, *spatial) float32 and its truth record."""
+def _offcentre(rng: np.random.Generator, spatial_dims: int) -> np.ndarray:
+    """A lesion centre (fraction of the side per axis) in [0.12, 0.88] but outside the central
+    box [0.35, 0.65]^d (where a centre crop would look)."""
+    while True:
+        c = rng.uniform(0.12, 0.88, size=spatial_dims)
+        if np.any(np.abs(c - 0.5) > 0.15):
+            return c
+
+
+def make_case(seed: int, index: int, size: int, spatial_dims: int, thresholds: list[float], *,
+              lesion_offcentre: bool = False) -> tuple[np.ndarray, dict]:
+    """One case: image (1, *spatial) float32 and its truth record.
+
+    ``lesion_offcentre``: small lesions (radius 4-8% of the side, edge 1-2%) placed away from
+    the centre, as lesions in whole scans (the default cases are unchanged by this option)."""
     rng = np.random.default_rng([seed, index])
     shape = (size,) * spatial_dims
     num_lesions = int(rng.integers(1, 4))
     lesions = []
     for _ in range(num_lesions):
-        radii = rng.uniform(0.1, 0.2, size=spatial_dims) * size
-        center = rng.uniform(0.25, 0.75, size=spatial_dims) * size
+        if lesion_offcentre:
+            radii = rng.uniform(0.04, 0.08, size=spatial_dims) * size
+            center = _offcentre(rng, spatial_dims) * size
+        else:
+            radii = rng.uniform(0.1, 0.2, size=spatial_dims) * size
+            center = rng.uniform(0.25, 0.75, size=spatial_dims) * size
         contrast = float(rng.uniform(*CONTRAST_RANGE))
+        edge_range = (0.01, 0.02) if lesion_offcentre else (0.03, 0.06)
         lesions.append({
             "center": [float(c) for c in center],
             "radii": [float(r) for r in radii],
-            "edge": float(rng.uniform(0.03, 0.06) * size),
+            "edge": float(rng.uniform(*edge_range) * size),
             "contrast": contrast,
             "presence_probability": presence_probability(contrast),
         })
@@ -148,9 +167,15 @@ def lesion_presence(labels: np.ndarray, truth: dict) -> np.ndarray:
 
 
 def generate(num_cases: int = 400, size: int = 64, spatial_dims: int = 2, num_raters: int = 4,
-             seed: int = 0) -> list[dict]:
+             seed: int = 0, *, lesion_offcentre: bool = False) -> list[dict]:
     """The dataset as items ``{"image" (1, *spatial) float32, "labels" (A, *spatial) int64,
     "case_id", "meta": {"group", "truth"}}``."""
+    return list(iter_generate(num_cases, size, spatial_dims, num_raters, seed, lesion_offcentre=lesion_offcentre))
+
+
+def iter_generate(num_cases: int = 400, size: int = 64, spatial_dims: int = 2, num_raters: int = 4,
+                  seed: int = 0, *, lesion_offcentre: bool = False):
+    """The items of :func:`generate` one at a time (large 3D sets need not fit in memory)."""
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
     if size < 8:
@@ -158,16 +183,18 @@ def generate(num_cases: int = 400, size: int = 64, spatial_dims: int = 2, num_ra
     if num_cases < 1 or num_raters < 1:
         raise ValueError("num_cases and num_raters must be >= 1")
     thresholds = rater_thresholds(num_raters)
-    items = []
-    for i in range(num_cases):
-        image, truth = make_case(seed, i, size, spatial_dims, thresholds)
-        case_id = f"case_{i:04d}"
-        items.append({"image": image, "labels": rater_masks(truth), "case_id": case_id,
-                      "meta": {"group": case_id, "truth": truth}})
-    return items
+
+    def cases():  # the checks above run at the call, not at the first case
+        for i in range(num_cases):
+            image, truth = make_case(seed, i, size, spatial_dims, thresholds, lesion_offcentre=lesion_offcentre)
+            case_id = f"case_{i:04d}"
+            yield {"image": image, "labels": rater_masks(truth), "case_id": case_id,
+                   "meta": {"group": case_id, "truth": truth}}
+
+    return cases()
 
 
-def write_qubiq(items: list[dict], out: str | Path, *, params: Optional[dict] = None, task: int = 1) -> Path:
+def write_qubiq(items, out: str | Path, *, params: Optional[dict] = None, task: int = 1) -> Path:
     """Write items in the QUBIQ layout plus ``truth.json``.
 
     ``<out>/<case>/image.nii.gz`` and ``task<TT>_seg<RR>.nii.gz`` (raters from 01),
@@ -183,7 +210,9 @@ def write_qubiq(items: list[dict], out: str | Path, *, params: Optional[dict] = 
         raise FileExistsError(f"output folder {out} exists and is not empty; choose a new folder")
     out.mkdir(parents=True, exist_ok=True)
     affine = np.eye(4)
+    truths = {}
     for item in items:
+        truths[item["case_id"]] = item["meta"]["truth"]
         case_dir = out / item["case_id"]
         case_dir.mkdir()
         img = nib.Nifti1Image(item["image"][0].astype(np.float32), affine)
@@ -194,9 +223,9 @@ def write_qubiq(items: list[dict], out: str | Path, *, params: Optional[dict] = 
                         suffix=".nii.gz")
     truth = {"generator": "probunet.data.synthetic", "params": params or {},
              "presence_model": {"c0": PRESENCE_C0, "width": PRESENCE_WIDTH},
-             "cases": {item["case_id"]: item["meta"]["truth"] for item in items}}
+             "cases": truths}
     atomic_write_text(out / "truth.json", json.dumps(truth, indent=1))
-    logger.info("wrote %d synthetic cases to %s", len(items), out)
+    logger.info("wrote %d synthetic cases to %s", len(truths), out)
     return out
 
 

@@ -32,3 +32,17 @@ def _check_memory(s) -> None:
                      f"raters)")
     except ValueError as exc:
         raise DataError(str(exc)) from None
+
+
+def iter_cases(data_cfg):
+    """The cases one at a time (a ``probunet synth`` folder is read case by case)."""
+    if not data_cfg.path:
+        yield from read_cases(data_cfg)
+        return
+    from .qubiq import iter_cases as iter_qubiq
+
+    truth = synthetic.read_truth(data_cfg.path)
+    for item in iter_qubiq(data_cfg):
+        if item["case_id"] in truth:
+            item["meta"]["truth"] = truth[item["case_id"]]
+        yield item

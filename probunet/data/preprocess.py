@@ -1,0 +1,424 @@
+"""Preprocessing whole scans once, into a memory-mappable cache (``data.patch_size`` runs).
+
+``preprocess(cfg)`` reads the cases of ``cfg.data`` one at a time, checks each
+as training does, resamples it to ``data.spacing``, normalises its intensities
+(``data.normalize``) and writes it to a cache folder::
+
+    <cache root>/<key>/
+        index.json                  # shapes, geometry, foreground locations, the data section
+        cases/<case>.image.npy      # image (C, *spatial) float32
+        cases/<case>.raters.npy     # raters' masks (A, *spatial) uint8, stacked on axis 0
+
+``<key>`` is a hash of the data section (and the model keys the checks use)
+and of every source file's size and modification time: a changed data section
+or a changed file gives a new folder, a second run with the same inputs reuses
+the folder. The folder is built under a temporary name and renamed when
+complete, and each file is written to a temporary name and renamed, so a crash
+never leaves a cache that looks complete.
+
+Resampling (to ``data.spacing``, a spacing per axis, or ``"median"``: the
+per-axis median of the cases' spacings): the image by linear interpolation;
+each rater's mask by linear interpolation of its one-hot class maps followed by
+the most likely class (for a binary mask: linear interpolation then the
+threshold 0.5), so that a resampled mask keeps its volume better than nearest
+neighbour. The first voxel's centre (``origin``) and the axis directions are
+kept; the new spacing is exactly the target; the new size per axis is
+``round(size * spacing / target)``.
+
+:func:`load_cached_splits` gives the splits as items whose ``image`` and
+``labels`` are read-only memory maps (nothing is read until used), and
+:class:`probunet.data.patches.PatchStream` reads training patches from them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+import numpy as np
+
+from .errors import DataError
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+MAX_FOREGROUND = 2000  # foreground locations kept per case in index.json (a seeded subsample of larger sets)
+# keys of the data section that do not change what is cached
+_NOT_CACHED = ("num_workers", "split", "augment", "patch_size", "foreground_oversample", "cache_dir")
+
+
+# ----------------------------------------------------------------------------- the key
+
+
+def cache_root(data_cfg) -> Path:
+    """``data.cache_dir``, else ``$PROBUNET_CACHE``, else ``~/.cache/probunet/preprocessed``."""
+    if getattr(data_cfg, "cache_dir", None):
+        return Path(data_cfg.cache_dir).expanduser()
+    if os.environ.get("PROBUNET_CACHE"):
+        return Path(os.environ["PROBUNET_CACHE"]).expanduser()
+    return Path.home() / ".cache" / "probunet" / "preprocessed"
+
+
+def cached_section(cfg) -> dict:
+    """What the cache depends on: the data section (less the keys that only affect training)
+    and the model keys the checks use."""
+    from ..config import _to_plain
+
+    data = {k: v for k, v in _to_plain(vars(cfg.data)).items() if k not in _NOT_CACHED}
+    data = json.loads(json.dumps(data, default=_plain))
+    if data.get("path"):
+        data["path"] = str(Path(data["path"]).expanduser().resolve())
+    m = cfg.model
+    return {"data": data, "model": {"spatial_dims": m.spatial_dims, "in_channels": m.in_channels,
+                                    "num_classes": m.num_classes}}
+
+
+def _plain(obj):
+    if hasattr(obj, "__dict__"):
+        return vars(obj)
+    return str(obj)
+
+
+def source_files(data_cfg) -> list[list]:
+    """``[relative path, size, mtime_ns]`` of every file under ``data.path`` (sorted)."""
+    if not data_cfg.path:
+        return []
+    root = Path(data_cfg.path).expanduser()
+    if root.is_file():
+        st = root.stat()
+        return [[root.name, st.st_size, st.st_mtime_ns]]
+    if not root.is_dir():
+        raise DataError(f"{root}: data.path not found")
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            p = Path(dirpath) / name
+            st = p.stat()
+            out.append([str(p.relative_to(root)), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def cache_key(cfg) -> str:
+    """The cache folder's name: a hash of :func:`cached_section` and :func:`source_files`."""
+    blob = json.dumps({"format": CACHE_FORMAT, **cached_section(cfg), "files": source_files(cfg.data)},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def cache_dir(cfg, root: Optional[str | Path] = None) -> Path:
+    return Path(root).expanduser() / cache_key(cfg) if root is not None else cache_root(cfg.data) / cache_key(cfg)
+
+
+# ----------------------------------------------------------------------------- resampling
+
+
+def resampled_shape(shape, spacing, target) -> tuple[int, ...]:
+    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target))
+
+
+def _zoom(volume: np.ndarray, spacing, target, out_shape, order: int) -> np.ndarray:
+    """``volume`` (*spatial) sampled at voxel ``i`` of the new grid = old index ``i * target / spacing``."""
+    from scipy.ndimage import affine_transform
+
+    scale = np.asarray(target, float) / np.asarray(spacing, float)
+    return affine_transform(volume, scale, offset=0.0, output_shape=tuple(out_shape), order=order,
+                            mode="nearest", prefilter=False)
+
+
+def resample_image(image: np.ndarray, spacing, target) -> np.ndarray:
+    """image (C, *spatial) float32 -> (C, *new_spatial) by linear interpolation."""
+    out_shape = resampled_shape(image.shape[1:], spacing, target)
+    return np.stack([_zoom(c.astype(np.float32, copy=False), spacing, target, out_shape, 1)
+                     for c in image]).astype(np.float32)
+
+
+def resample_labels(labels: np.ndarray, spacing, target, num_classes: int) -> np.ndarray:
+    """labels (A, *spatial) integer -> (A, *new_spatial) uint8: per rater, linear interpolation of
+    each class's one-hot map, then the most likely class (binary: threshold 0.5)."""
+    out_shape = resampled_shape(labels.shape[1:], spacing, target)
+    out = np.zeros((labels.shape[0], *out_shape), dtype=np.uint8)
+    for a, mask in enumerate(labels):
+        if num_classes <= 2:
+            soft = _zoom((mask > 0).astype(np.float32), spacing, target, out_shape, 1)
+            out[a] = soft >= 0.5
+            continue
+        best = np.zeros(out_shape, np.float32)
+        for c in range(num_classes):
+            soft = _zoom((mask == c).astype(np.float32), spacing, target, out_shape, 1)
+            better = soft > best
+            out[a][better] = c
+            best = np.maximum(best, soft)
+    return out
+
+
+# ----------------------------------------------------------------------------- reading cases one at a time
+
+
+def iter_cases(data_cfg) -> Iterator[dict]:
+    """The dataset's cases one at a time where its reader can (``iter_cases``), else all read at once."""
+    from .readers import READERS
+
+    try:
+        module = importlib.import_module(f".{READERS[data_cfg.format]}", __package__)
+    except KeyError:
+        raise DataError(f"data.format: unknown format {data_cfg.format!r}") from None
+    if hasattr(module, "iter_cases"):
+        yield from module.iter_cases(data_cfg)
+    else:
+        yield from module.read_cases(data_cfg)
+
+
+def _checked(item: dict, cfg) -> dict:
+    """One case through the checks :func:`probunet.data.prepare_items` runs (no crop, no common shape)."""
+    from .readers import apply_group_pattern, squeeze_singleton_depth
+    from .validate import validate_items
+
+    d = cfg.data
+    item["labels"] = np.asarray(item["labels"]).astype(np.int64, copy=False)
+    count = item["labels"].shape[0]
+    if d.num_raters and count > int(d.num_raters):
+        from .validate import where
+
+        raise DataError(f"{where(item)}: {count} rater masks, more than data.num_raters={d.num_raters}")
+    if cfg.model.spatial_dims == 2:
+        squeeze_singleton_depth([item])
+    if getattr(d, "group_pattern", None):
+        apply_group_pattern([item], d.group_pattern)
+    validate_items([item], num_classes=cfg.model.num_classes, in_channels=cfg.model.in_channels,
+                   spatial_dims=cfg.model.spatial_dims)
+    return item
+
+
+def _spacing_of(item: dict, ndim: int) -> list[float]:
+    sp = item.get("meta", {}).get("spacing")
+    return [float(s) for s in sp][:ndim] if sp and len(sp) >= ndim else [1.0] * ndim
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    """``np.save`` to a temporary name in the same folder, renamed when complete."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, np.ascontiguousarray(array))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _safe_name(case_id: str, used: set) -> str:
+    name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in case_id).lstrip(".") or "case"
+    base, k = name, 1
+    while name in used:
+        k += 1
+        name = f"{base}_{k}"
+    used.add(name)
+    return name
+
+
+def foreground_locations(labels: np.ndarray, seed: int, limit: int = MAX_FOREGROUND) -> tuple[list, int]:
+    """Voxels (index per axis) that at least one rater marked: at most ``limit`` of them (a seeded
+    subsample of larger sets), and their total count."""
+    fg = np.argwhere(np.any(labels > 0, axis=0))  # (N, nd)
+    n = len(fg)
+    if n > limit:
+        fg = fg[np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))]
+    return fg.astype(int).tolist(), int(n)
+
+
+def _json_meta(meta: dict) -> dict:
+    out = {}
+    for k, v in meta.items():
+        try:
+            json.dumps(v)
+        except (TypeError, ValueError):
+            continue
+        out[k] = v
+    return out
+
+
+def preprocess(cfg, root: Optional[str | Path] = None, *, progress: bool = False) -> Path:
+    """The cache folder of ``cfg.data`` under ``root`` (default :func:`cache_root`), built if absent.
+
+    Returns the folder (holding ``index.json``). A folder already complete is reused as is.
+    """
+    out = cache_dir(cfg, root)
+    if (out / "index.json").is_file():
+        logger.info("preprocessed cache reused: %s", out)
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        _build(cfg, work, progress)
+        try:
+            os.replace(work, out)
+        except OSError:  # another process finished the same cache first: theirs is as good
+            if not (out / "index.json").is_file():
+                raise
+            shutil.rmtree(work, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    logger.info("preprocessed cache written: %s", out)
+    return out
+
+
+def _build(cfg, work: Path, progress: bool) -> None:
+    d, nd = cfg.data, cfg.model.spatial_dims
+    cases_dir = work / "cases"
+    cases_dir.mkdir()
+    cases: dict[str, dict] = {}
+    used: set = set()
+    items: Iterable = iter_cases(d)
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(items, desc="preprocess: read", unit="case", dynamic_ncols=True)
+    # pass 1: read and check each case, store it as read (a case at a time in memory)
+    for item in items:
+        item = _checked(item, cfg)
+        cid = str(item["case_id"])
+        if cid in cases:
+            raise DataError(f"case id {cid!r} appears twice in {d.path}")
+        name = _safe_name(cid, used)
+        image = np.asarray(item["image"], dtype=np.float32)
+        _save_npy(cases_dir / f"{name}.image.npy", image)
+        _save_npy(cases_dir / f"{name}.raters.npy", item["labels"].astype(np.uint8))
+        cases[cid] = {"name": name, "read_shape": list(image.shape[1:]), "read_spacing": _spacing_of(item, nd),
+                      "meta": _json_meta(item.get("meta", {}))}
+    if not cases:
+        raise DataError(f"{d.path}: the dataset is empty: no cases were found")
+    target = _target_spacing(d.spacing, [c["read_spacing"] for c in cases.values()], nd)
+    # pass 2: resample, normalise, write; index the foreground
+    from .transforms import crop_item, normalize_image
+
+    names = list(cases)
+    if progress:
+        from tqdm import tqdm
+
+        names = tqdm(names, desc="preprocess: resample", unit="case", dynamic_ncols=True)
+    for k, cid in enumerate(names):
+        entry = cases[cid]
+        ip, rp = cases_dir / f"{entry['name']}.image.npy", cases_dir / f"{entry['name']}.raters.npy"
+        image, labels = np.load(ip), np.load(rp)
+        spacing = entry["read_spacing"]
+        meta = entry["meta"]
+        if target is not None and not np.allclose(spacing, target, rtol=1e-6, atol=0):
+            image = resample_image(image, spacing, target)
+            labels = resample_labels(labels, spacing, target, cfg.model.num_classes)
+            spacing = list(target)
+            if "truth" in meta:  # the synthetic truth is in the grid as read
+                meta.pop("truth")
+        image = normalize_image(image, d)
+        if d.crop_size is not None:
+            item = crop_item({"image": image, "labels": labels, "meta": meta}, d.crop_size)
+            image, labels = item["image"], item["labels"]
+            if "truth" in meta and list(meta["truth"].get("shape", [])) != list(image.shape[1:]):
+                meta.pop("truth")
+        _save_npy(ip, image.astype(np.float32))
+        _save_npy(rp, labels.astype(np.uint8))
+        fg, count = foreground_locations(labels, seed=k)
+        origin = meta.get("origin", [0.0] * nd)
+        direction = meta.get("direction", np.eye(nd).tolist())
+        meta = {key: v for key, v in meta.items() if key not in ("spacing", "origin", "direction", "affine", "shape")}
+        cases[cid] = {"image": f"cases/{ip.name}", "raters": f"cases/{rp.name}", "shape": list(image.shape[1:]),
+                      "channels": int(image.shape[0]), "num_raters": int(labels.shape[0]),
+                      "spacing": [float(s) for s in spacing], "origin": [float(o) for o in origin][:nd],
+                      "direction": [list(map(float, r))[:nd] for r in direction][:nd],
+                      "read_shape": entry["read_shape"], "read_spacing": entry["read_spacing"],
+                      "image_min": [float(image[c].min()) for c in range(image.shape[0])],
+                      "foreground": fg, "foreground_count": count, "meta": meta}
+    index = {"format": CACHE_FORMAT, "spacing": None if target is None else list(target),
+             "resampling": {"image": "linear", "masks": "linear per rater and class, then most likely class"},
+             **cached_section(cfg), "cases": cases}
+    from ..utils import atomic_write_text
+
+    atomic_write_text(work / "index.json", json.dumps(index))
+
+
+def _target_spacing(spacing, spacings: list[list[float]], nd: int) -> Optional[tuple[float, ...]]:
+    if spacing is None:
+        return None
+    if spacing == "median":
+        return tuple(float(v) for v in np.median(np.asarray(spacings, float), axis=0))
+    values = tuple(float(v) for v in spacing)
+    if len(values) == 1:
+        values = values * nd
+    if len(values) != nd:
+        raise DataError(f"data.spacing {list(spacing)} has {len(values)} values, the data has {nd} spatial axes")
+    return values
+
+
+# ----------------------------------------------------------------------------- reading the cache
+
+
+def read_index(folder: str | Path) -> dict:
+    path = Path(folder) / "index.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable preprocessed index ({exc.__class__.__name__}); delete the "
+                        f"folder to rebuild it") from None
+
+
+def cached_items(folder: str | Path, cfg) -> list[dict]:
+    """The cached cases as items whose ``image`` (C, *spatial) float32 and ``labels`` (A_i, *spatial)
+    uint8 are read-only memory maps; ``meta["cache"]`` names the files and the foreground locations.
+
+    Raters: a case with fewer than ``data.num_raters`` (or the most of any case) is refused with
+    ``data.missing_raters: error``; with ``pad`` its ``meta["rater_present"]`` marks the real ones
+    (the patches pad it with empty masks).
+    """
+    folder = Path(folder)
+    index = read_index(folder)
+    counts = [c["num_raters"] for c in index["cases"].values()]
+    target = int(cfg.data.num_raters) if cfg.data.num_raters else max(counts)
+    items = []
+    for cid, c in index["cases"].items():
+        n = int(c["num_raters"])
+        if n < target and cfg.data.missing_raters != "pad":
+            raise DataError(f"case {cid}: {n} rater masks, expected {target} (data.num_raters); set "
+                            f"data.missing_raters=pad to pad missing raters with empty masks")
+        meta = dict(c.get("meta", {}))
+        meta.update(spacing=c["spacing"], origin=c["origin"], direction=c["direction"], shape=c["shape"])
+        meta["rater_present"] = [True] * n + [False] * (target - n)
+        nd = len(c["shape"])  # foreground as a compact array, not JSON's lists of ints (~0.2 MB per case)
+        meta["cache"] = {"image": str(folder / c["image"]), "raters": str(folder / c["raters"]),
+                         "foreground": np.asarray(c["foreground"], np.int32).reshape(-1, nd),
+                         "image_min": c["image_min"]}
+        items.append({"image": np.load(folder / c["image"], mmap_mode="r"),
+                      "labels": np.load(folder / c["raters"], mmap_mode="r"), "case_id": cid, "meta": meta})
+    return items
+
+
+def load_cached_items(cfg, *, progress: bool = False) -> list[dict]:
+    """:func:`preprocess` (or reuse) the data of ``cfg`` and return its cached items (memory maps);
+    :func:`probunet.data.load_splits` splits them (or applies a run's recorded split)."""
+    folder = preprocess(cfg, progress=progress)
+    logger.info("data: preprocessed cache %s", folder)
+    return cached_items(folder, cfg)
+
+
+def load_cached_splits(cfg, run_dir: Optional[str | Path] = None) -> dict[str, list[dict]]:
+    """The splits of ``cfg`` (which sets ``data.patch_size``) from the cache:
+    :func:`probunet.data.load_splits`, which reads :func:`load_cached_items`."""
+    from . import load_splits
+
+    return load_splits(cfg, run_dir)
+
+
+__all__ = ["CACHE_FORMAT", "cache_dir", "cache_key", "cache_root", "cached_items", "foreground_locations",
+           "iter_cases", "load_cached_items", "load_cached_splits", "preprocess", "read_index", "resample_image",
+           "resample_labels",
+           "resampled_shape", "source_files"]
