@@ -287,7 +287,7 @@ def run_pipeline(args) -> dict:
     from probunet.config import load_config
     from probunet.data import train_transform
     from probunet.data.patches import PatchStream
-    from probunet.data.preprocess import load_cached_splits
+    from probunet.data import load_splits
     from probunet.data.stream import batches
     from probunet.distributed import DistInfo
     from probunet.models import LossForward, build_model
@@ -302,7 +302,7 @@ def run_pipeline(args) -> dict:
         torch.set_num_threads(args.threads)
     meter = Meter(device)
     t_start = time.perf_counter()
-    train = load_cached_splits(cfg)["train"]
+    train = load_splits(cfg)["train"]
     stream = PatchStream(train, cfg.data.patch_size, cfg.train.batch_size, cfg.train.seed, DistInfo(),
                          foreground_oversample=cfg.data.foreground_oversample,
                          transform=train_transform(cfg.data, cfg.model.spatial_dims))

@@ -25,8 +25,8 @@ neighbour. The first voxel's centre (``origin``) and the axis directions are
 kept; the new spacing is exactly the target; the new size per axis is
 ``round(size * spacing / target)``.
 
-:func:`load_cached_splits` gives the splits as items whose ``image`` and
-``labels`` are read-only memory maps (nothing is read until used), and
+:func:`probunet.data.load_splits` gives the splits (through :func:`load_cached_items`) as
+items whose ``image`` and ``labels`` are read-only memory maps (nothing is read until used), and
 :class:`probunet.data.patches.PatchStream` reads training patches from them.
 """
 
@@ -410,15 +410,7 @@ def load_cached_items(cfg, *, progress: bool = False) -> list[dict]:
     return cached_items(folder, cfg)
 
 
-def load_cached_splits(cfg, run_dir: Optional[str | Path] = None) -> dict[str, list[dict]]:
-    """The splits of ``cfg`` (which sets ``data.patch_size``) from the cache:
-    :func:`probunet.data.load_splits`, which reads :func:`load_cached_items`."""
-    from . import load_splits
-
-    return load_splits(cfg, run_dir)
-
-
 __all__ = ["CACHE_FORMAT", "cache_dir", "cache_key", "cache_root", "cached_items", "foreground_locations",
-           "iter_cases", "load_cached_items", "load_cached_splits", "preprocess", "read_index", "resample_image",
+           "iter_cases", "load_cached_items", "preprocess", "read_index", "resample_image",
            "resample_labels",
            "resampled_shape", "source_files"]
