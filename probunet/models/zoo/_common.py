@@ -108,3 +108,19 @@ def upsample(x: Tensor, size) -> Tensor:
 
 def conv1x1(spatial_dims: int, cin: int, cout: int) -> nn.Module:
     return (nn.Conv2d if spatial_dims == 2 else nn.Conv3d)(cin, cout, 1)
+
+
+def member_batch(batch_mode: str, image: Tensor, labels: Tensor, num_raters: Optional[Tensor],
+                 generator: Optional[torch.Generator]):
+    """One ensemble member's batch: image (B, C_in, *spatial), labels (B, A, *spatial) and the
+    per-image rater counts (B,) as they are (``same``), resampled with replacement (``bootstrap``)
+    or permuted (else), by uniform draws from ``generator``."""
+    b = image.shape[0]
+    if batch_mode == "same":
+        return image, labels, num_raters
+    if batch_mode == "bootstrap":
+        idx = (draw((b,), generator, image.device, kind="uniform") * b).long().clamp(max=b - 1)
+    else:
+        idx = draw((b,), generator, image.device, kind="uniform").argsort()
+    counts = None if num_raters is None else torch.as_tensor(num_raters, device=image.device)[idx]
+    return image[idx], labels[idx.to(labels.device)], counts

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..base import SegmentationModel, loss_settings_from, pick_raters
 from ..registry import register_model
 from ..unet import UNet
-from ._common import DEFAULTS as D, common_args, draw, option
+from ._common import DEFAULTS as D, common_args, member_batch, option
 
 BATCH_MODES = ("bootstrap", "shuffle", "same")
 
@@ -59,25 +59,13 @@ class DeepEnsemble(SegmentationModel):
         self.check_input(image)
         return torch.stack([m(image) for m in self.members], dim=1)
 
-    def _member_batch(self, image: Tensor, labels: Tensor, num_raters: Optional[Tensor],
-                      generator: Optional[torch.Generator]):
-        b = image.shape[0]
-        if self.batch_mode == "same":
-            return image, labels, num_raters
-        if self.batch_mode == "bootstrap":
-            idx = (draw((b,), generator, image.device, kind="uniform") * b).long().clamp(max=b - 1)
-        else:
-            idx = draw((b,), generator, image.device, kind="uniform").argsort()
-        counts = None if num_raters is None else torch.as_tensor(num_raters, device=image.device)[idx]
-        return image[idx], labels[idx.to(labels.device)], counts
-
     def training_loss(self, image: Tensor, labels: Tensor, *, step: int, num_raters: Optional[Tensor] = None,
                       generator: Optional[torch.Generator] = None) -> Dict[str, Tensor]:
         """The members' mean per-pixel CE, each on its own resampled batch and rater draw."""
         self.check_input(image)
         terms = []
         for member in self.members:
-            img, lab, counts = self._member_batch(image, labels, num_raters, generator)
+            img, lab, counts = member_batch(self.batch_mode, image, labels, num_raters, generator)
             img, target = pick_raters(img, lab, self.loss_settings.rater, num_raters=counts, generator=generator)
             terms.append(F.cross_entropy(member(img).float(), target.long(), reduction="none").flatten(1))
         ce_mean = torch.stack([t.mean() for t in terms])  # (M,)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..base import SegmentationModel
 from ..registry import build_model
-from ._common import draw
+from ._common import member_batch
 
 BATCH_MODES = ("bootstrap", "shuffle", "same")
 
@@ -58,18 +58,6 @@ class MemberEnsemble(SegmentationModel):
     def num_members(self) -> int:
         return len(self.members)
 
-    def _member_batch(self, image: Tensor, labels: Tensor, num_raters: Optional[Tensor],
-                      generator: Optional[torch.Generator]):
-        b = image.shape[0]
-        if self.batch_mode == "same":
-            return image, labels, num_raters
-        if self.batch_mode == "bootstrap":
-            idx = (draw((b,), generator, image.device, kind="uniform") * b).long().clamp(max=b - 1)
-        else:
-            idx = draw((b,), generator, image.device, kind="uniform").argsort()
-        counts = None if num_raters is None else torch.as_tensor(num_raters, device=image.device)[idx]
-        return image[idx], labels[idx.to(labels.device)], counts
-
     def training_loss(self, image: Tensor, labels: Tensor, *, step: int, num_raters: Optional[Tensor] = None,
                       generator: Optional[torch.Generator] = None) -> Dict[str, Tensor]:
         """image (B, C_in, *spatial), labels (B, A, *spatial) -> the members' mean of every term they all
@@ -77,7 +65,7 @@ class MemberEnsemble(SegmentationModel):
         self.check_input(image)
         terms = []
         for member in self.members:
-            img, lab, counts = self._member_batch(image, labels, num_raters, generator)
+            img, lab, counts = member_batch(self.batch_mode, image, labels, num_raters, generator)
             terms.append(member.training_loss(img, lab, step=step, num_raters=counts, generator=generator))
         keys = [k for k in terms[0] if all(k in t for t in terms[1:])]
         out = {k: torch.stack([t[k].float() for t in terms]).mean() for k in keys}
