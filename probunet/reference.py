@@ -193,7 +193,7 @@ def reference_rows(items: list[dict], *, num_samples: int, seed: int = 0, num_cl
     names = ["majority vote", "all-empty"] + (["true sampler"] if has_truth else [])
     per_row: dict[str, list[dict]] = {n: [] for n in names}
     for index, item in enumerate(items):
-        refs = torch.as_tensor(real_raters(item)).long()[None]  # (1, A, *spatial)
+        refs = torch.from_numpy(np.array(real_raters(item))).long()[None]  # (1, A, *spatial), copied from a memory map
         truth = item["meta"]["truth"] if has_truth else None
         true_refs = None
         if has_truth:

@@ -203,7 +203,8 @@ def _score_case(item: dict, index: int, sam: torch.Tensor, logits: torch.Tensor,
     """The per-case row of samples ``sam (1, S, *spatial)`` (and their logits) against the item's raters."""
     num_classes = int(cfg.model.num_classes)
     kw = {"num_classes": num_classes, "empty_iou": float(cfg.eval.empty_iou)}
-    refs = torch.as_tensor(real_raters(item)).to(device)[None]  # (1, A, *spatial)
+    # a copy: the raters of a preprocessed case are a read-only memory map
+    refs = torch.from_numpy(np.array(real_raters(item))).to(device)[None]  # (1, A, *spatial)
     comp = metrics.ged_components(sam, refs, **kw)
     cal = metrics.calibration(sam, refs, num_bins=NUM_BINS, num_classes=num_classes)
     cons = metrics.consensus_scores(sam, refs, num_classes=num_classes)
