@@ -197,25 +197,13 @@ class UNetPort(nn.Module):
 
     def __init__(self, unet: nn.Module):
         super().__init__()
-        self.pool = unet.encoder.pool
-        self.levels = unet.encoder.levels
+        self.encoder = EncoderPort(unet.encoder)
         self.decoder = unet.decoder
         self.has_head: bool = unet.head is not None
         self.head = unet.head if unet.head is not None else nn.Identity()
 
-    def encode(self, x: Tensor) -> List[Tensor]:
-        outs: List[Tensor] = []
-        i = 0
-        for level in self.levels:
-            if i > 0:
-                x = self.pool(x)
-            x = level(x)
-            outs.append(x)
-            i += 1
-        return outs
-
     def forward(self, x: Tensor) -> Tensor:
-        skips = self.encode(x)
+        skips = self.encoder(x)
         h = skips[-1]
         n = len(skips)
         j = 0

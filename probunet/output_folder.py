@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import __version__
-from .utils import atomic_write_text
+from .utils import atomic_write_text, unlink_files
 
 logger = logging.getLogger(__name__)
 
@@ -171,13 +171,7 @@ def remove_own_temps(folders) -> list[Path]:
             entries = list(Path(folder).iterdir())
         except OSError:
             continue
-        for p in entries:
-            if is_own_temp(p.name) and p.is_file() and not p.is_symlink():
-                try:
-                    p.unlink()
-                    removed.append(p)
-                except FileNotFoundError:
-                    pass
+        removed += unlink_files(p for p in entries if is_own_temp(p.name))
     if removed:
         logger.info("removed %d temporary file(s) left by an interrupted run", len(removed))
     return removed

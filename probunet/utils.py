@@ -130,6 +130,20 @@ def seed_everything(seed: int) -> None:
 _TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp(\.[A-Za-z0-9.]+)?$")
 
 
+def unlink_files(paths) -> list[Path]:
+    """Delete each of ``paths`` that is a regular file (never a link or a folder); returns those deleted.
+    A file already gone is skipped."""
+    removed = []
+    for p in paths:
+        if p.is_file() and not p.is_symlink():
+            try:
+                p.unlink()
+                removed.append(p)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
 def remove_stale_temps(folder: str | Path, *, recursive: bool = False) -> list[Path]:
     """Delete the temporary files an interrupted :func:`atomic_call` left in ``folder``.
 
@@ -139,14 +153,8 @@ def remove_stale_temps(folder: str | Path, *, recursive: bool = False) -> list[P
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    removed = []
-    for p in folder.rglob(".*") if recursive else folder.glob(".*"):
-        if _TEMP_NAME.match(p.name) and p.is_file() and not p.is_symlink():
-            try:
-                p.unlink()
-                removed.append(p)
-            except FileNotFoundError:
-                pass
+    found = folder.rglob(".*") if recursive else folder.glob(".*")
+    removed = unlink_files(p for p in found if _TEMP_NAME.match(p.name))
     if removed:
         logger.info("removed %d temporary file(s) left by an interrupted run in %s", len(removed), folder)
     return removed
