@@ -40,6 +40,9 @@ class ModelConfig:
     convs_per_level: int = 3
     norm: Optional[str] = None  # None (reference code) | batch | instance | group
     init: str = "he_normal"  # he_normal (reference code) | torch (PyTorch's default init)
+    # prob_unet: the foreground probability the logits start at (f_comb's last bias at its log-odds,
+    # its weights x0.1); null: off. Small lesions in 3D patches need it (docs/volumes.md)
+    foreground_prior: Optional[float] = None
     # The model zoo (model.name; each key is read by the models named in its comment)
     sampling: str = "pixelwise"  # unet: pixelwise (a categorical draw per pixel) | argmax (all samples equal)
     soft_target: bool = False  # unet, mc_dropout, ensemble: CE against the raters' mean instead of one rater

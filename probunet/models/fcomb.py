@@ -98,6 +98,28 @@ class Fcomb(nn.Module):
             return logits
         return out.copy_(logits)
 
+    @torch.no_grad()
+    def start_at_prior(self, foreground: float, weight_scale: float = 0.1) -> None:
+        """Start the logits at a class prior (the prior-probability initialisation of Lin et al.
+        2017, RetinaNet): the last layer's bias gives background probability ``1 - foreground``
+        and each of the C-1 other classes ``foreground / (C-1)``; its weights are scaled by
+        ``weight_scale`` so that the features move the logits little at first.
+
+        Why: with He-normal weights a U-Net starts at about 50% foreground per pixel. Where
+        lesions are a few per mille of a patch's voxels (small lesions in 3D patches), the
+        quickest way down from there is through z, a bias over the whole patch: the posterior's
+        mean then runs off to hundreds with its log-sigma at the clamp's floor and the prior's at
+        its ceiling, where their gradients stop, and samples from the prior mark whole patches.
+        """
+        if not 0.0 < foreground < 1.0:
+            raise ValueError(f"foreground must be in (0, 1), got {foreground}")
+        last = self.rest[-1] if len(self.rest) else self.first
+        c = self.num_classes
+        bias = torch.full((c,), math.log(foreground / (c - 1)) - math.log1p(-foreground))
+        bias[0] = 0.0
+        last.weight.mul_(weight_scale)
+        last.bias.copy_(bias)
+
     def forward(self, features: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """features (B, F, *spatial), z (B, latent_dim) -> logits (B, C, *spatial)."""
         return self.combine(self.feature_term(features), z.unsqueeze(1)).squeeze(1)

@@ -82,6 +82,9 @@ class ProbabilisticUNet(SegmentationModel):
             encoders, f_comb): ``"he_normal"`` (reference code; default) or
             ``"torch"`` (PyTorch's default); see :mod:`probunet.models.init`.
             The mu / log-sigma heads keep their own near-zero start.
+        foreground_prior: None (off) or the foreground probability the logits start
+            at (:meth:`~probunet.models.fcomb.Fcomb.start_at_prior`): for rare foreground,
+            as small lesions in 3D patches, where without it the latent runs off.
     """
 
     has_mean_sample = True  # sample(mean=True): every sample at the prior mean
@@ -89,7 +92,8 @@ class ProbabilisticUNet(SegmentationModel):
     def __init__(self, spatial_dims: int = D.spatial_dims, in_channels: int = D.in_channels,
                  num_classes: int = D.num_classes, features: Sequence[int] = D.features,
                  latent_dim: int = D.latent_dim, fcomb_layers: int = D.fcomb_layers, prior: str = D.prior,
-                 convs_per_level: int = D.convs_per_level, norm: Optional[str] = D.norm, init: str = D.init):
+                 convs_per_level: int = D.convs_per_level, norm: Optional[str] = D.norm, init: str = D.init,
+                 foreground_prior: Optional[float] = None):
         super().__init__()
         if prior not in ("conditional", "standard"):
             raise ValueError(f"prior must be 'conditional' or 'standard', got {prior!r}")
@@ -106,6 +110,8 @@ class ProbabilisticUNet(SegmentationModel):
                      self.prior_net.encoder if self.prior_net is not None else None):
             if part is not None:
                 init_weights(part, init)
+        if foreground_prior is not None:
+            self.fcomb.start_at_prior(float(foreground_prior))
 
     # -- the model interface (probunet.models.base.SegmentationSampler) -----------
 
@@ -261,6 +267,6 @@ def build_prob_unet(model_cfg, train_cfg=None) -> ProbabilisticUNet:
         num_classes=model_cfg.num_classes, features=tuple(model_cfg.features),
         latent_dim=model_cfg.latent_dim, fcomb_layers=model_cfg.fcomb_layers,
         prior=model_cfg.prior, convs_per_level=model_cfg.convs_per_level, norm=model_cfg.norm,
-        init=getattr(model_cfg, "init", D.init),
+        init=getattr(model_cfg, "init", D.init), foreground_prior=getattr(model_cfg, "foreground_prior", None),
     )
     return model.configure_loss(loss_settings_from(train_cfg))

@@ -194,6 +194,8 @@ def _check_zoo_keys(m) -> None:
     check_number("model.diag_eps", m.diag_eps, lo=0, lo_open=True)
     check_number("model.roi_threshold", m.roi_threshold, lo=0)
     check_number("model.topk_fraction", m.topk_fraction, lo=0, lo_open=True, hi=1)
+    fp = getattr(m, "foreground_prior", None)
+    check_number("model.foreground_prior", fp, lo=0, lo_open=True, hi=1, hi_open=True, optional=True)
 
 
 @register_validator
