@@ -179,7 +179,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
 
         self.splits = self._load_splits(ckpt)
-        self.config_comment = ""
+        self.config_comment = self._kept_comment(cfg) if ckpt is not None else ""
         if cfg.data.patch_size is not None and cfg.data.spacing == "median":
             cfg = self.cfg = self._resolve_median_spacing(cfg)
         if not self.splits["train"]:
@@ -280,6 +280,28 @@ class Trainer:
                                f"{[round(v, 6) for v in spacing]} mm.")
         logger.info("data.spacing: median resolved to %s mm (written into the run's config)", list(spacing))
         return cfg
+
+    def _kept_comment(self, cfg: Config) -> str:
+        """The comment on a resolved ``median`` spacing at the top of a resumed run's ``config.yaml``,
+        kept when the run resumes with the numbers it holds (e.g. from that file): the note of the
+        original setting is not lost."""
+        import yaml
+
+        try:
+            text = (self.run_dir / "config.yaml").read_text(encoding="utf-8")
+            spacing = (yaml.safe_load(text) or {}).get("data", {}).get("spacing")
+        except (OSError, ValueError, AttributeError, yaml.YAMLError):
+            return ""
+        lines = []
+        for line in text.splitlines():
+            if not line.startswith("# "):
+                break
+            lines.append(line[2:])
+        now = cfg.data.spacing
+        if not lines or not lines[0].startswith("data.spacing was") or not isinstance(spacing, list) \
+                or not isinstance(now, tuple) or [float(v) for v in spacing] != [float(v) for v in now]:
+            return ""
+        return "\n".join(lines)
 
     def _resume_from(self, ckpt: dict) -> None:
         stored = {"name": DEFAULT_MODEL, **ckpt["config"]["model"]}  # checkpoints from before model.name

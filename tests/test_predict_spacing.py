@@ -169,6 +169,12 @@ def test_median_spacing_is_written_into_the_runs_config(tmp_path):
     run_cfg = load_config(str(tmp_path / "run" / "config.yaml"))
     assert run_cfg.data.spacing == (2.0, 2.0, 1.0)
     assert preprocess(run_cfg) == cache and len(list((tmp_path / "cache").iterdir())) == 1
+    # resumed from the run's own config.yaml: the numbers and the note of the original setting stay
+    fit(load_config(str(tmp_path / "run" / "config.yaml"), ["train.steps=3"]), tmp_path / "run", resume=True)
+    again = (tmp_path / "run" / "config.yaml").read_text()
+    assert again.startswith("# data.spacing was \"median\"") and yaml.safe_load(again)["data"]["spacing"] == \
+        [2.0, 2.0, 1.0] and yaml.safe_load(again)["train"]["steps"] == 3
+    assert len(list((tmp_path / "cache").iterdir())) == 1
     # and predict of the run resamples to it
     p = Predictor.from_checkpoint(tmp_path / "run", num_samples=1)
     assert p.target_spacing == (2.0, 2.0, 1.0)
