@@ -22,8 +22,10 @@ geometry (same shape, spacing, origin, direction / affine)::
     consensus                     majority vote of the samples (the most frequent
                                   label per voxel; ties go to the lower label, so
                                   for binary models: foreground iff > S/2 samples)
-    case.json                     settings and statistics; written last, it marks
-                                  the case as complete
+    case.json                     settings and statistics (and ``resampling``: the model's
+                                  spacing and shape when the scan was resampled to the
+                                  training spacing; the maps are still on the scan's grid);
+                                  written last, it marks the case as complete
 
 and ``OUTPUT_DIR/summary.csv`` one row per case (see :data:`SUMMARY_COLUMNS`).
 Label maps keep their format's extension; for formats without a float pixel
@@ -75,7 +77,7 @@ from .data import io
 from .data.errors import DataError
 from .data.guards import check_regular_file
 from .options import PredictOptions, with_overrides
-from .predictor import Prediction, Predictor
+from .predictor import Prediction, Predictor, Resampling
 from . import output_folder
 from .utils import FolderLock, atomic_write_text, check_writable
 
@@ -363,6 +365,7 @@ class _Prepared:
     meta: dict = field(default_factory=dict)
     units: Optional[torch.Tensor] = None  # (N, C, *unit_spatial); released once stacked for the model
     axis: Optional[int] = None
+    resampling: Optional[Resampling] = None  # the image was resampled to the training spacing
     mode: str = ""
     error: Optional[str] = None
     skip: bool = False
@@ -525,7 +528,11 @@ class _FolderRun:
             array, meta = io.read_image(case.path, **self.read_kw)
             image = self.predictor.to_channels_first(array, meta, where=str(case.path))
             item.meta = meta
-            item.units, item.axis = self.predictor.prepare(image, meta.get("spacing"))
+            # PNG/JPEG/BMP hold no spacing (the reader's 1.0 is a default): they are predicted as they are
+            spacing = None if io.full_suffix(case.path) in _NO_FLOAT else meta.get("spacing")
+            image, item.resampling = self.predictor.resample_for_model(image, spacing, where=f"case {case.case_id}")
+            item.units, item.axis = self.predictor.prepare(
+                image, meta.get("spacing") if item.resampling is None else item.resampling.target)
             item.mode = self.predictor.mode_of(item.units.shape[2:], item.axis)
         except Exception as exc:  # one bad case never stops the others
             item.error = _error_message(exc)
@@ -544,7 +551,7 @@ class _FolderRun:
         """Write one case's maps and case.json; returns its summary row (status ok or error)."""
         row, case_dir = item.row, self.output_dir / item.case.case_id
         try:
-            pred = self.predictor.finish(mean_prob, labels, item.axis, item.mode, aleatoric)
+            pred = self.predictor.finish(mean_prob, labels, item.axis, item.mode, aleatoric, item.resampling)
             suffixes = output_suffixes(item.case.path, self.output_format)
             row.update(case_statistics(pred, item.meta, self.predictor.num_classes,
                                        has_geometry=suffixes[0] not in _NO_FLOAT))
@@ -556,7 +563,7 @@ class _FolderRun:
                     p.unlink()  # stale output of an earlier run (other sample count or format)
             row.update(status="ok", error="", seconds=round(seconds + time.perf_counter() - item.t0, 3))
             record = {"case": item.case.case_id, "input": str(item.case.path), **self.settings,
-                      "axis": item.axis, "outputs": names, "summary": row}
+                      "axis": item.axis, "resampling": pred.resampling, "outputs": names, "summary": row}
             atomic_write_text(case_dir / "case.json", json.dumps(record, indent=1, default=str))
         except Exception as exc:
             row.update(status="error", error=_error_message(exc))

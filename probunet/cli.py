@@ -422,6 +422,8 @@ def _print_summary(result: dict) -> None:
     from .reference import reference_table, spread_text
 
     print("  " + spread_text(result["spread"]))
+    if result.get("spread_true"):
+        print("  " + spread_text(result["spread_true"], "the true distribution"))
     for line in reference_table(result):
         print(line)
     for name, path in result["files"].items():

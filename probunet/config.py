@@ -696,11 +696,13 @@ def load_config(path: str | Path | None = None, overrides: Optional[list[str]] =
         raise
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
+def save_config(cfg: Config, path: str | Path, *, comment: str = "") -> None:
+    """Write ``cfg`` as YAML (atomically); ``comment`` lines go first, as ``#`` comments."""
     from .utils import atomic_write_text
 
     class _NoAliases(yaml.SafeDumper):  # a value used twice is written twice: configs never hold aliases
         def ignore_aliases(self, data):
             return True
 
-    atomic_write_text(path, yaml.dump(cfg.to_dict(), Dumper=_NoAliases, sort_keys=False))
+    head = "".join(f"# {line}\n" for line in comment.splitlines())
+    atomic_write_text(path, head + yaml.dump(cfg.to_dict(), Dumper=_NoAliases, sort_keys=False))

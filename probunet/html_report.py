@@ -32,7 +32,6 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import metrics
 from .utils import atomic_call, atomic_write_text
 from .viz import PNG_SOFTWARE
 
@@ -122,9 +121,18 @@ def busiest_slice(raters: np.ndarray) -> int:
     return int((raters != 0).reshape(raters.shape[0], raters.shape[1], -1).sum(axis=(0, 2)).argmax())
 
 
+MAP_TITLES = {"total": "entropy (total)", "aleatoric": "aleatoric", "epistemic": "epistemic (MI)"}
+
+
 def case_figure(path: Path, image: np.ndarray, raters: np.ndarray, logits: torch.Tensor, *, title: str,
-                spatial_dims: int) -> Path:
-    """One case: image (C, *sp), raters (A, *sp), sample logits (S, C, *sp) -> a PNG row of panels."""
+                spatial_dims: int, maps_spec=None) -> Path:
+    """One case: image (C, *sp), raters (A, *sp), sample logits (S, C, *sp) -> a PNG row of panels.
+
+    ``maps_spec``: the model's :class:`probunet.uncertainty.ModelMaps` (which uncertainty maps its
+    samples support and how they group into model draws, as ``probunet study`` reads them); None
+    reads every sample as its own model draw (all three maps).
+    """
+    from .uncertainty import MAPS, decompose
     from .viz import _plt
 
     plt = _plt()
@@ -132,9 +140,9 @@ def case_figure(path: Path, image: np.ndarray, raters: np.ndarray, logits: torch
     probs = torch.softmax(logits, dim=1)  # (S, C, *sp)
     samples = logits.argmax(1).numpy()  # (S, *sp)
     mean_fg = (1.0 - probs[:, 0].mean(0)).numpy()
-    total = metrics.predictive_entropy(logits[None])[0].numpy()
-    epistemic = metrics.mutual_information(logits[None])[0].numpy()
-    aleatoric = np.clip(total - epistemic, 0.0, None)
+    groups = None if maps_spec is None else maps_spec.groups_for(probs.shape[0])
+    shown_maps = MAPS if maps_spec is None else maps_spec.maps
+    maps = {k: v[0].numpy() for k, v in decompose(probs[None], groups=groups).items() if k in shown_maps}
     pick = busiest_slice(raters) if spatial_dims == 3 else None
     shown = samples[:MAX_SAMPLES_SHOWN]
     panels = [("image", _view(image[0], spatial_dims, pick), "gray", None)]
@@ -143,10 +151,8 @@ def case_figure(path: Path, image: np.ndarray, raters: np.ndarray, logits: torch
     panels += [(f"sample {s}", _view(m, spatial_dims, pick), "viridis", (0, max(1, int(raters.max()))))
                for s, m in enumerate(shown)]
     hmax = math.log(probs.shape[1])
-    panels += [("mean p(fg)", _view(mean_fg, spatial_dims, pick), "magma", (0, 1)),
-               ("entropy (total)", _view(total, spatial_dims, pick), "inferno", (0, hmax)),
-               ("aleatoric", _view(aleatoric, spatial_dims, pick), "inferno", (0, hmax)),
-               ("epistemic (MI)", _view(epistemic, spatial_dims, pick), "inferno", (0, hmax))]
+    panels += [("mean p(fg)", _view(mean_fg, spatial_dims, pick), "magma", (0, 1))]
+    panels += [(MAP_TITLES[k], _view(maps[k], spatial_dims, pick), "inferno", (0, hmax)) for k in MAPS if k in maps]
     fig, axes = plt.subplots(1, len(panels), figsize=(1.25 * len(panels), 1.75))
     for ax, (name, img, cmap, lim) in zip(np.atleast_1d(axes), panels):
         ax.imshow(img, cmap=cmap, vmin=None if lim is None else lim[0], vmax=None if lim is None else lim[1],
@@ -217,7 +223,11 @@ def write_report(result: dict, model, cfg, items: list[dict], *, device="cpu", o
     rows = result["per_case"]
     if len(rows) != len(items):
         raise ValueError(f"write_report: {len(rows)} evaluated cases but {len(items)} items")
+    from .uncertainty import model_maps
+
     files = folder / FILES_DIR
+    spec = model_maps(model)
+    result = dict(result, uncertainty_maps={"maps": list(spec.maps), "why": spec.why})
     logits = case_logits(model, cfg, items, num_samples=result["num_samples"], seed=result["seed"], device=device)
     ordered = worst_first(rows)
     bar = None
@@ -234,7 +244,7 @@ def write_report(result: dict, model, cfg, items: list[dict], *, device="cpu", o
             title = (f"{row['case_id']}: GED {_num(row['ged']):.3f}, HM-IoU {_num(row['hm_iou']):.3f}, "
                      f"empty-gap {_num(row['empty_gap']):.2f}")
             case_figure(files / name, np.asarray(items[i]["image"]), real_raters(items[i]), logits[i], title=title,
-                        spatial_dims=nd)
+                        spatial_dims=nd, maps_spec=spec)
             pngs[i] = f"{FILES_DIR}/{name}"
             if bar is not None:
                 bar.update(1)
@@ -245,6 +255,13 @@ def write_report(result: dict, model, cfg, items: list[dict], *, device="cpu", o
     path = atomic_write_text(folder / REPORT_FILE, page)
     logger.info("report: %s (%d cases)", path, len(rows))
     return path
+
+
+def _maps_note(spec: Optional[dict]) -> str:
+    """One sentence on the maps shown (as ``probunet study`` decides them), HTML-escaped."""
+    if not spec or "epistemic" in spec.get("maps", ()):
+        return ""
+    return html.escape(f"No epistemic map for this model: {spec.get('why', '')}. ")
 
 
 def render(result: dict, ordered: list[dict], pngs: dict, folder: Path) -> str:
@@ -311,8 +328,10 @@ def render(result: dict, ordered: list[dict], pngs: dict, folder: Path) -> str:
     parts.append("</tbody></table></div>")
     parts.append('<h2>Per case</h2><p class="note">Each row: the image, the raters, up to '
                  f'{MAX_SAMPLES_SHOWN} samples, the mean foreground probability, and the uncertainty maps in nats: '
-                 'total = H(mean_s p_s), aleatoric = mean_s H(p_s), epistemic = their difference (mutual '
-                 'information). 3D cases show the slice with the most rater foreground.</p>')
+                 'total = H(mean_s p_s), aleatoric = mean over model draws of the entropy of their predictive '
+                 'distribution, epistemic = their difference (mutual information). '
+                 + _maps_note(result.get("uncertainty_maps"))
+                 + '3D cases show the slice with the most rater foreground.</p>')
     for row in ordered:
         i = int(row["index"])
         if i in pngs:

@@ -50,6 +50,7 @@ __all__ = [
     "ged_from_components",
     "generalized_energy_distance",
     "sample_diversity",
+    "distinct_pair_mean",
     "hungarian_matched_iou",
     "hungarian_matched_iou_from_iou",
     "variance_ncc",
@@ -420,6 +421,25 @@ def sample_diversity(samples: Tensor, *, num_classes: int = 2, empty_iou: float 
         pairs including i == j, as the GED term.
     """
     return pairwise_distances(samples, samples, num_classes=num_classes, empty_iou=empty_iou).mean(dim=(1, 2))
+
+
+
+def distinct_pair_mean(d: Tensor) -> Tensor:
+    """Mean of a set's self-distance matrix over its distinct pairs (i != j).
+
+    ``d (B, N, N)`` with ``d[:, i, i] = 0`` (as ``GEDComponents.d_ss`` / ``d_yy``) -> ``(B,)``.
+    For N independent draws this is an unbiased estimate of E[d(X, X')] for two
+    independent draws X, X'; the all-pairs mean (the GED term) is that times
+    (N - 1) / N, so it reads lower for a small set (four raters: 3/4) than for a
+    large one (100 samples: 99/100). NaN entries propagate; N = 1 gives NaN (no pair).
+    """
+    if d.dim() != 3 or d.shape[1] != d.shape[2]:
+        raise ValueError(f"d must be (B, N, N), got shape {tuple(d.shape)}")
+    n = d.shape[1]
+    if n < 2:
+        return torch.full(d.shape[:1], float("nan"), dtype=d.dtype, device=d.device)
+    off = ~torch.eye(n, dtype=torch.bool, device=d.device)
+    return d[:, off].mean(dim=1)
 
 
 # ----------------------------------------------------------------------------

@@ -35,6 +35,19 @@ first 16. ``z_s = mu + sigma * eps_s`` with the prior ``p(z|x) = N(mu, sigma)``:
   with the coarsest spacing, the last one on ties), batched over slices. Each
   slice has its own prior ``(mu, sigma)``, but sample ``s`` uses the same
   ``eps_s`` on every slice, so it is one coherent volume.
+
+Spacing (:class:`Resampling`): a model trained on whole scans resampled to one
+spacing (``data.patch_size`` with a numeric ``data.spacing``; ``probunet train``
+writes ``median`` into the run's config as the numbers it resolved to) sees every
+image at that spacing. An image whose spacing is known and differs from it by more
+than :data:`SPACING_TOLERANCE` (relative, per axis) is resampled as preprocessing
+resamples training cases (:func:`probunet.data.preprocess.resample_image`: linear,
+first voxel's centre kept, ``round(size * spacing / target)`` voxels per axis),
+normalised, predicted, and every output is mapped back onto the image's own grid
+(its shape; spacing, origin and direction are the input's). An image without a
+known spacing (a plain array without ``spacing=``, PNG/JPEG/BMP files) is
+predicted as it is, with a note in the log; so is a 3D volume under a 2D model
+(slice by slice).
 """
 
 from __future__ import annotations
@@ -49,12 +62,15 @@ import torch
 
 from .checkpoint import load_model
 from .data.errors import DataError
+from .data.preprocess import resample_image, resample_labels, target_spacing
 from .data.transforms import normalize_image
 from .inference import Sampler
 from .options import PredictOptions, with_overrides
 from .utils import resolve_device
 
 logger = logging.getLogger(__name__)
+
+SPACING_TOLERANCE = 1e-3  # relative difference per axis under which an image is taken as at the training spacing
 
 
 # ----------------------------------------------------------------------------- results
@@ -78,11 +94,50 @@ class Prediction:
     consensus: np.ndarray
     mode: str = "whole"
     maps: dict = field(default_factory=dict)
+    resampling: Optional[dict] = None  # the model's grid when the image was resampled (Resampling.record)
 
     @property
     def foreground(self) -> np.ndarray:
         """(*spatial) float32: mean probability of any class != 0."""
         return (1.0 - self.probability[0]).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Resampling:
+    """An image resampled to the training spacing: its own grid (``shape`` (*spatial), ``spacing``)
+    and the model's (``target`` spacing, ``model_shape``), to map the outputs back.
+
+    Back on the image's grid (both grids share the first voxel's centre, as in preprocessing):
+
+    * ``probability`` (C, *spatial) and the ``aleatoric`` map: linear interpolation, as the image
+      was resampled (a linear mix of distributions is a distribution: the classes still sum to 1);
+    * ``entropy`` and ``epistemic``: recomputed from those (entropy of the mapped mean probability,
+      epistemic = entropy - aleatoric), so the written maps keep their definitions exactly;
+    * ``samples`` (S, *spatial): per sample, linear interpolation of each class's one-hot map, then
+      the most likely class (binary: threshold 0.5): the rule preprocessing applies to the raters'
+      masks (:func:`probunet.data.preprocess.resample_labels`), which keeps a lesion's volume better
+      than nearest neighbour and gives smooth outlines, not blocks of the model's voxels, when
+      mapping to a finer grid;
+    * ``consensus``: the majority vote of the mapped samples, so it stays the vote of the samples
+      that are written.
+    """
+
+    shape: tuple
+    spacing: tuple
+    target: tuple
+    model_shape: tuple
+
+    def record(self) -> dict:
+        return {"spacing": list(self.spacing), "model_spacing": list(self.target),
+                "model_shape": list(self.model_shape)}
+
+
+def _consensus(lab: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """labels (S, *sp) -> (*sp) uint8 majority vote (ties: the lower label; binary: foreground iff > S/2)."""
+    if num_classes == 2:
+        return (2 * (lab != 0).sum(dim=0) > lab.shape[0]).to(torch.uint8)
+    counts = torch.stack([(lab == k).sum(dim=0) for k in range(num_classes)])  # (C, *sp)
+    return counts.argmax(dim=0).to(torch.uint8)  # first maximum: ties -> lower label
 
 
 # ----------------------------------------------------------------------------- predictor
@@ -132,6 +187,8 @@ class Predictor:
                                sample_chunk=opts.sample_chunk)
         self.roi_size = self.sampler.roi_size
         self.dtype = self.sampler.dtype
+        self.target_spacing = self._training_spacing(cfg)
+        self._noted_unknown = False
         from .uncertainty import model_maps
 
         spec = model_maps(self.model)  # models with an epistemic map: stream the aleatoric one too
@@ -150,6 +207,65 @@ class Predictor:
     @property
     def num_classes(self) -> int:
         return self.model.num_classes
+
+    def _training_spacing(self, cfg) -> Optional[tuple]:
+        """The spacing the model saw in training, one value per spatial axis, or None (no resampling)."""
+        data = cfg.data
+        spacing = getattr(data, "spacing", None)
+        if getattr(data, "patch_size", None) is None or spacing is None:
+            return None  # without patch_size, data.spacing does not resample (docs/configs.md)
+        if spacing == "median":
+            logger.warning("the checkpoint's data.spacing is \"median\" (a run from before probunet train wrote the "
+                           "resolved numbers): images are predicted at their own spacing")
+            return None
+        try:
+            return target_spacing(spacing, [], self.model.spatial_dims)
+        except DataError as exc:
+            logger.warning("the checkpoint's %s: images are predicted at their own spacing", exc)
+            return None
+
+    def resample_for_model(self, image: np.ndarray, spacing=None, *, where: str = "image"):
+        """image (C, *spatial) at ``spacing`` (mm per axis, None: unknown) -> the image the model sees,
+        (C, *model_spatial), and a :class:`Resampling` to map the outputs back (None: not resampled).
+
+        Resampled when the checkpoint's training spacing is known, the image has the model's spatial
+        dims, its spacing is known and differs by more than :data:`SPACING_TOLERANCE`; logged per image.
+        """
+        target = self.target_spacing
+        nd = image.ndim - 1
+        if target is None or nd != self.model.spatial_dims:
+            return image, None
+        if spacing is None or len(spacing) != nd:
+            level = logging.INFO if self._noted_unknown else logging.WARNING
+            self._noted_unknown = True
+            logger.log(level, "%s: spacing unknown; predicted at its own voxel size (the model was trained at "
+                       "%s mm)", where, list(target))
+            return image, None
+        spacing = tuple(float(v) for v in spacing)
+        if np.allclose(spacing, target, rtol=SPACING_TOLERANCE, atol=0):
+            return image, None
+        resampled = resample_image(image, spacing, target)
+        plan = Resampling(tuple(image.shape[1:]), spacing, tuple(target), tuple(resampled.shape[1:]))
+        logger.info("%s: resampled from spacing %s to %s mm (shape %s -> %s) for the model; outputs are mapped "
+                    "back to the input's grid", where, [round(v, 6) for v in spacing], list(target),
+                    list(plan.shape), list(plan.model_shape))
+        return resampled, plan
+
+    def to_input_grid(self, pred: Prediction, plan: Resampling) -> Prediction:
+        """A :class:`Prediction` on the model's grid -> on the image's own grid (the rules of :class:`Resampling`)."""
+        from .metrics import predictive_entropy
+
+        back = (plan.target, plan.spacing)
+        prob = resample_image(pred.probability, *back, out_shape=plan.shape)  # (C, *spatial)
+        entropy = predictive_entropy(torch.from_numpy(prob)[None, None], from_logits=False)[0]
+        samples = resample_labels(pred.samples, *back, self.num_classes, out_shape=plan.shape)  # (S, *spatial)
+        maps = {}
+        if "aleatoric" in pred.maps:
+            aleatoric = torch.from_numpy(resample_image(pred.maps["aleatoric"][None], *back, out_shape=plan.shape)[0])
+            maps = {"aleatoric": aleatoric.numpy(), "epistemic": (entropy - aleatoric).clamp_min(0.0).float().numpy()}
+        consensus = _consensus(torch.from_numpy(samples), self.num_classes).numpy()
+        return Prediction(samples=samples, probability=prob, entropy=entropy.float().numpy(), consensus=consensus,
+                          mode=pred.mode, maps=maps, resampling=plan.record())
 
     # -- preprocessing
 
@@ -219,9 +335,10 @@ class Predictor:
         return mode if axis is None else f"slices(axis={axis})" + (" + sliding_window" if mode != "whole" else "")
 
     def finish(self, mean_prob: torch.Tensor, labels: torch.Tensor, axis: Optional[int], mode: str,
-               aleatoric: Optional[torch.Tensor] = None) -> Prediction:
+               aleatoric: Optional[torch.Tensor] = None, resampling: Optional[Resampling] = None) -> Prediction:
         """mean_prob (N, C, *u), labels (N, S, *u) and aleatoric (N, *u) or None from the runner ->
-        :class:`Prediction` (with ``aleatoric``: ``maps`` aleatoric and epistemic = entropy - aleatoric)."""
+        :class:`Prediction` (with ``aleatoric``: ``maps`` aleatoric and epistemic = entropy - aleatoric),
+        mapped back onto the image's grid when ``resampling`` (from :meth:`resample_for_model`) is given."""
         from .metrics import predictive_entropy
 
         if axis is None:
@@ -234,14 +351,10 @@ class Predictor:
             aleatoric = aleatoric[0] if axis is None else aleatoric.movedim(0, axis)  # (*sp)
             maps = {"aleatoric": aleatoric.float().numpy(),
                     "epistemic": (entropy - aleatoric).clamp_min(0.0).float().numpy()}
-        c = self.num_classes
-        if c == 2:
-            consensus = (2 * (lab != 0).sum(dim=0) > lab.shape[0]).to(torch.uint8)
-        else:
-            counts = torch.stack([(lab == k).sum(dim=0) for k in range(c)])  # (C, *sp)
-            consensus = counts.argmax(dim=0).to(torch.uint8)  # first maximum: ties -> lower label
-        return Prediction(samples=lab.contiguous().numpy(), probability=prob.contiguous().numpy(),
+        consensus = _consensus(lab, self.num_classes)
+        pred = Prediction(samples=lab.contiguous().numpy(), probability=prob.contiguous().numpy(),
                           entropy=entropy.float().numpy(), consensus=consensus.numpy(), mode=mode, maps=maps)
+        return pred if resampling is None else self.to_input_grid(pred, resampling)
 
     def __call__(self, image: np.ndarray, *, case_id: str = "", spacing=None,
                  meta: Optional[dict] = None) -> Prediction:
@@ -251,7 +364,9 @@ class Predictor:
         them), the array as read; without, channels first ``(C, *spatial)`` or
         ``(*spatial)`` for single-channel models, where ``*spatial`` has the
         model's dims or, for a 2D model, 3 dims (run slice by slice).
-        ``case_id`` seeds the samples with the predictor's seed.
+        ``case_id`` seeds the samples with the predictor's seed. ``spacing`` (mm per spatial axis, or
+        ``meta["spacing"]``): an image not at the training spacing is resampled for the model and
+        the outputs mapped back (see the module notes); without one it is predicted as it is.
         """
         image = np.asarray(image)
         if meta is not None:
@@ -262,9 +377,10 @@ class Predictor:
             if self.model.in_channels == 1 and image.ndim in (2, 3) and not (nd == 2 and image.shape[0] == 1):
                 image = image[None]  # (*spatial) -> (1, *spatial)
             image = self.to_channels_first(np.moveaxis(image, 0, -1), {"num_components": image.shape[0]})
-        units, axis = self.prepare(image, spacing)
+        image, plan = self.resample_for_model(image, spacing, where=f"case {case_id}" if case_id else "image")
+        units, axis = self.prepare(image, spacing if plan is None else plan.target)
         mean_prob, labels, aleatoric = self.run(units, [case_id] * units.shape[0])
-        return self.finish(mean_prob, labels, axis, self.mode_of(units.shape[2:], axis), aleatoric)
+        return self.finish(mean_prob, labels, axis, self.mode_of(units.shape[2:], axis), aleatoric, plan)
 
 
-__all__ = ["Prediction", "Predictor"]
+__all__ = ["SPACING_TOLERANCE", "Prediction", "Predictor", "Resampling"]

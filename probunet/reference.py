@@ -22,7 +22,12 @@ as with S copies of it: E[d(S,S')] is 0 and the Hungarian matching of copies
 gives each reference the same mask. So those rows are scored with one sample.
 
 :func:`spread_ratio` gives E[d(S,S')] / E[d(Y,Y')] with a verdict
-("over-spread" above 1.15, "under-spread" below 0.85).
+("over-spread" above 1.15, "under-spread" below 0.85). Both expectations are
+taken over distinct pairs (i != j, :func:`probunet.metrics.distinct_pair_mean`),
+not over all ordered pairs as in the GED: the all-pairs mean of N draws is
+(N - 1) / N times the expectation, so 100 samples against four raters would read
+99/100 / (3/4) = 1.32 times too spread for a sampler that draws exactly like the
+raters.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ ROW_DESCRIPTIONS = {
     "true sampler": "samples drawn from the true rater distribution (synthetic.draw_references), rng seeded by "
                     "(eval.seed, case index, 1): the floor a perfect model reaches with the same number of samples",
 }
-RATER_METRICS = ("ged", "hm_iou", "sample_diversity")
+RATER_METRICS = ("ged", "hm_iou", "sample_diversity", "sample_diversity_distinct")
 TRUTH_METRICS = ("ged_true", "hm_iou_true", "lesion_presence_mae")
 
 
@@ -92,6 +97,9 @@ def spread_ratio(sample_diversity: Optional[float], rater_diversity: Optional[fl
                  bounds: tuple[float, float] = SPREAD_BOUNDS) -> dict:
     """E[d(S,S')] / E[d(Y,Y')] and a verdict.
 
+    Pass both expectations over distinct pairs (i != j; see the module docstring):
+    then a sampler that draws like the raters scores 1 whatever the set sizes.
+
     Returns ``{"ratio", "verdict", "sample_diversity", "rater_diversity", "bounds"}``;
     ``verdict`` is ``"over-spread"`` above ``bounds[1]``, ``"under-spread"`` below
     ``bounds[0]``, else ``"matched"``; ratio and verdict are None when the raters'
@@ -108,17 +116,18 @@ def spread_ratio(sample_diversity: Optional[float], rater_diversity: Optional[fl
     return {"ratio": ratio, "verdict": verdict,
             "sample_diversity": None if sample_diversity is None else float(sample_diversity),
             "rater_diversity": None if rater_diversity is None else float(rater_diversity),
-            "bounds": [float(bounds[0]), float(bounds[1])]}
+            "bounds": [float(bounds[0]), float(bounds[1])], "pairs": "distinct (i != j)"}
 
 
-def spread_text(spread: dict) -> str:
-    """One line: ``spread ratio E[d(S,S')] / E[d(Y,Y')] 1.58: over-spread (0.5300 vs 0.3350; ...)``."""
+def spread_text(spread: dict, against: str = "the raters") -> str:
+    """One line: ``spread ratio E[d(S,S')] / E[d(Y,Y')] 1.20 vs the raters: over-spread (0.5300 vs 0.4417; ...)``."""
     if spread.get("ratio") is None:
-        return "spread ratio E[d(S,S')] / E[d(Y,Y')] n/a (the raters never disagree)"
+        return (f"spread ratio E[d(S,S')] / E[d(Y,Y')] vs {against} n/a "
+                f"(fewer than two references, or they never disagree)")
     lo, hi = spread["bounds"]
-    return (f"spread ratio E[d(S,S')] / E[d(Y,Y')] {spread['ratio']:.2f}: {spread['verdict']} "
-            f"({spread['sample_diversity']:.4f} vs {spread['rater_diversity']:.4f}; {lo:g} to {hi:g} counts as "
-            f"matched)")
+    return (f"spread ratio E[d(S,S')] / E[d(Y,Y')] vs {against} {spread['ratio']:.2f}: {spread['verdict']} "
+            f"({spread['sample_diversity']:.4f} vs {spread['rater_diversity']:.4f} over distinct pairs; "
+            f"{lo:g} to {hi:g} counts as matched)")
 
 
 def _hm_iou(d_sy: torch.Tensor) -> float:
@@ -139,7 +148,9 @@ def score_case(samples: torch.Tensor, refs: torch.Tensor, *, num_classes: int = 
         true_refs: fresh references from the true distribution ``(1, K, *spatial)``.
 
     Returns:
-        ``ged``, ``hm_iou``, ``sample_diversity`` against the raters and, with
+        ``ged``, ``hm_iou``, ``sample_diversity`` (all pairs) and
+        ``sample_diversity_distinct`` (distinct pairs; 0 for one sample, which
+        stands for S copies of a constant prediction) against the raters and, with
         ``true_refs``, ``ged_true``, ``hm_iou_true`` (and with ``truth``,
         ``lesion_presence_mae``: mean over the case's lesions of |presence
         frequency in the samples - true presence probability|, and ``lesion_errors``,
@@ -148,7 +159,10 @@ def score_case(samples: torch.Tensor, refs: torch.Tensor, *, num_classes: int = 
     kw = {"num_classes": int(num_classes), "empty_iou": float(empty_iou)}
     comp = metrics.ged_components(samples, refs, **kw)
     row = {"ged": float(metrics.ged_from_components(comp)[0]), "hm_iou": _hm_iou(comp.d_sy),
-           "sample_diversity": float(comp.sample_diversity[0])}
+           "sample_diversity": float(comp.sample_diversity[0]),
+           # one sample stands for S copies of a constant prediction: no spread
+           "sample_diversity_distinct": 0.0 if samples.shape[1] == 1
+           else float(metrics.distinct_pair_mean(comp.d_ss)[0])}
     if true_refs is not None:
         tcomp = metrics.ged_components(samples, true_refs, **kw)
         row["ged_true"] = float(metrics.ged_from_components(tcomp)[0])
@@ -227,7 +241,8 @@ def _num(stat: Optional[dict], nd: int = 3) -> str:
 def reference_table(summary: dict) -> list[str]:
     """The model's row and the reference rows of an evaluation summary as text lines (no printing).
 
-    Columns: GED and HM-IoU against the raters, E[d(S,S')] and, with truth, GED
+    Columns: GED and HM-IoU against the raters, E[d(S,S')] (all pairs), the spread
+    ratio against the raters (distinct pairs) and, with truth, GED
     and HM-IoU against the true distribution and the lesion-presence MAE.
     """
     refs = summary.get("reference")
@@ -235,16 +250,18 @@ def reference_table(summary: dict) -> list[str]:
         return []
     truth = summary.get("truth")
     m = summary["metrics"]
+    rater_spread = (m.get("reference_diversity_distinct") or {}).get("mean")
     div = "E[d(S,S')]"
-    head = f"  {'':22s}{'GED':>7s}{'HM-IoU':>8s}{div:>12s}"
+    head = f"  {'':22s}{'GED':>7s}{'HM-IoU':>8s}{div:>12s}{'spread':>8s}"
     if truth:
         head += f"{'GED true':>10s}{'HM-IoU true':>13s}{'presence MAE':>14s}"
     lines = [f"  where this stands (same {summary['num_cases']} cases; GED, HM-IoU vs the raters"
              + (", 'true' vs the true distribution):" if truth else "):"), head]
 
     def line(name, row, truth_row):
+        ratio = spread_ratio((row.get("sample_diversity_distinct") or {}).get("mean"), rater_spread)["ratio"]
         text = f"  {name:22s}{_num(row.get('ged')):>7s}{_num(row.get('hm_iou')):>8s}" \
-               f"{_num(row.get('sample_diversity')):>12s}"
+               f"{_num(row.get('sample_diversity')):>12s}{_num({'mean': ratio}, 2):>8s}"
         if truth:
             text += f"{_num(truth_row.get('ged_true')):>10s}{_num(truth_row.get('hm_iou_true')):>13s}" \
                     f"{_num(truth_row.get('lesion_presence_mae')):>14s}"

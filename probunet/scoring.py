@@ -55,6 +55,9 @@ CASE_METRICS = {
     "ged_cross": "E[d(S,Y)]: mean sample-to-rater distance",
     "sample_diversity": "E[d(S,S')]: mean sample-to-sample distance",
     "reference_diversity": "E[d(Y,Y')]: mean rater-to-rater distance",
+    "sample_diversity_distinct": "E[d(S,S')] over distinct pairs (i != j): the spread ratio's numerator",
+    "reference_diversity_distinct": "E[d(Y,Y')] over distinct rater pairs (i != j): the spread ratio's denominator "
+                                    "(NaN for one rater)",
     "hm_iou": "Hungarian-matched IoU, samples vs. raters",
     "s_ncc": "S_NCC (PHiSeg): NCC of the sample variance map and the rater error maps",
     "consensus_dice": "Dice of the sample majority vs. the rater majority",
@@ -70,6 +73,7 @@ TRUTH_METRICS = {
     "ged_true": "D^2_GED vs. fresh references from the true rater distribution",
     "hm_iou_true": "Hungarian-matched IoU vs. the fresh true references",
     "reference_diversity_true": "E[d(Y,Y')] of the fresh true references",
+    "reference_diversity_true_distinct": "E[d(Y,Y')] of the fresh true references over distinct pairs (i != j)",
     "lesion_presence_mae": "mean |sampled presence frequency - true presence probability| over the case's lesions",
 }
 
@@ -103,8 +107,10 @@ def evaluate(model, cfg, items: list[dict], *, num_samples: int, seed: int, devi
         checkpoint, split: recorded in the summary (split defaults to ``cfg.eval.split``).
         references: add the reference rows on the same cases (``summary["reference"]``:
             majority vote, all-empty and, with truth, the true sampler; see
-            :mod:`probunet.reference`). The spread ratio (``summary["spread"]``) is
-            always there.
+            :mod:`probunet.reference`). The spread ratio (``summary["spread"]``,
+            :func:`probunet.reference.spread_ratio` over distinct pairs) is always
+            there; with truth ``summary["spread_true"]`` divides by the fresh true
+            references' spread instead of the raters'.
 
     The samples are drawn by :func:`probunet.inference.evaluation_sampler`, the
     sampler validation during training uses: the same samples per case, in full
@@ -214,6 +220,8 @@ def _score_case(item: dict, index: int, sam: torch.Tensor, logits: torch.Tensor,
         "ged_cross": float(comp.cross[0]),
         "sample_diversity": float(comp.sample_diversity[0]),
         "reference_diversity": float(comp.reference_diversity[0]),
+        "sample_diversity_distinct": float(metrics.distinct_pair_mean(comp.d_ss)[0]),
+        "reference_diversity_distinct": float(metrics.distinct_pair_mean(comp.d_yy)[0]),
         "hm_iou": hm_iou(comp.d_sy),
         "s_ncc": float(metrics.variance_ncc(logits, refs, from_logits=True)[0]),
         "consensus_dice": float(cons["dice"][0]),
@@ -295,7 +303,10 @@ def _summary(cfg, rows: list[dict], lesion_rows: list[dict], pooled, *, num_samp
         summary["truth"] = _truth_summary(rows, lesion_rows, int(cfg.eval.num_true_references))
     summary["conventions"]["line"] = conventions_line(summary)
     m = summary["metrics"]
-    summary["spread"] = spread_ratio(m["sample_diversity"]["mean"], m["reference_diversity"]["mean"])
+    summary["spread"] = spread_ratio(m["sample_diversity_distinct"]["mean"], m["reference_diversity_distinct"]["mean"])
+    if has_truth:
+        summary["spread_true"] = spread_ratio(m["sample_diversity_distinct"]["mean"],
+                                              summary["truth"]["metrics"]["reference_diversity_true_distinct"]["mean"])
     warning = diversity_warning(m["sample_diversity"]["mean"], m["reference_diversity"]["mean"])
     summary["warnings"] = [warning] if warning else []
     if warning:
@@ -364,6 +375,7 @@ def _truth_scores(sam: torch.Tensor, truth: dict, item: dict, index: int, seed: 
         "ged_true": float(metrics.ged_from_components(comp)[0]),
         "hm_iou_true": hm_iou(comp.d_sy),
         "reference_diversity_true": float(comp.reference_diversity[0]),
+        "reference_diversity_true_distinct": float(metrics.distinct_pair_mean(comp.d_yy)[0]),
         "lesion_presence_mae": float(np.mean(np.abs(sampled - true_p))) if true_p.size else float("nan"),
     }
 

@@ -179,6 +179,9 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
 
         self.splits = self._load_splits(ckpt)
+        self.config_comment = self._kept_comment(cfg) if ckpt is not None else ""
+        if cfg.data.patch_size is not None and cfg.data.spacing == "median":
+            cfg = self.cfg = self._resolve_median_spacing(cfg)
         if not self.splits["train"]:
             raise ValueError("the training split is empty: add data or lower data.split.test_fraction/val_fraction")
         transform = train_transform(cfg.data, cfg.model.spatial_dims)
@@ -221,7 +224,7 @@ class Trainer:
 
         self.metrics = MetricsLog(run_dir, enabled=dist.is_main, resumed_step=self.start_step)
         if dist.is_main:
-            save_config(cfg, run_dir / "config.yaml")
+            save_config(cfg, run_dir / "config.yaml", comment=self.config_comment)
         self.guard = NonFiniteGuard(device, cfg.train.max_bad_steps, self.params, model.state_dict, self._kept)
         self.check_every = max(1, min(cfg.train.log_every, cfg.train.max_bad_steps))
         self.collapse = CollapseMonitor()
@@ -260,6 +263,45 @@ class Trainer:
                              recorded_from=where, hint=False)
         self.split_text = split_record_text(splits)
         return splits
+
+    def _resolve_median_spacing(self, cfg: Config) -> Config:
+        """A copy of ``cfg`` whose ``data.spacing: median`` is the numbers the preprocessed cache
+        resolved it to (its ``index.json``), so that the run's ``config.yaml`` and checkpoints hold the
+        spacing its model was trained at: what evaluate, predict and export of the run use."""
+        import copy
+
+        from .data.preprocess import resolved_spacing
+
+        spacing = resolved_spacing(cfg)
+        cfg = copy.deepcopy(cfg)
+        cfg.data.spacing = tuple(spacing)
+        self.config_comment = (f"data.spacing was \"median\" in the config given to probunet train: the cases' "
+                               f"per-axis median,\nresolved when the preprocessed cache was built to "
+                               f"{[round(v, 6) for v in spacing]} mm.")
+        logger.info("data.spacing: median resolved to %s mm (written into the run's config)", list(spacing))
+        return cfg
+
+    def _kept_comment(self, cfg: Config) -> str:
+        """The comment on a resolved ``median`` spacing at the top of a resumed run's ``config.yaml``,
+        kept when the run resumes with the numbers it holds (e.g. from that file): the note of the
+        original setting is not lost."""
+        import yaml
+
+        try:
+            text = (self.run_dir / "config.yaml").read_text(encoding="utf-8")
+            spacing = (yaml.safe_load(text) or {}).get("data", {}).get("spacing")
+        except (OSError, ValueError, AttributeError, yaml.YAMLError):
+            return ""
+        lines = []
+        for line in text.splitlines():
+            if not line.startswith("# "):
+                break
+            lines.append(line[2:])
+        now = cfg.data.spacing
+        if not lines or not lines[0].startswith("data.spacing was") or not isinstance(spacing, list) \
+                or not isinstance(now, tuple) or [float(v) for v in spacing] != [float(v) for v in now]:
+            return ""
+        return "\n".join(lines)
 
     def _resume_from(self, ckpt: dict) -> None:
         stored = {"name": DEFAULT_MODEL, **ckpt["config"]["model"]}  # checkpoints from before model.name

@@ -135,6 +135,63 @@ def test_spread_ratio_verdicts():
     assert "1.20: over-spread" in spread_text(spread_ratio(0.6, 0.5))
 
 
+def test_spread_counts_distinct_pairs_by_hand():
+    """Raters A = {p0}, B = {p1} (disjoint: d = 1). Samples A, A, B, B.
+
+    Distinct pairs: the raters' one pair has d = 1; the samples' 12 ordered pairs
+    (i != j) have 8 with d = 1: E = 2/3, so the ratio is 2/3, under-spread. Over all
+    ordered pairs (the GED's convention) both would read 1/2 and the ratio 1.
+    """
+    from probunet import metrics
+
+    refs = torch.as_tensor(_masks({0}, {1}))[None]
+    samples = torch.as_tensor(_masks({0}, {0}, {1}, {1}))[None]
+    comp = metrics.ged_components(samples, refs)
+    assert float(metrics.distinct_pair_mean(comp.d_yy)[0]) == pytest.approx(1.0)
+    assert float(metrics.distinct_pair_mean(comp.d_ss)[0]) == pytest.approx(2 / 3)
+    assert float(comp.sample_diversity[0]) == pytest.approx(0.5)
+    assert math.isnan(float(metrics.distinct_pair_mean(comp.d_yy[:, :1, :1])[0]))  # one rater: no pair
+    with pytest.raises(ValueError, match="d must be"):
+        metrics.distinct_pair_mean(comp.d_sy[:, :, :1].squeeze(-1))
+
+
+def test_a_sampler_drawing_like_the_raters_scores_a_spread_of_one():
+    """Four raters and 100 samples drawn i.i.d. from one distribution over three masks
+    (two disjoint, one overlapping): over distinct pairs the ratio is 1 up to noise; over
+    all pairs it would be 99/100 / (3/4) = 1.32 times that."""
+    from probunet import metrics
+
+    masks = _masks({0}, {1}, {0, 2}, shape=(1, 3))
+    rng = np.random.default_rng(0)
+    ratios, biased = [], []
+    for _ in range(200):
+        refs = torch.as_tensor(masks[rng.integers(0, 3, 4)])[None]
+        samples = torch.as_tensor(masks[rng.integers(0, 3, 100)])[None]
+        comp = metrics.ged_components(samples, refs)
+        ratios.append((float(metrics.distinct_pair_mean(comp.d_ss)[0]), float(metrics.distinct_pair_mean(comp.d_yy)[0])))
+        biased.append((float(comp.sample_diversity[0]), float(comp.reference_diversity[0])))
+    unbiased = spread_ratio(np.mean([a for a, _ in ratios]), np.mean([b for _, b in ratios]))
+    all_pairs = spread_ratio(np.mean([a for a, _ in biased]), np.mean([b for _, b in biased]))
+    assert unbiased["ratio"] == pytest.approx(1.0, abs=0.05) and unbiased["verdict"] == "matched"
+    assert all_pairs["ratio"] == pytest.approx(1.32, abs=0.07) and all_pairs["verdict"] == "over-spread"
+
+
+def test_reference_table_prints_each_rows_spread():
+    items = [_item(_masks({0}, {1}))]
+    rows = reference_rows(items, num_samples=4)
+    assert rows["majority vote"]["metrics"]["sample_diversity_distinct"]["mean"] == 0.0
+    summary = {"num_cases": 1, "reference": rows,
+               "metrics": {"ged": {"mean": 0.5}, "hm_iou": {"mean": 0.5}, "sample_diversity": {"mean": 0.5},
+                           "sample_diversity_distinct": {"mean": 0.75},
+                           "reference_diversity_distinct": {"mean": 1.0}}}
+    lines = reference_table(summary)
+    assert "spread" in lines[1]
+    model = next(line for line in lines if line.strip().startswith("this model"))
+    assert model.split()[-1] == "0.75"  # 0.75 / 1.0
+    majority = next(line for line in lines if line.strip().startswith("majority vote"))
+    assert majority.split()[-1] == "0.00"
+
+
 # ----------------------------------------------------------------------------- probunet evaluate
 
 
@@ -154,9 +211,23 @@ def test_evaluate_prints_and_writes_the_reference_rows(evaluated, capsys):
     m = summary["metrics"]
 
     spread = summary["spread"]
-    assert spread["ratio"] == pytest.approx(m["sample_diversity"]["mean"] / m["reference_diversity"]["mean"])
+    assert spread["ratio"] == pytest.approx(m["sample_diversity_distinct"]["mean"]
+                                            / m["reference_diversity_distinct"]["mean"])
     assert spread["verdict"] in ("over-spread", "under-spread", "matched")
-    assert f"spread ratio E[d(S,S')] / E[d(Y,Y')] {spread['ratio']:.2f}: {spread['verdict']}" in out
+    assert f"spread ratio E[d(S,S')] / E[d(Y,Y')] vs the raters {spread['ratio']:.2f}: {spread['verdict']}" in out
+    # distinct pairs from the all-pairs means: 4 samples (x 4/3) and 4 raters (x 4/3) per case
+    with open(evaluated / "eval" / "per_case.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for r in rows:
+        assert float(r["sample_diversity_distinct"]) == pytest.approx(float(r["sample_diversity"]) * 4 / 3)
+        assert float(r["reference_diversity_distinct"]) == pytest.approx(
+            float(r["reference_diversity"]) * int(r["num_raters"]) / (int(r["num_raters"]) - 1))
+    # the synthetic set knows its truth: a second ratio against the fresh true references
+    true_spread = summary["spread_true"]
+    assert true_spread["ratio"] == pytest.approx(
+        m["sample_diversity_distinct"]["mean"]
+        / summary["truth"]["metrics"]["reference_diversity_true_distinct"]["mean"])
+    assert f"vs the true distribution {true_spread['ratio']:.2f}" in out
 
     refs = summary["reference"]
     assert set(refs) == {"majority vote", "all-empty", "true sampler"}

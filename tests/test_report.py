@@ -95,6 +95,9 @@ def test_report_structure(report):
         assert (report.parent / src).is_file(), src
     assert "http://" not in text and "https://" not in text
     assert page.scripts == 1
+    # the debug config is a Probabilistic U-Net: one model whose spread is a latent, so the report
+    # shows no epistemic map and says why, as `probunet study` does
+    assert "No epistemic map for this model" in text and "train an ensemble of it" in text
 
 
 def test_report_in_headless_chromium(report, tmp_path):
@@ -151,3 +154,24 @@ def test_case_figure_3d_busiest_slice_and_worst_first(tmp_path):
     assert path.is_file() and path.stat().st_size > 1000
     rows = [{"case_id": "a", "ged": 0.2}, {"case_id": "b", "ged": float("nan")}, {"case_id": "c", "ged": 0.9}]
     assert [r["case_id"] for r in worst_first(rows)] == ["c", "a", "b"]
+
+
+def test_case_figure_draws_only_the_maps_the_model_supports(tmp_path):
+    """A latent model (one model draw) gets total and aleatoric panels; an ensemble of two members also
+    the epistemic one: the figure is one panel (1.25 in at 80 dpi) wider."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from probunet.html_report import case_figure
+    from probunet.uncertainty import ModelMaps
+
+    raters = np.zeros((2, 8, 8), dtype=np.uint8)
+    raters[:, 2:5, 2:5] = 1
+    logits = torch.randn(4, 2, 8, 8)
+    image = np.random.rand(1, 8, 8).astype(np.float32)
+    latent = ModelMaps("prob_unet", "latent", ("total", "aleatoric"), why="a latent")
+    members = ModelMaps("ensemble of unet", "members", ("total", "aleatoric", "epistemic"), groups=2)
+    widths = [Image.open(case_figure(tmp_path / f"{n}.png", image, raters, logits, title=n, spatial_dims=2,
+                                     maps_spec=spec)).size[0] for n, spec in (("l", latent), ("m", members))]
+    assert widths[1] - widths[0] == pytest.approx(1.25 * 80, abs=2)

@@ -32,6 +32,7 @@ items whose ``image`` and ``labels`` are read-only memory maps (nothing is read 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib
 import json
@@ -123,11 +124,16 @@ def cache_dir(cfg, root: Optional[str | Path] = None) -> Path:
 
 
 def resampled_shape(shape, spacing, target) -> tuple[int, ...]:
+    """The grid size at ``target`` spacing of a grid of ``shape`` voxels at ``spacing``:
+    ``round(size * spacing / target)`` per axis (at least 1)."""
     return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target))
 
 
-def _zoom(volume: np.ndarray, spacing, target, out_shape, order: int) -> np.ndarray:
-    """``volume`` (*spatial) sampled at voxel ``i`` of the new grid = old index ``i * target / spacing``."""
+def zoom(volume: np.ndarray, spacing, target, out_shape, order: int) -> np.ndarray:
+    """``volume`` (*spatial) at ``spacing`` -> (*out_shape) at ``target``, spline ``order`` (0 nearest,
+    1 linear). Both grids share the first voxel's centre: voxel ``i`` of the new grid is sampled at
+    old index ``i * target / spacing`` (beyond the last voxel: the edge value). Mapping back is the
+    same call with ``spacing`` and ``target`` swapped and the old shape as ``out_shape``."""
     from scipy.ndimage import affine_transform
 
     scale = np.asarray(target, float) / np.asarray(spacing, float)
@@ -135,26 +141,28 @@ def _zoom(volume: np.ndarray, spacing, target, out_shape, order: int) -> np.ndar
                             mode="nearest", prefilter=False)
 
 
-def resample_image(image: np.ndarray, spacing, target) -> np.ndarray:
-    """image (C, *spatial) float32 -> (C, *new_spatial) by linear interpolation."""
-    out_shape = resampled_shape(image.shape[1:], spacing, target)
-    return np.stack([_zoom(c.astype(np.float32, copy=False), spacing, target, out_shape, 1)
+def resample_image(image: np.ndarray, spacing, target, out_shape=None) -> np.ndarray:
+    """image (C, *spatial) float32 at ``spacing`` -> (C, *new_spatial) at ``target`` by linear
+    interpolation; ``new_spatial`` is ``out_shape``, default :func:`resampled_shape`."""
+    out_shape = tuple(out_shape) if out_shape is not None else resampled_shape(image.shape[1:], spacing, target)
+    return np.stack([zoom(c.astype(np.float32, copy=False), spacing, target, out_shape, 1)
                      for c in image]).astype(np.float32)
 
 
-def resample_labels(labels: np.ndarray, spacing, target, num_classes: int) -> np.ndarray:
+def resample_labels(labels: np.ndarray, spacing, target, num_classes: int, out_shape=None) -> np.ndarray:
     """labels (A, *spatial) integer -> (A, *new_spatial) uint8: per rater, linear interpolation of
-    each class's one-hot map, then the most likely class (binary: threshold 0.5)."""
-    out_shape = resampled_shape(labels.shape[1:], spacing, target)
+    each class's one-hot map, then the most likely class (binary: threshold 0.5); ``new_spatial`` is
+    ``out_shape``, default :func:`resampled_shape`."""
+    out_shape = tuple(out_shape) if out_shape is not None else resampled_shape(labels.shape[1:], spacing, target)
     out = np.zeros((labels.shape[0], *out_shape), dtype=np.uint8)
     for a, mask in enumerate(labels):
         if num_classes <= 2:
-            soft = _zoom((mask > 0).astype(np.float32), spacing, target, out_shape, 1)
+            soft = zoom((mask > 0).astype(np.float32), spacing, target, out_shape, 1)
             out[a] = soft >= 0.5
             continue
         best = np.zeros(out_shape, np.float32)
         for c in range(num_classes):
-            soft = _zoom((mask == c).astype(np.float32), spacing, target, out_shape, 1)
+            soft = zoom((mask == c).astype(np.float32), spacing, target, out_shape, 1)
             better = soft > best
             out[a][better] = c
             best = np.maximum(best, soft)
@@ -257,6 +265,11 @@ def preprocess(cfg, root: Optional[str | Path] = None, *, progress: bool = False
     if (out / "index.json").is_file():
         logger.info("preprocessed cache reused: %s", out)
         return out
+    median = _median_cache(cfg, root)
+    if median is not None:
+        logger.info("preprocessed cache reused: %s (built with data.spacing: median, resolved to %s)", median,
+                    list(cfg.data.spacing))
+        return median
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -272,6 +285,42 @@ def preprocess(cfg, root: Optional[str | Path] = None, *, progress: bool = False
         raise
     logger.info("preprocessed cache written: %s", out)
     return out
+
+
+def _median_cache(cfg, root: Optional[str | Path]) -> Optional[Path]:
+    """The cache built with ``data.spacing: median`` when it resolved to ``cfg``'s numeric spacing, else None.
+
+    ``probunet train`` writes the resolved numbers into the run's config; the evaluation or a
+    resumed run of that config then finds the cache its training built (the same cases, the
+    same resampling) instead of building a second one.
+    """
+    spacing = cfg.data.spacing
+    if spacing is None or isinstance(spacing, str):
+        return None
+    alt = copy.copy(cfg)
+    alt.data = copy.copy(cfg.data)
+    alt.data.spacing = "median"
+    folder = cache_dir(alt, root)
+    if not (folder / "index.json").is_file():
+        return None
+    try:
+        resolved = read_index(folder).get("spacing")
+        wanted = target_spacing(spacing, [], cfg.model.spatial_dims)
+    except DataError:
+        return None
+    if not resolved or len(resolved) != len(wanted) or not np.allclose(resolved, wanted, rtol=1e-9, atol=0):
+        return None
+    return folder
+
+
+def resolved_spacing(cfg, root: Optional[str | Path] = None) -> Optional[tuple[float, ...]]:
+    """``data.spacing`` of ``cfg`` as one number per axis: ``"median"`` is read from the ``index.json``
+    of the cache :func:`preprocess` built (which must exist), None stays None."""
+    if cfg.data.spacing != "median":
+        return target_spacing(cfg.data.spacing, [], cfg.model.spatial_dims)
+    folder = preprocess(cfg, root)
+    values = read_index(folder).get("spacing")
+    return None if values is None else tuple(float(v) for v in values)
 
 
 def _build(cfg, work: Path, progress: bool) -> None:
@@ -299,7 +348,7 @@ def _build(cfg, work: Path, progress: bool) -> None:
                       "meta": _json_meta(item.get("meta", {}))}
     if not cases:
         raise DataError(f"{d.path}: the dataset is empty: no cases were found")
-    target = _target_spacing(d.spacing, [c["read_spacing"] for c in cases.values()], nd)
+    target = target_spacing(d.spacing, [c["read_spacing"] for c in cases.values()], nd)
     # pass 2: resample, normalise, write; index the foreground
     from .transforms import crop_item, normalize_image
 
@@ -347,7 +396,9 @@ def _build(cfg, work: Path, progress: bool) -> None:
     atomic_write_text(work / "index.json", json.dumps(index))
 
 
-def _target_spacing(spacing, spacings: list[list[float]], nd: int) -> Optional[tuple[float, ...]]:
+def target_spacing(spacing, spacings: list[list[float]], nd: int) -> Optional[tuple[float, ...]]:
+    """``data.spacing`` as one value per axis: None stays None, ``"median"`` is the per-axis median
+    of ``spacings`` (the cases' spacings as read), one value is repeated ``nd`` times."""
     if spacing is None:
         return None
     if spacing == "median":
@@ -411,6 +462,5 @@ def load_cached_items(cfg, *, progress: bool = False) -> list[dict]:
 
 
 __all__ = ["CACHE_FORMAT", "cache_dir", "cache_key", "cache_root", "cached_items", "foreground_locations",
-           "iter_cases", "load_cached_items", "preprocess", "read_index", "resample_image",
-           "resample_labels",
-           "resampled_shape", "source_files"]
+           "iter_cases", "load_cached_items", "preprocess", "read_index", "resample_image", "resample_labels",
+           "resampled_shape", "resolved_spacing", "source_files", "target_spacing", "zoom"]
