@@ -423,7 +423,6 @@ def sample_diversity(samples: Tensor, *, num_classes: int = 2, empty_iou: float 
     return pairwise_distances(samples, samples, num_classes=num_classes, empty_iou=empty_iou).mean(dim=(1, 2))
 
 
-
 def distinct_pair_mean(d: Tensor) -> Tensor:
     """Mean of a set's self-distance matrix over its distinct pairs (i != j).
 
