@@ -392,6 +392,18 @@ def test_benchmark_data_overrides_reach_the_dataset_section_only_of_their_run():
     assert bq.recipe_config(REPO / "configs" / "lidc.yaml", [], data, **kw)["data"] == data
 
 
+def test_benchmark_synthetic_set_keeps_its_400_cases_whatever_the_demo_trains_on(tmp_path):
+    bq = _load_script("benchmark_quality")
+    demo = yaml.safe_load((REPO / "configs" / "synthetic.yaml").read_text())["data"]
+    data = bq.dataset_section("synthetic", tmp_path, quick=False)
+    assert data["synthetic"]["num_cases"] == 400
+    assert data["split"] == {"seed": 0, "test_fraction": 0.2, "val_fraction": 0.2}
+    # everything else is the demo's: image size, raters, seed, format
+    for key in ("size", "spatial_dims", "num_raters", "seed"):
+        assert data["synthetic"][key] == demo["synthetic"][key], key
+    assert data["format"] == demo["format"] == "synthetic"
+
+
 def test_benchmark_resume_accepts_a_run_saved_at_another_interval_but_not_another_recipe(tmp_path):
     bq = _load_script("benchmark_quality")
     data = {"format": "synthetic"}
