@@ -130,13 +130,19 @@ def test_evaluate_recognises_a_moved_grown_data_folder_by_its_case_ids(shared_ru
     assert _evaluated_ids(tmp_path / "ev" / "per_case.csv") == sorted(recorded["test"])
     said = [r.getMessage() for r in caplog.records if "new since the run's split was fixed" in r.getMessage()]
     assert len(said) == 1 and "16 case(s)" in said[0], said
-    # the split stays fixed on the moved data, and a recorded case missing there is an error naming it
+    # the split stays fixed on the moved data; a copy that lacks recorded cases keeps the split of those it
+    # holds (a warning names the missing ones): a training case is never scored as a test case
     assert _evaluate(run, tmp_path / "ev2", f"data.path={moved}", "data.split.seed=7") == 2
     _one_line_error(capsys, "evaluate", "data.split.seed", "fixed")
-    gone = recorded["train"][0]
-    shutil.rmtree(moved / gone)
-    assert _evaluate(run, tmp_path / "ev3", f"data.path={moved}") == 2
-    _one_line_error(capsys, "evaluate", gone, "missing", "case id")
+    gone = [recorded["train"][0], recorded["test"][0]]
+    for name in gone:
+        shutil.rmtree(moved / name)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="probunet"):
+        assert _evaluate(run, tmp_path / "ev3", f"data.path={moved}") == 0
+    assert _evaluated_ids(tmp_path / "ev3" / "per_case.csv") == sorted(recorded["test"][1:])
+    said = [r.getMessage() for r in caplog.records if "not in the data at this path" in r.getMessage()]
+    assert len(said) == 1 and all(g in said[0] for g in gone), said
 
 
 def test_evaluate_splits_a_dataset_of_other_case_ids_by_its_config(shared_run, tmp_path, caplog):

@@ -7,7 +7,8 @@ data folder that gained cases can never move training or validation cases into
 the test set:
 
 - a recorded case keeps its split;
-- a recorded case the data no longer holds is an error naming it;
+- a recorded case the data no longer holds is an error naming it (a warning for
+  data recognised by its case ids at another path);
 - a case the record does not know (a new case) is reported in one line and left
   out; with ``include_new`` (``evaluate --include-new-cases``) the new cases of
   *new* patients/series join the test split. A new case whose patient/series is
@@ -119,7 +120,8 @@ def apply_recorded_split(items: list[dict], record: dict[str, list[tuple[str, st
                          include_new: bool = False, hint: bool = True, moved: bool = False) -> dict[str, list[dict]]:
     """Split ``items`` as ``record`` says (see the module doc); DataError naming missing cases.
     ``hint``: name the evaluate option in the report of new cases. ``moved``: the data was recognised
-    by its case ids at another path (the message on missing cases says so)."""
+    by its case ids at another path: recorded cases it lacks are a warning, not an error (the cases it
+    holds keep their recorded split; a copy may hold a part of the run's data)."""
     split_of = {c: name for name, entries in record.items() for c, _ in entries}
     fixed_groups = {g for name in ("train", "val") for _, g in record.get(name, [])}
     out: dict[str, list[dict]] = {s: [] for s in SPLITS}
@@ -137,11 +139,10 @@ def apply_recorded_split(items: list[dict], record: dict[str, list[tuple[str, st
             new.append(item)
     missing = sorted(set(split_of) - present)
     if missing and moved:
-        raise DataError(f"{where}: {len(missing)} case(s) of the run's split are missing from the data "
-                        f"({_shown(missing)}); the data shares {len(present)} case id(s) with the run's split, "
-                        f"so it is the run's data (moved or copied): restore the missing cases (a dataset of "
-                        f"other cases must not reuse the run's case ids)")
-    if missing:
+        logger.warning("%s: %d case(s) of the run's split are not in the data at this path (%s); it shares %d "
+                       "case id(s) with the run's split, so those keep their recorded split (a training case is "
+                       "never scored as a test case)", where, len(missing), _shown(missing), len(present))
+    elif missing:
         raise DataError(f"{where}: {len(missing)} case(s) of the run's split are missing from the data "
                         f"({_shown(missing)}); the data changed since training: restore them, or point "
                         f"data.path at another folder to evaluate other cases")
