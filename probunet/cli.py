@@ -157,7 +157,8 @@ def cmd_study(args) -> int:
     t0 = time.perf_counter()
     from .train import fit
 
-    study = run_study(args.sources, args.out, settings, train=fit, progress=not args.no_progress)
+    study = run_study(args.sources, args.out, settings, train=fit, progress=not args.no_progress,
+                      retrain=args.retrain)
     print(f"study of {len(study['settings']['models'])} models in {time.perf_counter() - t0:.0f}s")
     for question, best in study["best"].items():
         o = best["overall"]
@@ -297,9 +298,9 @@ def evaluate_checkpoint(options, *, progress: bool = False) -> dict:
     if include_new and cfg.eval.split != "test":
         raise ValueError(f"--include-new-cases: new cases join the test split only, not eval.split="
                          f"{cfg.eval.split}")
-    record, where = recorded_split_of(given, ckpt_path, ckpt, cfg)
+    split_args = recorded_split_of(given, ckpt_path, ckpt, cfg)
     try:
-        splits = load_splits(cfg, recorded=record, recorded_from=where, include_new=include_new)
+        splits = load_splits(cfg, **split_args, include_new=include_new)
     except DataError as exc:
         raise _model_mismatch(exc, ckpt_path) from None
     items = splits[cfg.eval.split]
@@ -322,32 +323,30 @@ def evaluate_checkpoint(options, *, progress: bool = False) -> dict:
     return result
 
 
-def recorded_split_of(given: Path, ckpt_path: Path, ckpt: dict, cfg) -> tuple[Optional[dict], str]:
-    """The split the run fixed when it started (its checkpoint's record, else ``RUN_DIR/splits.json``),
-    when the evaluated data is the run's own (same ``data.format`` and ``data.path``); ``(None, "")``
-    for another dataset or a run without a record. Overriding ``data.split`` on the run's own data
-    is refused: it would move training cases into the test set."""
+def recorded_split_of(given: Path, ckpt_path: Path, ckpt: dict, cfg) -> dict:
+    """The keyword arguments of :func:`probunet.data.load_splits` that keep the split the run fixed
+    when it started (its checkpoint's record, else ``RUN_DIR/splits.json``): on the run's own data,
+    and on data at another path that holds any of the record's case ids (the run's data, moved);
+    another dataset is split by its config (:func:`probunet.data.recorded_split.run_split_for`).
+    Overriding ``data.split`` on the run's data is refused: it would move training cases into the
+    test set."""
     from .config import ConfigError, from_dict
-    from .data.recorded_split import read_recorded_split, same_data_source
+    from .data.recorded_split import run_split_for
 
     now = cfg.to_dict()["data"]
     trained = from_dict(ckpt["config"]).to_dict()["data"]
-    if not same_data_source(now, trained):
-        logger.info("the data (format, path or synthetic settings) differs from the run's: another dataset, "
-                    "split by its data.split")
-        return None, ""
     run_dir = given if given.is_dir() else ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" \
         else None
-    record, where = read_recorded_split(run_dir, ckpt)
-    if record is None:
-        logger.warning("%s: no recorded split (a run from before probunet kept one); the data is split again by "
-                       "data.split, which matches training only if the data did not change", ckpt_path)
-    elif now["split"] != trained["split"]:
+    record, where, by_case_ids = run_split_for(run_dir, ckpt, now, trained)
+    fixed = None
+    if record is not None and now["split"] != trained["split"]:
         changed = sorted(k for k in set(now["split"]) | set(trained["split"])
                          if now["split"].get(k) != trained["split"].get(k))
-        raise ConfigError(f"data.split.{changed[0]}: the run's split is fixed ({where}) and cannot be changed "
-                          f"on its own data; point data.path at another folder to evaluate other cases")
-    return record, where
+        fixed = (f"data.split.{changed[0]}: the run's split is fixed ({where}) and cannot be changed "
+                 f"on its own data; point data.path at another folder to evaluate other cases")
+        if not by_case_ids:
+            raise ConfigError(fixed)
+    return {"recorded": record, "recorded_from": where, "by_case_ids": by_case_ids, "fixed_split": fixed}
 
 
 def _check_sample_memory(items: list[dict], cfg, num_samples: int, device) -> None:
@@ -529,6 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--patch-size", type=int, default=8, help="patch_max window, voxels per axis (8)")
     st.add_argument("--fail", action="append", metavar="RISK=T",
                     help="a case failed when RISK > T (default one_minus_dice=0.2, ged=0.3)")
+    st.add_argument("--retrain", action="store_true",
+                    help="train again a config whose run in OUT/runs/ was trained with other settings (--steps, "
+                         "an edited config); without it such a run is refused")
     st.add_argument("--device", default="auto")
     st.add_argument("--no-progress", action="store_true")
     st.set_defaults(func=cmd_study)

@@ -28,6 +28,14 @@ Files in ``out``: ``study.json`` ({"cases": {"<model>/<set>/<case>": {map: {aggr
 model, set and case), ``risk_coverage.png``, ``reliability.png``, ``ood.png``; ``runs/<model>/`` for
 the configs trained here and ``cache/<model>.json`` per finished model, so a killed study resumes
 where it stopped.
+
+The study scores the test split each run recorded when it started (``RUN/splits.json`` or the
+checkpoint's record, as ``probunet evaluate`` does): cases added to the data folder since are left out
+(with a warning), missing ones are an error. ``out`` is the study's own: ``.probunet-study.json``
+lists every file the study wrote there (with its SHA-256) and the settings each config in ``runs/``
+was trained with; a file the study did not write (or that changed since) is never replaced, a run
+trained with other settings (``--steps``, an edited config) is never reused (``retrain`` trains it
+again), and a cached result is reused only for the same settings, checkpoint and data.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import io
 import json
 import logging
 import math
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -45,10 +54,10 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from . import detection, metrics
+from . import __version__, detection, metrics
 from .shift import check_shift, shift_item
 from .uncertainty import AGGREGATIONS, MAPS, check_maps, image_scores, model_maps, uncertainty_maps
-from .utils import atomic_write_text
+from .utils import atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +66,7 @@ RISKS = {
     "ged": "D^2_GED of the samples against the raters",
 }
 DEFAULT_FAILURE = {"one_minus_dice": 0.2, "ged": 0.3}
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 TEST, SHIFTED = "test", "shifted"
 
 
@@ -85,28 +94,34 @@ class StudySettings:
             raise ValueError(f"--num-samples must be >= 1, got {self.num_samples}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"--steps must be >= 1, got {self.steps}")
+        if not math.isfinite(float(self.threshold)):
+            raise ValueError(f"--threshold must be a finite number of nats, got {self.threshold}")
+        if not math.isfinite(float(self.severity)):
+            raise ValueError(f"--severity must be a finite number, got {self.severity}")
         if self.shift is not None and self.ood is not None:
             raise ValueError("--shift and --ood: give one shifted set, not both")
         if self.shift is not None:
             check_shift(self.shift, float(self.severity))
         if self.ood is not None and not Path(self.ood).is_dir():
             raise FileNotFoundError(f"--ood {self.ood}: not a folder")
-        for risk in self.failure:
+        for risk, value in self.failure.items():
             if risk not in RISKS:
                 raise ValueError(f"--fail {risk}: unknown risk; known: {', '.join(RISKS)}")
+            if not math.isfinite(float(value)):
+                raise ValueError(f"--fail {risk}={value}: the threshold must be a finite number")
         for m in self.maps or ():
             if m not in MAPS:
                 raise ValueError(f"--maps {m}: unknown map; known: {', '.join(MAPS)}")
         for a in self.aggregations:
             if a not in AGGREGATIONS:
-                raise ValueError(f"--aggregations {a}: unknown; known: {', '.join(AGGREGATIONS)}")
+                raise ValueError(f"StudySettings.aggregations: {a!r} is not an aggregation; known: "
+                                 f"{', '.join(AGGREGATIONS)}")
         if self.patch_size < 1:
             raise ValueError(f"--patch-size must be >= 1, got {self.patch_size}")
 
     def cache_key(self) -> dict:
         d = asdict(self)
         d.pop("device")
-        d.pop("steps")
         d["maps"] = None if self.maps is None else list(self.maps)
         d["aggregations"] = list(self.aggregations)
         d["failure"] = None  # thresholds only change the results, not the cached per-case values
@@ -166,26 +181,175 @@ def resolve_sources(sources: Sequence[str], out: Path) -> list[StudyModel]:
     return models
 
 
-def train_if_needed(model: StudyModel, settings: StudySettings, train=None, *, progress: bool) -> Path:
-    """Train a config model into its run directory with ``train(cfg, run_dir, resume=, progress=)``
-    (:func:`probunet.train.fit`; the CLI passes it, the library never imports the trainer), resuming a
-    killed training; returns what to load."""
+# ----------------------------------------------------------------------------- the output folder
+
+STUDY_MARKER = ".probunet-study.json"
+STUDY_KIND = "probunet-study-output"
+
+
+def _sha256(path: Path) -> Optional[str]:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
+def _json_digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class StudyFolder:
+    """``out`` of a study and its manifest :data:`STUDY_MARKER`: every file the study wrote there
+    (relative path -> SHA-256), the runs it trains in ``runs/`` and the config each was trained with.
+
+    A file at one of the study's paths is replaced only when the manifest holds its current digest
+    (the study wrote it and nobody changed it since); anything else is refused with one line naming
+    it, before any work. A write records the new digest beside the old one first, so a study killed
+    between the two manifest updates still owns whichever file is there."""
+
+    def __init__(self, out: str | Path):
+        self.out = Path(out)
+        self._manifest: Optional[dict] = None
+
+    @property
+    def manifest(self) -> dict:
+        if self._manifest is None:
+            self._manifest = self._read()
+        return self._manifest
+
+    def _read(self) -> dict:
+        marker = self.out / STUDY_MARKER
+        fresh = {"kind": STUDY_KIND, "probunet_version": __version__, "files": {}, "runs": {}}
+        if not (marker.exists() or marker.is_symlink()):
+            return fresh
+        try:
+            data = json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() and not marker.is_symlink() \
+                else None
+        except (OSError, ValueError, UnicodeDecodeError):
+            data = None
+        if not isinstance(data, dict) or data.get("kind") != STUDY_KIND or not isinstance(data.get("files"), dict) \
+                or not isinstance(data.get("runs"), dict):
+            raise FileExistsError(f"--out {self.out}: {STUDY_MARKER} is not a probunet study manifest; choose "
+                                  f"another --out")
+        return data
+
+    def _save(self) -> None:
+        atomic_write_text(self.out / STUDY_MARKER, json.dumps(self.manifest, indent=1, sort_keys=True) + "\n")
+
+    def owns(self, rel: str) -> bool:
+        """Whether the file ``out/rel`` is one the study wrote, unchanged since (or absent)."""
+        p = self.out / rel
+        if not (p.exists() or p.is_symlink()):
+            return True
+        if p.is_symlink() or not p.is_file():
+            return False
+        return _sha256(p) in self.manifest["files"].get(rel, [])
+
+    def check(self, files: Sequence[str], runs: Sequence[str] = ()) -> None:
+        """FileExistsError (one line) for the first of ``files`` (paths relative to ``out``) that exists
+        and is not the study's, or the first of ``runs`` (model names) whose ``runs/<name>`` exists and
+        was not trained by a study into this folder."""
+        if self.out.exists() and not self.out.is_dir():
+            raise NotADirectoryError(f"--out {self.out} is a file, not a folder")
+        for rel in files:
+            if not self.owns(rel):
+                raise FileExistsError(f"--out {self.out}: {rel} exists and was not written by probunet study (or "
+                                      f"was changed since); refusing to overwrite it: move it away or choose "
+                                      f"another --out")
+        for name in runs:
+            p = self.out / "runs" / name
+            if (p.exists() or p.is_symlink()) and name not in self.manifest["runs"]:
+                raise FileExistsError(f"--out {self.out}: runs/{name} exists and was not trained by probunet study "
+                                      f"into this folder; refusing to train into it: move it away or choose "
+                                      f"another --out")
+
+    def write_bytes(self, rel: str, data: bytes) -> Path:
+        """Write ``out/rel`` atomically, if the study owns it (:meth:`owns`), recording its digest."""
+        self.check([rel])
+        path = self.out / rel
+        files = self.manifest["files"]
+        now = _sha256(path) if path.is_file() else None
+        new = hashlib.sha256(data).hexdigest()
+        files[rel] = [d for d in (now, new) if d is not None]
+        self._save()
+        atomic_write_bytes(path, data)
+        files[rel] = [new]
+        self._save()
+        return path
+
+    def write_text(self, rel: str, text: str) -> Path:
+        return self.write_bytes(rel, text.encode("utf-8"))
+
+    def training(self, name: str) -> Optional[dict]:
+        return self.manifest["runs"].get(name)
+
+    def set_training(self, name: str, record: dict) -> None:
+        self.manifest["runs"][name] = record
+        self._save()
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _config_change(old: dict, new: dict) -> str:
+    a, b = _flat(old), _flat(new)
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    shown = ", ".join(f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in keys[:3])
+    return shown + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
+def train_if_needed(model: StudyModel, settings: StudySettings, train=None, *, progress: bool,
+                    folder: Optional[StudyFolder] = None, retrain: bool = False) -> Path:
+    """Train a config model into its run directory ``OUT/runs/<name>`` with ``train(cfg, run_dir, resume=,
+    progress=)`` (:func:`probunet.train.fit`; the CLI passes it, the library never imports the trainer),
+    resuming a killed training; returns what to load.
+
+    The config it is trained with (the file with ``train.steps`` from ``settings.steps``) is recorded in
+    the study folder's manifest; a run trained (or started) with another config is never reused or
+    resumed: a ValueError names what changed, or with ``retrain`` the run is removed and trained again."""
     if not model.trained_here:
         return model.run_dir
-    run = model.run_dir
-    if (run / "train_summary.json").is_file() and (run / "checkpoints" / "last.pt").is_file():
-        logger.info("%s: already trained in %s", model.name, run)
-        return run
     from .config import load_config
 
-    if train is None:
-        raise ValueError(f"{model.source}: a config must be trained first; pass train=probunet.train.fit "
-                         f"or give its run directory")
+    run = model.run_dir
+    folder = folder or StudyFolder(run.parent.parent)
+    folder.check([], [model.name])
     overrides = [] if settings.steps is None else [f"train.steps={settings.steps}"]
     cfg = load_config(model.source, overrides)
     if cfg.train.checkpoint_every > max(1, cfg.train.steps // 4):  # a killed study loses at most a quarter
         cfg = load_config(model.source, [*overrides, f"train.checkpoint_every={max(1, cfg.train.steps // 4)}"])
-    resume = (run / "checkpoints" / "last.pt").is_file()
+    asked = json.loads(json.dumps(cfg.to_dict(), default=str))  # as the manifest holds it
+    record = {"source": str(model.source), "config": asked, "digest": _json_digest(asked)}
+    last = run / "checkpoints" / "last.pt"
+    before = folder.training(model.name)
+    if last.is_file() and (before is None or before.get("digest") != record["digest"]):
+        change = (f"its config changed: {_config_change(before.get('config') or {}, asked)}" if before
+                  else "the settings it was trained with are not recorded")
+        if not retrain:
+            raise ValueError(f"{model.name}: {run} was trained for another study ({change}); pass --retrain to "
+                             f"train it again, or choose a fresh --out")
+        logger.info("%s: %s; training it again (--retrain)", model.name, change)
+        shutil.rmtree(run)
+    if (run / "train_summary.json").is_file() and last.is_file():
+        logger.info("%s: already trained in %s", model.name, run)
+        return run
+    if train is None:
+        raise ValueError(f"{model.source}: a config must be trained first; pass train=probunet.train.fit "
+                         f"or give its run directory")
+    resume = last.is_file()
+    if before != record:
+        folder.set_training(model.name, record)
     logger.info("%s: training %s for %d steps into %s%s", model.name, model.source, cfg.train.steps, run,
                 " (resumed)" if resume else "")
     train(cfg, run, resume=resume, progress=progress)
@@ -199,12 +363,25 @@ def _case_index(case_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"probunet-shift:{case_id}".encode()).digest()[:4], "little")
 
 
-def study_sets(cfg, settings: StudySettings) -> dict[str, list[dict]]:
-    """``{"test": the run's evaluation split, "shifted": its shifted copy or the --ood folder}``."""
+def study_sets(cfg, settings: StudySettings, *, run_dir: Optional[Path] = None,
+               checkpoint: Optional[dict] = None) -> dict[str, list[dict]]:
+    """``{"test": the run's evaluation split, "shifted": its shifted copy or the --ood folder}``.
+
+    With the run's ``checkpoint`` (and ``run_dir``), the split is the one the run recorded when it started
+    (:func:`probunet.data.recorded_split.run_split_for`), as ``probunet evaluate`` uses it: cases added
+    to the data since are left out (a warning), cases gone missing are an error."""
     from .data import load_splits, prepare_items, read_cases
 
     split = cfg.eval.split
-    test = load_splits(cfg)[split]
+    kwargs: dict = {}
+    if checkpoint is not None:
+        from .config import from_dict
+        from .data.recorded_split import run_split_for
+
+        trained = from_dict(checkpoint["config"]).to_dict()["data"]
+        record, where, by_ids = run_split_for(run_dir, checkpoint, cfg.to_dict()["data"], trained)
+        kwargs = {"recorded": record, "recorded_from": where, "by_case_ids": by_ids, "hint": False}
+    test = load_splits(cfg, **kwargs)[split]
     if not test:
         raise ValueError(f"the {split} split of {cfg.data.path or 'the synthetic set'} is empty")
     sets = {TEST: test}
@@ -227,7 +404,29 @@ def study_sets(cfg, settings: StudySettings) -> dict[str, list[dict]]:
 
 def _fingerprint(path: Path) -> dict:
     st = path.stat()
-    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256(path)}
+
+
+def _sets_digest(sets: dict[str, list[dict]]) -> dict:
+    """Per set: its case ids and a digest of their images and rater masks (a cached result is stale
+    when the scored data changed)."""
+    out = {}
+    for name, items in sets.items():
+        h = hashlib.blake2b(digest_size=16)
+        for it in items:
+            h.update(str(it["case_id"]).encode() + b"\0")
+            for key in ("image", "labels"):
+                a = np.ascontiguousarray(np.asarray(it[key]))
+                h.update(f"{a.dtype.str}{a.shape}".encode())
+                h.update(memoryview(a).cast("B"))
+        out[name] = {"cases": len(items), "digest": h.hexdigest()}
+    return out
+
+
+def _run_dir_of(target: Path, ckpt_path: Path) -> Optional[Path]:
+    if target.is_dir():
+        return target
+    return ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else None
 
 
 def score_set(model, spec, items: list[dict], cfg, settings: StudySettings, maps: tuple, device, *,
@@ -288,15 +487,23 @@ def score_set(model, spec, items: list[dict], cfg, settings: StudySettings, maps
     }
 
 
-def study_model(sm: StudyModel, settings: StudySettings, out: Path, train=None, *, progress: bool) -> dict:
-    """Train (if a config), sample and score one model, or read its cached result."""
+def study_model(sm: StudyModel, settings: StudySettings, out: Path, train=None, *, progress: bool,
+                folder: Optional[StudyFolder] = None, retrain: bool = False) -> dict:
+    """Train (if a config), sample and score one model, or read its cached result (the same settings,
+    checkpoint, config and scored data)."""
     from .checkpoint import load_model, resolve_checkpoint_path
 
-    target = train_if_needed(sm, settings, train, progress=progress)
+    folder = folder or StudyFolder(out)
+    target = train_if_needed(sm, settings, train, progress=progress, folder=folder, retrain=retrain)
     ckpt_path = resolve_checkpoint_path(target)
-    key = {"version": CACHE_VERSION, "settings": settings.cache_key(), "checkpoint": _fingerprint(ckpt_path)}
-    cache = out / "cache" / f"{sm.name}.json"
-    if cache.is_file():
+    model, cfg, ckpt = load_model(ckpt_path)
+    sets = study_sets(cfg, settings, run_dir=_run_dir_of(Path(target), Path(ckpt["path"])), checkpoint=ckpt)
+    key = {"version": CACHE_VERSION, "settings": settings.cache_key(), "checkpoint": _fingerprint(ckpt_path),
+           "config": _json_digest(ckpt["config"]), "data": _sets_digest(sets)}
+    del ckpt
+    rel = f"cache/{sm.name}.json"
+    cache = out / rel
+    if cache.is_file() and folder.owns(rel):
         try:
             cached = json.loads(cache.read_text())
             if cached.get("key") == key:
@@ -304,8 +511,7 @@ def study_model(sm: StudyModel, settings: StudySettings, out: Path, train=None, 
                 return cached
         except ValueError:
             pass
-        logger.info("%s: %s is stale (other settings or checkpoint); scoring again", sm.name, cache)
-    model, cfg, _ = load_model(ckpt_path)
+        logger.info("%s: %s is stale (other settings, checkpoint or data); scoring again", sm.name, cache)
     spec = model_maps(model)
     maps = check_maps(spec, settings.maps) if settings.maps else spec.maps
     if spec.kind == "members" and settings.num_samples % spec.groups:
@@ -314,15 +520,13 @@ def study_model(sm: StudyModel, settings: StudySettings, out: Path, train=None, 
     from .utils import resolve_device
 
     device = resolve_device(settings.device)
-    sets = study_sets(cfg, settings)
     result = {"key": key, "model": sm.name, "source": sm.source, "checkpoint": str(ckpt_path),
               "model_name": cfg.model.name, "member": getattr(cfg.model, "member", None), "kind": spec.kind,
               "maps": list(maps), "why": spec.why, "sets": {}}
     for name, items in sets.items():
         result["sets"][name] = score_set(model, spec, items, cfg, settings, maps, device,
                                          desc=f"{sm.name} {name}", progress=progress)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(cache, json.dumps(_finite(result)) + "\n")
+    folder.write_text(rel, json.dumps(_finite(result)) + "\n")
     return result
 
 
@@ -514,19 +718,24 @@ def _plt():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
-    from .utils import atomic_call
-
-    out = atomic_call(path, lambda p: fig.savefig(p, dpi=110, format="png"), suffix=".png")
-    _plt().close(fig)
-    return out
+def _save(fig, path: Path, folder: Optional[StudyFolder] = None) -> Path:
+    """The figure as a PNG at ``path``; through ``folder`` (the study's output folder), which records it."""
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, dpi=110, format="png")
+    finally:
+        _plt().close(fig)
+    if folder is not None:
+        return folder.write_bytes(path.relative_to(folder.out).as_posix(), buf.getvalue())
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 _MAP_COLOURS = {"total": "C0", "aleatoric": "C1", "epistemic": "C2"}
 _AGG_STYLES = {"mean": "-", "sum": "-", "above_threshold": ":", "patch_max": "-."}
 
 
-def risk_coverage_figure(path: Path, results_by_model: dict, questions: dict, risk: str = "one_minus_dice") -> Path:
+def risk_coverage_figure(path: Path, results_by_model: dict, questions: dict, risk: str = "one_minus_dice",
+                         folder: Optional[StudyFolder] = None) -> Path:
     """A panel per model: selective risk against coverage for each map's ``mean`` score and the model's
     best score by AURC, with the optimal ranking and the random one (the mean risk)."""
     plt = _plt()
@@ -566,10 +775,10 @@ def risk_coverage_figure(path: Path, results_by_model: dict, questions: dict, ri
         ax.axis("off")
     fig.suptitle("risk-coverage on the test split (AURC in brackets)", fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return _save(fig, path, folder)
 
 
-def reliability_figure(path: Path, results_by_model: dict) -> Path:
+def reliability_figure(path: Path, results_by_model: dict, folder: Optional[StudyFolder] = None) -> Path:
     """Rater foreground frequency against sampled foreground frequency per bin, a line per model."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
@@ -586,10 +795,10 @@ def reliability_figure(path: Path, results_by_model: dict) -> Path:
     ax.set_title("calibration on the test split", fontsize=9)
     ax.legend(fontsize=6)
     fig.tight_layout()
-    return _save(fig, path)
+    return _save(fig, path, folder)
 
 
-def ood_figure(path: Path, questions: dict) -> Optional[Path]:
+def ood_figure(path: Path, questions: dict, folder: Optional[StudyFolder] = None) -> Optional[Path]:
     """OOD AUROC per model of each map's best aggregation."""
     by_model = questions.get("ood.auroc")
     if not by_model:
@@ -611,13 +820,22 @@ def ood_figure(path: Path, questions: dict) -> Optional[Path]:
     ax.set_ylabel("OOD AUROC")
     ax.legend(fontsize=6)
     fig.tight_layout()
-    return _save(fig, path)
+    return _save(fig, path, folder)
+
+
+OUTPUT_FILES = ("study.json", "study.md", "study.csv", "risk_coverage.png", "reliability.png", "ood.png")
 
 
 def run_study(sources: Sequence[str], out: str | Path, settings: Optional[StudySettings] = None, *,
-              train=None, progress: bool = False) -> dict:
+              train=None, progress: bool = False, retrain: bool = False) -> dict:
     """The study of ``sources`` (configs or runs) into ``out``; returns what ``study.json`` holds.
-    ``train``: the function that trains a config (:func:`probunet.train.fit`), needed for configs."""
+    ``train``: the function that trains a config (:func:`probunet.train.fit`), needed for configs;
+    ``retrain``: train again a config whose run in ``out/runs`` was trained with other settings
+    (otherwise that is a ValueError). Files in ``out`` the study did not write are never replaced
+    (:class:`StudyFolder`)."""
+    from .guards import ensure_writable_dir
+    from .utils import FolderLock
+
     settings = settings or StudySettings()
     settings.check()
     out = Path(out)
@@ -625,7 +843,20 @@ def run_study(sources: Sequence[str], out: str | Path, settings: Optional[StudyS
         if Path(src).exists() and out.resolve() == Path(src).resolve():
             raise ValueError(f"--out {out}: is an input; choose another folder")
     models = resolve_sources(sources, out)
-    out.mkdir(parents=True, exist_ok=True)
+    folder = StudyFolder(out)
+    # every path the study may write, checked before any work
+    folder.check([*OUTPUT_FILES, *(f"cache/{sm.name}.json" for sm in models)],
+                 [sm.name for sm in models if sm.trained_here])
+    ensure_writable_dir(out, "--out")  # a read-only or missing folder: one line, before the work
+    lock = FolderLock(out, what="study folder").acquire()
+    try:
+        return _run_study(models, out, settings, folder, train=train, progress=progress, retrain=retrain)
+    finally:
+        lock.release()
+
+
+def _run_study(models: list[StudyModel], out: Path, settings: StudySettings, folder: StudyFolder, *, train,
+               progress: bool, retrain: bool) -> dict:
     results: dict = {}
     bar = None
     if progress:
@@ -636,7 +867,8 @@ def run_study(sources: Sequence[str], out: str | Path, settings: Optional[StudyS
         for sm in models:
             if bar is not None:
                 bar.set_postfix_str(sm.name)
-            results[sm.name] = study_model(sm, settings, out, train, progress=progress)
+            results[sm.name] = study_model(sm, settings, out, train, progress=progress, folder=folder,
+                                           retrain=retrain)
             if bar is not None:
                 bar.update(1)
     finally:
@@ -675,14 +907,14 @@ def run_study(sources: Sequence[str], out: str | Path, settings: Optional[StudyS
     study = _finite(study)
     files = {"json": out / "study.json", "md": out / "study.md", "csv": out / "study.csv",
              "risk_coverage": out / "risk_coverage.png", "reliability": out / "reliability.png"}
-    risk_coverage_figure(files["risk_coverage"], results, questions)
-    reliability_figure(files["reliability"], results)
-    if ood_figure(out / "ood.png", questions) is not None:
+    risk_coverage_figure(files["risk_coverage"], results, questions, folder=folder)
+    reliability_figure(files["reliability"], results, folder=folder)
+    if ood_figure(out / "ood.png", questions, folder=folder) is not None:
         files["ood"] = out / "ood.png"
     study["files"] = {k: str(v) for k, v in files.items()}
-    atomic_write_text(files["csv"], csv_text(results))
-    atomic_write_text(files["md"], markdown(study) + "\n")
-    atomic_write_text(files["json"], json.dumps(study, indent=1) + "\n")
+    folder.write_text("study.csv", csv_text(results))
+    folder.write_text("study.md", markdown(study) + "\n")
+    folder.write_text("study.json", json.dumps(study, indent=1) + "\n")
     return study
 
 

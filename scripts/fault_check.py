@@ -34,6 +34,9 @@ Four parts, one table at the end (exit 0 when every figure is as required):
    pickles, headers claiming huge images, FIFOs and special files, YAML bombs; each probe is a
    ``probunet`` command in its own process with a time limit (a hang is reported as "hung") and
    its peak memory. ``python scripts/fault_check.py files [CHECKPOINT]`` runs this part alone.
+8. study: ``probunet study`` keeps a run's recorded split on a grown folder, never replaces a file it
+   did not write, never scores a model trained with other ``--steps``; evaluate keeps the recorded
+   split on a moved and grown folder (``scripts/_faults_study.py``).
 """
 
 from __future__ import annotations
@@ -1213,6 +1216,9 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         hf = hostile_files(work / "files", ckpt_run / "checkpoints" / "last.pt", quick=args.quick)
         t_hf = time.perf_counter() - t
+        t = time.perf_counter()
+        import _faults_study
+        study_rows, t_study = _faults_study.run(work / "study", ckpt_run, args.quick), time.perf_counter() - t
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
@@ -1260,6 +1266,9 @@ def main(argv=None) -> int:
     lines, files_ok = format_files(hf, t_hf, args.quick)
     out += lines
     ok &= files_ok
+    lines, passed = _family_lines("8. study: recorded split, output ownership, stale runs", study_rows, t_study)
+    out += lines
+    ok &= passed
     out.append("")
     out.append(f"total {time.perf_counter() - t_all:.0f}s: {'ALL PASS' if ok else 'FAILURES'}")
     print("\n".join(out))

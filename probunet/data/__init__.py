@@ -58,7 +58,8 @@ def prepare_items(items: list[dict], cfg) -> list[dict]:
 
 
 def load_splits(cfg, run_dir: Optional[str | Path] = None, *, recorded: Optional[dict] = None,
-                recorded_from: str = "", include_new: bool = False, hint: bool = True) -> dict[str, list[dict]]:
+                recorded_from: str = "", include_new: bool = False, hint: bool = True, by_case_ids: bool = False,
+                fixed_split: Optional[str] = None) -> dict[str, list[dict]]:
     """Read, normalise, validate and split the dataset of ``cfg.data``.
 
     ``recorded`` (a run's split record, :mod:`probunet.data.recorded_split`): the cases
@@ -66,6 +67,10 @@ def load_splits(cfg, run_dir: Optional[str | Path] = None, *, recorded: Optional
     messages); new cases are left out unless ``include_new``, missing ones are an error.
     Otherwise the data is split by ``cfg.data.split`` and, when ``run_dir`` is given,
     the case lists are written to ``RUN_DIR/splits.json``.
+    ``by_case_ids``: the data is read from another path than the run's; the record applies when
+    the data holds any of its case ids, else the data is another dataset
+    (:func:`probunet.data.recorded_split.resolve_by_case_ids`); ``fixed_split``: the message of
+    the DataError raised when the record applies (``data.split`` was changed: the split is fixed).
     With ``data.patch_size`` the cases come from the preprocessed cache, as memory maps
     (:func:`probunet.data.preprocess.load_cached_items`), under the same rules.
     """
@@ -75,11 +80,17 @@ def load_splits(cfg, run_dir: Optional[str | Path] = None, *, recorded: Optional
         items = load_cached_items(cfg)
     else:
         items = prepare_items(read_cases(cfg.data), cfg)
+    if recorded is not None and by_case_ids:
+        from .recorded_split import resolve_by_case_ids
+
+        recorded = resolve_by_case_ids(items, recorded, recorded_from or "the run's split", str(cfg.data.path))
+    if recorded is not None and fixed_split:
+        raise DataError(fixed_split)
     if recorded is not None:
         from .recorded_split import apply_recorded_split
 
         splits = apply_recorded_split(items, recorded, recorded_from or "the run's split", include_new=include_new,
-                                      hint=hint)
+                                      hint=hint, moved=by_case_ids)
     else:
         splits = split_items(items, cfg.data.split)
         if run_dir is not None:

@@ -7,14 +7,19 @@ data folder that gained cases can never move training or validation cases into
 the test set:
 
 - a recorded case keeps its split;
-- a recorded case the data no longer holds is an error naming it;
+- a recorded case the data no longer holds is an error naming it (a warning for
+  data recognised by its case ids at another path);
 - a case the record does not know (a new case) is reported in one line and left
   out; with ``include_new`` (``evaluate --include-new-cases``) the new cases of
   *new* patients/series join the test split. A new case whose patient/series is
   in the recorded train or val split never joins any split.
 
 The record applies when the data source is the run's (same ``data.format`` and
-``data.path``); another folder is another dataset and is split by its config.
+``data.path``). Data read from another path is recognised by its case ids
+(:func:`run_split_for`): when it holds cases of the run's record (the run's data,
+moved or copied, maybe with cases added) the record applies under the same rules;
+only data that shares no case id with the record is another dataset, split by its
+config. Synthetic data generated in memory is recognised by its generator settings.
 """
 
 from __future__ import annotations
@@ -112,9 +117,11 @@ def _shown(ids: list[str], n: int = 5) -> str:
 
 
 def apply_recorded_split(items: list[dict], record: dict[str, list[tuple[str, str]]], where: str, *,
-                         include_new: bool = False, hint: bool = True) -> dict[str, list[dict]]:
+                         include_new: bool = False, hint: bool = True, moved: bool = False) -> dict[str, list[dict]]:
     """Split ``items`` as ``record`` says (see the module doc); DataError naming missing cases.
-    ``hint``: name the evaluate option in the report of new cases."""
+    ``hint``: name the evaluate option in the report of new cases. ``moved``: the data was recognised
+    by its case ids at another path: recorded cases it lacks are a warning, not an error (the cases it
+    holds keep their recorded split; a copy may hold a part of the run's data)."""
     split_of = {c: name for name, entries in record.items() for c, _ in entries}
     fixed_groups = {g for name in ("train", "val") for _, g in record.get(name, [])}
     out: dict[str, list[dict]] = {s: [] for s in SPLITS}
@@ -131,7 +138,11 @@ def apply_recorded_split(items: list[dict], record: dict[str, list[tuple[str, st
         else:
             new.append(item)
     missing = sorted(set(split_of) - present)
-    if missing:
+    if missing and moved:
+        logger.warning("%s: %d case(s) of the run's split are not in the data at this path (%s); it shares %d "
+                       "case id(s) with the run's split, so those keep their recorded split (a training case is "
+                       "never scored as a test case)", where, len(missing), _shown(missing), len(present))
+    elif missing:
         raise DataError(f"{where}: {len(missing)} case(s) of the run's split are missing from the data "
                         f"({_shown(missing)}); the data changed since training: restore them, or point "
                         f"data.path at another folder to evaluate other cases")
@@ -173,5 +184,52 @@ def same_data_source(cfg_data: dict, trained_data: dict) -> bool:
         return False
 
 
+def record_case_ids(record: dict) -> set[str]:
+    return {c for entries in record.values() for c, _ in entries}
+
+
+def run_split_for(run_dir: Optional[Path], checkpoint: dict, now_data: dict, trained_data: dict) \
+        -> tuple[Optional[dict], str, bool]:
+    """The run's recorded split for evaluating the data ``now_data`` (a ``cfg.data`` as a dict) with a
+    run trained on ``trained_data``: ``(record, where, by_case_ids)``.
+
+    - the run's own data source (:func:`same_data_source`): its record (``(None, "", False)`` for a run
+      without one, logged as a warning);
+    - data at another path, for a run trained on files: the record with ``by_case_ids`` true: it
+      applies when the data holds any of its case ids (:func:`resolve_by_case_ids`);
+    - otherwise (synthetic data with other generator settings, another format without a path):
+      another dataset, ``(None, "", False)``.
+    """
+    if same_data_source(now_data, trained_data):
+        record, where = read_recorded_split(run_dir, checkpoint)
+        if record is None:
+            logger.warning("%s: no recorded split (a run from before probunet kept one); the data is split again "
+                           "by data.split, which matches training only if the data did not change",
+                           checkpoint.get("path", "the checkpoint"))
+        return record, where, False
+    if now_data.get("path") and trained_data.get("path"):
+        record, where = read_recorded_split(run_dir, checkpoint)
+        if record is not None:
+            return record, where, True
+    logger.info("the data (format, path or synthetic settings) differs from the run's: another dataset, "
+                "split by its data.split")
+    return None, "", False
+
+
+def resolve_by_case_ids(items: list[dict], record: dict, where: str, path: str) -> Optional[dict]:
+    """``record`` when ``items`` (read from ``path``, not the run's data path) hold any of its case ids,
+    else None (another dataset); logged either way."""
+    known = record_case_ids(record)
+    shared = known & {str(i["case_id"]) for i in items}
+    if not shared:
+        logger.info("%s: none of its %d case ids is in the run's split (%s): another dataset, split by its "
+                    "data.split", path, len(items), where)
+        return None
+    logger.info("%s: %d of the run's %d recorded case ids are there: the run's data at another path; the "
+                "recorded split (%s) applies", path, len(shared), len(known), where)
+    return record
+
+
 __all__ = ["CHECKPOINT_KEY", "SPLIT_FILE", "apply_recorded_split", "parse_split_record", "read_recorded_split",
-           "same_data_source", "split_record", "split_record_text"]
+           "record_case_ids", "resolve_by_case_ids", "run_split_for", "same_data_source", "split_record",
+           "split_record_text"]
