@@ -3,6 +3,7 @@
 - :func:`ensure_writable_dir`: a folder is created (with its parents) and a file is
   created and removed in it before any long work, so a read-only or missing
   ``--out`` is refused at once, naming the folder and the cause.
+- :func:`writing`: a block whose disk failures become :class:`WriteError` naming a path.
 - :class:`WriteError`: a write that failed for a reason of the disk (no space left,
   quota, read-only file system, permission) as one line naming the file and the
   cause; :func:`probunet.utils.atomic_call` raises it (the temporary file removed,
@@ -21,6 +22,7 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -37,6 +39,7 @@ _CAUSES = {
 }
 # torch.save's zip writer reports a short write this way (no errno)
 _TORCH_SHORT_WRITE = ("unexpected pos", "file write failed", "PytorchStreamWriter failed")
+_NUMPY_SHORT_WRITE = re.compile(r"^\d+ requested and \d+ written$")  # ndarray.tofile (np.save), no errno
 
 
 class WriteError(OSError):
@@ -68,13 +71,27 @@ def write_failure(path: str | Path, exc: BaseException) -> Optional[WriteError]:
         return exc
     if isinstance(exc, OSError) and exc.errno in _CAUSES:
         return WriteError(path, _CAUSES[exc.errno], exc.errno)
-    if isinstance(exc, RuntimeError) and any(s in str(exc) for s in _TORCH_SHORT_WRITE):
+    if (isinstance(exc, RuntimeError) and any(s in str(exc) for s in _TORCH_SHORT_WRITE)) or (
+            isinstance(exc, OSError) and exc.errno is None and _NUMPY_SHORT_WRITE.match(str(exc).strip())):
         free = free_bytes(Path(path).parent)
         if free is not None and free < (1 << 20):
             return WriteError(path, f"no space left on device ({free} bytes free)", errno.ENOSPC)
         first = str(exc).strip().splitlines()[0][:160]
         return WriteError(path, f"the write was cut short ({first})", errno.EIO)
     return None
+
+
+@contextmanager
+def writing(path: str | Path):
+    """Turn a failure of the disk inside the block (no space, quota, read-only, permission) into
+    :class:`WriteError` naming ``path``; other errors pass unchanged."""
+    try:
+        yield
+    except OSError as exc:
+        failure = write_failure(path, exc)
+        if failure is None:
+            raise
+        raise failure from None
 
 
 def ensure_writable_dir(folder: str | Path, what: str) -> Path:
@@ -163,4 +180,4 @@ def out_of_memory_message(exc: BaseException) -> Optional[str]:
 
 
 __all__ = ["MAX_SAMPLES", "WriteError", "available_memory", "check_free_space", "check_memory",
-           "ensure_writable_dir", "free_bytes", "out_of_memory_message", "write_failure"]
+           "ensure_writable_dir", "free_bytes", "out_of_memory_message", "write_failure", "writing"]
