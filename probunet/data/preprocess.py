@@ -10,9 +10,11 @@ as training does, resamples it to ``data.spacing``, normalises its intensities
         cases/<case>.raters.npy     # raters' masks (A, *spatial) uint8, stacked on axis 0
 
 ``<key>`` is a hash of the data section (and the model keys the checks use)
-and of every source file's size and modification time: a changed data section
-or a changed file gives a new folder, a second run with the same inputs reuses
-the folder. The folder is built under a temporary name and renamed when
+and of every source file's size, modification time and content digest
+(:func:`file_digest`: the whole file up to 4 MiB, sampled blocks above): a
+changed data section or a changed file gives a new folder, a second run with the
+same inputs reuses the folder. :func:`cached_items` checks the cached files before
+use and refuses a damaged one, naming it (delete the folder to rebuild it). The folder is built under a temporary name and renamed when
 complete, and each file is written to a temporary name and renamed, so a crash
 never leaves a cache that looks complete.
 
