@@ -39,7 +39,6 @@ _CAUSES = {
 }
 # torch.save's zip writer reports a short write this way (no errno)
 _TORCH_SHORT_WRITE = ("unexpected pos", "file write failed", "PytorchStreamWriter failed")
-_NUMPY_SHORT_WRITE = re.compile(r"^\d+ requested and \d+ written$")  # ndarray.tofile (np.save), no errno
 
 
 class WriteError(OSError):
@@ -71,8 +70,7 @@ def write_failure(path: str | Path, exc: BaseException) -> Optional[WriteError]:
         return exc
     if isinstance(exc, OSError) and exc.errno in _CAUSES:
         return WriteError(path, _CAUSES[exc.errno], exc.errno)
-    if (isinstance(exc, RuntimeError) and any(s in str(exc) for s in _TORCH_SHORT_WRITE)) or (
-            isinstance(exc, OSError) and exc.errno is None and _NUMPY_SHORT_WRITE.match(str(exc).strip())):
+    if isinstance(exc, RuntimeError) and any(s in str(exc) for s in _TORCH_SHORT_WRITE):
         free = free_bytes(Path(path).parent)
         if free is not None and free < (1 << 20):
             return WriteError(path, f"no space left on device ({free} bytes free)", errno.ENOSPC)

@@ -257,26 +257,51 @@ def test_a_complete_cache_in_a_read_only_folder_is_still_used(tmp_path):
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
-@pytest.mark.parametrize("how", ["errno", "short write"])
+@pytest.mark.parametrize("how", ["np.save", "file write"])
 def test_preprocess_on_a_full_disk_is_one_line_and_leaves_no_folder(tmp_path, capsys, monkeypatch, how):
     data = _cases(tmp_path / "data", n=3)
     cache = tmp_path / "cache"
-    real_save, calls = np.save, []
+    calls = []
+    if how == "np.save":  # the array write fails
+        real_save = np.save
 
-    def save(fh, array, *a, **k):
-        calls.append(1)
-        if len(calls) < 3:
-            return real_save(fh, array, *a, **k)
-        fh.write(b"partial")
-        if how == "errno":
+        def save(fh, array, *a, **k):
+            calls.append(1)
+            if len(calls) < 3:
+                return real_save(fh, array, *a, **k)
+            fh.write(b"partial")
             raise OSError(errno.ENOSPC, "No space left on device")
-        raise OSError("4096 requested and 4064 written")  # numpy's tofile on a full disk (no errno)
 
-    monkeypatch.setattr(np, "save", save)
-    monkeypatch.setattr(guards, "free_bytes", lambda folder: 512)
+        monkeypatch.setattr(np, "save", save)
+        cause = "no space left on device"
+    else:  # the file's write fails part-way (a file-size limit: EFBIG), under the real np.save
+        real_fdopen = os.fdopen
+
+        class Failing:
+            def __init__(self, fh):
+                self.fh = fh
+
+            def write(self, b):
+                self.fh.write(bytes(b)[:10])
+                raise OSError(errno.EFBIG, "File too large")
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.fh.close()
+
+        def fdopen(fd, *a, **k):
+            calls.append(1)
+            fh = real_fdopen(fd, *a, **k)
+            return Failing(fh) if len(calls) == 3 else fh
+
+        monkeypatch.setattr(pp.os, "fdopen", fdopen)
+        cause = "file too large"
     assert main(["preprocess", DEBUG, "--out", str(cache), "data.format=qubiq", f"data.path={data}",
                  "data.patch_size=[8,8]", "--no-progress"]) == 2
-    line = _one_line_error(capsys, "preprocess", "cannot write: no space left on device", ".npy")
+    monkeypatch.undo()
+    line = _one_line_error(capsys, "preprocess", "cannot write: " + cause, ".npy")
     key = cache_key(_cfg(data, cache))
     assert f"{cache / key / 'cases'}" in line  # the cache's own file, not its temporary folder
     assert list(cache.iterdir()) == []  # the half-built folder is removed

@@ -14,9 +14,10 @@ and of every source file's size, modification time and content digest
 (:func:`file_digest`: the whole file up to 4 MiB, sampled blocks above): a
 changed data section or a changed file gives a new folder, a second run with the
 same inputs reuses the folder. :func:`cached_items` checks the cached files before
-use and refuses a damaged one, naming it (delete the folder to rebuild it). The folder is built under a temporary name and renamed when
-complete, and each file is written to a temporary name and renamed, so a crash
-never leaves a cache that looks complete.
+use and refuses a damaged one, naming it (delete the folder to rebuild it). The
+folder is built under a temporary name and renamed when complete, and each file
+is written to a temporary name and renamed, so a crash never leaves a cache that
+looks complete.
 
 Resampling (to ``data.spacing``, a spacing per axis, or ``"median"``: the
 per-axis median of the cases' spacings): the image by linear interpolation;
@@ -263,6 +264,13 @@ def _spacing_of(item: dict, ndim: int) -> list[float]:
     return [float(s) for s in sp][:ndim] if sp and len(sp) >= ndim else [1.0] * ndim
 
 
+class _Writes:
+    """A file seen by ``np.save`` only through its ``write`` method."""
+
+    def __init__(self, fh):
+        self.write = fh.write
+
+
 def _save_npy(path: Path, array: np.ndarray) -> None:
     """``np.save`` to a temporary name in the same folder, renamed when complete; a full or read-only
     disk is a :class:`probunet.guards.WriteError` naming ``path``."""
@@ -271,8 +279,8 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     with writing(path):
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
-            with os.fdopen(fd, "wb") as fh:
-                np.save(fh, np.ascontiguousarray(array))
+            with os.fdopen(fd, "wb") as fh:  # np.save through .write(): a failed write keeps its errno
+                np.save(_Writes(fh), np.ascontiguousarray(array))  # (ndarray.tofile's short write has none)
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
@@ -597,6 +605,7 @@ def load_cached_items(cfg, *, progress: bool = False) -> list[dict]:
     return cached_items(folder, cfg)
 
 
-__all__ = ["CACHE_FORMAT", "cache_dir", "cache_key", "cache_root", "cached_items", "foreground_locations",
+__all__ = ["CACHE_FORMAT", "cache_dir", "cache_key", "cache_root", "cached_items", "digest_offsets", "file_digest",
+           "foreground_locations",
            "iter_cases", "load_cached_items", "preprocess", "read_index", "resample_image", "resample_labels",
            "resampled_shape", "resolved_spacing", "source_files", "target_spacing", "zoom"]
