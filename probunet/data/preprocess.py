@@ -606,6 +606,5 @@ def load_cached_items(cfg, *, progress: bool = False) -> list[dict]:
 
 
 __all__ = ["CACHE_FORMAT", "cache_dir", "cache_key", "cache_root", "cached_items", "digest_offsets", "file_digest",
-           "foreground_locations",
-           "iter_cases", "load_cached_items", "preprocess", "read_index", "resample_image", "resample_labels",
-           "resampled_shape", "resolved_spacing", "source_files", "target_spacing", "zoom"]
+           "foreground_locations", "iter_cases", "load_cached_items", "preprocess", "read_index", "resample_image",
+           "resample_labels", "resampled_shape", "resolved_spacing", "source_files", "target_spacing", "zoom"]
