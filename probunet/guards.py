@@ -3,6 +3,7 @@
 - :func:`ensure_writable_dir`: a folder is created (with its parents) and a file is
   created and removed in it before any long work, so a read-only or missing
   ``--out`` is refused at once, naming the folder and the cause.
+- :func:`writing`: a block whose disk failures become :class:`WriteError` naming a path.
 - :class:`WriteError`: a write that failed for a reason of the disk (no space left,
   quota, read-only file system, permission) as one line naming the file and the
   cause; :func:`probunet.utils.atomic_call` raises it (the temporary file removed,
@@ -21,6 +22,7 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -75,6 +77,19 @@ def write_failure(path: str | Path, exc: BaseException) -> Optional[WriteError]:
         first = str(exc).strip().splitlines()[0][:160]
         return WriteError(path, f"the write was cut short ({first})", errno.EIO)
     return None
+
+
+@contextmanager
+def writing(path: str | Path):
+    """Turn a failure of the disk inside the block (no space, quota, read-only, permission) into
+    :class:`WriteError` naming ``path``; other errors pass unchanged."""
+    try:
+        yield
+    except OSError as exc:
+        failure = write_failure(path, exc)
+        if failure is None:
+            raise
+        raise failure from None
 
 
 def ensure_writable_dir(folder: str | Path, what: str) -> Path:
@@ -163,4 +178,4 @@ def out_of_memory_message(exc: BaseException) -> Optional[str]:
 
 
 __all__ = ["MAX_SAMPLES", "WriteError", "available_memory", "check_free_space", "check_memory",
-           "ensure_writable_dir", "free_bytes", "out_of_memory_message", "write_failure"]
+           "ensure_writable_dir", "free_bytes", "out_of_memory_message", "write_failure", "writing"]

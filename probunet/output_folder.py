@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import __version__
-from .utils import atomic_write_text, unlink_files
+from .utils import atomic_write_text, open_lock_file, unlink_files
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def read_marker(output_dir: Path) -> Optional[dict]:
 @contextmanager
 def _settings_lock(output_dir: Path):
     """An exclusive lock held while the marker is read and written (shards start at once)."""
-    fd = os.open(output_dir / _SETTINGS_LOCK, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    fd = open_lock_file(output_dir / _SETTINGS_LOCK, "OUTPUT_DIR")  # a planted link: one line, not followed
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

@@ -171,6 +171,23 @@ def check_writable(folder: str | Path, what: str = "folder") -> None:
     os.unlink(tmp)
 
 
+def open_lock_file(path: str | Path, what: str = "folder") -> int:
+    """Open (create) the lock file ``path`` for reading and writing, never through a symbolic link
+    (a planted link would create a file outside the folder); the descriptor, or PermissionError in one
+    line naming the lock file's folder (``what``) and the cause: a link, a read-only or full disk."""
+    path = Path(path)
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as exc:
+        if path.is_symlink():
+            raise PermissionError(f"{what} {path.parent}: its lock file {path} is a symbolic link; probunet does "
+                                  f"not follow it (remove the link)") from None
+        from .guards import _CAUSES
+
+        cause = _CAUSES.get(exc.errno, exc.strerror or exc.__class__.__name__)
+        raise PermissionError(f"{what} {path.parent}: cannot create its lock file {path.name}: {cause}") from None
+
+
 class FolderBusyError(RuntimeError):
     """Another process holds the folder's lock."""
 
@@ -194,14 +211,7 @@ class FolderLock:
     def acquire(self) -> "FolderLock":
         import fcntl
 
-        try:  # never through a symbolic link: a planted link would create a file outside the folder
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
-        except OSError as exc:
-            if self.path.is_symlink():
-                raise PermissionError(f"{self.what} {self.folder}: its lock file {self.path} is a symbolic link; "
-                                      f"probunet does not follow it (remove the link)") from None
-            raise PermissionError(f"{self.what} {self.folder} is not writable "
-                                  f"({exc.strerror or exc.__class__.__name__})") from None
+        fd = open_lock_file(self.path, self.what)
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:

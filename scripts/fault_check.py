@@ -37,6 +37,8 @@ Four parts, one table at the end (exit 0 when every figure is as required):
 8. study: ``probunet study`` keeps a run's recorded split on a grown folder, never replaces a file it
    did not write, never scores a model trained with other ``--steps``; evaluate keeps the recorded
    split on a moved and grown folder (``scripts/_faults_study.py``).
+9. cache (scripts/_faults_cache.py): a stale image with the same size and mtime rebuilt, damaged cache files
+   refused naming the file, read-only/full outputs of synth and preprocess and a lock symlink: one line.
 """
 
 from __future__ import annotations
@@ -1219,6 +1221,8 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         import _faults_study
         study_rows, t_study = _faults_study.run(work / "study", ckpt_run, args.quick), time.perf_counter() - t
+        t, cache_rows = time.perf_counter(), __import__("_faults_cache").run(work / "cache", ckpt_run, args.quick)
+        t_cache = time.perf_counter() - t
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
@@ -1269,6 +1273,8 @@ def main(argv=None) -> int:
     lines, passed = _family_lines("8. study: recorded split, output ownership, stale runs", study_rows, t_study)
     out += lines
     ok &= passed
+    lines, passed = _family_lines("9. preprocessing cache and unwritable outputs", cache_rows, t_cache)
+    out, ok = out + lines, ok and passed
     out.append("")
     out.append(f"total {time.perf_counter() - t_all:.0f}s: {'ALL PASS' if ok else 'FAILURES'}")
     print("\n".join(out))

@@ -10,11 +10,14 @@ as training does, resamples it to ``data.spacing``, normalises its intensities
         cases/<case>.raters.npy     # raters' masks (A, *spatial) uint8, stacked on axis 0
 
 ``<key>`` is a hash of the data section (and the model keys the checks use)
-and of every source file's size and modification time: a changed data section
-or a changed file gives a new folder, a second run with the same inputs reuses
-the folder. The folder is built under a temporary name and renamed when
-complete, and each file is written to a temporary name and renamed, so a crash
-never leaves a cache that looks complete.
+and of every source file's size, modification time and content digest
+(:func:`file_digest`: the whole file up to 4 MiB, sampled blocks above): a
+changed data section or a changed file gives a new folder, a second run with the
+same inputs reuses the folder. :func:`cached_items` checks the cached files before
+use and refuses a damaged one, naming it (delete the folder to rebuild it). The
+folder is built under a temporary name and renamed when complete, and each file
+is written to a temporary name and renamed, so a crash never leaves a cache that
+looks complete.
 
 Resampling (to ``data.spacing``, a spacing per axis, or ``"median"``: the
 per-axis median of the cases' spacings): the image by linear interpolation;
@@ -39,6 +42,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
@@ -87,14 +91,62 @@ def _plain(obj):
     return str(obj)
 
 
+# The content digest of a source file (part of the cache key, beside its size and mtime): the whole
+# file up to WHOLE_FILE_BYTES; above that its first and last BLOCK_BYTES and SAMPLED_BLOCKS blocks
+# of BLOCK_BYTES spread evenly between them (what docs/volumes.md says it detects).
+WHOLE_FILE_BYTES = 4 << 20
+BLOCK_BYTES = 64 << 10
+SAMPLED_BLOCKS = 32
+_digests: dict = {}  # (path, device, inode, size, mtime_ns, ctime_ns) -> digest, within one process
+
+
+def digest_offsets(size: int) -> list[int]:
+    """Where :func:`file_digest` reads blocks of :data:`BLOCK_BYTES` in a file of ``size`` bytes above
+    :data:`WHOLE_FILE_BYTES`: the first block, the last, and :data:`SAMPLED_BLOCKS` evenly spaced
+    between (block ``k`` of ``SAMPLED_BLOCKS + 2`` at ``k * (size - BLOCK_BYTES) // (SAMPLED_BLOCKS + 1)``)."""
+    span = size - BLOCK_BYTES
+    return [k * span // (SAMPLED_BLOCKS + 1) for k in range(SAMPLED_BLOCKS + 2)]
+
+
+def file_digest(path: str | Path, st: Optional[os.stat_result] = None) -> str:
+    """A fast digest of a file's content (blake2b, 16 bytes, hex): the whole file up to
+    :data:`WHOLE_FILE_BYTES`, else the blocks at :func:`digest_offsets` (about 2.1 MB whatever the size).
+
+    A change anywhere in a small file changes it; in a larger file, a change inside a sampled block
+    (the first and last 64 KiB included) does, a change confined to the bytes between them does not.
+    """
+    path = Path(path)
+    st = st if st is not None else path.stat()
+    if not stat.S_ISREG(st.st_mode):  # a FIFO or device is never opened here (the readers refuse it)
+        return ""
+    memo = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if memo in _digests:
+        return _digests[memo]
+    h = hashlib.blake2b(digest_size=16)
+    try:
+        with open(path, "rb") as fh:
+            if st.st_size <= WHOLE_FILE_BYTES:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            else:
+                for offset in digest_offsets(st.st_size):
+                    fh.seek(offset)
+                    h.update(fh.read(BLOCK_BYTES))
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc.__class__.__name__})") from None
+    _digests[memo] = h.hexdigest()
+    return _digests[memo]
+
+
 def source_files(data_cfg) -> list[list]:
-    """``[relative path, size, mtime_ns]`` of every file under ``data.path`` (sorted)."""
+    """``[relative path, size, mtime_ns, content digest]`` of every file under ``data.path`` (sorted);
+    the digest is :func:`file_digest`'s."""
     if not data_cfg.path:
         return []
     root = Path(data_cfg.path).expanduser()
     if root.is_file():
         st = root.stat()
-        return [[root.name, st.st_size, st.st_mtime_ns]]
+        return [[root.name, st.st_size, st.st_mtime_ns, file_digest(root, st)]]
     if not root.is_dir():
         raise DataError(f"{root}: data.path not found")
     out = []
@@ -105,7 +157,7 @@ def source_files(data_cfg) -> list[list]:
                 continue
             p = Path(dirpath) / name
             st = p.stat()
-            out.append([str(p.relative_to(root)), st.st_size, st.st_mtime_ns])
+            out.append([str(p.relative_to(root)), st.st_size, st.st_mtime_ns, file_digest(p, st)])
     return out
 
 
@@ -212,17 +264,28 @@ def _spacing_of(item: dict, ndim: int) -> list[float]:
     return [float(s) for s in sp][:ndim] if sp and len(sp) >= ndim else [1.0] * ndim
 
 
+class _Writes:
+    """A file seen by ``np.save`` only through its ``write`` method."""
+
+    def __init__(self, fh):
+        self.write = fh.write
+
+
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    """``np.save`` to a temporary name in the same folder, renamed when complete."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, np.ascontiguousarray(array))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """``np.save`` to a temporary name in the same folder, renamed when complete; a full or read-only
+    disk is a :class:`probunet.guards.WriteError` naming ``path``."""
+    from ..guards import writing
+
+    with writing(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:  # np.save through .write(): a failed write keeps its errno
+                np.save(_Writes(fh), np.ascontiguousarray(array))  # (ndarray.tofile's short write has none)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
 
 
 def _safe_name(case_id: str, used: set) -> str:
@@ -270,21 +333,39 @@ def preprocess(cfg, root: Optional[str | Path] = None, *, progress: bool = False
         logger.info("preprocessed cache reused: %s (built with data.spacing: median, resolved to %s)", median,
                     list(cfg.data.spacing))
         return median
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    from ..guards import WriteError, ensure_writable_dir, write_failure, writing
+
+    ensure_writable_dir(out.parent, _root_label(cfg.data, root))  # read-only or not a folder: one line
+    with writing(out.parent):
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        _build(cfg, work, progress)
+        try:
+            _build(cfg, work, progress)
+        except WriteError as exc:  # name the file of the cache, not of its temporary folder
+            inside = Path(exc.path).relative_to(work) if Path(exc.path).is_relative_to(work) else None
+            if inside is None:
+                raise
+            raise WriteError(out / inside, exc.cause, exc.errno) from None
         try:
             os.replace(work, out)
-        except OSError:  # another process finished the same cache first: theirs is as good
+        except OSError as exc:  # another process finished the same cache first: theirs is as good
             if not (out / "index.json").is_file():
-                raise
+                raise write_failure(out, exc) or exc from None
             shutil.rmtree(work, ignore_errors=True)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     logger.info("preprocessed cache written: %s", out)
     return out
+
+
+def _root_label(data_cfg, root) -> str:
+    """What names the cache root in an error: the option or variable it came from."""
+    if root is not None:
+        return "cache folder"
+    if getattr(data_cfg, "cache_dir", None):
+        return "data.cache_dir"
+    return "$PROBUNET_CACHE" if os.environ.get("PROBUNET_CACHE") else "cache folder"
 
 
 def _median_cache(cfg, root: Optional[str | Path]) -> Optional[Path]:
@@ -326,7 +407,10 @@ def resolved_spacing(cfg, root: Optional[str | Path] = None) -> Optional[tuple[f
 def _build(cfg, work: Path, progress: bool) -> None:
     d, nd = cfg.data, cfg.model.spatial_dims
     cases_dir = work / "cases"
-    cases_dir.mkdir()
+    from ..guards import writing
+
+    with writing(cases_dir):
+        cases_dir.mkdir()
     cases: dict[str, dict] = {}
     used: set = set()
     items: Iterable = iter_cases(d)
@@ -423,9 +507,49 @@ def read_index(folder: str | Path) -> dict:
                         f"folder to rebuild it") from None
 
 
+def _damaged(path: Path, folder: Path, what: str) -> DataError:
+    return DataError(f"{path}: damaged preprocessed cache ({what}); delete the folder {folder} and run again "
+                     f"(probunet preprocess, train or evaluate rebuilds it)")
+
+
+def _cached_array(folder: Path, rel, shape: tuple, dtype: np.dtype) -> np.memmap:
+    """The ``.npy`` file ``folder/rel`` as a read-only memory map, after checking that its header is
+    readable and holds ``shape`` and ``dtype`` (from ``index.json``) and that the file holds all the data
+    the header claims; otherwise DataError naming the file."""
+    if not isinstance(rel, str) or Path(rel).is_absolute() or ".." in Path(rel).parts:
+        raise _damaged(folder / "index.json", folder, f"a case file named {rel!r}, not a file in the folder")
+    path = folder / rel
+    try:
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            got_shape, _, got_dtype = read_header(fh)
+            offset, size = fh.tell(), os.fstat(fh.fileno()).st_size
+    except FileNotFoundError:
+        raise _damaged(path, folder, "the file is missing") from None
+    except Exception as exc:  # a truncated or garbled header (numpy parses it with the tokenizer)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise _damaged(path, folder, f"unreadable header: {reason}") from None
+    if tuple(got_shape) != tuple(shape) or np.dtype(got_dtype) != np.dtype(dtype):
+        raise _damaged(path, folder, f"holds {np.dtype(got_dtype)} {list(got_shape)}, index.json says "
+                                     f"{np.dtype(dtype)} {list(shape)}")
+    need = offset + int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if size != need:
+        raise _damaged(path, folder, f"{size} bytes, its header needs {need}")
+    try:
+        return np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise _damaged(path, folder, str(exc).strip().splitlines()[0] or exc.__class__.__name__) from None
+
+
 def cached_items(folder: str | Path, cfg) -> list[dict]:
     """The cached cases as items whose ``image`` (C, *spatial) float32 and ``labels`` (A_i, *spatial)
     uint8 are read-only memory maps; ``meta["cache"]`` names the files and the foreground locations.
+
+    Each file is checked first: a readable ``.npy`` header, the shape and dtype ``index.json`` records,
+    the full length of the data, and raters' labels below ``model.num_classes``. A damaged file is
+    refused (DataError naming it: delete the folder to rebuild it), never rebuilt silently.
 
     Raters: a case with fewer than ``data.num_raters`` (or the most of any case) is refused with
     ``data.missing_raters: error``; with ``pad`` its ``meta["rater_present"]`` marks the real ones
@@ -433,23 +557,43 @@ def cached_items(folder: str | Path, cfg) -> list[dict]:
     """
     folder = Path(folder)
     index = read_index(folder)
-    counts = [c["num_raters"] for c in index["cases"].values()]
-    target = int(cfg.data.num_raters) if cfg.data.num_raters else max(counts)
+    num_classes = int(cfg.model.num_classes)
+    try:
+        entries = list(index["cases"].items())
+        counts = [int(c["num_raters"]) for _, c in entries]
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise _damaged(folder / "index.json", folder, f"no case list ({exc.__class__.__name__}: {exc})") from None
+    target = int(cfg.data.num_raters) if cfg.data.num_raters else max(counts, default=0)
     items = []
-    for cid, c in index["cases"].items():
-        n = int(c["num_raters"])
+    for cid, c in entries:
+        try:
+            n, shape = int(c["num_raters"]), tuple(int(s) for s in c["shape"])
+            image = _cached_array(folder, c["image"], (int(c["channels"]), *shape), np.float32)
+            labels = _cached_array(folder, c["raters"], (n, *shape), np.uint8)
+            meta = dict(c.get("meta", {}))
+            meta.update(spacing=c["spacing"], origin=c["origin"], direction=c["direction"], shape=c["shape"])
+            nd = len(shape)  # foreground as a compact array, not JSON's lists of ints (~0.2 MB per case)
+            foreground = np.asarray(c["foreground"], np.int32).reshape(-1, nd)
+            image_min = [float(v) for v in c["image_min"]]
+            if len(foreground) and (foreground.min() < 0 or np.any(foreground.max(axis=0) >= shape)):
+                raise ValueError(f"foreground locations outside the shape {list(shape)}")
+            if len(image_min) != image.shape[0]:
+                raise ValueError(f"{len(image_min)} image_min values for {image.shape[0]} channels")
+        except DataError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise _damaged(folder / "index.json", folder, f"case {cid}: {exc.__class__.__name__}: {exc}") from None
+        top = int(labels.max()) if labels.size else 0  # reads the masks once (uint8: 1 byte per voxel and rater)
+        if top >= num_classes:
+            raise _damaged(folder / c["raters"], folder, f"case {cid}: label {top} in the raters' masks, "
+                                                         f"model.num_classes={num_classes} allows 0..{num_classes - 1}")
         if n < target and cfg.data.missing_raters != "pad":
             raise DataError(f"case {cid}: {n} rater masks, expected {target} (data.num_raters); set "
                             f"data.missing_raters=pad to pad missing raters with empty masks")
-        meta = dict(c.get("meta", {}))
-        meta.update(spacing=c["spacing"], origin=c["origin"], direction=c["direction"], shape=c["shape"])
         meta["rater_present"] = [True] * n + [False] * (target - n)
-        nd = len(c["shape"])  # foreground as a compact array, not JSON's lists of ints (~0.2 MB per case)
         meta["cache"] = {"image": str(folder / c["image"]), "raters": str(folder / c["raters"]),
-                         "foreground": np.asarray(c["foreground"], np.int32).reshape(-1, nd),
-                         "image_min": c["image_min"]}
-        items.append({"image": np.load(folder / c["image"], mmap_mode="r"),
-                      "labels": np.load(folder / c["raters"], mmap_mode="r"), "case_id": cid, "meta": meta})
+                         "foreground": foreground, "image_min": image_min}
+        items.append({"image": image, "labels": labels, "case_id": cid, "meta": meta})
     return items
 
 
@@ -461,6 +605,6 @@ def load_cached_items(cfg, *, progress: bool = False) -> list[dict]:
     return cached_items(folder, cfg)
 
 
-__all__ = ["CACHE_FORMAT", "cache_dir", "cache_key", "cache_root", "cached_items", "foreground_locations",
-           "iter_cases", "load_cached_items", "preprocess", "read_index", "resample_image", "resample_labels",
-           "resampled_shape", "resolved_spacing", "source_files", "target_spacing", "zoom"]
+__all__ = ["CACHE_FORMAT", "cache_dir", "cache_key", "cache_root", "cached_items", "digest_offsets", "file_digest",
+           "foreground_locations", "iter_cases", "load_cached_items", "preprocess", "read_index", "resample_image",
+           "resample_labels", "resampled_shape", "resolved_spacing", "source_files", "target_spacing", "zoom"]

@@ -203,18 +203,20 @@ def write_qubiq(items, out: str | Path, *, params: Optional[dict] = None, task: 
     """
     import nibabel as nib
 
+    from ..guards import ensure_writable_dir, writing
     from ..utils import atomic_call, atomic_write_text
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    if out.is_dir() and any(out.iterdir()):
         raise FileExistsError(f"output folder {out} exists and is not empty; choose a new folder")
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_writable_dir(out, "output folder")  # read-only, full or a file: one line naming it
     affine = np.eye(4)
     truths = {}
     for item in items:
         truths[item["case_id"]] = item["meta"]["truth"]
         case_dir = out / item["case_id"]
-        case_dir.mkdir()
+        with writing(case_dir):
+            case_dir.mkdir()
         img = nib.Nifti1Image(item["image"][0].astype(np.float32), affine)
         atomic_call(case_dir / "image.nii.gz", lambda p, im=img: nib.save(im, p), suffix=".nii.gz")
         for r, mask in enumerate(item["labels"]):
