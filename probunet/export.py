@@ -93,12 +93,21 @@ def model_name_of(model) -> str:
     cls = type(model).__name__
     names = {"ProbabilisticUNet": "prob_unet", "UNetBaseline": "unet", "DeepEnsemble": "ensemble",
              "MCDropoutUNet": "mc_dropout", "StochasticSegmentationNetwork": "ssn",
-             "HierarchicalProbUNet": "hpu_net", "PHiSeg": "phiseg"}
+             "HierarchicalProbUNet": "hpu_net", "PHiSeg": "phiseg", "MemberEnsemble": "member_ensemble"}
     name = names.get(cls)
     if name is None or name not in SAMPLERS:
         raise ExportError(f"model {cls}: the exporter has no sampler for it (exportable: "
                           f"{', '.join(SAMPLERS)})")
+    if name == "member_ensemble":
+        model_name_of(model.members[0])  # its members' model must be exportable too
     return name
+
+
+def _latent_dim(model, name: str) -> int:
+    """The size of one sample's ``noise`` row of the exported sampler (0: it takes none)."""
+    if name == "member_ensemble":
+        return _latent_dim(model.members[0], model_name_of(model.members[0]))
+    return int(model.latent_dim) if name == "prob_unet" else 0
 
 
 def build_sampler(model, cfg=None, *, num_samples: int = 16) -> torch.nn.Module:
@@ -146,6 +155,9 @@ def onnx_refusal(model) -> Optional[str]:
     name = model_name_of(model)
     if name == "prob_unet":
         return None
+    if name == "member_ensemble":
+        return (f"an ensemble of {model.member_name} members has no ONNX export; export --format torchscript "
+                f"instead")
     if name == "ensemble" or (name == "unet" and model.sampling == "argmax") or \
             (name == "mc_dropout" and not model.mc_sampling):
         return None
@@ -173,7 +185,7 @@ def export_metadata(model, cfg, ckpt: Optional[dict], *, num_samples: int, fmt: 
         "num_classes": int(model.num_classes),
         "divisor": int(model.divisor),
         "num_samples": int(num_samples),
-        "latent_dim": int(model.latent_dim) if name == "prob_unet" else 0,
+        "latent_dim": _latent_dim(model, name),
         "normalize": str(data.normalize) if data is not None else "none",
         "ct_window": list(data.ct_window) if data is not None and data.normalize == "ct_window" else None,
         "training_patch": _training_patch(cfg),
@@ -181,7 +193,7 @@ def export_metadata(model, cfg, ckpt: Optional[dict], *, num_samples: int, fmt: 
                  "any spatial size (padded to a multiple of divisor with the per-channel minimum, cropped back)",
         "output": "logits (B, S, C, *spatial) float32; argmax over C gives sample label maps, "
                   "mean over S of softmax over C the mean probability",
-        "noise": ("eps (B or 1, S, latent_dim) standard normal, z = mu + sigma * eps" if name == "prob_unet"
+        "noise": ("eps (B or 1, S, latent_dim) standard normal, z = mu + sigma * eps" if _latent_dim(model, name)
                   else "none: a torch.Generator (generator=) is drawn from in the model's own order"),
         "checkpoint": str(ckpt.get("path")) if ckpt else None,
         "checkpoint_digest": ckpt.get("digest") if ckpt else None,

@@ -27,7 +27,8 @@ S = 5
 SEED = 3
 # every model of the zoo; sample_chunk 2 < S so that the chunked draws are exercised
 MODELS = [("prob_unet", []), ("unet", []), ("unet", ["model.sampling=argmax"]), ("ensemble", ["model.ensemble_size=2"]),
-          ("mc_dropout", []), ("ssn", ["model.roi=image"]), ("hpu_net", []), ("phiseg", [])]
+          ("mc_dropout", []), ("ssn", ["model.roi=image"]), ("hpu_net", []), ("phiseg", []),
+          ("ensemble", ["model.member=prob_unet", "model.ensemble_size=2"])]
 # spatial sizes that are not multiples of the divisor (4): the sampler pads and crops as predict does
 SHAPES = {2: (18, 21), 3: (10, 9, 12)}
 
@@ -62,12 +63,13 @@ def _model(name, extra, nd, seed=0):
     model = build_model(cfg.model).eval()
     if hasattr(model, "sample_chunk"):
         model.sample_chunk = 2
-    if name == "prob_unet":  # a prior with real spread, so that samples differ
-        with torch.no_grad():
-            model.prior_net.head.proj.weight.normal_(0, 0.5)
-            model.prior_net.head.proj.bias[cfg.model.latent_dim:].fill_(0.5)
-            model.fcomb.first.weight.mul_(5)
-            model.fcomb.rest[-1].bias[1] += 6.0  # both classes in reach of the samples
+    for net in getattr(model, "members", [model]):
+        if type(net).__name__ == "ProbabilisticUNet":  # a prior with real spread, so that samples differ
+            with torch.no_grad():
+                net.prior_net.head.proj.weight.normal_(0, 0.5)
+                net.prior_net.head.proj.bias[cfg.model.latent_dim:].fill_(0.5)
+                net.fcomb.first.weight.mul_(5)
+                net.fcomb.rest[-1].bias[1] += 6.0  # both classes in reach of the samples
     return model, cfg
 
 
@@ -87,7 +89,7 @@ def exported(tmp_path_factory):
             image = torch.randn(1, 1, *SHAPES[nd], generator=g)
             cid = f"case-{key}"
             job = {"file": str(file), "image": image}
-            if name == "prob_unet":
+            if model.noise_shape is not None:  # the Probabilistic U-Net and an ensemble of them
                 job["noise"] = case_noise(SEED, cid, S, (cfg.model.latent_dim,))[None]
             else:
                 job["seed"] = case_seed(SEED, cid)
@@ -115,7 +117,8 @@ def test_exported_file_draws_the_predictors_samples(exported, nd, index):
     pred = predictor(image[0, 0].numpy(), case_id=cid)  # the public call: label maps and mean probability
     np.testing.assert_array_equal(logits[0].argmax(1).numpy(), pred.samples)
     np.testing.assert_allclose(torch.softmax(logits[0], 1).mean(0).numpy(), pred.probability, atol=1e-5)
-    if name in ("prob_unet", "unet", "mc_dropout", "ssn", "hpu_net", "phiseg") and "argmax" not in str(MODELS[index]):
+    if (name in ("prob_unet", "unet", "mc_dropout", "ssn", "hpu_net", "phiseg") or "model.member=prob_unet" in
+            MODELS[index][1]) and "argmax" not in str(MODELS[index]):
         assert len({tuple(s.reshape(-1).tolist()) for s in logits[0]}) > 1  # the samples differ
 
 
