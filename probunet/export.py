@@ -45,6 +45,7 @@ Every file is written atomically; an existing output is replaced only with
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -243,11 +244,25 @@ def _check_out(out: Path, ckpt_path: Optional[Path], overwrite: bool, *, folder:
 
 
 def save_torchscript(scripted: torch.jit.ScriptModule, path: str | Path, metadata: dict) -> Path:
-    """``torch.jit.save`` with ``probunet.json`` as an extra file, atomically."""
+    """``torch.jit.save`` with ``probunet.json`` as an extra file, atomically.
+
+    The file is serialised in memory first and then written through :func:`probunet.utils.atomic_call`:
+    TorchScript's own file writer aborts the process on a short write (a full disk), so it never
+    touches the disk; a failed write is one :class:`probunet.guards.WriteError` and leaves no temp file."""
     extra = {METADATA_FILE: json.dumps(metadata, indent=1, default=str)}
+    buffer = io.BytesIO()
     with _quiet_jit():
-        return atomic_call(path, lambda tmp: torch.jit.save(scripted, str(tmp), _extra_files=extra),
-                           suffix=Path(path).suffix or ".ts")
+        torch.jit.save(scripted, buffer, _extra_files=extra)
+    data = buffer.getbuffer()
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+
+    try:
+        return atomic_call(path, write, suffix=Path(path).suffix or ".ts")
+    finally:
+        data.release()
 
 
 def read_torchscript_metadata(path: str | Path) -> dict:

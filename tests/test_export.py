@@ -255,3 +255,55 @@ def test_onnx_deterministic_ensemble_and_refused_models(tmp_path, checkpoint):
         save_onnx(_model("ssn", [], 2)[0], tmp_path / "s.onnx", num_samples=3)
     result = export_model(checkpoint, "onnx", tmp_path / "cli.onnx", num_samples=2)
     assert result.size > 1000 and json.dumps(result.files)
+
+
+def _export_argv(checkpoint, out):
+    return ["export", str(checkpoint), "--format", "torchscript", "--out", str(out)]
+
+
+def test_torchscript_onto_a_full_disk_is_one_line_and_leaves_no_temp_file(checkpoint, tmp_path, monkeypatch, capsys):
+    """ENOSPC on the file write (patched): the export is serialised in memory and written through the
+    atomic helper, so a failed write is one line and the temp file is removed."""
+    import builtins
+    import errno
+
+    from probunet import export as export_module
+
+    def full_disk_open(file, mode="r", *args, **kwargs):
+        fh = builtins.open(file, mode, *args, **kwargs)
+        if "w" in mode and ".probunet-" in str(file):
+            real_write = fh.write
+
+            def write(data):
+                real_write(bytes(data)[:100])
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            fh.write = write
+        return fh
+
+    monkeypatch.setattr(export_module, "open", full_disk_open, raising=False)
+    out = tmp_path / "out" / "sampler.ts"
+    assert main(_export_argv(checkpoint, out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"probunet export: error: {out}: cannot write: no space left on device"], err
+    assert list(out.parent.iterdir()) == []
+
+
+def test_torchscript_onto_a_real_full_disk_exits_with_one_line(checkpoint, tmp_path):
+    """A 16 KiB tmpfs (root only): before, TorchScript's file writer aborted the process (exit 134) and
+    left ``.probunet-*.tmp.ts`` behind."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(disk)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root; the patched-write test covers ENOSPC")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "probunet", *_export_argv(checkpoint, disk / "s.ts")],
+                              capture_output=True, text=True, timeout=300, cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert proc.returncode == 2, proc.stderr[-500:]
+        assert proc.stderr.strip().splitlines() == [
+            f"probunet export: error: {disk / 's.ts'}: cannot write: no space left on device"]
+        assert list(disk.iterdir()) == []
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
