@@ -111,6 +111,14 @@ def _latent_dim(model, name: str) -> int:
     return int(model.latent_dim) if name == "prob_unet" else 0
 
 
+def _check_num_samples(num_samples) -> None:
+    """The sampler's default S: 1 .. :data:`probunet.guards.MAX_SAMPLES`, as evaluate and predict."""
+    from .guards import MAX_SAMPLES
+
+    if not 1 <= int(num_samples) <= MAX_SAMPLES:
+        raise ExportError(f"--num-samples must be in 1..{MAX_SAMPLES}, got {num_samples}")
+
+
 def build_sampler(model, cfg=None, *, num_samples: int = 16) -> torch.nn.Module:
     """The exported sampler of ``model`` as an eager module (see the module docstring for its call).
 
@@ -119,8 +127,7 @@ def build_sampler(model, cfg=None, *, num_samples: int = 16) -> torch.nn.Module:
     """
     from ._export_modules import SAMPLERS
 
-    if int(num_samples) < 1:
-        raise ExportError(f"--num-samples must be >= 1, got {num_samples}")
+    _check_num_samples(num_samples)
     name = model_name_of(model)
     normalize, window = "none", (0.0, 1.0)
     if cfg is not None:
@@ -344,10 +351,13 @@ def export_model(source, fmt: str, out: str | Path, *, num_samples: int = 16, ov
     inference settings, ``evaluation`` an evaluation ``summary.json`` for the model card (default:
     ``RUN/eval/summary.json`` when it exists). Returns the files written with their sizes.
     """
+    from .options import check_seed, parse_roi
+
     if fmt not in EXPORT_FORMATS:
         raise ExportError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
-    if int(num_samples) < 1:
-        raise ExportError(f"--num-samples must be >= 1, got {num_samples}")
+    _check_num_samples(num_samples)
+    check_seed(seed)
+    parse_roi(roi_size)  # a negative --roi is refused before anything is written
     ckpt_path = resolve_checkpoint_path(source)
     out = Path(out)
     _check_out(out, ckpt_path, overwrite, folder=fmt == "bundle")
