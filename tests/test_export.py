@@ -212,6 +212,7 @@ def test_refusals_name_the_reason():
     assert onnx_refusal(_model("ensemble", [], 2)[0]) is None
     assert onnx_refusal(_model("unet", ["model.sampling=argmax"], 2)[0]) is None
     assert "pixelwise" in onnx_refusal(_model("unet", [], 2)[0])
+    assert "torchscript" in onnx_refusal(_model("ensemble", ["model.member=prob_unet", "model.ensemble_size=2"], 2)[0])
 
     class Other(torch.nn.Module):
         spatial_dims, in_channels, num_classes, divisor = 2, 1, 2, 1
@@ -307,3 +308,29 @@ def test_torchscript_onto_a_real_full_disk_exits_with_one_line(checkpoint, tmp_p
         assert list(disk.iterdir()) == []
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_cli_exports_the_zoos_ensemble_of_prob_unets(tmp_path, capsys):
+    """configs/zoo/ensemble_prob_unet.yaml (made tiny): TorchScript and a bundle, whose sampler takes the
+    members' latent noise."""
+    cfg = load_config(str(ROOT / "configs" / "zoo" / "ensemble_prob_unet.yaml"),
+                      ["model.features=[4,8]", "model.ensemble_size=2", "data.synthetic.size=16"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    ckpt = tmp_path / "ens.pt"
+    save_checkpoint({"model": model.state_dict(), "config": cfg.to_dict(), "step": 1}, ckpt)
+    out = tmp_path / "ens.ts"
+    assert main(["--quiet", "export", str(ckpt), "--format", "torchscript", "--out", str(out),
+                 "--num-samples", "4"]) == 0
+    meta = read_torchscript_metadata(out)
+    assert meta["model"] == "member_ensemble" and meta["latent_dim"] == cfg.model.latent_dim == 6
+    sm = torch.jit.load(str(out))
+    x = torch.randn(1, 1, 16, 16)
+    eps = torch.randn(1, 4, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(sm(x, noise=eps), model.sample(x, 4, noise=eps), atol=1e-5, rtol=1e-5)
+    assert main(["--quiet", "export", str(ckpt), "--format", "bundle", "--out", str(tmp_path / "bundle"),
+                 "--num-samples", "4"]) == 0
+    inference = json.loads((tmp_path / "bundle" / "configs" / "inference.json").read_text())
+    assert inference["latent_dim"] == 6
+    capsys.readouterr()
