@@ -632,8 +632,8 @@ class MemberEnsembleSampler(_Sampler):
                 member_context: Optional[Tensor] = None
                 if noise is not None:
                     member_noise = noise.index_select(1, idx.to(noise.device))
-                    if context is not None:
-                        member_context = context.select(1, m)
+                if context is not None:
+                    member_context = context.select(1, m)
                 logits = member._sample(x, k, member_noise, g, member_context).float()
                 if not filled:
                     out = torch.zeros([logits.shape[0], num_samples] + list(logits.shape[2:]), device=x.device)

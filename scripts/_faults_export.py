@@ -2,10 +2,10 @@
 
 Each probe is a ``python -m probunet ...`` process (a few run side by side):
 
-- ``predict`` of an ensemble of U-Nets and of an ensemble of Probabilistic U-Nets
-  (``configs/zoo/ensemble_prob_unet.yaml``, made tiny) with ``--sample-chunk`` 1
-  (default sizes only), 3 and automatic: the aleatoric and epistemic maps written
-  must be equal (the members are assigned by the sample's global index).
+- ``predict`` of an ensemble of Probabilistic U-Nets (``configs/zoo/ensemble_prob_unet.yaml``,
+  made tiny) and (default sizes only) of an ensemble of U-Nets with ``--sample-chunk`` 3,
+  automatic and (default sizes only) 1: the aleatoric and epistemic maps written must be
+  equal (the members are assigned by the sample's global index).
 - ``export --format torchscript`` of the ensemble of Probabilistic U-Nets: exit 0, and
   the file (loaded with ``torch.jit.load``) draws the model's samples for the same noise.
 - ``export`` onto a full disk: a 16 KiB tmpfs where one can be mounted (root), else a
@@ -61,7 +61,8 @@ def _last(err: str) -> str:
 
 def _checkpoints(work: Path) -> dict:
     """Untrained tiny ensembles (their members differ by their initialisation): the zoo's ensemble of
-    Probabilistic U-Nets and an ensemble of U-Nets, as checkpoint files."""
+    Probabilistic U-Nets and an ensemble of U-Nets, as checkpoint files; and ``prob_unet.pt`` (the debug
+    config), for when no trained run is given."""
     import torch
 
     from probunet.checkpoint import save_checkpoint
@@ -72,6 +73,10 @@ def _checkpoints(work: Path) -> dict:
     configs = {"ensemble of prob_unet": (REPO / "configs" / "zoo" / "ensemble_prob_unet.yaml", ["model.ensemble_size=4"]),
                "ensemble of unet": (REPO / "configs" / "zoo" / "ensemble.yaml", ["model.ensemble_size=4"])}
     out = {}
+    cfg = load_config(str(REPO / "configs" / "debug.yaml"))
+    torch.manual_seed(0)
+    save_checkpoint({"model": build_model(cfg.model).state_dict(), "config": cfg.to_dict(), "step": 0},
+                    work / "prob_unet.pt")
     for i, (name, (config, extra)) in enumerate(configs.items()):
         cfg = load_config(str(config), [*small, *extra])
         torch.manual_seed(i)
@@ -120,14 +125,19 @@ def run(work: Path, ckpt_run: Path, quick: bool) -> list[dict]:
 
     # -- every probe process, a few side by side
     chunks = ["1", "3", "auto"] if not quick else ["3", "auto"]
+    ensembles = list(ckpts) if not quick else ["ensemble of prob_unet"]
     jobs: dict = {}
-    for name, (path, _, _) in ckpts.items():
+    for name in ensembles:
+        path = ckpts[name][0]
         for c in chunks:
             out = work / f"pred-{name.split()[-1]}-{c}"
             jobs[("predict", name, c)] = ([
                 "predict", str(path), str(inp), str(out), "--num-samples", str(S), "--seed", "3", "--device", "cpu",
                 "--no-progress", "--output-format", "nii.gz", *([] if c == "auto" else ["--sample-chunk", c])], None)
     pu_path = ckpts["ensemble of prob_unet"][0]
+    # the full disk and the option ranges on the debug run's checkpoint (a Probabilistic U-Net)
+    base = ckpt_run / "checkpoints" / "last.pt"
+    base = base if base.is_file() else work / "prob_unet.pt"
     ts = work / "ens.ts"
     jobs[("export",)] = (["export", str(pu_path), "--format", "torchscript", "--out", str(ts), "--num-samples",
                           str(S)], None)
@@ -136,7 +146,7 @@ def run(work: Path, ckpt_run: Path, quick: bool) -> list[dict]:
     mounted = hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("mount") and subprocess.run(
         ["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(disk)], capture_output=True).returncode == 0
     how = "16 KiB tmpfs" if mounted else "simulated: a 16 KiB file-size limit, no tmpfs can be mounted here"
-    jobs[("disk",)] = (["export", str(pu_path), "--format", "torchscript", "--out", str(disk / "s.ts")],
+    jobs[("disk",)] = (["export", str(base), "--format", "torchscript", "--out", str(disk / "s.ts")],
                        None if mounted else _file_size_limit(16 << 10))
     refusals = [
         ("predict --roi -4", "predict", ["--roi", "-4"], "--roi"),
@@ -149,11 +159,11 @@ def run(work: Path, ckpt_run: Path, quick: bool) -> list[dict]:
     for i, (what, kind, argv, _) in enumerate(refusals):
         out = work / f"refused{i}"
         if kind == "predict":
-            jobs[("refuse", i)] = (["predict", str(pu_path), str(inp), str(out), "--device", "cpu", "--no-progress",
+            jobs[("refuse", i)] = (["predict", str(base), str(inp), str(out), "--device", "cpu", "--no-progress",
                                     *argv], None)
         else:
             target = out if kind == "bundle" else out / "s.ts"
-            jobs[("refuse", i)] = (["export", str(pu_path), "--format", kind, "--out", str(target), *argv], None)
+            jobs[("refuse", i)] = (["export", str(base), "--format", kind, "--out", str(target), *argv], None)
     try:
         with ThreadPoolExecutor(max_workers=4) as pool:
             futures = {key: pool.submit(_probunet, args, pre) for key, (args, pre) in jobs.items()}
@@ -164,7 +174,7 @@ def run(work: Path, ckpt_run: Path, quick: bool) -> list[dict]:
             subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
     # -- ensemble maps across chunk sizes
-    for name, (_, model, _) in ckpts.items():
+    for name in ensembles:
         failed = [(c, results[("predict", name, c)]) for c in chunks if results[("predict", name, c)][0] != 0]
         what = f"predict {name} --sample-chunk {'/'.join(chunks)}"
         if failed:

@@ -34,6 +34,9 @@ Four parts, one table at the end (exit 0 when every figure is as required):
    pickles, headers claiming huge images, FIFOs and special files, YAML bombs; each probe is a
    ``probunet`` command in its own process with a time limit (a hang is reported as "hung") and
    its peak memory. ``python scripts/fault_check.py files [CHECKPOINT]`` runs this part alone.
+8. export and ensemble sampling (``scripts/_faults_export.py``): ensemble maps equal across
+   ``--sample-chunk``, the zoo's ensemble of Probabilistic U-Nets exports, export onto a full
+   disk is one line with no temp file, out-of-range predict/export options are refused.
 """
 
 from __future__ import annotations
@@ -1213,6 +1216,9 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         hf = hostile_files(work / "files", ckpt_run / "checkpoints" / "last.pt", quick=args.quick)
         t_hf = time.perf_counter() - t
+        t = time.perf_counter()
+        export_rows = __import__("_faults_export").run(work / "export", ckpt_run, args.quick)
+        t_export = time.perf_counter() - t
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
@@ -1260,6 +1266,9 @@ def main(argv=None) -> int:
     lines, files_ok = format_files(hf, t_hf, args.quick)
     out += lines
     ok &= files_ok
+    lines, passed = _family_lines("8. export and ensemble sampling", export_rows, t_export)
+    out += lines
+    ok &= passed
     out.append("")
     out.append(f"total {time.perf_counter() - t_all:.0f}s: {'ALL PASS' if ok else 'FAILURES'}")
     print("\n".join(out))

@@ -116,3 +116,6 @@ def test_exported_sampler_equals_the_chunked_predictor(kind):
             torch.testing.assert_close(sm(x, generator=torch.Generator().manual_seed(4)),
                                        model.sample(x, S, generator=torch.Generator().manual_seed(4)),
                                        atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(sm(win, generator=torch.Generator().manual_seed(4), context=ctx),
+                                       model.sample(win, S, generator=torch.Generator().manual_seed(4),
+                                                    context=model.sample_context(x)), atol=1e-5, rtol=1e-5)

@@ -103,8 +103,8 @@ class MemberEnsemble(SegmentationModel):
         changes which member a sample comes from.
 
         ``noise`` (B, S, *noise_shape), for members with a per-sample draw: each member gets the rows
-        of its samples, and ``context`` (:attr:`sample_context`'s list) its own entry. Without
-        ``noise``, member after member (in member order) draws its samples from ``generator``."""
+        of its samples; without, member after member (in member order) draws its samples from
+        ``generator``. ``context`` (:attr:`sample_context`'s list): each member its own entry."""
         self.check_sample_args(num_samples, noise, context, start=start)
         with self.sampling_context():
             self.check_input(image)
@@ -120,13 +120,9 @@ class MemberEnsemble(SegmentationModel):
                 if first >= num_samples:
                     continue
                 k = len(range(first, num_samples, m_count))
-                kw = {}
-                if noise is not None:
-                    kw["noise"] = noise[:, first::m_count]
-                    if context is not None:
-                        kw["context"] = context[m]
-                else:
-                    kw["generator"] = generator
+                kw = {"noise": noise[:, first::m_count]} if noise is not None else {"generator": generator}
+                if context is not None:
+                    kw["context"] = context[m]
                 logits = self.members[m].sample(image, k, **kw).float()  # (B, K_m, C, *sp)
                 if out is None:
                     out = logits.new_empty(logits.shape[0], num_samples, *logits.shape[2:])
