@@ -15,7 +15,8 @@ Every sampler has one signature::
   ``divisor`` with its per-channel minimum (split evenly, the extra voxel after),
   as ``probunet predict`` pads, and the logits are cropped back.
 - ``noise``: the Probabilistic U-Net's standard-normal latent draws ``eps``
-  ``(B or 1, S, latent_dim)`` (``z = mu + sigma * eps``); other models take none.
+  ``(B or 1, S, latent_dim)`` (``z = mu + sigma * eps``; for an ensemble of
+  Probabilistic U-Nets row s goes to sample s's member); other models take none.
 - ``generator``: a CPU ``torch.Generator`` (``torch.Generator().manual_seed(seed)``):
   every random number is drawn from it in the order the model's own
   ``sample(..., generator=g)`` draws them (so the samples equal probunet's for
@@ -25,7 +26,8 @@ Every sampler has one signature::
 - ``num_samples``: S (0: the number fixed at export; ignored when ``noise`` is given).
 - ``context``: the Probabilistic U-Net's image-level prior ``(B or 1, 2, latent_dim)``
   (:meth:`sample_context` of the whole image) for sliding windows; None: the
-  prior of ``image`` itself.
+  prior of ``image`` itself. An ensemble's is its members' stacked on axis 1:
+  ``(B or 1, M, 2, latent_dim)``.
 
 The draws are made on the CPU and moved to the image's device, as the models do.
 """
@@ -597,6 +599,50 @@ class PHiSegSampler(_Sampler):
         return torch.cat(chunks, dim=1)
 
 
+class MemberEnsembleSampler(_Sampler):
+    """``ensemble`` of any member model (``model.member``): sample s from member s mod M, each member
+    the exported sampler of its own model. With ``noise`` member m takes the rows of its samples;
+    without, member after member (in member order) draws its samples from the generator, as
+    :class:`probunet.models.zoo.member_ensemble.MemberEnsemble` does."""
+
+    def __init__(self, model: nn.Module, **kw):
+        super().__init__(model, **kw)
+        member_cls = SAMPLERS[model.member_name]
+        self.members = nn.ModuleList([member_cls(m, **kw) for m in model.members])
+        self.num_members: int = len(model.members)
+        self.latent_dim = int(self.members[0].latent_dim)
+
+    def _context(self, x: Tensor) -> Tensor:
+        parts: List[Tensor] = []
+        for member in self.members:
+            parts.append(member._context(x))
+        return torch.stack(parts, dim=1)  # (B, M, 2, latent_dim)
+
+    def _sample(self, x: Tensor, num_samples: int, noise: Optional[Tensor], g: Optional[torch.Generator],
+                context: Optional[Tensor]) -> Tensor:
+        out = torch.zeros([1])
+        filled = False
+        m = 0
+        for member in self.members:
+            first = m % self.num_members  # sample s = first + k * M comes from member m
+            if first < num_samples:
+                idx = torch.arange(first, num_samples, self.num_members, device=x.device)
+                k = idx.shape[0]
+                member_noise: Optional[Tensor] = None
+                member_context: Optional[Tensor] = None
+                if noise is not None:
+                    member_noise = noise.index_select(1, idx.to(noise.device))
+                if context is not None:
+                    member_context = context.select(1, m)
+                logits = member._sample(x, k, member_noise, g, member_context).float()
+                if not filled:
+                    out = torch.zeros([logits.shape[0], num_samples] + list(logits.shape[2:]), device=x.device)
+                    filled = True
+                out = out.index_copy(1, idx, logits)
+            m += 1
+        return out
+
+
 SAMPLERS = {
     "prob_unet": ProbUNetSampler,
     "unet": UNetBaselineSampler,
@@ -605,6 +651,7 @@ SAMPLERS = {
     "ssn": SSNSampler,
     "hpu_net": HPUNetSampler,
     "phiseg": PHiSegSampler,
+    "member_ensemble": MemberEnsembleSampler,
 }
 
 __all__ = ["SAMPLERS"]

@@ -45,6 +45,7 @@ Every file is written atomically; an existing output is replaced only with
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -93,12 +94,29 @@ def model_name_of(model) -> str:
     cls = type(model).__name__
     names = {"ProbabilisticUNet": "prob_unet", "UNetBaseline": "unet", "DeepEnsemble": "ensemble",
              "MCDropoutUNet": "mc_dropout", "StochasticSegmentationNetwork": "ssn",
-             "HierarchicalProbUNet": "hpu_net", "PHiSeg": "phiseg"}
+             "HierarchicalProbUNet": "hpu_net", "PHiSeg": "phiseg", "MemberEnsemble": "member_ensemble"}
     name = names.get(cls)
     if name is None or name not in SAMPLERS:
         raise ExportError(f"model {cls}: the exporter has no sampler for it (exportable: "
                           f"{', '.join(SAMPLERS)})")
+    if name == "member_ensemble":
+        model_name_of(model.members[0])  # its members' model must be exportable too
     return name
+
+
+def _latent_dim(model, name: str) -> int:
+    """The size of one sample's ``noise`` row of the exported sampler (0: it takes none)."""
+    if name == "member_ensemble":
+        return _latent_dim(model.members[0], model_name_of(model.members[0]))
+    return int(model.latent_dim) if name == "prob_unet" else 0
+
+
+def _check_num_samples(num_samples) -> None:
+    """The sampler's default S: 1 .. :data:`probunet.guards.MAX_SAMPLES`, as evaluate and predict."""
+    from .guards import MAX_SAMPLES
+
+    if not 1 <= int(num_samples) <= MAX_SAMPLES:
+        raise ExportError(f"--num-samples must be in 1..{MAX_SAMPLES}, got {num_samples}")
 
 
 def build_sampler(model, cfg=None, *, num_samples: int = 16) -> torch.nn.Module:
@@ -109,8 +127,7 @@ def build_sampler(model, cfg=None, *, num_samples: int = 16) -> torch.nn.Module:
     """
     from ._export_modules import SAMPLERS
 
-    if int(num_samples) < 1:
-        raise ExportError(f"--num-samples must be >= 1, got {num_samples}")
+    _check_num_samples(num_samples)
     name = model_name_of(model)
     normalize, window = "none", (0.0, 1.0)
     if cfg is not None:
@@ -146,6 +163,9 @@ def onnx_refusal(model) -> Optional[str]:
     name = model_name_of(model)
     if name == "prob_unet":
         return None
+    if name == "member_ensemble":
+        return (f"an ensemble of {model.member_name} members has no ONNX export; export --format torchscript "
+                f"instead")
     if name == "ensemble" or (name == "unet" and model.sampling == "argmax") or \
             (name == "mc_dropout" and not model.mc_sampling):
         return None
@@ -173,7 +193,7 @@ def export_metadata(model, cfg, ckpt: Optional[dict], *, num_samples: int, fmt: 
         "num_classes": int(model.num_classes),
         "divisor": int(model.divisor),
         "num_samples": int(num_samples),
-        "latent_dim": int(model.latent_dim) if name == "prob_unet" else 0,
+        "latent_dim": _latent_dim(model, name),
         "normalize": str(data.normalize) if data is not None else "none",
         "ct_window": list(data.ct_window) if data is not None and data.normalize == "ct_window" else None,
         "training_patch": _training_patch(cfg),
@@ -181,7 +201,7 @@ def export_metadata(model, cfg, ckpt: Optional[dict], *, num_samples: int, fmt: 
                  "any spatial size (padded to a multiple of divisor with the per-channel minimum, cropped back)",
         "output": "logits (B, S, C, *spatial) float32; argmax over C gives sample label maps, "
                   "mean over S of softmax over C the mean probability",
-        "noise": ("eps (B or 1, S, latent_dim) standard normal, z = mu + sigma * eps" if name == "prob_unet"
+        "noise": ("eps (B or 1, S, latent_dim) standard normal, z = mu + sigma * eps" if _latent_dim(model, name)
                   else "none: a torch.Generator (generator=) is drawn from in the model's own order"),
         "checkpoint": str(ckpt.get("path")) if ckpt else None,
         "checkpoint_digest": ckpt.get("digest") if ckpt else None,
@@ -231,11 +251,25 @@ def _check_out(out: Path, ckpt_path: Optional[Path], overwrite: bool, *, folder:
 
 
 def save_torchscript(scripted: torch.jit.ScriptModule, path: str | Path, metadata: dict) -> Path:
-    """``torch.jit.save`` with ``probunet.json`` as an extra file, atomically."""
+    """``torch.jit.save`` with ``probunet.json`` as an extra file, atomically.
+
+    The file is serialised in memory first and then written through :func:`probunet.utils.atomic_call`:
+    TorchScript's own file writer aborts the process on a short write (a full disk), so it never
+    touches the disk; a failed write is one :class:`probunet.guards.WriteError` and leaves no temp file."""
     extra = {METADATA_FILE: json.dumps(metadata, indent=1, default=str)}
+    buffer = io.BytesIO()
     with _quiet_jit():
-        return atomic_call(path, lambda tmp: torch.jit.save(scripted, str(tmp), _extra_files=extra),
-                           suffix=Path(path).suffix or ".ts")
+        torch.jit.save(scripted, buffer, _extra_files=extra)
+    data = buffer.getbuffer()
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+
+    try:
+        return atomic_call(path, write, suffix=Path(path).suffix or ".ts")
+    finally:
+        data.release()
 
 
 def read_torchscript_metadata(path: str | Path) -> dict:
@@ -317,10 +351,13 @@ def export_model(source, fmt: str, out: str | Path, *, num_samples: int = 16, ov
     inference settings, ``evaluation`` an evaluation ``summary.json`` for the model card (default:
     ``RUN/eval/summary.json`` when it exists). Returns the files written with their sizes.
     """
+    from .options import check_seed, parse_roi
+
     if fmt not in EXPORT_FORMATS:
         raise ExportError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
-    if int(num_samples) < 1:
-        raise ExportError(f"--num-samples must be >= 1, got {num_samples}")
+    _check_num_samples(num_samples)
+    check_seed(seed)
+    parse_roi(roi_size)  # a negative --roi is refused before anything is written
     ckpt_path = resolve_checkpoint_path(source)
     out = Path(out)
     _check_out(out, ckpt_path, overwrite, folder=fmt == "bundle")

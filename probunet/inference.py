@@ -31,8 +31,13 @@ chunking or the sliding windows:
   reuse of the former ``predict`` (``latent_eps``): the draws are the same numbers.
 * a model without (``noise_shape`` None) is sampled case by case with a
   generator seeded by :func:`case_seed` (plus the first sample's index of the
-  chunk, so its samples depend on ``sample_chunk``); each sliding window
-  restarts that generator, so windows draw the same noise.
+  chunk, so its random draws, though not their distribution, depend on
+  ``sample_chunk``); each sliding window restarts that generator, so windows
+  draw the same noise.
+* every chunk's call tells the model the index of its first sample
+  (``sample(..., start=)``; only for models whose ``sample`` takes it), so an
+  ensemble takes sample ``s`` from member ``s mod M`` whatever the chunk size:
+  the uncertainty maps, which group the samples by member, never depend on it.
 
 Batching. :func:`group_by_shape` groups consecutive cases of one shape into
 batches (a batch of ``batch_size`` images or slices per forward pass).
@@ -377,6 +382,7 @@ class Sampler:
         self.overlap, self.blend, self.context_window = float(overlap), blend, context_window
         self.sample_chunk = None if not sample_chunk else max(1, int(sample_chunk))
         self.noise_shape = getattr(model, "noise_shape", None)
+        self.takes_start = _takes_keyword(model.sample, "start")
 
     def uses_window(self, spatial: Sequence[int]) -> bool:
         return self.roi_size is not None and any(s > r for s, r in zip(spatial, self.roi_size))
@@ -458,15 +464,16 @@ class Sampler:
     def _call(self, x: torch.Tensor, num_samples: int, case_ids: Sequence[str], start: int,
               noise: Optional[torch.Tensor], context=None) -> torch.Tensor:
         """Logits (N, s, C, *sp) of samples ``start .. start+s-1`` of the cases of ``x``."""
+        first = {"start": start} if self.takes_start else {}
         if noise is not None:
-            kw = {"noise": noise[:, start:start + num_samples]}
+            kw = {"noise": noise[:, start:start + num_samples], **first}
             if context is not None:
                 kw["context"] = context
             return self.model.sample(x, num_samples, **kw)
         outs = []
         for i, cid in enumerate(case_ids):  # no noise interface: case by case, each with its generator
             g = torch.Generator().manual_seed((case_seed(self.seed, cid) + start) % (2**63))
-            outs.append(self.model.sample(x[i:i + 1], num_samples, generator=g))
+            outs.append(self.model.sample(x[i:i + 1], num_samples, generator=g, **first))
         return torch.cat(outs)
 
     def _whole(self, x, case_ids, noise, num_samples, chunk, reducer) -> None:
@@ -505,6 +512,18 @@ class Sampler:
                                            mode=self.blend, with_coord=True)
             out = out[(slice(None), slice(None), *big_crop[2:])]
             reducer.add(out.reshape(n, s, c, *spatial), s0)
+
+
+def _takes_keyword(fn, name: str) -> bool:
+    """Whether ``fn`` accepts the keyword argument ``name`` (by name or through ``**kwargs``)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) or p.kind == p.VAR_KEYWORD
+               for p in params)
 
 
 def _tensor(array) -> torch.Tensor:

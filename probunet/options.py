@@ -10,6 +10,8 @@ same names as keyword arguments), so every default lives in one place.
 from __future__ import annotations
 
 import argparse
+import operator
+import os
 import re
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, Optional
@@ -25,12 +27,39 @@ def _opt(default, flag: Optional[str] = None, help: str = "", **argparse_kw):
     return field(default=default, metadata=meta)
 
 
+MAX_SEED = 2**63 - 1  # seeds are hashed into 63-bit generator seeds (probunet.inference.case_seed)
+
+
+def max_workers() -> int:
+    """The most I/O threads ``--workers`` may ask for: 4 per CPU core, at least 64."""
+    return max(64, 4 * (os.cpu_count() or 1))
+
+
+def _int_or_none(value) -> Optional[int]:
+    """``value`` as a Python int (also a numpy integer), None for anything else (bools, floats, text)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def check_seed(value, flag: str = "--seed") -> int:
+    """``value`` as an int in 0..2**63-1; ValueError naming ``flag`` otherwise."""
+    seed = _int_or_none(value)
+    if seed is None or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"{flag} must be an integer in 0..2**63-1, got {value!r}")
+    return seed
+
+
 def parse_roi(value):
-    """``--roi``: ``config`` (the training patch), an int, or one size per axis (``96,96,32``)."""
+    """``--roi``: ``config`` (the training patch), an int (0: always the whole image), or one size per
+    axis (``96,96,32``); a negative size, or a size per axis below 1, is a ValueError naming ``--roi``."""
     if value is None or (isinstance(value, str) and value == "config"):
         return "config"
-    if isinstance(value, (int, list, tuple)):
-        return value
+    if isinstance(value, (int, list, tuple)) or _int_or_none(value) is not None:
+        return _checked_roi(value, value)
     parts = [p for p in re.split(r"[,x ]+", str(value).strip()) if p]
     try:
         sizes = [int(p) for p in parts]
@@ -38,7 +67,21 @@ def parse_roi(value):
         raise ValueError(f"--roi: expected an integer or one per axis like 64,64,32, got {value!r}") from None
     if not sizes:
         raise ValueError(f"--roi: expected an integer or one per axis like 64,64,32, got {value!r}")
-    return sizes[0] if len(sizes) == 1 else sizes
+    return _checked_roi(sizes[0] if len(sizes) == 1 else sizes, value)
+
+
+def _checked_roi(roi, given):
+    if isinstance(roi, (list, tuple)):
+        sizes = [_int_or_none(r) for r in roi]
+        if any(r is None or r < 1 for r in sizes):
+            raise ValueError(f"--roi: every size per axis must be an integer >= 1, got {given!r}")
+        return roi
+    size = _int_or_none(roi)
+    if size is None:
+        raise ValueError(f"--roi: expected an integer or one per axis like 64,64,32, got {given!r}")
+    if size < 0:
+        raise ValueError(f"--roi must be 0 (always the whole image) or a size >= 1, got {given!r}")
+    return roi
 
 
 def parse_axis(value):
@@ -139,8 +182,13 @@ class PredictOptions:
             raise ValueError(f"amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
         if self.batch_size is not None and int(self.batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if int(self.workers) < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if not 1 <= int(self.workers) <= max_workers():
+            raise ValueError(f"--workers must be in 1..{max_workers()} (at most 4 I/O threads per CPU core, at "
+                             f"least 64), got {self.workers}")
+        if self.sample_chunk is not None and int(self.sample_chunk) < 0:
+            raise ValueError(f"--sample-chunk must be >= 1 samples per model call (0: automatic), got "
+                             f"{self.sample_chunk}")
+        check_seed(self.seed)
         if self.max_voxels is not None and int(self.max_voxels) < 1:
             raise ValueError(f"max_voxels must be >= 1, got {self.max_voxels}")
         self.axis = parse_axis(self.axis)
@@ -185,5 +233,5 @@ def from_args(cls, args: argparse.Namespace):
     return cls(**values)
 
 
-__all__ = ["EvaluateOptions", "PredictOptions", "SAMPLING_FIELDS", "TrainOptions", "add_arguments", "from_args",
-           "parse_axis", "parse_roi", "with_overrides"]
+__all__ = ["EvaluateOptions", "MAX_SEED", "PredictOptions", "SAMPLING_FIELDS", "TrainOptions", "add_arguments",
+           "check_seed", "from_args", "max_workers", "parse_axis", "parse_roi", "with_overrides"]

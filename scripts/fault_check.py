@@ -5,7 +5,7 @@
     python scripts/fault_check.py            # default sizes: 20 kills, 1000 fuzzed files per kind
     python scripts/fault_check.py --quick    # a small version (the test suite runs it)
 
-Four parts, one table at the end (exit 0 when every figure is as required):
+Parts, one table at the end (exit 0 when every figure is as required):
 
 1. kills: a small training run (configs/debug.yaml) is killed with SIGKILL at N
    moments, half at random times and half in the middle of a checkpoint write
@@ -39,6 +39,9 @@ Four parts, one table at the end (exit 0 when every figure is as required):
    split on a moved and grown folder (``scripts/_faults_study.py``).
 9. cache (scripts/_faults_cache.py): a stale image with the same size and mtime rebuilt, damaged cache files
    refused naming the file, read-only/full outputs of synth and preprocess and a lock symlink: one line.
+10. export and ensemble sampling (``scripts/_faults_export.py``): ensemble maps equal across
+   ``--sample-chunk``, the zoo's ensemble of Probabilistic U-Nets exports, export onto a full
+   disk is one line with no temp file, out-of-range predict/export options are refused.
 """
 
 from __future__ import annotations
@@ -68,6 +71,10 @@ DEBUG = str(REPO / "configs" / "debug.yaml")
 TRAIN_ARGS = ["train.steps=12", "train.checkpoint_every=2", "train.log_every=1", "train.val_every=4",
               "train.val_cases=2", "train.val_samples=2"]
 HANG_S = 60.0
+# the families after part 7, each in scripts/_faults_<name>.py: (name, title in the report)
+FAMILIES = (("study", "8. study: recorded split, output ownership, stale runs"),
+            ("cache", "9. preprocessing cache and unwritable outputs"),
+            ("export", "10. export and ensemble sampling"))
 
 
 def _env() -> dict:
@@ -1218,11 +1225,11 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         hf = hostile_files(work / "files", ckpt_run / "checkpoints" / "last.pt", quick=args.quick)
         t_hf = time.perf_counter() - t
-        t = time.perf_counter()
-        import _faults_study
-        study_rows, t_study = _faults_study.run(work / "study", ckpt_run, args.quick), time.perf_counter() - t
-        t, cache_rows = time.perf_counter(), __import__("_faults_cache").run(work / "cache", ckpt_run, args.quick)
-        t_cache = time.perf_counter() - t
+        family_rows = {}
+        for name, _ in FAMILIES:  # parts 8 on: scripts/_faults_<name>.py, run(work, ckpt_run, quick) -> rows
+            t = time.perf_counter()
+            rows = __import__(f"_faults_{name}").run(work / name, ckpt_run, args.quick)
+            family_rows[name] = (rows, time.perf_counter() - t)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
@@ -1270,11 +1277,10 @@ def main(argv=None) -> int:
     lines, files_ok = format_files(hf, t_hf, args.quick)
     out += lines
     ok &= files_ok
-    lines, passed = _family_lines("8. study: recorded split, output ownership, stale runs", study_rows, t_study)
-    out += lines
-    ok &= passed
-    lines, passed = _family_lines("9. preprocessing cache and unwritable outputs", cache_rows, t_cache)
-    out, ok = out + lines, ok and passed
+    for name, title in FAMILIES:
+        lines, passed = _family_lines(title, *family_rows[name])
+        out += lines
+        ok &= passed
     out.append("")
     out.append(f"total {time.perf_counter() - t_all:.0f}s: {'ALL PASS' if ok else 'FAILURES'}")
     print("\n".join(out))

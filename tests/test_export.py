@@ -27,7 +27,8 @@ S = 5
 SEED = 3
 # every model of the zoo; sample_chunk 2 < S so that the chunked draws are exercised
 MODELS = [("prob_unet", []), ("unet", []), ("unet", ["model.sampling=argmax"]), ("ensemble", ["model.ensemble_size=2"]),
-          ("mc_dropout", []), ("ssn", ["model.roi=image"]), ("hpu_net", []), ("phiseg", [])]
+          ("mc_dropout", []), ("ssn", ["model.roi=image"]), ("hpu_net", []), ("phiseg", []),
+          ("ensemble", ["model.member=prob_unet", "model.ensemble_size=2"])]
 # spatial sizes that are not multiples of the divisor (4): the sampler pads and crops as predict does
 SHAPES = {2: (18, 21), 3: (10, 9, 12)}
 
@@ -62,12 +63,13 @@ def _model(name, extra, nd, seed=0):
     model = build_model(cfg.model).eval()
     if hasattr(model, "sample_chunk"):
         model.sample_chunk = 2
-    if name == "prob_unet":  # a prior with real spread, so that samples differ
-        with torch.no_grad():
-            model.prior_net.head.proj.weight.normal_(0, 0.5)
-            model.prior_net.head.proj.bias[cfg.model.latent_dim:].fill_(0.5)
-            model.fcomb.first.weight.mul_(5)
-            model.fcomb.rest[-1].bias[1] += 6.0  # both classes in reach of the samples
+    for net in getattr(model, "members", [model]):
+        if type(net).__name__ == "ProbabilisticUNet":  # a prior with real spread, so that samples differ
+            with torch.no_grad():
+                net.prior_net.head.proj.weight.normal_(0, 0.5)
+                net.prior_net.head.proj.bias[cfg.model.latent_dim:].fill_(0.5)
+                net.fcomb.first.weight.mul_(5)
+                net.fcomb.rest[-1].bias[1] += 6.0  # both classes in reach of the samples
     return model, cfg
 
 
@@ -87,7 +89,7 @@ def exported(tmp_path_factory):
             image = torch.randn(1, 1, *SHAPES[nd], generator=g)
             cid = f"case-{key}"
             job = {"file": str(file), "image": image}
-            if name == "prob_unet":
+            if model.noise_shape is not None:  # the Probabilistic U-Net and an ensemble of them
                 job["noise"] = case_noise(SEED, cid, S, (cfg.model.latent_dim,))[None]
             else:
                 job["seed"] = case_seed(SEED, cid)
@@ -115,7 +117,8 @@ def test_exported_file_draws_the_predictors_samples(exported, nd, index):
     pred = predictor(image[0, 0].numpy(), case_id=cid)  # the public call: label maps and mean probability
     np.testing.assert_array_equal(logits[0].argmax(1).numpy(), pred.samples)
     np.testing.assert_allclose(torch.softmax(logits[0], 1).mean(0).numpy(), pred.probability, atol=1e-5)
-    if name in ("prob_unet", "unet", "mc_dropout", "ssn", "hpu_net", "phiseg") and "argmax" not in str(MODELS[index]):
+    if (name in ("prob_unet", "unet", "mc_dropout", "ssn", "hpu_net", "phiseg") or "model.member=prob_unet" in
+            MODELS[index][1]) and "argmax" not in str(MODELS[index]):
         assert len({tuple(s.reshape(-1).tolist()) for s in logits[0]}) > 1  # the samples differ
 
 
@@ -209,6 +212,7 @@ def test_refusals_name_the_reason():
     assert onnx_refusal(_model("ensemble", [], 2)[0]) is None
     assert onnx_refusal(_model("unet", ["model.sampling=argmax"], 2)[0]) is None
     assert "pixelwise" in onnx_refusal(_model("unet", [], 2)[0])
+    assert "torchscript" in onnx_refusal(_model("ensemble", ["model.member=prob_unet", "model.ensemble_size=2"], 2)[0])
 
     class Other(torch.nn.Module):
         spatial_dims, in_channels, num_classes, divisor = 2, 1, 2, 1
@@ -252,3 +256,81 @@ def test_onnx_deterministic_ensemble_and_refused_models(tmp_path, checkpoint):
         save_onnx(_model("ssn", [], 2)[0], tmp_path / "s.onnx", num_samples=3)
     result = export_model(checkpoint, "onnx", tmp_path / "cli.onnx", num_samples=2)
     assert result.size > 1000 and json.dumps(result.files)
+
+
+def _export_argv(checkpoint, out):
+    return ["export", str(checkpoint), "--format", "torchscript", "--out", str(out)]
+
+
+def test_torchscript_onto_a_full_disk_is_one_line_and_leaves_no_temp_file(checkpoint, tmp_path, monkeypatch, capsys):
+    """ENOSPC on the file write (patched): the export is serialised in memory and written through the
+    atomic helper, so a failed write is one line and the temp file is removed."""
+    import builtins
+    import errno
+
+    from probunet import export as export_module
+
+    def full_disk_open(file, mode="r", *args, **kwargs):
+        fh = builtins.open(file, mode, *args, **kwargs)
+        if "w" in mode and ".probunet-" in str(file):
+            real_write = fh.write
+
+            def write(data):
+                real_write(bytes(data)[:100])
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            fh.write = write
+        return fh
+
+    monkeypatch.setattr(export_module, "open", full_disk_open, raising=False)
+    out = tmp_path / "out" / "sampler.ts"
+    assert main(_export_argv(checkpoint, out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"probunet export: error: {out}: cannot write: no space left on device"], err
+    assert list(out.parent.iterdir()) == []
+
+
+def test_torchscript_onto_a_real_full_disk_exits_with_one_line(checkpoint, tmp_path):
+    """A 16 KiB tmpfs (root only): before, TorchScript's file writer aborted the process (exit 134) and
+    left ``.probunet-*.tmp.ts`` behind."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(disk)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root; the patched-write test covers ENOSPC")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "probunet", *_export_argv(checkpoint, disk / "s.ts")],
+                              capture_output=True, text=True, timeout=300, cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert proc.returncode == 2, proc.stderr[-500:]
+        assert proc.stderr.strip().splitlines() == [
+            f"probunet export: error: {disk / 's.ts'}: cannot write: no space left on device"]
+        assert list(disk.iterdir()) == []
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_cli_exports_the_zoos_ensemble_of_prob_unets(tmp_path, capsys):
+    """configs/zoo/ensemble_prob_unet.yaml (made tiny): TorchScript and a bundle, whose sampler takes the
+    members' latent noise."""
+    cfg = load_config(str(ROOT / "configs" / "zoo" / "ensemble_prob_unet.yaml"),
+                      ["model.features=[4,8]", "model.ensemble_size=2", "data.synthetic.size=16"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    ckpt = tmp_path / "ens.pt"
+    save_checkpoint({"model": model.state_dict(), "config": cfg.to_dict(), "step": 1}, ckpt)
+    out = tmp_path / "ens.ts"
+    assert main(["--quiet", "export", str(ckpt), "--format", "torchscript", "--out", str(out),
+                 "--num-samples", "4"]) == 0
+    meta = read_torchscript_metadata(out)
+    assert meta["model"] == "member_ensemble" and meta["latent_dim"] == cfg.model.latent_dim == 6
+    sm = torch.jit.load(str(out))
+    x = torch.randn(1, 1, 16, 16)
+    eps = torch.randn(1, 4, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(sm(x, noise=eps), model.sample(x, 4, noise=eps), atol=1e-5, rtol=1e-5)
+    assert main(["--quiet", "export", str(ckpt), "--format", "bundle", "--out", str(tmp_path / "bundle"),
+                 "--num-samples", "4"]) == 0
+    inference = json.loads((tmp_path / "bundle" / "configs" / "inference.json").read_text())
+    assert inference["latent_dim"] == 6
+    capsys.readouterr()

@@ -10,8 +10,12 @@ Training, validation, evaluation and prediction talk to a model only through
   target). The model picks one random rater per image or uses all of them, as
   it was configured (``train.rater``), and holds its own loss settings (KL
   weight and warm-up, ...).
-- ``sample(image, num_samples, *, generator=None, noise=None, context=None)``
-  -> logits ``(B, S, C, *spatial)``.
+- ``sample(image, num_samples, *, generator=None, noise=None, context=None, start=0)``
+  -> logits ``(B, S, C, *spatial)``. ``start`` is the index of the first of these
+  samples among all samples of the image (the inference module draws a case's
+  samples in chunks and passes each chunk's offset): a model whose samples are
+  not exchangeable (an ensemble: sample s comes from member s mod M) uses it, so
+  that a sample is the same whatever the chunking; the others ignore it.
 - ``spatial_dims``, ``in_channels``, ``num_classes`` and ``divisor`` (spatial
   sizes must be multiples of it): what prediction needs to prepare an image.
 
@@ -316,11 +320,14 @@ class SegmentationModel(nn.Module):
         """``torch.inference_mode`` when nothing needs gradients (eval mode or grad disabled)."""
         return torch.inference_mode() if (not self.training or not torch.is_grad_enabled()) else nullcontext()
 
-    def check_sample_args(self, num_samples: int, noise=None, context=None, mean: bool = False) -> None:
-        """``num_samples`` >= 1; ``noise`` only for a model with a ``noise_shape``, ``context`` only for one
-        with ``sample_context``, ``mean`` only for one with a mean sample."""
+    def check_sample_args(self, num_samples: int, noise=None, context=None, mean: bool = False,
+                          start: int = 0) -> None:
+        """``num_samples`` >= 1; ``start`` >= 0; ``noise`` only for a model with a ``noise_shape``, ``context``
+        only for one with ``sample_context``, ``mean`` only for one with a mean sample."""
         if int(num_samples) < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if int(start) < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
         if noise is not None and self.noise_shape is None:
             raise ValueError("noise: this model has no fixed-size per-sample draw (noise_shape is None); "
                              "pass a generator instead")
@@ -338,11 +345,13 @@ class SegmentationModel(nn.Module):
 
     def sample(self, image: Tensor, num_samples: int, *, chunk_size: Optional[int] = CHUNK_SIZE,
                generator: Optional[torch.Generator] = None, noise: Optional[Tensor] = None, context=None,
-               mean: bool = False) -> Tensor:
+               mean: bool = False, start: int = 0) -> Tensor:
         """image (B, C_in, *spatial) -> logits (B, S, C, *spatial): :meth:`prepare_samples` once, then its
         draws ``chunk_size`` samples at a time (None: all at once). Runs under
-        ``torch.inference_mode`` when gradients are disabled or the model is in eval mode."""
-        self.check_sample_args(num_samples, noise, context, mean)
+        ``torch.inference_mode`` when gradients are disabled or the model is in eval mode. ``start``
+        (the global index of the first sample, see the module notes) is checked and otherwise unused:
+        these models' samples are exchangeable."""
+        self.check_sample_args(num_samples, noise, context, mean, start)
         with self.sampling_context():
             self.check_input(image)
             draw = self.prepare_samples(image, num_samples, generator=generator, noise=noise, context=context,

@@ -203,7 +203,8 @@ class ProbabilisticUNet(SegmentationModel):
 
     def sample(self, image: torch.Tensor, num_samples: int, *, chunk_size: Optional[int] = 32,
                generator: Optional[torch.Generator] = None, mean: bool = False,
-               noise: Optional[torch.Tensor] = None, context: Optional[Dict[str, Any]] = None) -> torch.Tensor:
+               noise: Optional[torch.Tensor] = None, context: Optional[Dict[str, Any]] = None,
+               start: int = 0) -> torch.Tensor:
         """Draw ``num_samples`` segmentations per image from the prior.
 
         image (B, C_in, *spatial) -> logits (B, S, C, *spatial).
@@ -222,10 +223,11 @@ class ProbabilisticUNet(SegmentationModel):
         themselves (``z = mu + sigma * eps``) instead of drawing them from
         ``generator``. ``context``, optional: :meth:`sample_context` of the image
         (or of a larger image this one is a window of) instead of the prior of
-        ``image`` itself.
+        ``image`` itself. ``start``: the index of the first sample among the image's samples
+        (unused: the samples are exchangeable; see :mod:`probunet.models.base`).
         """
         return super().sample(image, num_samples, chunk_size=chunk_size, generator=generator, noise=noise,
-                              context=context, mean=mean)
+                              context=context, mean=mean, start=start)
 
     def prepare_samples(self, image: torch.Tensor, num_samples: int, *, generator: Optional[torch.Generator],
                         noise: Optional[torch.Tensor], context: Optional[Dict[str, Any]], mean: bool):

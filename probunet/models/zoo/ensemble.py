@@ -6,7 +6,10 @@ initialisation and its own view of the data, trained independently in one run:
 the loss is (1/M) sum_m CE(f_m(x_{pi_m}), y_{pi_m}), whose gradient for member m
 is that of its own cross-entropy only. The predictive distribution is the
 uniform mixture (1/M) sum_m p(y | x, f_m); sample s is member s mod M's
-prediction (its logits), so S = M samples give every member once.
+prediction (its logits), so S = M samples give every member once. s is the
+sample's index among all samples of the image, also when they are drawn in
+chunks (``sample(..., start=)``): the chunk size never changes which member a
+sample comes from.
 
 Own batch order (``ensemble_batch``): ``bootstrap`` (default) gives each member
 B images drawn with replacement from the batch and its own rater draw;
@@ -74,16 +77,24 @@ class DeepEnsemble(SegmentationModel):
                 "ce_member_spread": (ce_mean.max() - ce_mean.min()).detach()}
 
     def sample(self, image: Tensor, num_samples: int, *, generator: Optional[torch.Generator] = None,
-               noise: Optional[Tensor] = None, context=None) -> Tensor:
-        """image (B, C_in, *spatial) -> logits (B, S, C, *spatial), sample s from member s mod M
-        (deterministic: ``generator`` is not used). Members needed by no sample are not run."""
-        self.check_sample_args(num_samples, noise, context)
+               noise: Optional[Tensor] = None, context=None, start: int = 0) -> Tensor:
+        """image (B, C_in, *spatial) -> logits (B, S, C, *spatial) of samples ``start .. start+S-1``;
+        sample s (its index among all of the image's samples) from member s mod M, so a chunked draw
+        equals one draw of all samples (deterministic: ``generator`` is not used). Members needed by
+        no sample are not run."""
+        self.check_sample_args(num_samples, noise, context, start=start)
         with self.sampling_context():
             self.check_input(image)
-            used = min(num_samples, self.num_members)
-            logits = torch.stack([self.members[m](image) for m in range(used)], dim=1)  # (B, used, C, ...)
-            index = torch.arange(num_samples, device=logits.device) % used
-            return logits[:, index]
+            index = member_of_samples(int(start), int(num_samples), self.num_members)
+            used = sorted(set(index))
+            logits = torch.stack([self.members[m](image) for m in used], dim=1)  # (B, used, C, ...)
+            where = {m: i for i, m in enumerate(used)}
+            return logits[:, torch.tensor([where[m] for m in index], device=logits.device)]
+
+
+def member_of_samples(start: int, num_samples: int, members: int) -> list:
+    """The member of each of samples ``start .. start+num_samples-1``: sample s comes from member s mod M."""
+    return [(start + j) % members for j in range(num_samples)]
 
 
 @register_model("ensemble")

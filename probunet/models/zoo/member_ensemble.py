@@ -8,8 +8,13 @@ keys and its own random initialisation, each trained on its own view of the batc
 ``shuffle`` permutes them, ``same`` keeps the batch) with its own loss (its KL, its rater draw).
 The loss is the members' mean, so member m's gradient is that of its own loss only.
 
-Sampling: sample s comes from member s mod M; member m draws its K_m = |{s < S : s mod M = m}|
-samples with its own latent, from the case's generator, one member after the other. With
+Sampling: sample s comes from member s mod M, s its index among all of the image's samples (also
+when they are drawn in chunks: ``sample(..., start=)``); member m draws its K_m = |{s < S : s mod M
+= m}| samples with its own latent. Members with a per-sample draw (the Probabilistic U-Net's
+``eps``, ``noise_shape``) take sample s's row of ``noise``, so with the inference module's
+per-(seed, case, s) noise a sample is the same whatever the chunking and every sliding window
+of an image uses the same draw with each member's image-level prior (``sample_context``); otherwise
+the members draw from the case's generator, one member after the other. With
 S = M x K every member gives K latent draws: the spread within a member is its model of the
 raters' ambiguity (aleatoric), the spread between members the model's ignorance (epistemic);
 see :mod:`probunet.uncertainty`.
@@ -73,20 +78,55 @@ class MemberEnsemble(SegmentationModel):
         out["loss_member_spread"] = losses.max() - losses.min()
         return out
 
+    @property
+    def noise_shape(self):
+        """The members' per-sample standard-normal draw (a Probabilistic U-Net's latent ``eps``), None when
+        they have none: sample s takes row s of ``noise`` whichever member it comes from."""
+        return getattr(self.members[0], "noise_shape", None)
+
+    @property
+    def sample_context(self):
+        """``sample_context(image)`` -> the members' image-level contexts, a list with member m's at
+        index m (rows per image, as :func:`probunet.models.base.index_context` expects); absent (an
+        AttributeError) when the members have none."""
+        if not hasattr(self.members[0], "sample_context"):
+            raise AttributeError(f"sample_context: {self.member_name} members have no image-level context")
+        return self._sample_context
+
+    def _sample_context(self, image: Tensor) -> list:
+        return [member.sample_context(image) for member in self.members]
+
     def sample(self, image: Tensor, num_samples: int, *, generator: Optional[torch.Generator] = None,
-               noise: Optional[Tensor] = None, context=None) -> Tensor:
-        """image (B, C_in, *spatial) -> logits (B, S, C, *spatial); sample s from member s mod M."""
-        self.check_sample_args(num_samples, noise, context)
+               noise: Optional[Tensor] = None, context=None, start: int = 0) -> Tensor:
+        """image (B, C_in, *spatial) -> logits (B, S, C, *spatial) of samples ``start .. start+S-1``; sample s
+        (its index among all of the image's samples) from member s mod M, so the chunk size never
+        changes which member a sample comes from.
+
+        ``noise`` (B, S, *noise_shape), for members with a per-sample draw: each member gets the rows
+        of its samples; without, member after member (in member order) draws its samples from
+        ``generator``. ``context`` (:attr:`sample_context`'s list): each member its own entry."""
+        self.check_sample_args(num_samples, noise, context, start=start)
         with self.sampling_context():
             self.check_input(image)
-            m_count = self.num_members
+            m_count, num_samples, start = self.num_members, int(num_samples), int(start)
+            if noise is not None and tuple(noise.shape[:2]) != (image.shape[0], num_samples):
+                raise ValueError(f"noise must be (B, S, *noise_shape) = ({image.shape[0]}, {num_samples}, ...), "
+                                 f"got {tuple(noise.shape)}")
+            if context is not None and len(context) != m_count:
+                raise ValueError(f"context must hold one entry per member ({m_count}), got {len(context)}")
             out = None
-            for m in range(min(num_samples, m_count)):
-                k = len(range(m, num_samples, m_count))
-                logits = self.members[m].sample(image, k, generator=generator).float()  # (B, K_m, C, *sp)
+            for m in range(m_count):
+                first = (m - start) % m_count  # the first position in this call of a sample of member m
+                if first >= num_samples:
+                    continue
+                k = len(range(first, num_samples, m_count))
+                kw = {"noise": noise[:, first::m_count]} if noise is not None else {"generator": generator}
+                if context is not None:
+                    kw["context"] = context[m]
+                logits = self.members[m].sample(image, k, **kw).float()  # (B, K_m, C, *sp)
                 if out is None:
                     out = logits.new_empty(logits.shape[0], num_samples, *logits.shape[2:])
-                out[:, m::m_count] = logits
+                out[:, first::m_count] = logits
             return out
 
 

@@ -85,9 +85,10 @@ class UNetBaseline(SegmentationModel):
         return {"loss": ce.mean(), "ce_mean": ce.mean(), "ce_sum": ce.sum(dim=1).mean()}
 
     def sample(self, image: Tensor, num_samples: int, *, generator: Optional[torch.Generator] = None,
-               noise: Optional[Tensor] = None, context=None) -> Tensor:
-        """image (B, C_in, *spatial) -> logits (B, S, C, *spatial) (see the module docstring)."""
-        self.check_sample_args(num_samples, noise, context)
+               noise: Optional[Tensor] = None, context=None, start: int = 0) -> Tensor:
+        """image (B, C_in, *spatial) -> logits (B, S, C, *spatial) (see the module docstring); ``start``
+        unused (the samples are exchangeable)."""
+        self.check_sample_args(num_samples, noise, context, start=start)
         with self.sampling_context():
             logits = self(image)
             if self.sampling == "argmax":
