@@ -210,10 +210,12 @@ def test_batch_memory_estimate_scales_with_the_batch():
 
 
 def test_memory_probe_leaves_training_unchanged(tmp_path, monkeypatch):
-    """The probe runs a forward on a copy: the trained weights are the same with and without it."""
+    """The probe runs a forward on a copy: the trained weights and the batch-norm statistics are the same
+    with and without it."""
     from probunet.train import Trainer, fit
 
-    over = ["train.steps=2", "train.val_every=100", "train.checkpoint_every=2", "train.batch_size=4"]
+    over = ["train.steps=2", "train.val_every=100", "train.checkpoint_every=2", "train.batch_size=4",
+            "model.norm=batch"]
     fit(load_config(DEBUG_CONFIG, over), tmp_path / "with")
     monkeypatch.setattr(Trainer, "_check_batch_memory", lambda self: None)
     fit(load_config(DEBUG_CONFIG, over), tmp_path / "without")
