@@ -34,6 +34,8 @@ Four parts, one table at the end (exit 0 when every figure is as required):
    pickles, headers claiming huge images, FIFOs and special files, YAML bombs; each probe is a
    ``probunet`` command in its own process with a time limit (a hang is reported as "hung") and
    its peak memory. ``python scripts/fault_check.py files [CHECKPOINT]`` runs this part alone.
+8. input bounds (scripts/_faults_shift.py): huge and infinite shift severities, --severity without
+   --shift, an override given twice, YAML merge keys, NaN spacings, a batch size past the memory.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/_common (also when loaded from its file)
 from _common import REPO, add_repo_to_path, repo_env  # noqa: E402
+import _faults_shift  # noqa: E402
 
 add_repo_to_path(always=True)  # this tree's probunet, as the children get it through PYTHONPATH
 DEBUG = str(REPO / "configs" / "debug.yaml")
@@ -1211,6 +1214,9 @@ def main(argv=None) -> int:
         data_rows = changed_data(work / "changed")
         t_data = time.perf_counter() - t
         t = time.perf_counter()
+        shift_rows = _faults_shift.run(work / "shift", ckpt_run, args.quick)
+        t_shift = time.perf_counter() - t
+        t = time.perf_counter()
         hf = hostile_files(work / "files", ckpt_run / "checkpoints" / "last.pt", quick=args.quick)
         t_hf = time.perf_counter() - t
     finally:
@@ -1260,6 +1266,8 @@ def main(argv=None) -> int:
     lines, files_ok = format_files(hf, t_hf, args.quick)
     out += lines
     ok &= files_ok
+    lines, passed = _family_lines("8. input bounds: shifts, overrides, spacing, batch memory", shift_rows, t_shift)
+    out, ok = out + lines, ok and passed
     out.append("")
     out.append(f"total {time.perf_counter() - t_all:.0f}s: {'ALL PASS' if ok else 'FAILURES'}")
     print("\n".join(out))
