@@ -34,8 +34,8 @@ Four parts, one table at the end (exit 0 when every figure is as required):
    pickles, headers claiming huge images, FIFOs and special files, YAML bombs; each probe is a
    ``probunet`` command in its own process with a time limit (a hang is reported as "hung") and
    its peak memory. ``python scripts/fault_check.py files [CHECKPOINT]`` runs this part alone.
-8. input bounds (scripts/_faults_shift.py): huge and infinite shift severities, --severity without
-   --shift, an override given twice, YAML merge keys, NaN spacings, a batch size past the memory.
+10. input bounds (scripts/_faults_shift.py): huge and infinite shift severities, --severity without
+    --shift, an override given twice, YAML merge keys, NaN spacings, a batch size past the memory.
 """
 
 from __future__ import annotations
@@ -1266,7 +1266,7 @@ def main(argv=None) -> int:
     lines, files_ok = format_files(hf, t_hf, args.quick)
     out += lines
     ok &= files_ok
-    lines, passed = _family_lines("8. input bounds: shifts, overrides, spacing, batch memory", shift_rows, t_shift)
+    lines, passed = _family_lines("10. input bounds: shifts, overrides, spacing, batch memory", shift_rows, t_shift)
     out, ok = out + lines, ok and passed
     out.append("")
     out.append(f"total {time.perf_counter() - t_all:.0f}s: {'ALL PASS' if ok else 'FAILURES'}")
