@@ -139,4 +139,5 @@ def shift_items(items: list[dict], kind: str, severity: float, *, seed: int = 0)
     return [shift_item(it, kind, severity, seed=seed, index=i) for i, it in enumerate(items)]
 
 
-__all__ = ["MAX_SEVERITY", "SHIFTS", "check_shift", "max_severity", "lesion_signal", "shift_image", "shift_item", "shift_items"]
+__all__ = ["MAX_SEVERITY", "SHIFTS", "check_shift", "lesion_signal", "max_severity", "shift_image", "shift_item",
+           "shift_items"]
