@@ -50,6 +50,11 @@ def cmd_synth(args) -> int:
     from .data import synthetic
 
     out = Path(args.out)
+    severity = _severity_of(args)
+    if getattr(args, "shift", None):
+        from .shift import check_shift
+
+        check_shift(args.shift, severity, args.size)  # before a case is generated
     t0 = time.perf_counter()
     offcentre = bool(getattr(args, "lesion_offcentre", False))
     items = synthetic.iter_generate(args.num_cases, args.size, args.spatial_dims, args.num_raters, args.seed,
@@ -61,12 +66,20 @@ def cmd_synth(args) -> int:
     if getattr(args, "shift", None):
         from .shift import shift_items
 
-        items = shift_items(items, args.shift, args.severity, seed=args.seed)  # same masks and truth
-        params["shift"] = {"kind": args.shift, "severity": args.severity}
+        items = shift_items(items, args.shift, severity, seed=args.seed)  # same masks and truth
+        params["shift"] = {"kind": args.shift, "severity": severity}
     synthetic.write_qubiq(items, out, params=params)
     print(f"wrote {args.num_cases} cases ({args.spatial_dims}D, {args.size}px, {args.num_raters} raters) "
           f"to {out} in {time.perf_counter() - t0:.1f}s; truth in {out / 'truth.json'}")
     return 0
+
+
+def _severity_of(args) -> float:
+    """``--severity`` (default 1) where ``--shift`` is given; refused without it (it would change nothing)."""
+    severity = getattr(args, "severity", None)
+    if severity is not None and not getattr(args, "shift", None):
+        raise UserError(f"--severity {severity:g} needs --shift KIND (the kind of shift it is the strength of)")
+    return 1.0 if severity is None else float(severity)
 
 
 def cmd_preprocess(args) -> int:
@@ -151,7 +164,7 @@ def cmd_study(args) -> int:
     from .study import StudySettings, parse_failure, run_study
 
     settings = StudySettings(num_samples=args.num_samples, seed=args.seed, steps=args.steps, shift=args.shift,
-                             severity=args.severity, ood=args.ood, maps=tuple(args.maps) if args.maps else None,
+                             severity=_severity_of(args), ood=args.ood, maps=tuple(args.maps) if args.maps else None,
                              threshold=args.threshold, patch_size=args.patch_size,
                              failure=parse_failure(args.fail), device=args.device)
     t0 = time.perf_counter()
@@ -178,6 +191,8 @@ def cmd_demo(args) -> int:
 
     config = Path(args.config) if args.config else config_path("synthetic.yaml")
     data_dir, run_dir = out / "data", out / "run"
+    if any(o.split("=", 1)[0].strip() in ("data", "data.path") for o in args.overrides):
+        raise UserError(f"data.path: the demo trains on the set it writes into {data_dir}; leave data.path out")
     t0 = time.perf_counter()
     print(f"[1/3] synthetic multi-rater dataset -> {data_dir}")
     from .config import load_config
@@ -456,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="small lesions (radius 4-8%% of the side) placed away from the centre, as in whole scans")
     s.add_argument("--shift", default=None, choices=SHIFT_KINDS,
                    help="write a shifted copy: the same cases, masks and truth, images changed by this kind")
-    s.add_argument("--severity", type=float, default=1.0, help="strength of --shift (0: none; default 1)")
+    s.add_argument("--severity", type=float, default=None, help="strength of --shift (0: none; default 1)")
     s.set_defaults(func=cmd_synth)
 
     pp = sub.add_parser("preprocess", help="resample, normalise and cache whole scans for patch training "
@@ -518,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--out", required=True, help="output folder")
     st.add_argument("--ood", default=None, metavar="DIR", help="a folder of other scans as the shifted set")
     st.add_argument("--shift", default=None, choices=SHIFT_KINDS, help="shift the test split itself")
-    st.add_argument("--severity", type=float, default=1.0, help="strength of --shift (default 1)")
+    st.add_argument("--severity", type=float, default=None, help="strength of --shift (default 1)")
     st.add_argument("--steps", type=int, default=None, help="training steps for the configs (default: theirs)")
     st.add_argument("--num-samples", type=int, default=16, help="samples per case, every model (default 16)")
     st.add_argument("--seed", type=int, default=0, help="sampling seed, every model (default 0)")
@@ -568,6 +583,10 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
+        if getattr(args, "overrides", None):
+            from .config import check_overrides
+
+            check_overrides(list(args.overrides))  # a key given twice: refused in every command
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("probunet: interrupted", file=sys.stderr)

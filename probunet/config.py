@@ -570,8 +570,30 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def check_overrides(overrides: list[str]) -> None:
+    """ConfigError naming the key when one is given twice among ``overrides``, or with a section that
+    holds it (``train={...}`` and ``train.steps=...``): :func:`apply_overrides` lets the last win,
+    which on a command line is a typo more often than an intent."""
+    given: dict = {}
+    for text in overrides:
+        key = tuple(parse_override(text)[0])
+        for other, first in given.items():
+            n = min(len(key), len(other))
+            if key[:n] != other[:n]:
+                continue
+            if len(key) == len(other):
+                raise ConfigError(f"override '{shown('.'.join(key))[1:-1]}' given twice ({shown(first)[1:-1]} and "
+                                  f"{shown(text)[1:-1]}): the last would silently win; give each key once")
+            inner, outer = (key, other) if len(key) > len(other) else (other, key)
+            raise ConfigError(f"override '{shown('.'.join(inner))[1:-1]}' is given and so is its section "
+                              f"'{shown('.'.join(outer))[1:-1]}' ({shown(first)[1:-1]} and {shown(text)[1:-1]}): "
+                              f"one would silently win; give each key once")
+        given[key] = text
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``section.key=value`` overrides to a raw config dict (values parsed as YAML)."""
+    """Apply ``section.key=value`` overrides to a raw config dict (values parsed as YAML), in order: a
+    key given again wins (the command line refuses that: :func:`check_overrides`)."""
     data = copy.deepcopy(data or {})
     for text in overrides:
         path, value = parse_override(text)
@@ -616,8 +638,12 @@ class ConfigLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 def _duplicate_keys(node, prefix: str = "") -> None:
-    """Raise _YamlRefused naming the first key given twice in one mapping (its dotted path)."""
+    """Raise _YamlRefused naming the first key given twice in one mapping (its dotted path), or the
+    first YAML merge key (``<<:``, which would copy keys in from another mapping without a word)."""
     stack = [(node, prefix)]
     while stack:
         node, prefix = stack.pop()
@@ -626,6 +652,9 @@ def _duplicate_keys(node, prefix: str = "") -> None:
             for k, v in node.value:
                 key = k.value if isinstance(k, yaml.ScalarNode) else None
                 full = f"{prefix}.{key}" if prefix else str(key)
+                if k.tag == _MERGE_TAG:
+                    raise _YamlRefused(f"a merge key '<<' in '{shown(prefix or '(top level)')[1:-1]}'; merge keys "
+                                       f"are not supported in configs: write the keys out", k.start_mark)
                 if key is not None:
                     if key in seen:
                         raise _YamlRefused(f"duplicate key '{shown(full)[1:-1]}' (lines {seen[key]} and "
@@ -637,8 +666,8 @@ def _duplicate_keys(node, prefix: str = "") -> None:
 
 
 def yaml_load(text):
-    """``yaml.safe_load`` for configs and override values: anchors, aliases and duplicate keys are
-    refused (:class:`yaml.YAMLError`, the message in ``.what``)."""
+    """``yaml.safe_load`` for configs and override values: anchors, aliases, merge keys and duplicate
+    keys are refused (:class:`yaml.YAMLError`, the message in ``.what``)."""
     loader = ConfigLoader(text)
     try:
         node = loader.get_single_node()

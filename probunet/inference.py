@@ -232,7 +232,7 @@ class SampleSummary:
         if self.d_sy is None:
             raise ValueError("no references were given to the reducer: GED needs them")
         return metrics.GEDComponents(cross=self.d_sy.mean(dim=(1, 2)), sample_diversity=self.sample_diversity,
-                                     reference_diversity=self.d_yy.mean(dim=(1, 2)), d_sy=self.d_sy,
+                                     reference_diversity=metrics.rater_pair_mean(self.d_yy), d_sy=self.d_sy,
                                      d_ss=self.d_ss, d_yy=self.d_yy)
 
     def ged(self) -> torch.Tensor:

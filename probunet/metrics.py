@@ -21,7 +21,11 @@ Conventions (each one a named keyword):
   (a nanmean, as Kohl's code); with a finite ``empty_iou`` no NaN arises and
   it is the plain mean (as PHiSeg's ``sum / nlabels``). A pair in which every
   foreground class is absent from both masks gets NaN under the NaN option.
-- GED expectations run over all ordered pairs including ``i == j``.
+- GED expectations run over all ordered pairs including ``i == j``. As in Kohl's
+  evaluation code, E[d(Y,Y')] is a nanmean over the rater pairs (two empty
+  raters, NaN under ``empty_iou=nan``, are left out) while E[d(S,Y)] and
+  E[d(S,S')] are plain means (an empty sample facing an empty rater, or two
+  empty samples, give NaN). With a finite ``empty_iou`` every mean is plain.
 
 Intersection counts are computed as one-hot matrix products in chunks over
 the flattened spatial axis (float32 products of 0/1 values, exact per chunk,
@@ -48,6 +52,7 @@ __all__ = [
     "GEDComponents",
     "ged_components",
     "ged_from_components",
+    "rater_pair_mean",
     "generalized_energy_distance",
     "sample_diversity",
     "distinct_pair_mean",
@@ -316,8 +321,10 @@ class GEDComponents(NamedTuple):
         d_ss: ``(B, S, S)`` sample-to-sample distances (zero diagonal unless NaN).
         d_yy: ``(B, A, A)`` reference-to-reference distances.
 
-    Expectations are plain means over all ordered pairs including i == j, so
-    NaN entries (``empty_iou=nan``) propagate; the matrices are kept so that a
+    Expectations are means over all ordered pairs including i == j: plain for
+    ``cross`` and ``sample_diversity`` (NaN entries under ``empty_iou=nan``
+    propagate), over the defined pairs for ``reference_diversity``
+    (:func:`rater_pair_mean`, as Kohl's code); the matrices are kept so that a
     study can re-score with fewer samples (:func:`ged_from_components`) or
     apply another NaN policy.
     """
@@ -359,11 +366,19 @@ def ged_components(
     return GEDComponents(
         cross=d_sy.mean(dim=(1, 2)),  # (B,)
         sample_diversity=d_ss.mean(dim=(1, 2)),
-        reference_diversity=d_yy.mean(dim=(1, 2)),
+        reference_diversity=rater_pair_mean(d_yy),
         d_sy=d_sy,
         d_ss=d_ss,
         d_yy=d_yy,
     )
+
+
+def rater_pair_mean(d_yy: Tensor) -> Tensor:
+    """E[d(Y,Y')]: ``d_yy (B, A, A)`` -> ``(B,)``, the mean over the ordered rater pairs (i == j
+    included) whose distance is defined. Kohl et al. 2018's evaluation code takes this nanmean, so
+    that under ``empty_iou=nan`` two empty raters (IoU undefined) are left out; with a finite
+    ``empty_iou`` no entry is NaN and it is the plain mean. NaN when no pair is defined."""
+    return torch.nanmean(d_yy, dim=(1, 2))
 
 
 def ged_from_components(components: GEDComponents, *, num_samples: int | None = None) -> Tensor:

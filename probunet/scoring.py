@@ -318,7 +318,9 @@ def _conventions(empty_iou: float, num_classes: int) -> dict:
     return {
         "distance": "d(a, b) = 1 - IoU over the foreground classes 1..C-1, mean over classes",
         "empty_iou": empty_iou if math.isfinite(empty_iou) else "nan",
-        "ged_pairs": "expectations over all ordered pairs, i == j included",
+        "ged_pairs": "expectations over all ordered pairs, i == j included" + (
+            "" if math.isfinite(empty_iou) else "; E[d(Y,Y')] over the rater pairs whose distance is defined "
+                                                "(two empty raters left out, as Kohl et al. 2018's code)"),
         "hm_iou": "both sets tiled to lcm(S, A) elements, Hungarian matching on 1 - IoU (Kohl et al. 2019)",
         "references": "the dataset's raters of each case (raters padded in by the reader excluded)",
         "consensus": "strict majority of the samples vs. strict majority of the raters (a tie is background); "

@@ -18,6 +18,15 @@ Each shift takes an image ``(C, *spatial)`` float32 and a ``severity`` >= 0
   profiles); elsewhere it is estimated from the raters' mean mask, smoothed,
   times the difference of the mean image inside and outside it.
 
+Severity is bounded per kind (:data:`MAX_SEVERITY`), wide enough for every value that
+changes the image meaningfully: ``intensity``, ``noise`` and ``texture`` at most 1000
+(an offset of 200, a noise or texture standard deviation of 50: far past any
+normalised intensity range); ``blur`` at most the image's largest side in voxels
+(and 1024 before the image is known: a blur wider than the image leaves only its
+mean); ``lesion_contrast`` at most 2 (the lesions are gone at 2). A shifted image
+that is not finite (an input already holding NaN or Inf, or values near the
+float32 limit) is an error naming the case.
+
 Random shifts draw from ``numpy.random.default_rng([seed, index, KIND_CODE])``:
 case ``index`` gets the same draw whatever the other cases.
 """
@@ -34,12 +43,25 @@ SHIFTS = ("intensity", "noise", "blur", "texture", "lesion_contrast")
 _CODES = {k: i + 101 for i, k in enumerate(SHIFTS)}
 
 
-def check_shift(kind: str, severity: float) -> None:
-    """ValueError in one line for an unknown kind or a negative / non-finite severity."""
+MAX_SEVERITY = {"intensity": 1000.0, "noise": 1000.0, "blur": 1024.0, "texture": 1000.0, "lesion_contrast": 2.0}
+
+
+def max_severity(kind: str, size: Optional[int] = None) -> float:
+    """The largest ``--severity`` of ``kind``; for ``blur`` also at most ``size``, the image's largest side."""
+    top = MAX_SEVERITY[kind]
+    return min(top, float(size)) if kind == "blur" and size is not None else top
+
+
+def check_shift(kind: str, severity: float, size: Optional[int] = None) -> None:
+    """ValueError in one line for an unknown kind or a severity outside ``0..max_severity(kind, size)``
+    (``size``: the image's largest side in voxels, where known)."""
     if kind not in SHIFTS:
         raise ValueError(f"--shift {kind!r}: unknown shift; known: {', '.join(SHIFTS)}")
-    if not np.isfinite(severity) or severity < 0:
-        raise ValueError(f"--severity {severity}: must be a finite number >= 0")
+    top = max_severity(kind, size)
+    if not np.isfinite(severity) or not 0 <= severity <= top:
+        why = (f" (a blur sigma in voxels, at most the image's largest side, {top:g} here)"
+               if kind == "blur" and size is not None and top < MAX_SEVERITY[kind] else "")
+        raise ValueError(f"--severity {severity:g}: --shift {kind} takes a severity in 0..{top:g}{why}")
 
 
 def lesion_signal(image: np.ndarray, labels: np.ndarray, truth: Optional[dict] = None) -> np.ndarray:
@@ -67,13 +89,15 @@ def lesion_signal(image: np.ndarray, labels: np.ndarray, truth: Optional[dict] =
 
 
 def shift_image(image: np.ndarray, kind: str, severity: float, *, seed: int = 0, index: int = 0,
-                labels: Optional[np.ndarray] = None, truth: Optional[dict] = None) -> np.ndarray:
+                labels: Optional[np.ndarray] = None, truth: Optional[dict] = None,
+                where: str = "the image") -> np.ndarray:
     """``image (C, *spatial)`` shifted by ``kind`` at ``severity``: a new float32 array of the same shape.
 
-    ``labels (A, *spatial)`` and ``truth`` are read by ``lesion_contrast`` only.
+    ``labels (A, *spatial)`` and ``truth`` are read by ``lesion_contrast`` only. ValueError naming
+    ``where`` when the shifted image is not finite.
     """
-    check_shift(kind, float(severity))
     x = np.asarray(image, dtype=np.float64)
+    check_shift(kind, float(severity), max(x.shape[1:], default=None))
     s = float(severity)
     spatial_sigma = (0,) + (1,) * (x.ndim - 1)
     rng = np.random.default_rng([int(seed), int(index), _CODES[kind]])
@@ -92,14 +116,19 @@ def shift_image(image: np.ndarray, kind: str, severity: float, *, seed: int = 0,
             raise ValueError("lesion_contrast needs the case's rater masks or its synthetic truth")
         factor = max(0.0, 1.0 - 0.5 * s)
         out = x + (factor - 1.0) * lesion_signal(x, labels, truth)[None]
-    return out.astype(np.float32)
+    out = out.astype(np.float32)
+    if not np.all(np.isfinite(out)):
+        bad = int(out.size - np.isfinite(out).sum())
+        raise ValueError(f"--shift {kind} --severity {s:g}: the shifted image of {where} is not finite ({bad} "
+                         f"voxels NaN or Inf); check the input image's values or lower --severity")
+    return out
 
 
 def shift_item(item: dict, kind: str, severity: float, *, seed: int = 0, index: int = 0) -> dict:
     """A shifted copy of a dataset item: new image, the same labels (copied), ``meta["shift"]`` added."""
     meta = copy.deepcopy(item.get("meta", {}))
     image = shift_image(item["image"], kind, severity, seed=seed, index=index, labels=item["labels"],
-                        truth=meta.get("truth"))
+                        truth=meta.get("truth"), where=f"case {item.get('case_id', index)}")
     meta["shift"] = {"kind": kind, "severity": float(severity), "seed": int(seed)}
     return {**item, "image": image, "labels": np.array(item["labels"], copy=True), "meta": meta}
 
@@ -110,4 +139,5 @@ def shift_items(items: list[dict], kind: str, severity: float, *, seed: int = 0)
     return [shift_item(it, kind, severity, seed=seed, index=i) for i, it in enumerate(items)]
 
 
-__all__ = ["SHIFTS", "check_shift", "lesion_signal", "shift_image", "shift_item", "shift_items"]
+__all__ = ["MAX_SEVERITY", "SHIFTS", "check_shift", "lesion_signal", "max_severity", "shift_image", "shift_item",
+           "shift_items"]

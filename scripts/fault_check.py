@@ -42,6 +42,8 @@ Parts, one table at the end (exit 0 when every figure is as required):
 10. export and ensemble sampling (``scripts/_faults_export.py``): ensemble maps equal across
    ``--sample-chunk``, the zoo's ensemble of Probabilistic U-Nets exports, export onto a full
    disk is one line with no temp file, out-of-range predict/export options are refused.
+11. input bounds (``scripts/_faults_shift.py``): huge and infinite shift severities, --severity without
+    --shift, an override given twice, YAML merge keys, NaN spacings, a batch size past the memory.
 """
 
 from __future__ import annotations
@@ -74,7 +76,8 @@ HANG_S = 60.0
 # the families after part 7, each in scripts/_faults_<name>.py: (name, title in the report)
 FAMILIES = (("study", "8. study: recorded split, output ownership, stale runs"),
             ("cache", "9. preprocessing cache and unwritable outputs"),
-            ("export", "10. export and ensemble sampling"))
+            ("export", "10. export and ensemble sampling"),
+            ("shift", "11. input bounds: shifts, overrides, spacing, batch memory"))
 
 
 def _env() -> dict:

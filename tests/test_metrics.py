@@ -207,12 +207,13 @@ def test_ged_components_kohl_10x10():
     same(M.ged_from_components(c), [0.5])  # 1.25 - 0.25 - 0.5
     # re-score with the first sample only (FULL): cross = (1 + .5)/2, diversity 0
     same(M.ged_from_components(c, num_samples=1), [2 * 0.75 - 0.0 - 0.5])
-    # NaN option: d(EMPTY, EMPTY) is NaN and propagates into E[d(Y, Y')]
+    # NaN option: d(EMPTY, EMPTY) is NaN and, as in Kohl's code, left out of E[d(Y, Y')]:
+    # (1 + 1 + 0) / 3 defined pairs = 2/3; GED = 1.25 - 0.25 - 2/3
     cn = M.ged_components(samples, refs, empty_iou=NAN)
     same(cn.d_yy, [[[NAN, 1.0], [1.0, 0.0]]])
     same(cn.cross, [0.625])
-    same(cn.reference_diversity, [NAN])
-    same(M.generalized_energy_distance(samples, refs, empty_iou=NAN), [NAN])
+    same(cn.reference_diversity, [2 / 3])
+    same(M.generalized_energy_distance(samples, refs, empty_iou=NAN), [1.0 - 2 / 3])
 
 
 @pytest.mark.parametrize(

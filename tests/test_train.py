@@ -123,10 +123,10 @@ def test_amp_bf16_on_cpu_when_asked(tmp_path, monkeypatch):
     cfg = load_config("configs/debug.yaml", ["train.steps=2", "train.amp=bf16", *FAST])
     summary = fit(cfg, tmp_path / "run")
     assert summary["amp"] == "bfloat16"
-    assert seen == [(True, torch.bfloat16, torch.bfloat16)] * 2
+    assert seen == [(True, torch.bfloat16, torch.bfloat16)] * 3  # the batch-memory probe's forward, 2 steps
     seen.clear()
     fit(load_config("configs/debug.yaml", ["train.steps=1", "train.amp=off", *FAST]), tmp_path / "off")
-    assert len(seen) == 1 and seen[0][0] is False and seen[0][2] == torch.float32
+    assert len(seen) == 2 and all(s[0] is False and s[2] == torch.float32 for s in seen)
 
 
 @pytest.mark.parametrize("extra", [["train.rater=all"], ["train.geco.enabled=true"], ["train.kl_warmup_steps=4"],

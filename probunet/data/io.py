@@ -163,10 +163,27 @@ def read_image(path: str | Path, *, max_voxels: Optional[int] = None,
         reason = str(exc).strip().splitlines()
         reason = reason[-1] if reason else exc.__class__.__name__
         raise DataError(f"{path}: cannot read this image ({exc.__class__.__name__}: {reason[:300]})") from exc
+    check_spacing(path, meta)
     if np.iscomplexobj(array):
         raise DataError(f"{path}: the image is complex-valued ({array.dtype}); expected real intensities "
                         f"(casting would silently drop the imaginary part): save its magnitude or real part")
     return array, meta
+
+
+def check_spacing(path, meta: dict) -> None:
+    """DataError naming ``path`` when the voxel spacing read from its header is not finite or not positive
+    (a NaN pixdim, an affine with a zero column): no resampling or geometry check can use it."""
+    spacing = meta.get("spacing")
+    if spacing is None:
+        return
+    values = np.asarray(spacing, dtype=np.float64)
+    shown = "[" + ", ".join(f"{v:g}" for v in values) + "]"
+    if not np.all(np.isfinite(values)):
+        raise DataError(f"{path}: the voxel spacing in its header is not finite ({shown}); fix the header's "
+                        f"spacing (pixdim / affine) and read it again")
+    if not np.all(values > 0):
+        raise DataError(f"{path}: the voxel spacing in its header is not positive ({shown}); fix the header's "
+                        f"spacing (pixdim / affine) and read it again")
 
 
 def _read_nifti(path: Path, max_voxels: Optional[int] = None) -> tuple[np.ndarray, dict]:
