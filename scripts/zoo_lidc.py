@@ -153,7 +153,14 @@ def resolve(path) -> Path:
 
 
 def shell(cmd: list[str]) -> str:
-    return " ".join(shlex.quote(str(c)) for c in cmd)
+    """A command as one shell line; paths in the repository (or the current folder) shown relative to it."""
+    def shown(c):
+        text = str(c)
+        for base in (Path.cwd(), REPO):
+            if text.startswith(str(base) + "/"):
+                return text[len(str(base)) + 1:]
+        return text
+    return " ".join(shlex.quote(shown(c)) for c in cmd)
 
 
 # ----------------------------------------------------------------------------- one run: train, evaluate, record
@@ -317,7 +324,7 @@ def model_facts(run_dir: Path, config: dict) -> dict:
 
 
 def tune_runs(args) -> list[Run]:
-    steps = QUICK_TUNE_STEPS if args.quick else TUNE_STEPS
+    steps = args.tune_steps
     return [Run(args, "tune", "tune", f"{m}-{v}", m, v, ov, steps=steps, seed=0, split="val")
             for m in args.models for v, ov in variants(m).items()]
 
@@ -335,7 +342,7 @@ def choices(args) -> dict:
 
 
 def table_run(args, model: str, seed: int, choice: dict) -> Run:
-    steps = QUICK_TABLE_STEPS if args.quick else TABLE_STEPS
+    steps = args.table_steps
     return Run(args, "table", f"table/s{seed}", model, model, choice["variant"], choice["overrides"],
                steps=steps, seed=seed, split="test")
 
@@ -508,7 +515,7 @@ def report(args) -> Path:
     # tuning
     tune = {r.name: r for r in tune_runs(args)}
     chosen = choices(args)
-    lines += [f"## Tuning (validation split, {QUICK_TUNE_STEPS if args.quick else TUNE_STEPS} steps)\n",
+    lines += [f"## Tuning (validation split, {args.tune_steps} steps)\n",
               "| model | variant | change | val GED | val HM-IoU | E[d(S,S')] | readers E[d(Y,Y')] | chosen |",
               "|---|---|---|---|---|---|---|---|"]
     pending_cmds = []
@@ -523,12 +530,17 @@ def report(args) -> Path:
         else:
             lines.append(f"| {run.model} | {run.variant} | {label} | pending | | | | |")
             pending_cmds.append(run)
+    goals = [(r.name, (r.record.get("train_summary") or {}).get("geco_goal")) for r in tune.values() if r.record]
+    goals = [(n, g) for n, g in goals if g]
+    if goals:
+        lines.append("\nGECO goals resolved from the training split (`train.geco.goal: auto`): " + "; ".join(
+            f"{n}: {g['goal_scale']:g} x {g['rater_entropy']:.4f} nats = {g['goal']:.4f}" for n, g in goals) + ".")
     lines.append("\nCommands (one per row):\n")
     lines += [f"- {r.name}: `{r.reproduce()}`" for r in tune.values()]
     lines.append("")
 
     # the table
-    lines += [f"## Test split ({QUICK_TABLE_STEPS if args.quick else TABLE_STEPS} steps, seed 0)\n"]
+    lines += [f"## Test split ({args.table_steps} steps, seed 0)\n"]
     head = ["model", "variant", "GED", "HM-IoU", "S_NCC", "ECE", "QUBIQ", "E[d(S,S')]", "readers E[d(Y,Y')]",
             "empty gap", "train img/s", "train CPU h", "ms / 100 samples", "parameters"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -643,6 +655,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tune", action="store_true", help="table: the shipped configs where tuning is not done")
     p.add_argument("--amp", choices=["auto", "bf16", "off"], default=None,
                    help="train.amp of every run (default: the configs' own)")
+    p.add_argument("--tune-steps", type=int, default=None, help=f"tune: steps per run (default {TUNE_STEPS})")
+    p.add_argument("--table-steps", type=int, default=None, help=f"table: steps per run (default {TABLE_STEPS})")
     p.add_argument("--doc", default=None,
                    help="report: the markdown file written (default docs/zoo_lidc.md; with --quick OUT/zoo_lidc.md)")
     p.add_argument("--resume", action="store_true", help="go on with the runs already in --out")
@@ -657,6 +671,12 @@ def check_args(args) -> None:
     args.doc = resolve(args.doc) if args.doc else (args.out / "zoo_lidc.md" if args.quick
                                                     else REPO / "docs" / "zoo_lidc.md")
     args.models = args.models or list(MODELS)
+    if args.tune_steps is None:
+        args.tune_steps = QUICK_TUNE_STEPS if args.quick else TUNE_STEPS
+    if args.table_steps is None:
+        args.table_steps = QUICK_TABLE_STEPS if args.quick else TABLE_STEPS
+    if min(args.tune_steps, args.table_steps) < 1:
+        raise UserError("--tune-steps and --table-steps must be >= 1")
     if any(s < 0 for s in args.seeds):
         raise UserError("--seeds: seeds must be >= 0")
     if args.top < 0:

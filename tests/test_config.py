@@ -90,3 +90,13 @@ def test_geco_goal_is_auto_or_a_number():
     assert load_config(None, ["train.geco.goal=0.2"]).train.geco.goal == 0.2
     assert load_config(None, ["train.geco.goal='0.3'"]).train.geco.goal == 0.3
     assert load_config(None, ["train.geco.goal_scale=0.25"]).train.geco.goal_scale == 0.25
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    paths = sorted(root.rglob("*.yaml"))
+    assert any(p.parent.name == "lidc" for p in paths)  # sub-folders too (configs/zoo/lidc)
+    for path in paths:
+        load_config(path)
