@@ -206,7 +206,7 @@ class Run:
         """The command that produces this run's numbers from a fresh checkout (the shipped config)."""
         out = f"runs/zoo_lidc/{self.folder}/{self.name}"
         train = ["probunet", "train", str(CONFIGS / f"{self.model}.yaml"), *self.overrides, "--out", out]
-        ev = ["probunet", "evaluate", out, "--num-samples", str(NUM_SAMPLES)]
+        ev = ["probunet", "evaluate", f"{out}/checkpoints/last.pt", "--num-samples", str(NUM_SAMPLES)]
         if self.split != "test":
             ev.append(f"eval.split={self.split}")
         return shell(train) + " && " + shell(ev)
@@ -243,7 +243,8 @@ class Run:
                 print(f"    resuming {self.folder}/{self.name} at step {step}", flush=True)
             state["attempts"] += 1
             self._timed(train_cmd, env, "train", state)
-        eval_cmd = [*py, "evaluate", str(self.run_dir), "--num-samples", str(NUM_SAMPLES), "--out",
+        # the checkpoint at the budget (a run folder alone would give best.pt, picked by validation GED)
+        eval_cmd = [*py, "evaluate", str(last), "--num-samples", str(NUM_SAMPLES), "--out",
                     str(self.summary_path), "--no-progress", f"eval.split={self.split}"]
         if not self.summary_path.is_file():
             self._timed(eval_cmd, env, "eval", state)
@@ -404,7 +405,7 @@ def study_command(args, runs: list[str], kind: str, severity: float) -> list[str
 
 
 def stage_study(args, failures) -> None:
-    runs = [r["run_dir"] for r in finished_table(args)]
+    runs = [str(Path(r["run_dir"]) / "checkpoints" / "last.pt") for r in finished_table(args)]
     if not runs:
         print("study: no finished table run yet", flush=True)
         return

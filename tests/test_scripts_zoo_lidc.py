@@ -107,8 +107,10 @@ def test_quick_end_to_end_resumes_an_interrupted_training_and_skips_finished_run
     assert rec["ms_per_100_samples"] > 0 and rec["train_cpu_s"] > 0 and rec["attempts"] == 2
     assert 0 <= m["ged"] and m["by_empty_raters"] and m["empty_gap"] is not None and m["ece"] is not None
     assert rec["reproduce"].startswith("probunet train configs/zoo/lidc/unet.yaml")
+    assert "checkpoints/last.pt" in rec["commands"][1]  # the budget's checkpoint, not best.pt
     for kind, _ in zoo.SHIFTS:
-        assert (out / "study" / kind / "study.json").is_file()
+        study = json.loads((out / "study" / kind / "study.json").read_text())
+        assert set(study["results"]["performance"]) == {"unet"}
     assert (out / "zoo_lidc.png").stat().st_size > 1000
 
     monkeypatch.setattr(zoo, "run_logged", lambda *a: pytest.fail(f"ran {a[0]} again"))
