@@ -213,7 +213,11 @@ def _crop_size(value, key: str = "data.crop_size"):
 @dataclass
 class GecoConfig:
     enabled: bool = False
-    goal: float = 0.5  # target per-pixel mean CE (the constraint kappa)
+    # target per-pixel mean CE (the constraint kappa): a number, or "auto": goal_scale x the mean
+    # per-pixel entropy of the raters' label frequency over the training cases, resolved by
+    # probunet train when the run starts (probunet.losses.rater_entropy) and written into its config
+    goal: Any = 0.5
+    goal_scale: float = 0.5  # goal "auto": the goal as a multiple of that entropy
     alpha: float = 0.99  # moving-average rate of the constraint
     step_size: float = 0.01  # Lagrange multiplier update rate
     lambda_init: float = 1.0
@@ -437,6 +441,21 @@ def check_number(key: str, value, *, lo=None, lo_open=False, hi=None, hi_open=Fa
         raise ConfigError(f"config key '{key}': must be a finite number{' ' + bound if bound else ''}, got {shown(value)}")
 
 
+def geco_goal(value) -> Any:
+    """``train.geco.goal`` checked: ``"auto"``, or a finite number >= 0 (also given as text); else ConfigError."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    number = None
+    if not isinstance(value, bool) and isinstance(value, (int, float, str)):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if number is None or not math.isfinite(number) or number < 0:
+        raise ConfigError(f"config key 'train.geco.goal': expected auto or a finite number >= 0, got {shown(value)}")
+    return number
+
+
 def check_int(key: str, value: int, lo: int) -> None:
     if value < lo:
         raise ConfigError(f"config key '{key}': must be >= {lo}, got {shown(value)}")
@@ -470,7 +489,8 @@ def validate(cfg: Config) -> Config:
     check_number("train.ema_decay", t.ema_decay, lo=0, hi=1, hi_open=True, optional=True)
     check_number("train.grad_clip", t.grad_clip, lo=0, lo_open=True, optional=True)
     g = t.geco
-    check_number("train.geco.goal", g.goal)
+    g.goal = geco_goal(g.goal)
+    check_number("train.geco.goal_scale", g.goal_scale, lo=0, lo_open=True)
     check_number("train.geco.alpha", g.alpha, lo=0, hi=1)
     check_number("train.geco.step_size", g.step_size, lo=0)
     for key in ("lambda_init", "lambda_min", "lambda_max"):

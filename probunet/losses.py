@@ -9,12 +9,20 @@ GECO form (Rezende & Viola 2018), as the hierarchical Prob U-Net trains:
 minimise KL subject to the mean per-pixel CE staying under a goal kappa, with a
 Lagrange multiplier lambda updated from a moving average of the constraint:
 ``loss = lambda * (CE_mean - kappa) + KL``.
+
+The goal can follow the data (``train.geco.goal: auto``): a multiple of the
+mean per-pixel entropy of the raters' label frequency over the training cases
+(:func:`rater_entropy`). That entropy is the cross-entropy against a randomly
+drawn rater that the best predictor without a latent code reaches (the raters'
+frequency itself), so a goal below it makes the latents carry the raters'
+disagreement; a fixed goal above it never binds.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterable, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -119,7 +127,7 @@ class Geco(nn.Module):
     the state dict and resume with the checkpoint.
     """
 
-    def __init__(self, goal: float, alpha: float = 0.99, step_size: float = 0.01,
+    def __init__(self, goal: Optional[float], alpha: float = 0.99, step_size: float = 0.01,
                  lambda_init: float = 1.0, lambda_min: float = 1e-3, lambda_max: float = 1e4):
         super().__init__()
         self.goal = goal
@@ -135,6 +143,9 @@ class Geco(nn.Module):
                 kl_dims: Optional[torch.Tensor] = None, free_bits: float = 0.0,
                 kl_term: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """Same inputs as :func:`elbo_loss`; also updates lambda (no gradient through it)."""
+        if self.goal is None:
+            raise RuntimeError("the GECO goal is 'auto' and was not resolved: probunet train resolves it from the "
+                               "training split (probunet.losses.resolve_geco_goal)")
         if kl_term is None:
             kl_term = kl_objective(kl, kl_dims, free_bits)
         ce_sum, ce_mean = cross_entropy_terms(logits, target)
@@ -158,9 +169,41 @@ class Geco(nn.Module):
         }
 
 
+def rater_entropy(label_sets: Iterable, num_classes: int) -> float:
+    """The mean per-pixel entropy (nats) of the raters' label frequency: for each case, the
+    frequency f_c of every class over its raters at every pixel, H = -sum_c f_c log f_c, averaged
+    over the case's pixels, then over the cases (each case weighs alike, as the per-pixel mean CE
+    of a batch does). ``label_sets``: one integer array (A, *spatial) per case, its A raters."""
+    total, n = 0.0, 0
+    for labels in label_sets:
+        labels = np.asarray(labels)
+        if labels.ndim < 2 or labels.shape[0] < 1:
+            raise ValueError(f"expected rater masks (A, *spatial), got shape {labels.shape}")
+        h = np.zeros(labels.shape[1:], dtype=np.float64)
+        for c in range(num_classes):
+            f = (labels == c).mean(axis=0)
+            h -= np.where(f > 0, f * np.log(np.where(f > 0, f, 1.0)), 0.0)
+        total += float(h.mean())
+        n += 1
+    if n == 0:
+        raise ValueError("no cases to compute the raters' entropy from")
+    return total / n
+
+
+def resolve_geco_goal(geco_cfg, label_sets: Iterable, num_classes: int) -> Optional[tuple[float, float]]:
+    """``(goal, entropy)`` for ``train.geco.goal: auto`` (goal = ``goal_scale`` x :func:`rater_entropy`
+    of ``label_sets``, the training cases' real raters); None when GECO is off or the goal is a number."""
+    if not geco_cfg.enabled or geco_cfg.goal != "auto":
+        return None
+    entropy = rater_entropy(label_sets, num_classes)
+    return float(geco_cfg.goal_scale) * entropy, entropy
+
+
 def build_geco(geco_cfg) -> Optional[Geco]:
+    """The Geco module of ``train.geco`` (None when off). A goal still ``auto`` builds one that refuses to
+    train (:meth:`Geco.forward`): the trainer resolves the goal before it builds the model."""
     if not geco_cfg.enabled:
         return None
-    return Geco(goal=geco_cfg.goal, alpha=geco_cfg.alpha, step_size=geco_cfg.step_size,
-                lambda_init=geco_cfg.lambda_init, lambda_min=geco_cfg.lambda_min,
+    goal = None if geco_cfg.goal == "auto" else float(geco_cfg.goal)
+    return Geco(goal=goal, alpha=geco_cfg.alpha, step_size=geco_cfg.step_size, lambda_init=geco_cfg.lambda_init, lambda_min=geco_cfg.lambda_min,
                 lambda_max=geco_cfg.lambda_max)

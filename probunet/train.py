@@ -231,6 +231,9 @@ class Trainer:
         self.config_comment = self._kept_comment(cfg) if ckpt is not None else ""
         if cfg.data.patch_size is not None and cfg.data.spacing == "median":
             cfg = self.cfg = self._resolve_median_spacing(cfg)
+        self.geco_goal = None
+        if cfg.train.geco.enabled and cfg.train.geco.goal == "auto" and self.splits["train"]:
+            cfg = self.cfg = self._resolve_geco_goal(cfg)
         if not self.splits["train"]:
             raise ValueError("the training split is empty: add data or lower data.split.test_fraction/val_fraction")
         transform = train_transform(cfg.data, cfg.model.spatial_dims)
@@ -329,6 +332,29 @@ class Trainer:
                                f"per-axis median,\nresolved when the preprocessed cache was built to "
                                f"{[round(v, 6) for v in spacing]} mm.")
         logger.info("data.spacing: median resolved to %s mm (written into the run's config)", list(spacing))
+        return cfg
+
+    def _resolve_geco_goal(self, cfg: Config) -> Config:
+        """A copy of ``cfg`` whose ``train.geco.goal: auto`` is the number it resolves to on this run's
+        training split (:func:`probunet.losses.resolve_geco_goal`): written into the run's
+        ``config.yaml`` (with a comment) and ``train_summary.json`` (``geco_goal``)."""
+        import copy
+
+        from .data import real_raters
+        from .losses import resolve_geco_goal
+
+        g = cfg.train.geco
+        goal, entropy = resolve_geco_goal(g, (real_raters(i) for i in self.splits["train"]), cfg.model.num_classes)
+        cfg = copy.deepcopy(cfg)
+        cfg.train.geco.goal = goal
+        self.geco_goal = {"goal": goal, "goal_scale": g.goal_scale, "rater_entropy": entropy,
+                          "train_cases": len(self.splits["train"])}
+        note = (f"train.geco.goal was \"auto\" in the config given to probunet train: goal_scale {g.goal_scale} x "
+                f"the mean per-pixel\nentropy of the raters' label frequency over the {len(self.splits['train'])} "
+                f"training cases ({entropy:.6g} nats) = {goal:.6g}.")
+        self.config_comment = "\n".join(c for c in (self.config_comment, note) if c)
+        logger.info("train.geco.goal: auto resolved to %.6g (goal_scale %g x rater entropy %.6g nats over %d "
+                    "training cases)", goal, g.goal_scale, entropy, len(self.splits["train"]))
         return cfg
 
     def _kept_comment(self, cfg: Config) -> str:
@@ -567,6 +593,8 @@ class Trainer:
                    "best_val_ged": self.best if math.isfinite(self.best) else None, **self.last_val,
                    "last_checkpoint": str(self.last_path), "figure": figure, "world_size": dist.world_size,
                    "collapse": self.collapse.report()}
+        if self.geco_goal is not None:
+            summary["geco_goal"] = self.geco_goal
         if replicas is not None:
             summary["replica_weights_sha256"] = replicas
         if dist.is_main:

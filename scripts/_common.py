@@ -1,4 +1,10 @@
-"""What the scripts share: the path bootstrap and the subprocess runner.
+"""What the scripts share: the path bootstrap, the subprocess runner, and the benchmarks' parts.
+
+The parts (imported by benchmark_quality.py, compare_models.py and zoo_lidc.py): the
+benchmark datasets' ``data`` sections, a checkpoint's step and the difference of two
+configs (for resuming runs), the reference rows (all-empty, majority vote, the
+share-threshold oracle), one evaluation summary as a table row, training and
+sampling speed, and the figure of samples per model.
 
 A script runs from a source checkout without probunet installed: importing this
 module puts the repository root on ``sys.path`` when ``import probunet`` fails
@@ -14,9 +20,12 @@ Not a part of probunet (nothing in the package imports it).
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,3 +67,216 @@ def run_logged(cmd: list[str], env: dict, log: Path) -> None:
 
 
 add_repo_to_path()
+
+NUM_SAMPLES = 16  # samples per image of the benchmarks' tables and reference rows
+
+
+# ----------------------------------------------------------------------------- data sections and runs
+
+# The synthetic benchmark set: configs/synthetic.yaml's data section with these cases and split.
+SYNTHETIC_SET = {"num_cases": 400, "split": {"seed": 0, "test_fraction": 0.2, "val_fraction": 0.2}}
+
+
+def dataset_section(name: str, lidc_data: Path, quick: bool) -> dict:
+    """The ``data`` section of a dataset (see the module notes)."""
+    from probunet.config import load_yaml
+
+    if name == "synthetic":
+        data = load_yaml(REPO / "configs" / "synthetic.yaml")["data"]
+        data["synthetic"] = {**data.get("synthetic", {}), "num_cases": SYNTHETIC_SET["num_cases"]}
+        data["split"] = dict(SYNTHETIC_SET["split"])
+        if quick:
+            data["synthetic"] = {**data.get("synthetic", {}), "num_cases": 40, "size": 32}
+        return data
+    data = load_yaml(REPO / "configs" / "lidc.yaml")["data"]
+    data.update(path=str(lidc_data), crop_size=None, normalize="none")
+    data["split"] = {"file": "lidc-idri", "unlisted": "error"}
+    return data
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step a checkpoint was written at, or None when there is none."""
+    from probunet.checkpoint import load_checkpoint
+
+    return int(load_checkpoint(path)["step"]) if path.is_file() else None
+
+
+def config_differences(old, new, key: str = "") -> list[str]:
+    """``key: old -> new`` for every leaf where two nested config dicts differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new), key=str)
+                for d in config_differences(old.get(k), new.get(k), f"{key}.{k}" if key else str(k))]
+    return [] if old == new else [f"{key}: {old!r} -> {new!r}"]
+
+
+
+# ----------------------------------------------------------------------------- reference rows
+
+
+def reference_scores(refs, num_samples: int = NUM_SAMPLES) -> dict[str, tuple[float, float]]:
+    """(GED, HM-IoU) of the two reference predictors for one case.
+
+    refs (1, A, *spatial) the case's raters. "all-empty": every sample empty;
+    "majority vote": every sample the pixels a strict majority of the raters mark;
+    "share threshold (oracle)": sample s marks the pixels that at least
+    ``s mod A + 1`` of the A raters mark, a floor that sees the raters' masks
+    (GED near 0 when the readers' masks are nested), not a competitor.
+    Returns (GED, HM-IoU, E[d(S,S')]) per row.
+    """
+    import torch
+
+    from probunet import metrics
+
+    counts = (refs > 0).sum(dim=1)  # (1, *spatial): raters marking each pixel
+    a = refs.shape[1]
+    votes = counts.float() / a
+    majority = (votes > 0.5).long().unsqueeze(1).expand(-1, num_samples, *votes.shape[1:])
+    rows = {"all-empty": torch.zeros_like(majority), "majority vote": majority,
+            "share threshold (oracle)": torch.stack([(counts >= s % a + 1).long() for s in range(num_samples)], 1)}
+    out = {}
+    for name, samples in rows.items():  # samples (1, S, *spatial)
+        comp = metrics.ged_components(samples, refs, num_classes=2)
+        out[name] = (float(metrics.ged_from_components(comp)[0]),
+                     float(metrics.hungarian_matched_iou_from_iou(1.0 - comp.d_sy)[0]),
+                     float(comp.sample_diversity[0]))
+    return out
+
+
+def reference_rows(cfg: dict) -> dict:
+    """:func:`reference_scores` over the test split of ``cfg``: mean and standard error."""
+    return all_reference_rows(cfg)[0]
+
+
+def all_reference_rows(cfg: dict) -> tuple[dict, dict]:
+    """:func:`reference_rows` and, where the test cases record their true rater distribution
+    (the synthetic set), the true sampler's row: ``({name: row}, {"true sampler": row} or {})``.
+
+    With the truth, each row also gets ``ged_true``: its GED against the fresh references
+    from the true distribution that the models' "GED vs truth" is scored against
+    (:mod:`probunet.reference`, ``eval.seed`` 0, 32 references). The true sampler draws
+    ``NUM_SAMPLES`` masks per case from the true distribution: the floor a perfect model
+    reaches with that many samples.
+    """
+    from probunet.config import from_dict
+    from probunet.data import load_splits, real_raters
+
+    items = load_splits(from_dict(cfg))["test"]
+    rows = _reference_rows(items, real_raters)
+    truth_rows: dict = {}
+    if items and all("truth" in it.get("meta", {}) for it in items):
+        from probunet.reference import reference_rows as library_rows
+
+        lib = library_rows(items, num_samples=NUM_SAMPLES, seed=0, num_true_references=32)
+        for name in ("all-empty", "majority vote"):
+            rows[name]["ged_true"] = lib[name]["metrics"]["ged_true"]["mean"]
+        m = lib["true sampler"]["metrics"]
+        truth_rows["true sampler"] = {
+            "ged": m["ged"]["mean"], "ged_sem": m["ged"]["sem"], "hm_iou": m["hm_iou"]["mean"],
+            "hm_iou_sem": m["hm_iou"]["sem"], "diversity": m["sample_diversity"]["mean"],
+            "ged_true": m["ged_true"]["mean"], "num_cases": m["ged"]["n"]}
+    return rows, truth_rows
+
+
+def _reference_rows(items: list, real_raters) -> dict:
+    import numpy as np
+    import torch
+
+    scores: dict[str, list] = {}
+    for item in items:
+        refs = torch.as_tensor(real_raters(item)).long()[None]  # (1, A, *spatial)
+        for name, row in reference_scores(refs).items():
+            scores.setdefault(name, []).append(row)
+    out = {}
+    for name, rows in scores.items():
+        g, h, d = (np.array([r[i] for r in rows]) for i in range(3))
+        sem = (lambda x: float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0)
+        out[name] = {"ged": float(g.mean()), "ged_sem": sem(g), "hm_iou": float(h.mean()), "hm_iou_sem": sem(h),
+                     "diversity": float(d.mean()), "num_cases": len(g)}
+    return out
+
+
+# ----------------------------------------------------------------------------- rows, speed, figure
+
+
+def summary_row(summary: dict) -> dict:
+    """The table's numbers of one ``probunet evaluate`` summary: GED, HM-IoU, S_NCC, the two diversities,
+    ECE, QUBIQ (None where absent) and, on synthetic data, GED vs truth and the presence MAE."""
+    m = summary["metrics"]
+    row = {key: m[key]["mean"] for key in ("ged", "hm_iou", "s_ncc", "sample_diversity", "reference_diversity")}
+    row["ece"] = summary["calibration"]["ece"]
+    row["qubiq"] = (m.get("qubiq") or {}).get("mean")
+    truth = summary.get("truth")
+    if truth:
+        row["ged_true"] = truth["metrics"]["ged_true"]["mean"]
+        row["lesion_mae"] = truth["lesions"]["mae_sampled_vs_true"]
+    return row
+
+
+def train_speed(metrics_path: Path):
+    """Training images per second: the median of a run's logged ``images_per_s`` after the first log
+    (warm-up); None when none was logged."""
+    import numpy as np
+
+    lines = metrics_path.read_text().splitlines() if metrics_path.is_file() else []
+    speeds = [json.loads(l).get("images_per_s") for l in lines if l.strip()]
+    speeds = [s for s in speeds if s]
+    return float(np.median(speeds[1:] or speeds)) if speeds else None
+
+
+def sampling_speed(model, image: torch.Tensor, repeats: int = 3) -> float:
+    """Milliseconds for 100 samples of one image (median of ``repeats``, after one warm-up)."""
+    import numpy as np
+    import torch
+
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            model.sample(image, 100, generator=torch.Generator().manual_seed(i))
+            times.append(time.perf_counter() - t0)
+    return 1000.0 * float(np.median(times[1:]))
+
+
+def samples_figure(path: Path, models: dict, items: list[dict], num_samples: int = 4) -> None:
+    """Rows: the raters, then every model's samples; column groups: cases (image first)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import torch
+
+    images = torch.stack([torch.as_tensor(i["image"]) for i in items]).float()
+    num_raters = max(i["labels"].shape[0] for i in items)
+    width = 1 + max(num_samples, num_raters)
+    rows = 1 + len(models)
+    fig, axes = plt.subplots(rows, width * len(items), figsize=(1.1 * width * len(items), 1.15 * rows + 0.4),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    vmax = max(1, max(int(m.num_classes) for m in models.values()) - 1)
+    mid = lambda a: a[a.shape[0] // 2] if a.ndim == 3 else a  # noqa: E731 - 3D: the middle slice
+    samples = {}
+    for name, model in models.items():
+        with torch.inference_mode():
+            logits = model.sample(images, num_samples, generator=torch.Generator().manual_seed(0))
+        samples[name] = logits.argmax(dim=2).numpy()  # (B, S, *spatial)
+    for c, item in enumerate(items):
+        col = c * width
+        img = mid(np.asarray(item["image"][0]))
+        axes[0, col].imshow(img, cmap="gray")
+        axes[0, col].set_title(item["case_id"][:14], fontsize=6)
+        for r in range(item["labels"].shape[0]):
+            axes[0, col + 1 + r].imshow(mid(item["labels"][r]), cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
+            axes[0, col + 1 + r].set_title(f"rater {r + 1}", fontsize=6)
+        for m, name in enumerate(models):
+            axes[1 + m, col].imshow(img, cmap="gray")
+            if c == 0:
+                axes[1 + m, col].set_title(name, fontsize=7, loc="left")
+            for s in range(num_samples):
+                axes[1 + m, col + 1 + s].imshow(mid(samples[name][c, s]), cmap="viridis", vmin=0, vmax=vmax,
+                                                interpolation="nearest")
+    fig.suptitle("raters (top row), then samples per model", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -70,14 +70,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/_common (also when loaded from its file)
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from _common import REPO, repo_env, run_logged  # noqa: E402  (probunet importable from here on)
+from _common import (REPO, NUM_SAMPLES, SYNTHETIC_SET, all_reference_rows, checkpoint_step,  # noqa: E402,F401
+                     config_differences, dataset_section, reference_rows, reference_scores, repo_env, run_logged)
+# (probunet importable from here on; SYNTHETIC_SET, reference_rows, reference_scores: this script's names too)
 SHIPPED = ["configs/lidc.yaml", "configs/lidc_paper.yaml", "configs/qubiq.yaml", "configs/folder3d.yaml",
            "configs/synthetic.yaml"]
-NUM_SAMPLES = 16
 KL_AFTER = 200
 
 
@@ -95,27 +95,6 @@ def parse_spec(spec: str) -> tuple[str, Path, list[str]]:
     if not p.is_file():
         raise SystemExit(f"benchmark_quality: error: config not found: {path}")
     return name, p, overrides
-
-
-# The synthetic benchmark set: configs/synthetic.yaml's data section with these cases and split.
-SYNTHETIC_SET = {"num_cases": 400, "split": {"seed": 0, "test_fraction": 0.2, "val_fraction": 0.2}}
-
-
-def dataset_section(name: str, lidc_data: Path, quick: bool) -> dict:
-    """The ``data`` section of a dataset (see the module notes)."""
-    from probunet.config import load_yaml
-
-    if name == "synthetic":
-        data = load_yaml(REPO / "configs" / "synthetic.yaml")["data"]
-        data["synthetic"] = {**data.get("synthetic", {}), "num_cases": SYNTHETIC_SET["num_cases"]}
-        data["split"] = dict(SYNTHETIC_SET["split"])
-        if quick:
-            data["synthetic"] = {**data.get("synthetic", {}), "num_cases": 40, "size": 32}
-        return data
-    data = load_yaml(REPO / "configs" / "lidc.yaml")["data"]
-    data.update(path=str(lidc_data), crop_size=None, normalize="none")
-    data["split"] = {"file": "lidc-idri", "unlisted": "error"}
-    return data
 
 
 def recipe_config(path: Path, overrides: list[str], data: dict, *, batch_size: int, budget_max: int,
@@ -143,21 +122,6 @@ def recipe_config(path: Path, overrides: list[str], data: dict, *, batch_size: i
 
 
 # ----------------------------------------------------------------------------- one chain of budgets
-
-
-def checkpoint_step(path: Path) -> int | None:
-    """The step a checkpoint was written at, or None when there is none."""
-    from probunet.checkpoint import load_checkpoint
-
-    return int(load_checkpoint(path)["step"]) if path.is_file() else None
-
-
-def config_differences(old, new, key: str = "") -> list[str]:
-    """``key: old -> new`` for every leaf where two nested config dicts differ."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [d for k in sorted(set(old) | set(new), key=str)
-                for d in config_differences(old.get(k), new.get(k), f"{key}.{k}" if key else str(k))]
-    return [] if old == new else [f"{key}: {old!r} -> {new!r}"]
 
 
 # how often a run logs, validates and saves: these follow the largest budget asked for (see
@@ -281,83 +245,6 @@ def budget_row(summary: dict, metrics_path: Path, budget: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- reference rows
-
-
-def reference_scores(refs: torch.Tensor, num_samples: int = NUM_SAMPLES) -> dict[str, tuple[float, float]]:
-    """(GED, HM-IoU) of the two reference predictors for one case.
-
-    refs (1, A, *spatial) the case's raters. "all-empty": every sample empty;
-    "majority vote": every sample the pixels a strict majority of the raters mark;
-    "share threshold (oracle)": sample s marks the pixels that at least
-    ``s mod A + 1`` of the A raters mark, a floor that sees the raters' masks
-    (GED near 0 when the readers' masks are nested), not a competitor.
-    Returns (GED, HM-IoU, E[d(S,S')]) per row.
-    """
-    from probunet import metrics
-
-    counts = (refs > 0).sum(dim=1)  # (1, *spatial): raters marking each pixel
-    a = refs.shape[1]
-    votes = counts.float() / a
-    majority = (votes > 0.5).long().unsqueeze(1).expand(-1, num_samples, *votes.shape[1:])
-    rows = {"all-empty": torch.zeros_like(majority), "majority vote": majority,
-            "share threshold (oracle)": torch.stack([(counts >= s % a + 1).long() for s in range(num_samples)], 1)}
-    out = {}
-    for name, samples in rows.items():  # samples (1, S, *spatial)
-        comp = metrics.ged_components(samples, refs, num_classes=2)
-        out[name] = (float(metrics.ged_from_components(comp)[0]),
-                     float(metrics.hungarian_matched_iou_from_iou(1.0 - comp.d_sy)[0]),
-                     float(comp.sample_diversity[0]))
-    return out
-
-
-def reference_rows(cfg: dict) -> dict:
-    """:func:`reference_scores` over the test split of ``cfg``: mean and standard error."""
-    return all_reference_rows(cfg)[0]
-
-
-def all_reference_rows(cfg: dict) -> tuple[dict, dict]:
-    """:func:`reference_rows` and, where the test cases record their true rater distribution
-    (the synthetic set), the true sampler's row: ``({name: row}, {"true sampler": row} or {})``.
-
-    With the truth, each row also gets ``ged_true``: its GED against the fresh references
-    from the true distribution that the models' "GED vs truth" is scored against
-    (:mod:`probunet.reference`, ``eval.seed`` 0, 32 references). The true sampler draws
-    ``NUM_SAMPLES`` masks per case from the true distribution: the floor a perfect model
-    reaches with that many samples.
-    """
-    from probunet.config import from_dict
-    from probunet.data import load_splits, real_raters
-
-    items = load_splits(from_dict(cfg))["test"]
-    rows = _reference_rows(items, real_raters)
-    truth_rows: dict = {}
-    if items and all("truth" in it.get("meta", {}) for it in items):
-        from probunet.reference import reference_rows as library_rows
-
-        lib = library_rows(items, num_samples=NUM_SAMPLES, seed=0, num_true_references=32)
-        for name in ("all-empty", "majority vote"):
-            rows[name]["ged_true"] = lib[name]["metrics"]["ged_true"]["mean"]
-        m = lib["true sampler"]["metrics"]
-        truth_rows["true sampler"] = {
-            "ged": m["ged"]["mean"], "ged_sem": m["ged"]["sem"], "hm_iou": m["hm_iou"]["mean"],
-            "hm_iou_sem": m["hm_iou"]["sem"], "diversity": m["sample_diversity"]["mean"],
-            "ged_true": m["ged_true"]["mean"], "num_cases": m["ged"]["n"]}
-    return rows, truth_rows
-
-
-def _reference_rows(items: list, real_raters) -> dict:
-    scores: dict[str, list] = {}
-    for item in items:
-        refs = torch.as_tensor(real_raters(item)).long()[None]  # (1, A, *spatial)
-        for name, row in reference_scores(refs).items():
-            scores.setdefault(name, []).append(row)
-    out = {}
-    for name, rows in scores.items():
-        g, h, d = (np.array([r[i] for r in rows]) for i in range(3))
-        sem = (lambda x: float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0)
-        out[name] = {"ged": float(g.mean()), "ged_sem": sem(g), "hm_iou": float(h.mean()), "hm_iou_sem": sem(h),
-                     "diversity": float(d.mean()), "num_cases": len(g)}
-    return out
 
 
 # ----------------------------------------------------------------------------- report

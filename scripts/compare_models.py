@@ -34,11 +34,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/_common (also when loaded from its file)
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from _common import REPO, repo_env, run_logged  # noqa: E402  (also makes probunet importable from a source checkout)
+from _common import (REPO, repo_env, run_logged, samples_figure, sampling_speed,  # noqa: E402
+                     summary_row, train_speed)  # (also makes probunet importable from a source checkout)
 
 COLUMNS = [("model", "model"), ("ged", "GED"), ("hm_iou", "HM-IoU"), ("s_ncc", "S_NCC"), ("ece", "ECE"),
            ("qubiq", "QUBIQ"), ("sample_diversity", "E[d(S,S')]"), ("reference_diversity", "E[d(Y,Y')]"),
@@ -56,74 +56,7 @@ def run_config(name: str, cfg: dict, out: Path, *, num_samples: int, env: dict) 
     run_logged([*py, "evaluate", str(run_dir / "checkpoints" / "last.pt"), "--num-samples", str(num_samples),
                 "--out", str(run_dir / "eval" / "summary.json"), "--no-progress"], env, log)
     summary = json.loads((run_dir / "eval" / "summary.json").read_text())
-    m = summary["metrics"]
-    row = {"model": name}
-    for key in ("ged", "hm_iou", "s_ncc", "sample_diversity", "reference_diversity"):
-        row[key] = m[key]["mean"]
-    row["ece"] = summary["calibration"]["ece"]
-    row["qubiq"] = (m.get("qubiq") or {}).get("mean")
-    truth = summary.get("truth")
-    if truth:
-        row["ged_true"] = truth["metrics"]["ged_true"]["mean"]
-        row["lesion_mae"] = truth["lesions"]["mae_sampled_vs_true"]
-    speeds = [json.loads(l).get("images_per_s") for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    speeds = [s for s in speeds if s]
-    row["train_images_per_s"] = float(np.median(speeds[1:] or speeds)) if speeds else None  # first log: warm-up
-    return row
-
-
-def sampling_speed(model, image: torch.Tensor, repeats: int = 3) -> float:
-    """Milliseconds for 100 samples of one image (median of ``repeats``, after one warm-up)."""
-    times = []
-    with torch.inference_mode():
-        for i in range(repeats + 1):
-            t0 = time.perf_counter()
-            model.sample(image, 100, generator=torch.Generator().manual_seed(i))
-            times.append(time.perf_counter() - t0)
-    return 1000.0 * float(np.median(times[1:]))
-
-
-def figure(path: Path, models: dict, items: list[dict], num_samples: int = 4) -> None:
-    """Rows: the raters, then every model's samples; column groups: cases (image first)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    images = torch.stack([torch.as_tensor(i["image"]) for i in items]).float()
-    num_raters = max(i["labels"].shape[0] for i in items)
-    width = 1 + max(num_samples, num_raters)
-    rows = 1 + len(models)
-    fig, axes = plt.subplots(rows, width * len(items), figsize=(1.1 * width * len(items), 1.15 * rows + 0.4),
-                             squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    vmax = max(1, max(int(m.num_classes) for m in models.values()) - 1)
-    mid = lambda a: a[a.shape[0] // 2] if a.ndim == 3 else a  # noqa: E731 - 3D: the middle slice
-    samples = {}
-    for name, model in models.items():
-        with torch.inference_mode():
-            logits = model.sample(images, num_samples, generator=torch.Generator().manual_seed(0))
-        samples[name] = logits.argmax(dim=2).numpy()  # (B, S, *spatial)
-    for c, item in enumerate(items):
-        col = c * width
-        img = mid(np.asarray(item["image"][0]))
-        axes[0, col].imshow(img, cmap="gray")
-        axes[0, col].set_title(item["case_id"][:14], fontsize=6)
-        for r in range(item["labels"].shape[0]):
-            axes[0, col + 1 + r].imshow(mid(item["labels"][r]), cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
-            axes[0, col + 1 + r].set_title(f"rater {r + 1}", fontsize=6)
-        for m, name in enumerate(models):
-            axes[1 + m, col].imshow(img, cmap="gray")
-            if c == 0:
-                axes[1 + m, col].set_title(name, fontsize=7, loc="left")
-            for s in range(num_samples):
-                axes[1 + m, col + 1 + s].imshow(mid(samples[name][c, s]), cmap="viridis", vmin=0, vmax=vmax,
-                                                interpolation="nearest")
-    fig.suptitle("raters (top row), then samples per model", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return {"model": name, **summary_row(summary), "train_images_per_s": train_speed(run_dir / "metrics.jsonl")}
 
 
 def _fmt(v) -> str:
@@ -214,7 +147,7 @@ def main(argv=None) -> int:
         image = torch.as_tensor(items[0]["image"])[None].float()
         for row in rows:
             row["ms_per_100_samples"] = sampling_speed(models[row["model"]], image)
-        figure(args.out / "compare.png", models, items)
+        samples_figure(args.out / "compare.png", models, items)
     csv_text, md = tables(rows)
     (args.out / "compare.csv").write_text(csv_text)
     head = (f"# Model comparison\n\n{steps} steps x batch {batch} each, the same data and split; test split, "

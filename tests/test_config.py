@@ -39,6 +39,10 @@ def test_unknown_override_key_is_named():
     ("data.format=dicomdir", "data.format"),
     ("train.amp=fp8", "train.amp"),
     ("model.spatial_dims=4", "model.spatial_dims"),
+    ("train.geco.goal=fast", "train.geco.goal"),
+    ("train.geco.goal=-0.1", "train.geco.goal"),
+    ("train.geco.goal=[1]", "train.geco.goal"),
+    ("train.geco.goal_scale=0", "train.geco.goal_scale"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -78,3 +82,21 @@ def test_round_trip_through_dict():
     cfg = load_config(None, ["model.features=[4,8]", "train.geco.enabled=true"])
     again = from_dict(cfg.to_dict())
     assert again == cfg
+
+
+def test_geco_goal_is_auto_or_a_number():
+    assert load_config(None, ["train.geco.goal=auto"]).train.geco.goal == "auto"
+    assert load_config(None, ["train.geco.goal=AUTO"]).train.geco.goal == "auto"
+    assert load_config(None, ["train.geco.goal=0.2"]).train.geco.goal == 0.2
+    assert load_config(None, ["train.geco.goal='0.3'"]).train.geco.goal == 0.3
+    assert load_config(None, ["train.geco.goal_scale=0.25"]).train.geco.goal_scale == 0.25
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    paths = sorted(root.rglob("*.yaml"))
+    assert any(p.parent.name == "lidc" for p in paths)  # sub-folders too (configs/zoo/lidc)
+    for path in paths:
+        load_config(path)

@@ -54,3 +54,38 @@ def test_geco_raises_lambda_while_the_constraint_is_violated_and_lowers_it_after
 def test_geco_state_is_in_the_state_dict():
     g = Geco(goal=0.2)
     assert {"lagmul", "constraint_ma", "initialised"} <= set(g.state_dict())
+
+
+def test_rater_entropy_is_the_mean_per_pixel_entropy_of_the_raters_frequency():
+    import numpy as np
+
+    from probunet.losses import rater_entropy
+
+    # case 1: two raters over two pixels: they agree on pixel 0 (H = 0), split 1:1 on pixel 1 (H = ln 2)
+    one = np.array([[[1, 0]], [[1, 1]]])
+    # case 2: four raters on one pixel, one of them marks it: H = -(1/4 ln 1/4 + 3/4 ln 3/4)
+    two = np.array([[[1]], [[0]], [[0]], [[0]]])
+    h1 = math.log(2) / 2
+    h2 = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    assert rater_entropy([one, two], num_classes=2) == pytest.approx((h1 + h2) / 2, rel=1e-12)
+    # three classes, three raters each with its own class on the one pixel: ln 3
+    assert rater_entropy([np.array([[[0]], [[1]], [[2]]])], num_classes=3) == pytest.approx(math.log(3))
+    with pytest.raises(ValueError, match="no cases"):
+        rater_entropy([], num_classes=2)
+
+
+def test_auto_geco_goal_is_goal_scale_times_the_rater_entropy():
+    import numpy as np
+
+    from probunet.config import GecoConfig
+    from probunet.losses import build_geco, resolve_geco_goal
+
+    cases = [np.array([[[1, 0]], [[1, 1]]])]  # rater entropy ln(2) / 2
+    goal, entropy = resolve_geco_goal(GecoConfig(enabled=True, goal="auto", goal_scale=0.5), cases, 2)
+    assert entropy == pytest.approx(math.log(2) / 2) and goal == pytest.approx(math.log(2) / 4)
+    assert resolve_geco_goal(GecoConfig(enabled=True, goal=0.1), cases, 2) is None  # a number stays
+    assert resolve_geco_goal(GecoConfig(enabled=False, goal="auto"), cases, 2) is None
+    unresolved = build_geco(GecoConfig(enabled=True, goal="auto"))
+    with pytest.raises(RuntimeError, match="auto"):
+        unresolved(torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long), torch.zeros(1))
+    assert build_geco(GecoConfig(enabled=True, goal=0.25)).goal == 0.25

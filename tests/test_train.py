@@ -137,6 +137,34 @@ def test_training_options_run(tmp_path, extra):
     assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
 
 
+def test_auto_geco_goal_is_resolved_from_the_training_split_and_recorded(tmp_path):
+    import numpy as np
+    import yaml
+
+    from probunet.data import load_splits, real_raters
+
+    cfg = load_config("configs/debug.yaml", ["train.steps=1", *FAST, "train.geco.enabled=true",
+                                              "train.geco.goal=auto", "train.geco.goal_scale=0.5"])
+    summary = fit(cfg, tmp_path / "run")
+    train = load_splits(cfg)["train"]
+    labels = [np.asarray(real_raters(i)) for i in train]
+    freq = [np.stack([(l == c).mean(0) for c in range(2)]) for l in labels]
+    entropy = float(np.mean([np.where(f > 0, -f * np.log(np.where(f > 0, f, 1)), 0).sum(0).mean() for f in freq]))
+    assert entropy > 0.01
+    goal = summary["geco_goal"]
+    assert goal["rater_entropy"] == pytest.approx(entropy, rel=1e-9)
+    assert goal["goal"] == pytest.approx(0.5 * entropy, rel=1e-9) and goal["train_cases"] == len(train)
+    text = (tmp_path / "run" / "config.yaml").read_text()
+    assert yaml.safe_load(text)["train"]["geco"]["goal"] == pytest.approx(0.5 * entropy, rel=1e-9)
+    assert 'train.geco.goal was "auto"' in text
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert ckpt["config"]["train"]["geco"]["goal"] == pytest.approx(0.5 * entropy, rel=1e-9)
+    # resumed with the original config: the same goal, and the run goes on
+    fit(load_config("configs/debug.yaml", ["train.steps=2", *FAST, "train.geco.enabled=true",
+                                           "train.geco.goal=auto"]), tmp_path / "run", resume=True)
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 2
+
+
 def test_padded_raters_are_never_training_targets():
     import numpy as np
 

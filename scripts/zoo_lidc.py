@@ -1,0 +1,735 @@
+#!/usr/bin/env python
+"""The model zoo on LIDC-style data: tuning, the table, the uncertainty study, the figure, the report.
+
+Every model of ``configs/zoo/lidc/`` (the LIDC-IDRI readers' masks on synthesised
+CT-like images, 64x64, split by the frozen patient manifest; batch 16, lr 3e-4
+with a weight average, He-normal init, features 32-64-128-192) goes through:
+
+- ``tune``: the config and its variants (``VARIANTS`` below: the same kinds of
+  change for every model) at ``TUNE_STEPS`` steps, each evaluated on the
+  VALIDATION split with 16 samples; a model's best variant is the one with the
+  lowest validation GED, once all its variants are done (``choices.json``);
+- ``table``: each model's best variant at ``TABLE_STEPS`` steps, evaluated on the
+  test split with 16 samples (``--seeds``, default 0): GED, HM-IoU, S_NCC, ECE,
+  QUBIQ, sample diversity next to the readers', the empty-mask gap, GED by the
+  number of readers who drew nothing, training images per second and CPU
+  seconds, milliseconds per 100 samples of one image, parameters; the reference
+  rows (majority vote, all-empty, the share-threshold oracle) on the same cases;
+- ``study``: ``probunet study`` over the finished seed-0 table runs, on the test
+  split and its shifted copy, once per shift in ``SHIFTS`` (noise, blur);
+- ``figure``: the same test crops for every model, the readers first, then a row
+  of samples per model;
+- ``report``: ``docs/zoo_lidc.md`` (``--doc``) from whatever has finished; a row
+  not done yet reads "pending" with the command that produces it;
+- ``all``: tune, table (seed 0 for every model, then seeds 1 and 2 for the
+  ``--top`` models by test GED), study, figure, report.
+
+Variants (``VARIANTS``; ``base`` is the shipped config):
+
+    prob_unet           v1 train.beta=0.3               v2 model.latent_dim=6
+    unet                v1 model.soft_target=true       (no second knob)
+    mc_dropout          v1 model.dropout=0.25           v2 model.dropout=0.1
+    ensemble            v1 model.ensemble_size=2        v2 model.ensemble_size=8
+    ensemble_prob_unet  v1 model.ensemble_size=2        v2 train.beta=0.3
+    ssn                 v1 model.rank=5                 v2 model.rank=20
+    hpu_net             v1 train.geco.goal_scale=0.25   v2 train.geco.goal_scale=1.0
+    phiseg              v1 train.beta=0.5               v2 model.latent_channels=4
+
+Resumable: every run lives in ``--out`` (default runs/zoo_lidc) as
+``tune/<model>-<variant>/`` or ``table/s<seed>/<model>/``, with ``<name>.yaml``
+(its config), ``<name>.log``, ``<name>.time.json`` (CPU and wall seconds of its
+commands) and, once trained and evaluated, ``<name>.json`` (its record:
+commands, numbers) beside it; ``study/<shift>/``, ``zoo_lidc.png`` and
+``choices.json`` (each model's variant for the table) too. A finished run is skipped; an interrupted training goes on from its
+last checkpoint (``probunet train ... --resume``); a run whose config changed is
+an error naming it. One training at a time, each subprocess with
+``OMP_NUM_THREADS=1``. Stop it any time (Ctrl-C, or kill its process group) and
+run the same command again::
+
+    python scripts/zoo_lidc.py all --resume --lidc-data data/lidc_style      # everything, in the background
+    python scripts/zoo_lidc.py table --resume --models ssn prob_unet --seeds 0 1 2
+    python scripts/zoo_lidc.py report                                         # docs/zoo_lidc.md from what is done
+    python scripts/zoo_lidc.py all --quick --out /tmp/z --doc /tmp/z/zoo.md   # a smoke run: tiny, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import resource
+import shlex
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/_common (also when loaded from its file)
+
+import yaml  # noqa: E402
+
+from _common import (REPO, NUM_SAMPLES, all_reference_rows, checkpoint_step, config_differences,  # noqa: E402
+                     dataset_section, repo_env, run_logged, samples_figure, sampling_speed, summary_row,
+                     train_speed)
+
+MODELS = ["prob_unet", "unet", "mc_dropout", "ensemble", "ensemble_prob_unet", "ssn", "hpu_net", "phiseg"]
+CONFIGS = Path("configs") / "zoo" / "lidc"  # relative to the repository
+VARIANTS: dict[str, dict[str, list[str]]] = {
+    "prob_unet": {"v1": ["train.beta=0.3"], "v2": ["model.latent_dim=6"]},
+    "unet": {"v1": ["model.soft_target=true"]},
+    "mc_dropout": {"v1": ["model.dropout=0.25"], "v2": ["model.dropout=0.1"]},
+    "ensemble": {"v1": ["model.ensemble_size=2"], "v2": ["model.ensemble_size=8"]},
+    "ensemble_prob_unet": {"v1": ["model.ensemble_size=2"], "v2": ["train.beta=0.3"]},
+    "ssn": {"v1": ["model.rank=5"], "v2": ["model.rank=20"]},
+    "hpu_net": {"v1": ["train.geco.goal_scale=0.25"], "v2": ["train.geco.goal_scale=1.0"]},
+    "phiseg": {"v1": ["train.beta=0.5"], "v2": ["model.latent_channels=4"]},
+}
+TUNE_STEPS, TABLE_STEPS = 500, 2000
+QUICK_TUNE_STEPS, QUICK_TABLE_STEPS = 3, 6
+SHIFTS = [("noise", 2.0), ("blur", 2.0)]  # probunet.shift: noise sd 0.1, blur sigma 2 pixels on [0, 1] images
+DEFAULT_DATA = "data/lidc_style"
+FIGURE_CASES = 4
+ME = "scripts/zoo_lidc.py"
+
+
+class UserError(Exception):
+    """A bad argument or state of --out: one line on stderr, exit 2."""
+
+
+# ----------------------------------------------------------------------------- configs of the runs
+
+
+def variants(model: str) -> dict[str, list[str]]:
+    """``{"base": [], "v1": [...], ...}``: the variants of a model, the shipped config first."""
+    return {"base": [], **VARIANTS.get(model, {})}
+
+
+def variant_label(overrides: list[str]) -> str:
+    return " ".join(overrides) if overrides else "as shipped"
+
+
+def run_overrides(args, model: str, variant_overrides: list[str], *, steps: int, seed: int) -> list[str]:
+    """The ``key=value`` overrides of a run on top of its shipped config (what the report shows)."""
+    out = list(variant_overrides)
+    if steps != TABLE_STEPS:
+        out.append(f"train.steps={steps}")
+    if seed != 0:
+        out.append(f"train.seed={seed}")
+    if args.lidc_data != DEFAULT_DATA:
+        out.append(f"data.path={args.lidc_data}")
+    if args.amp:
+        out.append(f"train.amp={args.amp}")
+    return out
+
+
+def run_config(args, model: str, overrides: list[str]) -> dict:
+    """The full config of a run: the shipped config with ``overrides`` (``--quick``: tiny model, data and
+    bookkeeping on top). The data section is the LIDC benchmark's (``_common.dataset_section``), the
+    path absolute so that the run's own config finds it from anywhere."""
+    from probunet.config import apply_overrides, load_yaml
+
+    raw = apply_overrides(load_yaml(REPO / CONFIGS / f"{model}.yaml"), overrides)
+    data = dataset_section("lidc", Path(raw["data"]["path"]), False)
+    data["path"] = str(resolve(raw["data"]["path"]))
+    raw["data"] = data
+    if args.quick:
+        raw["data"] = dataset_section("synthetic", Path("."), True)
+        raw["model"].update(features=[4, 8], latent_dim=2, fcomb_layers=2)
+        if "latent_levels" in raw["model"]:
+            raw["model"]["latent_levels"] = None  # the model's default, clipped to the two levels
+        steps = raw["train"]["steps"]
+        # no weight average: over a few steps it would keep the initial weights
+        raw["train"].update(batch_size=4, log_every=1, val_every=steps, val_cases=4, val_samples=4,
+                            checkpoint_every=QUICK_TUNE_STEPS, ema_decay=None)
+        raw["eval"].update(batch_size=4)
+    return raw
+
+
+def resolve(path) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else (Path.cwd() / p)
+
+
+def shell(cmd: list[str]) -> str:
+    """A command as one shell line; paths in the repository (or the current folder) shown relative to it."""
+    def shown(c):
+        text = str(c)
+        for base in (Path.cwd(), REPO):
+            if text.startswith(str(base) + "/"):
+                return text[len(str(base)) + 1:]
+        return text
+    return " ".join(shlex.quote(shown(c)) for c in cmd)
+
+
+# ----------------------------------------------------------------------------- one run: train, evaluate, record
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(path: Path, data) -> None:
+    from probunet.utils import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
+
+
+class Run:
+    """One training and its evaluation: ``<folder>/<name>/`` under ``--out``, with ``<name>.yaml``,
+    ``<name>.log`` and ``<name>.json`` (the record, written last) beside it."""
+
+    def __init__(self, args, stage: str, folder: str, name: str, model: str, variant: str, overrides: list[str],
+                 *, steps: int, seed: int, split: str):
+        self.args, self.stage, self.folder, self.name, self.model = args, stage, folder, name, model
+        self.variant, self.steps, self.seed, self.split = variant, steps, seed, split
+        self.overrides = run_overrides(args, model, overrides, steps=steps, seed=seed)
+        self.config = run_config(args, model, self.overrides)
+        folder = args.out / folder
+        self.run_dir, self.cfg_path = folder / name, folder / f"{name}.yaml"
+        self.log, self.record_path = folder / f"{name}.log", folder / f"{name}.json"
+        self.summary_path = self.run_dir / f"eval_{split}" / "summary.json"
+
+    @property
+    def record(self):
+        return read_json(self.record_path)
+
+    @property
+    def done(self) -> bool:
+        return self.record is not None and self.summary_path.is_file()
+
+    def reproduce(self) -> str:
+        """The command that produces this run's numbers from a fresh checkout (the shipped config)."""
+        out = f"runs/zoo_lidc/{self.folder}/{self.name}"
+        train = ["probunet", "train", str(CONFIGS / f"{self.model}.yaml"), *self.overrides, "--out", out]
+        ev = ["probunet", "evaluate", f"{out}/checkpoints/last.pt", "--num-samples", str(NUM_SAMPLES)]
+        if self.split != "test":
+            ev.append(f"eval.split={self.split}")
+        return shell(train) + " && " + shell(ev)
+
+    def check_config(self) -> None:
+        """An earlier run in this folder must have been started with the same config."""
+        if not self.cfg_path.is_file():
+            return
+        differ = config_differences(yaml.safe_load(self.cfg_path.read_text()), self.config)
+        if differ:
+            raise UserError(f"{self.cfg_path} holds another config than {self.folder}/{self.name} has now "
+                            f"({'; '.join(differ[:3])}); choose a new --out or remove {self.run_dir} and that file")
+
+    def execute(self) -> dict:
+        """Train (or resume) up to ``steps``, evaluate, write the record; returns the record."""
+        self.check_config()
+        self.run_dir.parent.mkdir(parents=True, exist_ok=True)
+        if not self.cfg_path.is_file():
+            from probunet.utils import atomic_write_text
+
+            atomic_write_text(self.cfg_path, yaml.safe_dump(self.config, sort_keys=False))
+        env = child_env()
+        py = [sys.executable, "-m", "probunet"]
+        state = read_json(self.state_path) or {"train_cpu_s": 0.0, "train_wall_s": 0.0, "eval_cpu_s": 0.0,
+                                               "eval_wall_s": 0.0, "attempts": 0}
+        last = self.run_dir / "checkpoints" / "last.pt"
+        step = checkpoint_step(last)
+        if step is not None and step > self.steps:
+            raise UserError(f"{last} is at step {step}, past this run's {self.steps}; remove {self.run_dir}")
+        train_cmd = [*py, "train", str(self.cfg_path), "--out", str(self.run_dir), "--no-progress"]
+        if step is None or step < self.steps:
+            if step is not None:
+                train_cmd.append("--resume")
+                print(f"    resuming {self.folder}/{self.name} at step {step}", flush=True)
+            state["attempts"] += 1
+            self._timed(train_cmd, env, "train", state)
+        # the checkpoint at the budget (a run folder alone would give best.pt, picked by validation GED)
+        eval_cmd = [*py, "evaluate", str(last), "--num-samples", str(NUM_SAMPLES), "--out",
+                    str(self.summary_path), "--no-progress", f"eval.split={self.split}"]
+        if not self.summary_path.is_file():
+            self._timed(eval_cmd, env, "eval", state)
+        summary = json.loads(self.summary_path.read_text())
+        record = {
+            "stage": self.stage, "name": self.name, "model": self.model, "variant": self.variant,
+            "overrides": self.overrides, "seed": self.seed, "steps": self.steps, "split": self.split,
+            "run_dir": str(self.run_dir), "reproduce": self.reproduce(),
+            "commands": [shell(train_cmd[1:]), shell(eval_cmd[1:])],
+            "metrics": metrics_of(summary, self.run_dir / "metrics.jsonl"),
+            "train_summary": read_json(self.run_dir / "train_summary.json"),
+            **{k: state[k] for k in ("train_cpu_s", "train_wall_s", "eval_cpu_s", "eval_wall_s", "attempts")},
+            "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+        }
+        if self.stage == "table":
+            record.update(model_facts(self.run_dir, self.config))
+        write_json(self.record_path, record)
+        return record
+
+    @property
+    def state_path(self) -> Path:
+        return self.run_dir.parent / f"{self.name}.time.json"
+
+    def _timed(self, cmd: list[str], env: dict, what: str, state: dict) -> None:
+        """Run ``cmd`` (logged); its CPU seconds (the child's user + system) and wall seconds are added to
+        ``state``, which is saved (also when the command fails or is stopped)."""
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.perf_counter()
+        try:
+            run_logged(cmd, env, self.log)
+        finally:
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            state[f"{what}_cpu_s"] += (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+            state[f"{what}_wall_s"] += time.perf_counter() - t0
+            write_json(self.state_path, state)
+
+
+def child_env() -> dict:
+    """Every subprocess: one thread (OMP and MKL), this tree's probunet, unbuffered output."""
+    return repo_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", pythonpath=True)
+
+
+def metrics_of(summary: dict, metrics_path: Path) -> dict:
+    """The numbers of one evaluation: the table's (``_common.summary_row``), their standard errors,
+    the empty-mask shares and gap, GED by the number of readers with an empty mask, the training speed."""
+    m = summary["metrics"]
+    row = summary_row(summary)
+    row.update({f"{k}_sem": m[k]["sem"] for k in ("ged", "hm_iou") if k in m})
+    for key in ("empty_samples", "empty_raters", "empty_gap"):
+        if key in m:
+            row[key] = m[key]["mean"]
+    row["by_empty_raters"] = [{"empty_raters": g["empty_raters"], "num_raters": g["num_raters"],
+                               "num_cases": g["num_cases"], "ged": g["ged"]["mean"], "ged_sem": g["ged"]["sem"]}
+                              for g in summary.get("by_empty_raters", [])]
+    row["num_cases"] = summary.get("num_cases")
+    row["train_images_per_s"] = train_speed(metrics_path)
+    return row
+
+
+def model_facts(run_dir: Path, config: dict) -> dict:
+    """Parameters and milliseconds per 100 samples of one image (this process, one thread; a random image
+    of the data's size: the time does not depend on the content)."""
+    import torch
+
+    from probunet.checkpoint import load_model
+
+    torch.set_num_threads(1)
+    model, _, _ = load_model(run_dir / "checkpoints" / "last.pt")
+    model.eval()
+    size = 32 if config["data"].get("format") == "synthetic" else 64
+    image = torch.rand(1, int(config["model"].get("in_channels", 1)), size, size,
+                       generator=torch.Generator().manual_seed(0))
+    return {"parameters": int(sum(p.numel() for p in model.parameters())),
+            "ms_per_100_samples": sampling_speed(model, image)}
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def tune_runs(args) -> list[Run]:
+    steps = args.tune_steps
+    return [Run(args, "tune", "tune", f"{m}-{v}", m, v, ov, steps=steps, seed=0, split="val")
+            for m in args.models for v, ov in variants(m).items()]
+
+
+def choices(args) -> dict:
+    """Per model whose variants are all tuned: the variant with the lowest validation GED."""
+    out = {}
+    for model in args.models:
+        recs = {v: read_json(args.out / "tune" / f"{model}-{v}.json") for v in variants(model)}
+        if all(recs.values()):
+            best = min(recs, key=lambda v: recs[v]["metrics"]["ged"])
+            out[model] = {"variant": best, "overrides": VARIANTS.get(model, {}).get(best, []),
+                          "val_ged": {v: r["metrics"]["ged"] for v, r in recs.items()}}
+    return out
+
+
+def table_run(args, model: str, seed: int, choice: dict) -> Run:
+    steps = args.table_steps
+    return Run(args, "table", f"table/s{seed}", model, model, choice["variant"], choice["overrides"],
+               steps=steps, seed=seed, split="test")
+
+
+def table_record(args, model: str, seed: int = 0):
+    return read_json(args.out / "table" / f"s{seed}" / f"{model}.json")
+
+
+def execute_all(runs: list[Run], failures: list[str]) -> None:
+    todo = [r for r in runs if not r.done]
+    print(f"{len(runs) - len(todo)} of {len(runs)} runs done; {len(todo)} to go", flush=True)
+    for i, run in enumerate(todo, 1):
+        print(f"[{i}/{len(todo)}] {run.folder}/{run.name}: {run.steps} steps, {run.split} split "
+              f"({variant_label(run.overrides)}); log {run.log}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            rec = run.execute()
+        except RuntimeError as exc:  # a failed run does not stop the others
+            failures.append(f"{run.folder}/{run.name}: {exc}")
+            print(f"    FAILED: {exc}", flush=True)
+            continue
+        print(f"    GED {rec['metrics']['ged']:.4f}, HM-IoU {rec['metrics']['hm_iou']:.4f} "
+              f"({time.perf_counter() - t0:.0f}s)", flush=True)
+
+
+def stage_tune(args, failures) -> None:
+    execute_all(tune_runs(args), failures)
+    write_json(args.out / "choices.json", choices(args))
+
+
+def stage_table(args, failures, seeds=None, models=None) -> None:
+    chosen = choices(args)
+    models = models or args.models
+    missing = [m for m in models if m not in chosen]
+    if missing and not args.no_tune:
+        print(f"table: tuning not finished for {', '.join(missing)}: their rows stay pending "
+              f"(run tune first, or --no-tune for the shipped configs)", flush=True)
+    runs = []
+    for model in models:
+        choice = chosen.get(model) or ({"variant": "base", "overrides": []} if args.no_tune else None)
+        if choice is None:
+            continue
+        runs += [table_run(args, model, s, choice) for s in (seeds or args.seeds)]
+    execute_all(runs, failures)
+
+
+def top_models(args, n: int) -> list[str]:
+    recs = finished_table(args)
+    return [r["model"] for r in sorted(recs, key=lambda r: r["metrics"]["ged"])[:n]]
+
+
+def finished_table(args, seed: int = 0) -> list[dict]:
+    return [r for r in (table_record(args, m, seed) for m in args.models) if r]
+
+
+def study_command(args, runs: list[str], kind: str, severity: float) -> list[str]:
+    return ["probunet", "study", *runs, "--out", str(args.out / "study" / kind), "--shift", kind,
+            "--severity", f"{severity:g}", "--num-samples", str(NUM_SAMPLES), "--seed", "0", "--no-progress"]
+
+
+def stage_study(args, failures) -> None:
+    runs = [str(Path(r["run_dir"]) / "checkpoints" / "last.pt") for r in finished_table(args)]
+    if not runs:
+        print("study: no finished table run yet", flush=True)
+        return
+    env = child_env()
+    for kind, severity in SHIFTS:
+        record_path = args.out / "study" / f"{kind}.json"
+        rec = read_json(record_path)
+        if rec and rec.get("runs") == runs and (args.out / "study" / kind / "study.json").is_file():
+            print(f"study {kind}: done ({len(runs)} models)", flush=True)
+            continue
+        cmd = study_command(args, runs, kind, severity)
+        print(f"study {kind} (severity {severity:g}) over {len(runs)} models; log {args.out / 'study' / kind}.log",
+              flush=True)
+        (args.out / "study").mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        try:
+            run_logged([sys.executable, "-m", "probunet", *cmd[1:]], env, args.out / "study" / f"{kind}.log")
+        except RuntimeError as exc:
+            failures.append(f"study {kind}: {exc}")
+            print(f"    FAILED: {exc}", flush=True)
+            continue
+        write_json(record_path, {"runs": runs, "shift": kind, "severity": severity, "command": shell(cmd),
+                                 "wall_s": time.perf_counter() - t0})
+
+
+def figure_cases(items: list[dict], n: int) -> list[dict]:
+    """``n`` test crops where the readers disagree (some marked, not all the same), spread over the split
+    in its order: the same crops for every model and every call."""
+    import numpy as np
+
+    from probunet.data import real_raters
+
+    pick = []
+    for item in items:
+        r = np.asarray(real_raters(item)) > 0
+        if r.any() and not all((r[0] == x).all() for x in r[1:]):
+            pick.append(item)
+    if len(pick) <= n:
+        return pick or items[:n]
+    return [pick[int(i * len(pick) / n)] for i in range(n)]
+
+
+def stage_figure(args, failures) -> None:
+    from probunet.checkpoint import load_model
+    from probunet.config import from_dict
+    from probunet.data import load_splits
+
+    recs = finished_table(args)
+    if not recs:
+        print("figure: no finished table run yet", flush=True)
+        return
+    record_path = args.out / "figure.json"
+    names = [r["model"] for r in recs]
+    rec = read_json(record_path)
+    path = args.out / "zoo_lidc.png"
+    if rec and rec.get("models") == names and path.is_file():
+        print(f"figure: done ({len(names)} models)", flush=True)
+        return
+    models = {}
+    for r in recs:
+        model, _, _ = load_model(Path(r["run_dir"]) / "checkpoints" / "last.pt")
+        models[r["model"]] = model.eval()
+    cfg = from_dict(yaml.safe_load((args.out / "table" / "s0" / f"{recs[0]['name']}.yaml").read_text()))
+    items = figure_cases(load_splits(cfg)["test"], FIGURE_CASES)
+    samples_figure(path, models, items)
+    write_json(record_path, {"models": names, "cases": [i["case_id"] for i in items]})
+    print(f"figure: {path}", flush=True)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _f(v, nd=3) -> str:
+    return "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{nd}f}"
+
+
+def references(args) -> dict | None:
+    """The reference rows on the table's test split (cached in ``references.json``), once a table config
+    exists."""
+    path = args.out / "references.json"
+    cfgs = sorted((args.out / "table" / "s0").glob("*.yaml")) if (args.out / "table" / "s0").is_dir() else []
+    if not cfgs:
+        return None
+    data = yaml.safe_load(cfgs[0].read_text())["data"]
+    cached = read_json(path)
+    if cached and cached.get("data") == data:
+        return cached["rows"]
+    rows, _ = all_reference_rows({"data": data, "model": {"num_classes": 2}, "eval": {"split": "test"}})
+    write_json(path, {"data": data, "rows": rows})
+    return rows
+
+
+def report(args) -> Path:
+    """``--doc`` from what has finished (pending rows with their commands); the figure copied beside it."""
+    quick = " --quick" if args.quick else ""
+    data = f" --lidc-data {args.lidc_data}" if args.lidc_data != DEFAULT_DATA else ""
+    out = f" --out {args.out_arg}" if args.out_arg != "runs/zoo_lidc" else ""
+    cmd_all = f"python {ME} all --resume{data}{out}{quick}"
+    lines = ["# The model zoo on LIDC-style data\n",
+             "LIDC-IDRI readers' real masks (64x64 crops around every nodule slice) on CT-like images "
+             "synthesised from them (`scripts/prepare_lidc.py --synthetic-images --crop-size 64`), split by "
+             "the frozen patient manifest (`data.split.file: lidc-idri`). Every model: `configs/zoo/lidc/"
+             "<model>.yaml`, batch 16, Adam at lr 3e-4 with a weight average (EMA 0.995), He-normal init, "
+             f"features 32-64-128-192, {NUM_SAMPLES} samples per image. Numbers: CPU, one thread per run.\n",
+             f"Everything here, resumable: `{cmd_all}` (then `python {ME} report{data}{out}{quick}`). "
+             "Each row's own command is under its table.\n"]
+
+    # tuning
+    tune = {r.name: r for r in tune_runs(args)}
+    chosen = choices(args)
+    lines += [f"## Tuning (validation split, {args.tune_steps} steps)\n",
+              "| model | variant | change | val GED | val HM-IoU | E[d(S,S')] | readers E[d(Y,Y')] | chosen |",
+              "|---|---|---|---|---|---|---|---|"]
+    pending_cmds = []
+    for name, run in tune.items():
+        rec = run.record
+        label = variant_label(VARIANTS.get(run.model, {}).get(run.variant, []))
+        if rec:
+            m = rec["metrics"]
+            mark = "**yes**" if chosen.get(run.model, {}).get("variant") == run.variant else ""
+            lines.append(f"| {run.model} | {run.variant} | {label} | {_f(m['ged'])} ± {_f(m.get('ged_sem'))} | "
+                         f"{_f(m['hm_iou'])} | {_f(m['sample_diversity'])} | {_f(m['reference_diversity'])} | {mark} |")
+        else:
+            lines.append(f"| {run.model} | {run.variant} | {label} | pending | | | | |")
+            pending_cmds.append(run)
+    goals = [(r.name, (r.record.get("train_summary") or {}).get("geco_goal")) for r in tune.values() if r.record]
+    goals = [(n, g) for n, g in goals if g]
+    if goals:
+        lines.append("\nGECO goals resolved from the training split (`train.geco.goal: auto`): " + "; ".join(
+            f"{n}: {g['goal_scale']:g} x {g['rater_entropy']:.4f} nats = {g['goal']:.4f}" for n, g in goals) + ".")
+    lines.append("\nCommands (one per row):\n")
+    lines += [f"- {r.name}: `{r.reproduce()}`" for r in tune.values()]
+    lines.append("")
+
+    # the table
+    lines += [f"## Test split ({args.table_steps} steps, seed 0)\n"]
+    head = ["model", "variant", "GED", "HM-IoU", "S_NCC", "ECE", "QUBIQ", "E[d(S,S')]", "readers E[d(Y,Y')]",
+            "empty gap", "train img/s", "train CPU h", "ms / 100 samples", "parameters"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows_cmds, by_empty = [], {}
+    for model in args.models:
+        rec = table_record(args, model)
+        choice = chosen.get(model)
+        if rec:
+            m = rec["metrics"]
+            cells = [model, variant_label(VARIANTS.get(model, {}).get(rec["variant"], [])),
+                     f"{_f(m['ged'])} ± {_f(m.get('ged_sem'))}", f"{_f(m['hm_iou'])} ± {_f(m.get('hm_iou_sem'))}",
+                     _f(m["s_ncc"]), _f(m["ece"], 4), _f(m.get("qubiq")), _f(m["sample_diversity"]),
+                     _f(m["reference_diversity"]), _f(m.get("empty_gap")), _f(m.get("train_images_per_s"), 1),
+                     _f(rec["train_cpu_s"] / 3600, 2), _f(rec.get("ms_per_100_samples"), 0),
+                     f"{rec.get('parameters', 0):,}"]
+            rows_cmds.append((model, rec["reproduce"]))
+            by_empty[model] = m.get("by_empty_raters", [])
+        else:
+            cells = [model, "pending" if choice is None else variant_label(choice["overrides"]), "pending"] + \
+                [""] * (len(head) - 3)
+            first = "" if choice else f"python {ME} tune --resume --models {model}{data}{out}{quick} && "
+            rows_cmds.append((model, f"{first}python {ME} table --resume --models {model} --seeds 0{data}{out}{quick}"))
+        lines.append("| " + " | ".join(cells) + " |")
+    refs = references(args) if finished_table(args) else None
+    for name, v in (refs or {}).items():
+        lines.append(f"| *{name}* | reference | {_f(v['ged'])} ± {_f(v['ged_sem'])} | "
+                     f"{_f(v['hm_iou'])} ± {_f(v['hm_iou_sem'])} | | | | {_f(v['diversity'])} | | | | | | |")
+    if refs is None:
+        lines.append("| *majority vote, all-empty, share threshold (oracle)* | reference | pending | | | | | | | | | | | |")
+    lines.append("\nGED and HM-IoU: mean ± standard error over the test crops. The share-threshold oracle sees the "
+                 "readers' masks (sample s marks the pixels at least s mod A + 1 of the A readers mark): a floor, "
+                 "not a competitor. Train CPU h: CPU time of the training process(es), all attempts; train img/s: "
+                 "the logged median, wall clock on a shared machine.\n")
+    lines.append("Commands (one per row):\n")
+    lines += [f"- {model}: `{cmd}`" for model, cmd in rows_cmds]
+
+    # GED by the number of empty readers
+    groups = sorted({(g["empty_raters"], g["num_raters"]) for gs in by_empty.values() for g in gs})
+    if groups:
+        lines += ["\n### GED by the number of readers who drew nothing\n",
+                  "| model | " + " | ".join(f"{k} of {a} empty" for k, a in groups) + " |",
+                  "|" + "---|" * (len(groups) + 1)]
+        for model, gs in by_empty.items():
+            d = {(g["empty_raters"], g["num_raters"]): g for g in gs}
+            lines.append(f"| {model} | " + " | ".join(
+                f"{_f(d[k]['ged'])} ({d[k]['num_cases']})" if k in d else "" for k in groups) + " |")
+        lines.append("\n(cases per group in brackets)\n")
+
+    # seeds
+    seeded = {}
+    for model in args.models:
+        recs = [table_record(args, model, s) for s in (0, 1, 2)]
+        if any(recs[1:]):
+            seeded[model] = recs
+    lines.append("\n## Three seeds\n")
+    if seeded:
+        lines += ["| model | GED seeds 0 / 1 / 2 | HM-IoU seeds 0 / 1 / 2 |", "|---|---|---|"]
+        for model, recs in seeded.items():
+            ged = " / ".join(_f(r["metrics"]["ged"]) if r else "pending" for r in recs)
+            hm = " / ".join(_f(r["metrics"]["hm_iou"]) if r else "pending" for r in recs)
+            lines.append(f"| {model} | {ged} | {hm} |")
+    top = top_models(args, args.top)
+    lines.append(f"\nThe best {args.top} by seed-0 test GED get seeds 1 and 2"
+                 + (f" (now: {', '.join(top)}): `python {ME} table --resume --seeds 1 2 --models {' '.join(top)}"
+                    f"{data}{out}{quick}`" if top else " (pending)") + ".\n")
+
+    # the study
+    lines.append("## Uncertainty study (test split and a shifted copy)\n")
+    for kind, severity in SHIFTS:
+        rec = read_json(args.out / "study" / f"{kind}.json")
+        md = args.out / "study" / kind / "study.md"
+        lines.append(f"### Shift: {kind}, severity {severity:g}\n")
+        if rec and md.is_file():
+            lines.append(f"`{rec['command']}`\n")
+            text = md.read_text()
+            lines.append(text.replace("\n# ", "\n#### ").replace("\n## ", "\n#### ").lstrip("# ").strip() + "\n")
+        else:
+            lines.append(f"pending: `python {ME} study --resume{data}{out}{quick}` (over the finished seed-0 runs)\n")
+
+    # the figure
+    lines.append("## Samples\n")
+    fig = args.out / "zoo_lidc.png"
+    doc = args.doc
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    if fig.is_file():
+        target = doc.with_suffix(".png")
+        if fig.resolve() != target.resolve():
+            shutil.copyfile(fig, target)
+        lines.append(f"![test crops: readers, then samples per model]({target.name})\n")
+        lines.append(f"Readers (top row), then {4} samples per model on the same test crops where the readers "
+                     f"disagree: `python {ME} figure --resume{data}{out}{quick}`.\n")
+    else:
+        lines.append(f"pending: `python {ME} figure --resume{data}{out}{quick}`\n")
+    from probunet.utils import atomic_write_text
+
+    atomic_write_text(doc, "\n".join(lines).rstrip() + "\n")
+    print(f"written: {doc}", flush=True)
+    return doc
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("stage", choices=["tune", "table", "study", "figure", "report", "all"])
+    p.add_argument("--out", default="runs/zoo_lidc", help="the runs and their records (default runs/zoo_lidc)")
+    p.add_argument("--lidc-data", default=DEFAULT_DATA, help=f"the LIDC-style pickle folder (default {DEFAULT_DATA})")
+    p.add_argument("--models", nargs="+", default=None, choices=MODELS, help="default: all")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="table: seeds (default 0)")
+    p.add_argument("--top", type=int, default=3, help="all: this many models by test GED get seeds 1 and 2")
+    p.add_argument("--no-tune", action="store_true", help="table: the shipped configs where tuning is not done")
+    p.add_argument("--amp", choices=["auto", "bf16", "off"], default=None,
+                   help="train.amp of every run (default: the configs' own)")
+    p.add_argument("--tune-steps", type=int, default=None, help=f"tune: steps per run (default {TUNE_STEPS})")
+    p.add_argument("--table-steps", type=int, default=None, help=f"table: steps per run (default {TABLE_STEPS})")
+    p.add_argument("--doc", default=None,
+                   help="report: the markdown file written (default docs/zoo_lidc.md; with --quick OUT/zoo_lidc.md)")
+    p.add_argument("--resume", action="store_true", help="go on with the runs already in --out")
+    p.add_argument("--quick", action="store_true",
+                   help=f"tiny models and synthetic data, {QUICK_TUNE_STEPS} / {QUICK_TABLE_STEPS} steps (a smoke run)")
+    return p
+
+
+def check_args(args) -> None:
+    args.out_arg = args.out
+    args.out = resolve(args.out)
+    args.doc = resolve(args.doc) if args.doc else (args.out / "zoo_lidc.md" if args.quick
+                                                    else REPO / "docs" / "zoo_lidc.md")
+    args.models = args.models or list(MODELS)
+    if args.tune_steps is None:
+        args.tune_steps = QUICK_TUNE_STEPS if args.quick else TUNE_STEPS
+    if args.table_steps is None:
+        args.table_steps = QUICK_TABLE_STEPS if args.quick else TABLE_STEPS
+    if min(args.tune_steps, args.table_steps) < 1:
+        raise UserError("--tune-steps and --table-steps must be >= 1")
+    if any(s < 0 for s in args.seeds):
+        raise UserError("--seeds: seeds must be >= 0")
+    if args.top < 0:
+        raise UserError("--top must be >= 0")
+    writes = args.stage in ("tune", "table", "study", "all")
+    if writes and args.out.is_dir() and any(args.out.iterdir()) and not args.resume:
+        raise UserError(f"--out {args.out_arg} already holds runs; add --resume to go on with them "
+                        f"(or choose a new --out)")
+    if not args.quick and args.stage in ("tune", "table", "all"):
+        data = resolve(args.lidc_data)
+        if not (data.is_dir() and any(data.glob("*.pickle"))):
+            raise UserError(f"--lidc-data {args.lidc_data}: no *.pickle there; build it with python "
+                            f"scripts/prepare_lidc.py --synthetic-images --crop-size 64 --out {args.lidc_data}")
+
+
+def _stop(signum, frame):  # SIGTERM: stop like Ctrl-C, so that the running child is killed too
+    raise KeyboardInterrupt
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        check_args(args)
+        signal.signal(signal.SIGTERM, _stop)
+        failures: list[str] = []
+        t0 = time.perf_counter()
+        if args.stage in ("tune", "all"):
+            stage_tune(args, failures)
+        if args.stage == "table":
+            stage_table(args, failures)
+        if args.stage == "all":
+            stage_table(args, failures, seeds=[0])
+            if args.top and len(finished_table(args)) == len(args.models):
+                stage_table(args, failures, seeds=[1, 2], models=top_models(args, args.top))
+            elif args.top:
+                print("table: seeds 1 and 2 wait until every model's seed-0 row is done", flush=True)
+        if args.stage in ("study", "all"):
+            stage_study(args, failures)
+        if args.stage in ("figure", "all"):
+            stage_figure(args, failures)
+        report(args)
+    except UserError as exc:
+        print(f"zoo_lidc: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("zoo_lidc: stopped; run the same command with --resume to go on", file=sys.stderr)
+        return 130
+    print(f"{time.perf_counter() - t0:.0f}s" + (f"; {len(failures)} failed:" if failures else ""), flush=True)
+    for f in failures:
+        print(f"  {f}", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

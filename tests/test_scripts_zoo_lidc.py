@@ -1,0 +1,126 @@
+"""scripts/zoo_lidc.py and configs/zoo/lidc: the LIDC-style zoo's recipes and its resumable driver."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+LIDC_ZOO = sorted((REPO / "configs" / "zoo" / "lidc").glob("*.yaml"))
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"_t_{name}", REPO / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_every_zoo_model_has_a_lidc_recipe_sharing_data_budget_and_evaluation():
+    zoo = _load("zoo_lidc")
+    assert sorted(p.stem for p in LIDC_ZOO) == sorted(zoo.MODELS)
+    raws = {p.stem: yaml.safe_load(p.read_text()) for p in LIDC_ZOO}
+    data = zoo.dataset_section("lidc", Path("data/lidc_style"), False)  # the quality benchmark's LIDC section
+    for name, raw in raws.items():
+        assert raw["data"] == data, name
+        assert raw["eval"] == raws["prob_unet"]["eval"] and raw["eval"]["num_samples"] == 16, name
+        m, t = raw["model"], raw["train"]
+        assert m["features"] == [32, 64, 128, 192] and m["init"] == "he_normal", name
+        assert (t["steps"], t["batch_size"], t["lr"], t["ema_decay"]) == (2000, 16, 3e-4, 0.995), name
+    assert raws["prob_unet"]["model"]["latent_dim"] == 2 and raws["prob_unet"]["train"]["beta"] == 0.625
+    assert raws["hpu_net"]["train"]["geco"]["goal"] == "auto"
+    assert raws["ensemble_prob_unet"]["model"]["member"] == "prob_unet"
+
+
+@pytest.mark.parametrize("path", LIDC_ZOO, ids=lambda p: p.stem)
+def test_lidc_recipe_loads_and_builds_its_model(path):
+    from probunet.config import load_config
+    from probunet.models import build_model
+
+    cfg = load_config(path)
+    assert cfg.model.name == yaml.safe_load(path.read_text())["model"]["name"]
+    model = build_model(cfg.model, cfg.train)
+    image = torch.randn(2, 1, 64, 64)
+    assert model.eval().sample(image, 2).shape == (2, 2, 2, 64, 64)
+
+
+def test_variants_change_only_what_the_table_says():
+    zoo = _load("zoo_lidc")
+    assert set(zoo.VARIANTS) == set(zoo.MODELS)
+    for model, table in zoo.VARIANTS.items():
+        assert 1 <= len(table) <= 2, model
+        for overrides in table.values():
+            assert all(o.split("=")[0] in ("train.beta", "model.latent_dim", "model.latent_channels", "model.rank",
+                                           "model.dropout", "model.ensemble_size", "train.geco.goal_scale",
+                                           "model.soft_target") for o in overrides), (model, overrides)
+            from probunet.config import load_config
+
+            load_config(REPO / "configs" / "zoo" / "lidc" / f"{model}.yaml", overrides)  # valid
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
+    zoo = _load("zoo_lidc")
+    assert zoo.main(["tune", "--out", str(tmp_path / "o"), "--lidc-data", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--lidc-data" in err and "prepare_lidc.py" in err
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("x")
+    assert zoo.main(["all", "--quick", "--out", str(tmp_path / "busy")]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_quick_end_to_end_resumes_an_interrupted_training_and_skips_finished_runs(tmp_path, monkeypatch):
+    zoo = _load("zoo_lidc")
+    out, doc = tmp_path / "z", tmp_path / "doc" / "zoo.md"
+    common = ["--quick", "--models", "unet", "--top", "0", "--out", str(out), "--doc", str(doc)]
+    real = zoo.run_logged
+
+    def killed_after_step_3(cmd, env, log):  # the table's training stops after its checkpoint at step 3
+        if "train" in cmd and "table" in Path(cmd[cmd.index("--out") + 1]).parts:
+            real([*cmd, "train.steps=3"], env, log)
+            raise KeyboardInterrupt
+        real(cmd, env, log)
+
+    monkeypatch.setattr(zoo, "run_logged", killed_after_step_3)
+    assert zoo.main(["all", *common]) == 130
+    run = out / "table" / "s0" / "unet"
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 3
+    assert not (out / "table" / "s0" / "unet.json").exists()
+    tuned = json.loads((out / "choices.json").read_text())["unet"]
+    assert set(tuned["val_ged"]) == {"base", "v1"}
+    assert tuned["variant"] == min(tuned["val_ged"], key=tuned["val_ged"].get)
+
+    calls = []
+    monkeypatch.setattr(zoo, "run_logged", lambda cmd, env, log: (calls.append(cmd), real(cmd, env, log)))
+    assert zoo.main(["all", "--resume", *common]) == 0
+    trains = [c for c in calls if "train" in c]
+    assert len(trains) == 1 and "--resume" in trains[0]  # tuning kept, the table's run went on from step 3
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 6
+    rec = json.loads((out / "table" / "s0" / "unet.json").read_text())
+    m = rec["metrics"]
+    assert rec["split"] == "test" and rec["variant"] == tuned["variant"] and rec["parameters"] > 0
+    assert rec["ms_per_100_samples"] > 0 and rec["train_cpu_s"] > 0 and rec["attempts"] == 2
+    assert 0 <= m["ged"] and m["by_empty_raters"] and m["empty_gap"] is not None and m["ece"] is not None
+    assert rec["reproduce"].startswith("probunet train configs/zoo/lidc/unet.yaml")
+    assert "checkpoints/last.pt" in rec["commands"][1]  # the budget's checkpoint, not best.pt
+    for kind, _ in zoo.SHIFTS:
+        study = json.loads((out / "study" / kind / "study.json").read_text())
+        assert set(study["results"]["performance"]) == {"unet"}
+    assert (out / "zoo_lidc.png").stat().st_size > 1000
+
+    monkeypatch.setattr(zoo, "run_logged", lambda *a: pytest.fail(f"ran {a[0]} again"))
+    assert zoo.main(["all", "--resume", *common]) == 0  # everything finished: nothing runs
+    # the report from what is done: a model not run yet is pending, with the commands that produce it
+    assert zoo.main(["report", "--quick", "--models", "unet", "ssn", "--out", str(out), "--doc", str(doc)]) == 0
+    text = doc.read_text()
+    assert (doc.parent / "zoo.png").is_file() and "](zoo.png)" in text
+    assert f"| unet | {zoo.variant_label(tuned['overrides'])} | {m['ged']:.3f} ±" in text
+    assert "| ssn | base | model.rank=5" not in text and "| ssn | v1 | model.rank=5 | pending |" in text
+    assert "scripts/zoo_lidc.py tune --resume --models ssn" in text
+    assert "*majority vote*" in text and "GED by the number of readers who drew nothing" in text
+    assert "### Shift: noise" in text and "pending: `python scripts/zoo_lidc.py study" not in text
