@@ -328,7 +328,7 @@ def test_evaluation_samples_in_fp32_unless_eval_amp_asks(monkeypatch):
     from probunet.inference import evaluation_sampler, sampling_precision
 
     monkeypatch.setattr(precision, "cpu_capability", lambda: "amx_bf16")
-    model = zoo_model("prob_unet", 2)
+    model = zoo_model("prob_unet", 3)
     assert EvalConfig().amp == "off"
     assert evaluation_sampler(model, EvalConfig(), "cpu").dtype is None
     assert sampling_precision("off", "cpu") == "float32 (no autocast)"
@@ -336,8 +336,8 @@ def test_evaluation_samples_in_fp32_unless_eval_amp_asks(monkeypatch):
     assert sampler.dtype == BF16 and sampling_precision("auto", "cpu").startswith("bfloat16 autocast")
     seen = []
     model.unet.register_forward_hook(lambda m, i, o: seen.append((i[0].stride(1) == 1, o.dtype)))
-    image = batch(2)[0]
+    image = batch(3)[0]
     sampler.sample(["a", "b"], image, 2)
-    assert seen[0] == (True, BF16)  # the images go in channels-last, the convolutions run in bf16
+    assert seen[0] == (True, BF16)  # the volumes go in channels-last-3d, the convolutions run in bf16
     w = model.unet.encoder.levels[1][0].conv.weight
     assert w.is_contiguous()  # the sampler leaves the model's own layout alone
