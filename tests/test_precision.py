@@ -341,3 +341,33 @@ def test_evaluation_samples_in_fp32_unless_eval_amp_asks(monkeypatch):
     assert seen[0] == (True, BF16)  # the volumes go in channels-last-3d, the convolutions run in bf16
     w = model.unet.encoder.levels[1][0].conv.weight
     assert w.is_contiguous()  # the sampler leaves the model's own layout alone
+
+
+def test_benchmark_precision_table(monkeypatch, capsys):
+    """scripts/benchmark.py --precisions: the three precisions per section, 2D and 3D, ratios against fp32,
+    and the end-to-end rows of two `probunet train` runs."""
+    import importlib.util
+    from pathlib import Path
+
+    monkeypatch.setattr(precision, "cpu_capability", lambda: "avx512_bf16")
+    path = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+    spec = importlib.util.spec_from_file_location("benchmark_under_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = bench.parse_args(["--device", "cpu", "--precisions", "--features", "4,8", "--size", "16",
+                             "--batch-size", "2", "--num-samples", "2", "--latent-dim", "2", "--fcomb-layers", "2",
+                             "--size-3d", "8", "--batch-3d", "1", "--repeats", "1", "--warmup", "0",
+                             "--e2e-config", "configs/debug.yaml", "--e2e-steps", "2"])
+    res = bench.run_precisions(args)
+    rows = res["rows"]
+    for section in ("train", "sample"):
+        got = [r for r in rows if r["section"] == section]
+        assert [r["name"].split(", ")[-1] for r in got] == list(bench.PRECISIONS) * 2
+        assert [r["note"][:2] for r in got] == ["2D"] * 3 + ["3D"] * 3
+        assert all(r["seconds"] > 0 for r in got) and got[0]["value"] == got[3]["value"] == 1.0
+    e2e = [r for r in rows if r["section"] == "e2e"]
+    assert [r["name"] for r in e2e] == ["probunet train, train.amp=off (fp32)",
+                                        "probunet train, train.amp=auto (bf16+channels_last)"]
+    assert all(r["images_per_s"] > 0 for r in e2e) and e2e[1]["value"] > 0
+    bench.print_report(res)
+    assert "bf16+channels_last" in capsys.readouterr().out
