@@ -378,18 +378,20 @@ def run_precisions(args) -> dict:
 
 
 def e2e_images_per_s(config: str, amp: str, steps: int) -> tuple[float, str]:
-    """images/s of ``fit`` on ``config`` (data loading included) over its second half, and its precision."""
+    """images/s of a ``probunet train`` run of ``config`` (data loading included) over its second half,
+    and the precision it resolved."""
     import tempfile
 
-    from probunet.config import load_config
-    from probunet.train import fit
-
     half = max(1, steps // 2)
-    cfg = load_config(config, [f"train.steps={2 * half}", f"train.amp={amp}", f"train.log_every={half}",
-                               "train.val_every=1000000", "train.checkpoint_every=1000000"])
     with tempfile.TemporaryDirectory() as tmp:
-        summary = fit(cfg, Path(tmp) / "run")
-        recs = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+        run = Path(tmp) / "run"
+        _common.run_logged([sys.executable, "-m", "probunet", "--quiet", "train", str(Path(config).resolve()),
+                            "--out", str(run), "--no-progress", f"train.steps={2 * half}", f"train.amp={amp}",
+                            f"train.log_every={half}", "train.val_every=1000000",
+                            "train.checkpoint_every=1000000"], _common.repo_env(pythonpath=True),
+                           Path(tmp) / "train.log")
+        recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        summary = json.loads((run / "train_summary.json").read_text())
     ips = [r["images_per_s"] for r in recs if "images_per_s" in r]
     return ips[-1], summary["precision"]
 

@@ -366,8 +366,9 @@ def test_benchmark_precision_table(monkeypatch, capsys):
         assert [r["note"][:2] for r in got] == ["2D"] * 3 + ["3D"] * 3
         assert all(r["seconds"] > 0 for r in got) and got[0]["value"] == got[3]["value"] == 1.0
     e2e = [r for r in rows if r["section"] == "e2e"]
-    assert [r["name"] for r in e2e] == ["probunet train, train.amp=off (fp32)",
-                                        "probunet train, train.amp=auto (bf16+channels_last)"]
+    assert e2e[0]["name"] == "probunet train, train.amp=off (fp32)"
+    assert e2e[1]["name"] in ("probunet train, train.amp=auto (bf16+channels_last)",  # a CPU with bf16 units
+                              "probunet train, train.amp=auto (fp32)")  # (the runs are subprocesses)
     assert all(r["images_per_s"] > 0 for r in e2e) and e2e[1]["value"] > 0
     bench.print_report(res)
     assert "bf16+channels_last" in capsys.readouterr().out
