@@ -181,8 +181,22 @@ def non_finite(state, prefix: str = "") -> list[str]:
 _CHECKED_SECTIONS = ("model", "optimizer", "scaler", "geco")
 
 
+def standard_layout(obj):
+    """``obj`` with every tensor in it (through dicts, lists and tuples) in the standard contiguous
+    layout: a model trained channels-last is saved as one trained in the standard layout, so its
+    checkpoint loads and resumes under either layout."""
+    if isinstance(obj, torch.Tensor):
+        return obj.contiguous()
+    if isinstance(obj, dict):
+        return {k: standard_layout(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(standard_layout(v) for v in obj)
+    return obj
+
+
 def save_checkpoint(state: dict, path: str | Path) -> Path:
-    """Write ``state`` plus its digest to ``path`` atomically (temp file + rename).
+    """Write ``state`` plus its digest to ``path`` atomically (temp file + rename), every tensor in
+    the standard layout (:func:`standard_layout`).
 
     Raises CheckpointError (nothing written, the previous file untouched) when a
     tensor of the model, optimizer, scaler or GECO state is not finite.
@@ -192,7 +206,7 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
     if bad:
         shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
         raise CheckpointError(f"{path}: not written: non-finite values (NaN/Inf) in {shown}")
-    state = {k: v for k, v in state.items() if k not in _NOT_HASHED}
+    state = {k: standard_layout(v) for k, v in state.items() if k not in _NOT_HASHED}
     state["format"] = CHECKPOINT_FORMAT
     state[DIGEST_KEY] = state_digest(state)
     return atomic_save(state, path)

@@ -115,6 +115,8 @@ def cmd_train(args) -> int:
         print(f"run directory: {run_dir}")
         print(f"  checkpoints: {run_dir / 'checkpoints'} (last.pt, best.pt)")
         print(f"  metrics:     {run_dir / 'metrics.jsonl'} (TensorBoard: {run_dir / 'tensorboard'})")
+        if summary.get("precision"):
+            print(f"  precision:   {summary['precision']}")
         if summary.get("figure"):
             print(f"  samples:     {summary['figure']}")
         if summary.get("val_ged") is not None:

@@ -233,7 +233,7 @@ class TrainConfig:
     lr_schedule: str = "constant"  # constant | cosine (from train.lr down to lr * lr_final_fraction at train.steps)
     lr_final_fraction: float = 0.0  # cosine: the learning rate of the last step, as a fraction of train.lr
     weight_decay: float = 0.0
-    amp: str = "auto"  # auto | bf16 | fp16 | off
+    amp: str = "auto"  # auto (bf16 on a GPU or a CPU with bf16 units, else fp16 / fp32) | bf16 | fp16 | off
     seed: int = 0
     beta: float = 1.0
     kl_warmup_steps: int = 0
@@ -243,7 +243,7 @@ class TrainConfig:
     rater: str = "random"  # random | all
     grad_clip: Optional[float] = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    channels_last: Optional[bool] = None  # None: on for 2D models on a GPU (faster cuDNN convs); 3D: ignored
+    channels_last: Optional[bool] = None  # None: on with bf16 (CPU and GPU) and for 2D models on a GPU
     compile: bool = False  # torch.compile the training model; falls back to eager with a warning
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
     cudnn_benchmark: bool = True  # CUDA: let cuDNN time its conv algorithms for the (fixed) input shapes
@@ -268,6 +268,7 @@ class EvalConfig:
     seed: int = 0
     batch_size: int = 8
     sample_chunk: int = 32
+    amp: str = "off"  # autocast of validation and evaluation sampling: off (fp32) | auto | bf16 | fp16
     empty_iou: float = 1.0  # IoU of two empty masks: 1.0 (PHiSeg/SSN) or nan (Kohl 2018)
     num_true_references: int = 32  # synthetic data only: fresh raters from the truth
 
@@ -406,6 +407,7 @@ _CHOICES = {
     "data.missing_raters": ("pad", "error"),
     "data.normalize": ("none", "zscore", "ct_window"),
     "train.amp": ("auto", "bf16", "fp16", "off"),
+    "eval.amp": ("auto", "bf16", "fp16", "off"),
     "train.rater": ("random", "all"),
     "train.lr_schedule": ("constant", "cosine"),
     "eval.split": ("train", "val", "test"),

@@ -9,13 +9,17 @@ id and seed all three get the same samples.
 
 Precision (the one policy). Sampling runs in full fp32, with no autocast,
 unless the caller asks for mixed precision explicitly (``amp="bf16"``,
-``"fp16"`` or ``"auto"``); ``amp=None`` (the default) and ``"off"`` mean fp32.
-The reason: bf16/fp16 rounding can flip the argmax of a sample where two
+``"fp16"`` or ``"auto"``, resolved as :mod:`probunet.precision` resolves
+``train.amp``: ``auto`` is bf16 on a CPU with bf16 units); ``amp=None`` (the
+default) and ``"off"`` mean fp32. Validation and ``evaluate`` sample with
+``eval.amp`` (default ``off``), ``predict`` with ``--amp``. The reason for the
+fp32 default: bf16/fp16 rounding can flip the argmax of a sample where two
 classes are close, so a checkpoint scored under autocast is scored on
-different samples than ``evaluate`` draws; validation picks ``best.pt`` by its
-GED, and the model chosen as best must be scored as ``evaluate`` scores it.
-The training config's ``train.amp`` is therefore not inherited; the cost is
-speed on GPUs, which a user who wants it gets back with ``amp="auto"``.
+different samples than fp32 draws; validation picks ``best.pt`` by its GED,
+and the model chosen as best must be scored as ``evaluate`` scores it (both
+read ``eval.amp``). The training config's ``train.amp`` is therefore not
+inherited. Under bf16 the images are passed channels-last (the model's own
+weights keep their layout: the sampler never changes the model it is given).
 
 Seeding (per case). Sample ``s`` of a case is decided by ``(seed, case id, s)``
 alone, never by the batch the case is in, the order of the cases, the sample
@@ -70,7 +74,8 @@ import torch
 from . import metrics
 from .checkpoint import load_model  # the one way to load a model: digest-checked, through the registry
 from .models.base import index_context
-from .precision import AMP_CHOICES, amp_dtype, autocast
+from .models._cpu import to_channels_last
+from .precision import AMP_CHOICES, amp_dtype, autocast, guard_bf16_convs
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +93,16 @@ def inference_dtype(amp: Optional[str], device: torch.device) -> Optional[torch.
     if amp not in AMP_CHOICES:
         raise ValueError(f"amp must be one of {', '.join(AMP_CHOICES)} (or None: fp32), got {amp!r}")
     return amp_dtype(amp, torch.device(device))
+
+
+def sampling_precision(amp: Optional[str], device) -> str:
+    """How sampling with ``amp`` on ``device`` runs, in words (recorded in summaries):
+    ``float32 (no autocast)``, ``bfloat16 autocast, channels-last input`` or ``float16 autocast``."""
+    dtype = inference_dtype(amp, torch.device(device))
+    if dtype is None:
+        return "float32 (no autocast)"
+    name = str(dtype).replace("torch.", "")
+    return f"{name} autocast" + (", channels-last input" if dtype == torch.bfloat16 else "")
 
 
 # ----------------------------------------------------------------------------- seeding
@@ -376,7 +391,7 @@ class Sampler:
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.seed = int(seed)
-        self.dtype = inference_dtype(amp, self.device)
+        self.dtype = guard_bf16_convs(model, inference_dtype(amp, self.device), amp or "off", self.device)
         self.batch_size = int(batch_size)
         self.roi_size = resolve_roi(roi_size, model.spatial_dims, model.divisor)
         self.overlap, self.blend, self.context_window = float(overlap), blend, context_window
@@ -442,6 +457,8 @@ class Sampler:
                                 empty_iou=empty_iou, keep_logits=keep_logits, device=self.device,
                                 pairwise=pairwise, groups=groups)
         x = images.to(self.device, torch.float32)
+        if self.dtype == torch.bfloat16:
+            x = to_channels_last(x)
         noise = None
         if self.noise_shape is not None:
             noise = torch.stack([case_noise(self.seed, c, num_samples, self.noise_shape) for c in case_ids])
@@ -536,12 +553,13 @@ def _tensor(array) -> torch.Tensor:
 def evaluation_sampler(model, eval_cfg, device, *, seed: Optional[int] = None, roi_size=None) -> Sampler:
     """The sampler of validation during training and of ``probunet evaluate``: seed ``eval.seed``
     (or ``seed``), ``eval.batch_size`` images per pass, ``eval.sample_chunk`` samples per call,
-    fp32 (the policy), sliding windows of ``roi_size`` (``data.patch_size`` for whole scans).
-    Both draw a case's samples with it, so they score the same samples."""
+    the precision of ``eval.amp`` (default ``off``: fp32), sliding windows of ``roi_size``
+    (``data.patch_size`` for whole scans). Both draw a case's samples with it, so they score the
+    same samples."""
     return Sampler(model, seed=eval_cfg.seed if seed is None else seed, device=device,
                    batch_size=max(1, int(eval_cfg.batch_size)), sample_chunk=eval_cfg.sample_chunk,
-                   roi_size=roi_size)
+                   roi_size=roi_size, amp=getattr(eval_cfg, "amp", None))
 
 
 __all__ = ["SampleReducer", "SampleSummary", "Sampler", "evaluation_sampler", "case_noise", "case_seed", "centre_crop",
-           "group_by_shape", "inference_dtype", "load_model", "pad_to", "pad_to_multiple", "resolve_roi"]
+           "group_by_shape", "inference_dtype", "sampling_precision", "load_model", "pad_to", "pad_to_multiple", "resolve_roi"]

@@ -39,7 +39,7 @@ import torch
 from . import __version__, metrics
 from .collapse import diversity_warning
 from .data import real_raters
-from .inference import evaluation_sampler
+from .inference import evaluation_sampler, sampling_precision
 from .metrics import mean_and_sem
 from .reference import fresh_true_references, reference_rows, spread_ratio
 from .report import output_paths, write_outputs
@@ -283,7 +283,7 @@ def _summary(cfg, rows: list[dict], lesion_rows: list[dict], pooled, *, num_samp
         "seed": seed,
         "batch_size": max(1, int(cfg.eval.batch_size)),
         "device": str(device),
-        "precision": "float32 (no autocast)",
+        "precision": sampling_precision(getattr(cfg.eval, "amp", None), device),
         "metrics": {k: mean_and_sem([r[k] for r in rows]) for k in CASE_METRICS},
         "calibration": {
             "ece": float(pooled.ece),
@@ -335,7 +335,8 @@ def _conventions(empty_iou: float, num_classes: int) -> dict:
         "summary_statistics": "mean and standard error (std with ddof=1 / sqrt(n)) over the cases with a "
                               "finite value; n counts them, num_nan the others",
         "sampling": "sample s of a case is drawn from (eval.seed, case id, s) alone (probunet.inference), "
-                    "fp32; validation during training draws the same samples",
+                    "in the precision of eval.amp (default off: fp32); validation during training draws the "
+                    "same samples",
         "num_classes": num_classes,
     }
 

@@ -59,7 +59,8 @@ from .models import LossForward, build_model
 from .models.registry import DEFAULT_MODEL
 from .models.unet import to_channels_last
 from .nonfinite import NonFiniteGuard, TrainingError
-from .precision import amp_dtype, autocast
+from .precision import (Precision, amp_dtype, autocast, cpu_description, guard_bf16_convs, memory_format,
+                        uses_channels_last)
 from .rundir import RUN_MARKER, MetricsLog, claim_run_dir
 from .step import backward_and_step, fused_adam_ok, lr_at
 from .utils import atomic_write_text, resolve_device
@@ -162,6 +163,23 @@ def checkpoint_bytes(params) -> int:
     return 4 * sum(int(p.numel()) * p.element_size() for p in params) + (1 << 16)
 
 
+def match_param_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give every per-parameter state tensor of ``optimizer`` (Adam's moments) its parameter's memory
+    layout. Checkpoints hold the standard layout, and the fused Adam kernel walks a parameter, its
+    gradient and its moments as flat memory: a channels-last parameter with standard-layout moments
+    would be updated with the wrong moments."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if not state:
+                continue
+            for k, v in state.items():
+                if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                    moved = torch.empty_like(p, dtype=v.dtype)  # the parameter's strides
+                    moved.copy_(v)
+                    state[k] = moved
+
+
 # ----------------------------------------------------------------------------- fit
 
 
@@ -248,12 +266,19 @@ class Trainer:
                                       cfg.train.seed, dist, transform)
         self.val_items = self.splits["val"][: cfg.train.val_cases]
 
-        # channels-last: ~1.3x on a GPU (cuDNN NHWC kernels); no gain measured for CPU training
-        self.channels_last = cfg.model.spatial_dims == 2 and (
-            cfg.train.channels_last if cfg.train.channels_last is not None else device.type == "cuda")
+        # channels-last (channels-last-3d in 3D) with bf16, CPU and GPU (oneDNN's AMX and cuDNN's bf16
+        # convolutions run fastest in it), and for 2D models on a GPU (~1.3x with cuDNN)
         self.model = model = build_model(cfg.model, cfg.train).to(device)
+        self.dtype = guard_bf16_convs(model, self.dtype, cfg.train.amp, device, "train.amp")
+        self.channels_last = uses_channels_last(self.dtype, cfg.train.channels_last, device_type=device.type,
+                                                spatial_dims=cfg.model.spatial_dims)
+        self.precision = Precision(self.dtype, self.channels_last,
+                                   cpu_description() if device.type == "cpu" else "")
+        if dist.is_main:
+            logger.info("precision: %s (train.amp %s on %s%s)", self.precision.label, cfg.train.amp, device,
+                        f", CPU {self.precision.cpu}" if self.precision.cpu else "")
         if self.channels_last:
-            model.to(memory_format=torch.channels_last)
+            model.to(memory_format=memory_format(cfg.model.spatial_dims))
         # GECO's state (lambda, moving average) is the trainer's to move and save (see LossSettings)
         self.geco = getattr(getattr(model, "loss_settings", None), "geco", None)
         if self.geco is not None:
@@ -390,6 +415,7 @@ class Trainer:
             else:  # a checkpoint written without an average: start it from the weights
                 self.ema = WeightAverage(self.model, self.cfg.train.ema_decay)
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        match_param_layout(self.optimizer)  # checkpoints hold the standard layout; the model may not
         self.scaler.load_state_dict(ckpt["scaler"])
         if self.geco is not None and ckpt.get("geco"):
             self.geco.load_state_dict(ckpt["geco"])
@@ -459,7 +485,7 @@ class Trainer:
         """One optimizer step on the model's ``training_loss``; the bookkeeping stays on the device.
         Returns the number of steps done."""
         if self.channels_last:
-            image = to_channels_last(image)
+            image = to_channels_last(image)  # (channels-last-3d for a 5D batch)
         try:
             terms, bad = self._loss_and_step(step, image, labels, num_raters)
         except Exception as exc:
@@ -590,6 +616,7 @@ class Trainer:
             logger.info("nothing to do: the checkpoint is already at step %d of %d", self.start_step, cfg.train.steps)
         summary = {"run_dir": str(self.run_dir), "steps": cfg.train.steps, "device": str(self.device),
                    "amp": str(self.dtype).replace("torch.", "") if self.dtype else "off",
+                   "precision": self.precision.label, "cpu_capability": self.precision.cpu or None,
                    "best_val_ged": self.best if math.isfinite(self.best) else None, **self.last_val,
                    "last_checkpoint": str(self.last_path), "figure": figure, "world_size": dist.world_size,
                    "collapse": self.collapse.report()}

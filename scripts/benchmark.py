@@ -15,6 +15,12 @@ Rows:
           ``model.sample(image, 100)``; per additional sample = (t100 - t1) / 99.
   eval    GED + HM-IoU of 100 samples x 4 raters (scripts/benchmark_metrics.py).
   memory  peak resident memory (CPU) or peak CUDA allocation, per stage.
+  precision (``--precisions``, in place of the rows above) the Probabilistic U-Net's
+          training step and ``sample(image, 100)`` in fp32, bf16 autocast and
+          bf16 + channels-last (model and batch), 2D at the sizes above and 3D
+          (``--size-3d``, ``--batch-3d``), the variants alternated, with the speed-up
+          over fp32; and the end-to-end images/s of ``probunet train`` runs of
+          ``--e2e-config`` (data loading included) at ``train.amp=off`` and ``auto``.
   data    (``--pipeline CONFIG``, in place of the rows above) whole scans: the time
           to build one batch of patches from the memory-mapped cache
           (``data.patch_size``, foreground oversampling, augmentation) against the
@@ -25,6 +31,7 @@ Rows:
     python scripts/benchmark.py --device cuda        # bf16 autocast; also times fp32 for the speed-up
     python scripts/benchmark.py --device cuda --dtype fp16 --compile
     python scripts/benchmark.py --pipeline configs/volumes3d.yaml data.path=data/synth3d
+    OMP_NUM_THREADS=1 python scripts/benchmark.py --device cpu --threads 1 --precisions
 """
 
 from __future__ import annotations
@@ -131,19 +138,32 @@ def autocast_ctx(device: torch.device, dtype: Optional[torch.dtype]):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
-def train_steps(args, device, dtype, image, target, channels_last: bool):
+def make_batch_3d(batch: int, size: int, device: torch.device, seed: int = 0):
+    """Volumes (B, 1, D, H, W) and ball-shaped binary targets (B, D, H, W)."""
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randn(batch, 1, size, size, size, generator=g)
+    ax = torch.arange(size).float()
+    zz, yy, xx = torch.meshgrid(ax, ax, ax, indexing="ij")
+    d2 = (zz - size / 2) ** 2 + (yy - size / 2) ** 2 + (xx - size / 2) ** 2
+    target = (d2 <= (size / 5) ** 2).long().expand(batch, -1, -1, -1).contiguous()
+    return image.to(device), target.to(device)
+
+
+def train_steps(args, device, dtype, image, target, channels_last: bool, spatial_dims: int = 2):
     """Step functions of the Probabilistic U-Net and of the deterministic U-Net."""
     from probunet.losses import cross_entropy_terms, elbo_loss
     from probunet.models import ProbabilisticUNet
     from probunet.models.unet import UNet, to_channels_last
+    from probunet.precision import memory_format
     from probunet.step import backward_and_step
 
     torch.manual_seed(0)
-    prob = ProbabilisticUNet(features=args.features, latent_dim=args.latent_dim,
+    prob = ProbabilisticUNet(spatial_dims=spatial_dims, features=args.features, latent_dim=args.latent_dim,
                              fcomb_layers=args.fcomb_layers).to(device)
-    unet = UNet(2, 1, args.features, num_classes=2).to(device)
+    unet = UNet(spatial_dims, 1, args.features, num_classes=2).to(device)
     if channels_last:
-        prob, unet = prob.to(memory_format=torch.channels_last), unet.to(memory_format=torch.channels_last)
+        fmt = memory_format(spatial_dims)
+        prob, unet = prob.to(memory_format=fmt), unet.to(memory_format=fmt)
         image = to_channels_last(image)
     prob_fwd, unet_fwd = prob, unet
     if args.compile:
@@ -199,8 +219,11 @@ def run(args) -> dict:
     dtype = amp_dtype({"auto": "auto", "fp32": "off", "bf16": "bf16", "fp16": "fp16"}[args.dtype], device)
     dname = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     batch = args.batch_size or TARGETS["cuda" if device.type == "cuda" else "cpu"]["batch"]
-    # as fit() does: channels-last training on GPUs (sample() uses it on CPUs by itself)
-    channels_last = args.channels_last == "on" or (args.channels_last == "auto" and device.type == "cuda")
+    # as fit() does: channels-last training with bf16 and on GPUs (sample() uses it on CPUs by itself)
+    from probunet.precision import uses_channels_last
+
+    channels_last = args.channels_last == "on" or (
+        args.channels_last == "auto" and uses_channels_last(dtype, device_type=device.type))
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2) + (2 if device.type == "cuda" else 0)
     repeats = args.repeats or (3 if args.quick else 5)
     per = 10 if device.type == "cuda" else 1  # steps per timed repeat on a GPU (keeps the CPU ahead as in training)
@@ -280,6 +303,97 @@ def run(args) -> dict:
 
     return {"rows": rows, "env": environment(device, dname, batch, args, channels_last, warmup, repeats, per),
             "targets": check_targets(rows, device, batch, args, dname), "wall_s": time.perf_counter() - t_start}
+
+
+PRECISIONS = {"fp32": (None, False), "bf16": (torch.bfloat16, False), "bf16+channels_last": (torch.bfloat16, True)}
+
+
+def run_precisions(args) -> dict:
+    """The precision table (see the module notes): each variant on the same weights and batch, alternated."""
+    from probunet.precision import cpu_description
+    from probunet.utils import resolve_device
+
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    meter = Meter(device)
+    warmup, repeats = (args.warmup if args.warmup is not None else 1), args.repeats or (3 if args.quick else 5)
+    rows: list[dict] = []
+    t_start = time.perf_counter()
+    load_before = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+    def row(section, name, seconds=None, images_per_s=None, value=None, unit="", note=""):
+        rows.append({"section": section, "name": name, "seconds": seconds, "images_per_s": images_per_s,
+                     "value": value, "unit": unit, "note": note})
+
+    shapes = [(2, args.batch_size or TARGETS["cpu"]["batch"], args.size)]
+    if args.size_3d:
+        shapes.append((3, args.batch_3d, args.size_3d))
+    for dims, batch, size in shapes:
+        image, target = (make_batch if dims == 2 else make_batch_3d)(batch, size, device)
+        shape = f"{dims}D, B={batch}, {size}^{dims}"
+        steps, samplers = {}, {}
+        for name, (dtype, cl) in PRECISIONS.items():
+            prob, step, _ = train_steps(args, device, dtype, image, target, cl, spatial_dims=dims)
+            steps[name] = (lambda fn=step: meter.time(fn))
+            prob.eval()
+            x = image.contiguous()
+            if cl:
+                from probunet.models.unet import to_channels_last
+
+                x = to_channels_last(x)
+
+            def sample(prob=prob, x=x, dtype=dtype):
+                with torch.inference_mode(), autocast_ctx(device, dtype):
+                    return prob.sample(x, args.num_samples, chunk_size=args.chunk_size)
+            samplers[name] = (lambda fn=sample: meter.time(fn))
+        t = alternate(steps, warmup, repeats)
+        for name in PRECISIONS:
+            row("train", f"Prob. U-Net step, {name}", t[name], batch / t[name], value=t["fp32"] / t[name], unit="x",
+                note=shape)
+        del steps
+        t = alternate(samplers, warmup, repeats)
+        for name in PRECISIONS:
+            row("sample", f"{args.num_samples} samples, {name}", t[name], batch / t[name],
+                value=t["fp32"] / t[name], unit="x", note=shape)
+        del samplers
+    if args.e2e_config:
+        for amp in ("off", "auto"):
+            ips, label = e2e_images_per_s(args.e2e_config, amp, args.e2e_steps)
+            row("e2e", f"probunet train, train.amp={amp} ({label})", images_per_s=ips,
+                note=f"{args.e2e_config}, {args.e2e_steps} steps, data loading included (second half)")
+        get = {r["name"]: r for r in rows if r["section"] == "e2e"}
+        a, b = (get[k]["images_per_s"] for k in sorted(get, key=lambda k: "auto" in k))
+        rows[-1]["value"], rows[-1]["unit"] = b / a, "x"
+    env = {"device": f"CPU ({platform.processor() or platform.machine()}, {cpu_description()})"
+           if device.type == "cpu" else torch.cuda.get_device_name(device),
+           "torch": torch.__version__, "dtype": "see rows", "threads": torch.get_num_threads(), "size": args.size,
+           "features": list(args.features), "latent_dim": args.latent_dim, "fcomb_layers": args.fcomb_layers,
+           "channels_last": "see rows", "compile": False, "warmup": warmup, "repeats": repeats,
+           "steps_per_repeat": 1, "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    if hasattr(os, "getloadavg"):
+        env["cpus"], env["load_average_1m"] = os.cpu_count(), load_before
+        env["load_average_1m_after"] = round(os.getloadavg()[0], 2)
+    return {"rows": rows, "env": env, "targets": [], "wall_s": time.perf_counter() - t_start}
+
+
+def e2e_images_per_s(config: str, amp: str, steps: int) -> tuple[float, str]:
+    """images/s of a ``probunet train`` run of ``config`` (data loading included) over its second half,
+    and the precision it resolved."""
+    import tempfile
+
+    half = max(1, steps // 2)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        _common.run_logged([sys.executable, "-m", "probunet", "--quiet", "train", str(Path(config).resolve()),
+                            "--out", str(run), "--no-progress", f"train.steps={2 * half}", f"train.amp={amp}",
+                            f"train.log_every={half}", "train.val_every=1000000",
+                            "train.checkpoint_every=1000000"], _common.repo_env(pythonpath=True),
+                           Path(tmp) / "train.log")
+        recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        summary = json.loads((run / "train_summary.json").read_text())
+    ips = [r["images_per_s"] for r in recs if "images_per_s" in r]
+    return ips[-1], summary["precision"]
 
 
 def run_pipeline(args) -> dict:
@@ -425,7 +539,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="autocast dtype; auto: bf16 on GPUs that support it, else fp16; fp32 on CPU")
+                   help="autocast dtype; auto: as train.amp (bf16 on GPUs that support it, else fp16; on a CPU "
+                        "bf16 with AMX / AVX512-BF16 units, else fp32)")
     p.add_argument("--batch-size", type=int, default=None, help="default 8 on CPU, 32 on GPU")
     p.add_argument("--size", type=int, default=LIDC["size"])
     p.add_argument("--features", type=lambda s: tuple(int(x) for x in s.split(",")), default=LIDC["features"])
@@ -434,7 +549,7 @@ def parse_args(argv=None):
     p.add_argument("--num-samples", type=int, default=LIDC["num_samples"])
     p.add_argument("--chunk-size", type=int, default=32, help="samples per batched f_comb call")
     p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
-                   help="channels-last training models; auto: on a GPU (as train.channels_last)")
+                   help="channels-last training models; auto: with bf16 and on a GPU (as train.channels_last)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training models")
     p.add_argument("--compile-mode", default="default", help="torch.compile mode (default, reduce-overhead, ...)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -446,13 +561,19 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, help="also write the results as JSON here")
     p.add_argument("--pipeline", metavar="CONFIG", default=None,
                    help="only the data-pipeline rows, for this whole-scan config (data.patch_size)")
+    p.add_argument("--precisions", action="store_true",
+                   help="only the precision table: fp32 / bf16 / bf16 + channels-last, training and sampling")
+    p.add_argument("--size-3d", type=int, default=32, help="--precisions: 3D volume side (0: no 3D rows)")
+    p.add_argument("--batch-3d", type=int, default=2, help="--precisions: 3D batch size")
+    p.add_argument("--e2e-config", default=None, help="--precisions: also time `probunet train` runs of this config")
+    p.add_argument("--e2e-steps", type=int, default=40, help="--precisions: steps of each end-to-end run")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="with --pipeline: dotted config overrides")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    res = run_pipeline(args) if args.pipeline else run(args)
+    res = run_pipeline(args) if args.pipeline else run_precisions(args) if args.precisions else run(args)
     print_report(res)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))

@@ -57,11 +57,16 @@ def test_load_model_through_the_registry(checkpoint):
         load_model(checkpoint.parent / "nowhere.pt")
 
 
-def test_precision_policy_is_fp32_unless_asked():
+def test_precision_policy_is_fp32_unless_asked(monkeypatch):
+    from probunet import precision
+
     cpu = torch.device("cpu")
     assert inference_dtype(None, cpu) is None
     assert inference_dtype("off", cpu) is None
-    assert inference_dtype("auto", cpu) is None  # auto: fp32 on a CPU
+    monkeypatch.setattr(precision, "cpu_capability", lambda: "none")
+    assert inference_dtype("auto", cpu) is None  # auto: fp32 on a CPU without bf16 units
+    monkeypatch.setattr(precision, "cpu_capability", lambda: "amx_bf16")
+    assert inference_dtype("auto", cpu) == torch.bfloat16  # bf16 where it is fast
     assert inference_dtype("bf16", cpu) == torch.bfloat16
     with pytest.raises(ValueError, match="amp must be one of"):
         inference_dtype("half", cpu)

@@ -95,18 +95,24 @@ def split_over_threads(module: nn.Module, x: torch.Tensor) -> bool:
 
 
 def to_channels_last(x: torch.Tensor) -> torch.Tensor:
-    """``x`` (B, C, H, W) in channels-last memory order, also when C == 1.
+    """``x`` (B, C, H, W) in channels-last memory order (B, C, D, H, W: channels-last-3d), also
+    when C == 1; other ranks unchanged.
 
     PyTorch treats a one-channel contiguous tensor as both layouts and runs its
-    convolution in NCHW; with channels-last strides (a free view for C == 1)
-    the first convolution, and so the whole network, runs channels-last.
+    convolution in the standard layout; with channels-last strides (a free view
+    for C == 1) the first convolution, and so the whole network, runs channels-last.
     """
-    if x.dim() != 4:
+    if x.dim() not in (4, 5):
         return x
     if x.shape[1] == 1 and x.is_contiguous():
-        b, _, h, w = x.shape
-        return x.as_strided(x.shape, (h * w, 1, w, 1))
-    return x.contiguous(memory_format=torch.channels_last)
+        spatial = x.shape[2:]
+        inner = 1
+        strides = []
+        for s in reversed(spatial):
+            strides.append(inner)
+            inner *= s
+        return x.as_strided(x.shape, (inner, 1, *reversed(strides)))
+    return x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
 
 
 def cat_batch(parts: Sequence[torch.Tensor]) -> torch.Tensor:
