@@ -147,6 +147,21 @@ def predict_cli(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_calibrate(args) -> int:
+    from .calibration import calibrate_run
+    from .options import CalibrateOptions
+
+    cal = calibrate_run(from_args(CalibrateOptions, args), progress=not getattr(args, "no_progress", False))
+    what = "empty-union cases skipped" if cal["risk"] == "fnr" else "empty-union cases (always covered)"
+    print(f"calibrated on {cal['num_cases']} {cal['split']} cases ({cal['n_empty']} {what}), "
+          f"{cal['num_samples']} samples each: lambda {cal['lambda']:.4f} (region: pixels marked by at least "
+          f"{cal['min_votes']} of {cal['num_samples']} samples)")
+    print(f"  guarantee: {cal['guarantee']}")
+    print(f"  assumption: {cal['assumption']}")
+    print(f"  written: {cal['path']} (predict writes the region, evaluate reports it on the test split)")
+    return 0
+
+
 def cmd_study(args) -> int:
     from .study import StudySettings, parse_failure, run_study
 
@@ -509,6 +524,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bundle: evaluation summary.json for the model card (default RUN/eval/summary.json)")
     x.add_argument("--overwrite", action="store_true", help="replace an existing output")
     x.set_defaults(func=cmd_export)
+
+    from .options import CalibrateOptions
+
+    cb = sub.add_parser(
+        "calibrate", help="calibrated regions: conformal risk control of the sampled segmentations",
+        description="Sample the run's validation cases (never its training cases) and choose lambda so that the "
+                    "region {f >= 1 - lambda} (f: share of the samples marking a pixel) misses at most ALPHA of "
+                    "the readers' union in expectation (--risk fnr), or holds the whole union with probability "
+                    ">= 1 - ALPHA (--risk coverage). Writes RUN/calibration.json; predict then writes a region "
+                    "map, evaluate reports its risk on the test split.")
+    add_arguments(cb, CalibrateOptions)
+    cb.add_argument("--no-progress", action="store_true")
+    cb.set_defaults(func=cmd_calibrate)
 
     st = sub.add_parser(
         "study", help="uncertainty study of several models: failure and OOD detection, calibration, maps",
