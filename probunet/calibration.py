@@ -269,6 +269,8 @@ def region_summary(rows: Sequence[dict], calibration: dict) -> dict:
         "mean_union_size": float(unions.mean()) if unions.size else float("nan"),
         "region_to_union": float(regions.sum() / unions.sum()) if unions.sum() > 0 else float("nan"),
         "guarantee": guarantee_text(risk, alpha),
+        "assumption": ASSUMPTION,
+        "note": calibration.get("note"),
         "bound": alpha if risk == "fnr" else 1.0 - alpha,
         "measure": "mean false-negative rate over cases with a non-empty union" if risk == "fnr"
         else "share of cases whose readers' union lies inside the region",
@@ -369,6 +371,26 @@ def export_record(calibration: Optional[dict]) -> Optional[dict]:
                      f"{calibration.get('num_samples')} samples, i.e. f >= 1 - lambda; the guarantee holds "
                      f"for {calibration.get('num_samples')} samples per image")
     return out
+
+
+def evaluation_calibration(run_dir, ckpt: dict, num_samples: int, split: str) -> Optional[dict]:
+    """The calibration ``probunet evaluate`` scores: the run's, for this checkpoint and number of samples
+    (another number: warned and left out); evaluating the calibration split itself is noted."""
+    cal = load_calibration(run_dir, ckpt)
+    if cal is None:
+        return None
+    if int(cal["num_samples"]) != int(num_samples):
+        logger.warning("%s holds for %d samples per image, this evaluation draws %d: the calibrated region is "
+                       "not scored (pass --num-samples %d)", cal["_path"], cal["num_samples"], num_samples,
+                       cal["num_samples"])
+        return None
+    cal.setdefault("min_votes", min_votes(cal["lambda"], cal["num_samples"]))
+    if cal.get("split") == split:
+        cal["note"] = (f"these are the calibration cases ({split} split): not an independent check of the "
+                       f"guarantee")
+        logger.warning("evaluating the calibrated region on its own calibration cases (%s split): not an "
+                       "independent check", split)
+    return cal
 
 
 def region_rule(checkpoint, predictor) -> Optional[dict]:
@@ -542,7 +564,7 @@ def calibrate_run(options, *, progress: bool = False) -> dict:
 
 __all__ = ["ASSUMPTION", "CALIBRATION_FILE", "CLASS_MODE", "CaseCounts", "CalibrationError", "KIND", "RISKS",
            "calibrate_counts", "calibrate_run", "calibration_path", "case_counts", "case_scores", "cases_digest",
-           "check_alpha", "check_size", "conformal_quantile", "coverage_score", "crc_index", "export_record",
+           "check_alpha", "check_size", "conformal_quantile", "coverage_score", "crc_index", "evaluation_calibration", "export_record",
            "fnr_curve", "guarantee_text", "lambda_grid", "load_calibration", "min_votes", "read_calibration",
            "region", "region_line", "region_rule", "write_region", "region_sizes", "region_summary", "run_dir_of_checkpoint", "sample_counts",
            "votes"]

@@ -328,8 +328,12 @@ def evaluate_checkpoint(options, *, progress: bool = False) -> dict:
     ensure_writable_dir(summary_path.parent, "--out")  # a read-only or missing folder: refused before the work
     logger.info("evaluating %s on the %s split (%d cases, %d samples each) on %s", ckpt_path, cfg.eval.split,
                 len(items), num_samples, device)
+    from .calibration import evaluation_calibration
+
+    calibration = evaluation_calibration(run_dir_of(given, ckpt_path), ckpt, num_samples, cfg.eval.split)
     result = evaluate(model, cfg, items, num_samples=num_samples, seed=cfg.eval.seed, device=device,
-                      progress=progress, summary_path=summary_path, checkpoint=str(ckpt_path), split=cfg.eval.split)
+                      progress=progress, summary_path=summary_path, checkpoint=str(ckpt_path), split=cfg.eval.split,
+                      calibration=calibration)
     if getattr(options, "report", False):
         from .html_report import write_report
 
@@ -441,6 +445,10 @@ def _print_summary(result: dict) -> None:
         print("  " + spread_text(result["spread_true"], "the true distribution"))
     for line in reference_table(result):
         print(line)
+    if result.get("calibrated_region"):
+        from .calibration import region_line
+
+        print(region_line(result["calibrated_region"]))
     for name, path in result["files"].items():
         print(f"  {name + ':':15s}{path}")
     print(result["conventions"]["line"])
