@@ -233,6 +233,64 @@ def guarantee_text(risk: str, alpha: float) -> str:
             f"calibration cases (marginal over cases)")
 
 
+# ----------------------------------------------------------------------------- validity by resplitting
+
+
+def resplit(cases: Sequence[CaseCounts], alpha: float, risk: str = "fnr", *, resplits: int = 1000,
+            calibration_fraction: float = 0.5, seed: int = 0) -> dict:
+    """Split ``cases`` at random into calibration and test cases ``resplits`` times, calibrate on the first
+    part and measure the risk of the region on the second: the test risk (``fnr``: mean FNR over test cases
+    with a non-empty union; ``coverage``: the share of test cases whose union is *not* inside the region,
+    so that both compare with alpha). Returns its mean, standard deviation, standard error of the mean
+    over resplits, 5% and 95% quantiles, the mean lambda_hat and the region's size against the union.
+
+    The samples are drawn once per case (the counts); only the split changes. For a uniformly random split
+    the calibration and test cases are exchangeable, so the expected test risk is <= alpha exactly (the
+    guarantee conditional on the pool of cases); the mean over resplits estimates it with the standard
+    error given."""
+    alpha = check_alpha(alpha)
+    if risk not in RISKS:
+        raise CalibrationError(f"risk must be one of {', '.join(RISKS)}, got {risk!r}")
+    n_total = len(cases)
+    s = cases[0].num_samples
+    grid = lambda_grid(s)
+    n_cal = int(round(calibration_fraction * n_total))
+    if not 0 < n_cal < n_total:
+        raise CalibrationError(f"calibration fraction {calibration_fraction} of {n_total} cases leaves no "
+                               f"calibration or no test case")
+    curves = np.full((n_total, s + 1), np.nan)
+    for i, c in enumerate(cases):
+        curve = fnr_curve(c)
+        if curve is not None:
+            curves[i] = curve
+    nonempty = ~np.isnan(curves[:, 0])
+    scores = np.array([coverage_score(c) for c in cases])
+    sizes = np.array([region_sizes(c) for c in cases], dtype=np.float64)  # (N, S + 1)
+    unions = np.array([c.union_size for c in cases], dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    risks, lambdas, ratios = np.empty(resplits), np.empty(resplits), np.empty(resplits)
+    for r in range(resplits):
+        perm = rng.permutation(n_total)
+        cal, test = perm[:n_cal], perm[n_cal:]
+        if risk == "fnr":
+            j = crc_index(curves[cal][nonempty[cal]], alpha)
+            t = test[nonempty[test]]
+            risks[r] = curves[t, j].mean() if t.size else np.nan
+        else:
+            j = int(round(conformal_quantile(scores[cal], alpha) * s))
+            risks[r] = float(np.mean(scores[test] > grid[j] + _EPS))
+        lambdas[r] = grid[j]
+        ratios[r] = sizes[test, j].sum() / unions[test].sum() if unions[test].sum() > 0 else np.nan
+    ok = ~np.isnan(risks)
+    x = risks[ok]
+    return {"alpha": alpha, "risk": risk, "num_cases": n_total, "num_calibration": n_cal,
+            "num_test": n_total - n_cal, "num_empty_union": int((~nonempty).sum()), "num_samples": s,
+            "resplits": int(ok.sum()), "mean": float(x.mean()), "std": float(x.std(ddof=1)) if x.size > 1 else 0.0,
+            "sem": float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else float("nan"),
+            "p05": float(np.quantile(x, 0.05)), "p95": float(np.quantile(x, 0.95)),
+            "lambda_mean": float(lambdas.mean()), "region_to_union": float(np.nanmean(ratios))}
+
+
 # ----------------------------------------------------------------------------- test-time scores
 
 
@@ -566,5 +624,5 @@ __all__ = ["ASSUMPTION", "CALIBRATION_FILE", "CLASS_MODE", "CaseCounts", "Calibr
            "calibrate_counts", "calibrate_run", "calibration_path", "case_counts", "case_scores", "cases_digest",
            "check_alpha", "check_size", "conformal_quantile", "coverage_score", "crc_index", "evaluation_calibration", "export_record",
            "fnr_curve", "guarantee_text", "lambda_grid", "load_calibration", "min_votes", "read_calibration",
-           "region", "region_line", "region_rule", "write_region", "region_sizes", "region_summary", "run_dir_of_checkpoint", "sample_counts",
+           "region", "region_line", "region_rule", "resplit", "write_region", "region_sizes", "region_summary", "run_dir_of_checkpoint", "sample_counts",
            "votes"]
