@@ -291,3 +291,24 @@ def test_calibrate_works_for_every_zoo_model(config, tmp_path, capsys):
     cal = json.loads((run / "calibration.json").read_text())
     assert cal["num_samples"] == 4 and cal["n"] >= 1 and 0.0 <= cal["lambda"] <= 1.0
     assert cal["lambda"] * 4 == round(cal["lambda"] * 4)  # on the grid k/S
+
+
+def test_benchmark_script_resplits_the_cached_counts(trained, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark_calibration", REPO / "scripts" /
+                                                  "benchmark_calibration.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench"
+    argv = [str(trained), "--out", str(out), "--resplits", "20", "--alphas", "0.5", "--device", "cpu"]
+    assert bench.main(argv) in (0, 1)
+    result = json.loads((out / "calibration_benchmark.json").read_text())
+    assert [(r["risk"], r["alpha"], r["resplits"]) for r in result["rows"]] == [("fnr", 0.5, 20), ("coverage", 0.5, 20)]
+    assert result["runs"][0]["num_cases"] == 9 and result["rows"][0]["num_test"] == 5  # val 4 + test 5: 4 + 5
+    assert "| fnr | 0.5 |" in (out / "calibration_benchmark.md").read_text()
+    cached = list((out / "counts").glob("*.npz"))
+    assert len(cached) == 1
+    bench.main(argv)  # the second run reads the cache: same rows
+    again = json.loads((out / "calibration_benchmark.json").read_text())
+    assert again["rows"] == result["rows"]
