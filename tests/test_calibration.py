@@ -82,6 +82,11 @@ def test_region_threshold_is_exact_at_the_grid():
     assert C.region(lab, 0.3).tolist() == [True, False, True, False]
     assert C.region(lab, 1.0).all() and C.region(lab, 0.0).tolist() == [False, False, True, False]
     assert C.min_votes(0.35, 10) == 7  # between grid points: the region of the lower one
+    # at grid values where floating point rounds across k/S: 2/3 < 1 - 1/3 and 10 * (1 - 0.7) > 3
+    assert 2 / 3 < 1 - 1 / 3 and 10 * (1 - 0.7) > 3
+    assert C.min_votes(1 / 3, 3) == 2 and C.min_votes(0.7, 10) == 3
+    assert C.region(labels_from_votes([2, 1, 3], 3), 1 / 3).tolist() == [True, False, True]
+    assert C.region(lab, 0.7).tolist() == [True, True, True, False]  # >= 3 of 10
 
 
 @pytest.mark.parametrize("alpha", [0, 1, -0.1, 1.5, float("nan")])
@@ -312,3 +317,12 @@ def test_benchmark_script_resplits_the_cached_counts(trained, tmp_path, capsys):
     bench.main(argv)  # the second run reads the cache: same rows
     again = json.loads((out / "calibration_benchmark.json").read_text())
     assert again["rows"] == result["rows"]
+
+
+def test_evaluate_notes_the_calibration_split_and_skips_another_sample_count(run, capsys):
+    assert main(["calibrate", str(run), "--alpha", "0.5", "--no-progress"]) == 0
+    assert main(["evaluate", str(run), "eval.split=val", "--out", str(run / "ev_val.json"), "--no-progress"]) == 0
+    reg = json.loads((run / "ev_val.json").read_text())["calibrated_region"]
+    assert reg["risk"] == "fnr" and "not an independent check" in reg["note"]
+    assert main(["evaluate", str(run), "--num-samples", "4", "--out", str(run / "ev4.json"), "--no-progress"]) == 0
+    assert "calibrated_region" not in json.loads((run / "ev4.json").read_text())
