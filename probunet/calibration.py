@@ -620,9 +620,10 @@ def calibrate_run(options, *, progress: bool = False) -> dict:
     return {**data, "path": str(out_path)}
 
 
-__all__ = ["ASSUMPTION", "CALIBRATION_FILE", "CLASS_MODE", "CaseCounts", "CalibrationError", "KIND", "RISKS",
-           "calibrate_counts", "calibrate_run", "calibration_path", "case_counts", "case_scores", "cases_digest",
-           "check_alpha", "check_size", "conformal_quantile", "coverage_score", "crc_index", "evaluation_calibration", "export_record",
-           "fnr_curve", "guarantee_text", "lambda_grid", "load_calibration", "min_votes", "read_calibration",
-           "region", "region_line", "region_rule", "resplit", "write_region", "region_sizes", "region_summary", "run_dir_of_checkpoint", "sample_counts",
-           "votes"]
+__all__ = ["ASSUMPTION", "calibrate_counts", "calibrate_run", "CALIBRATION_FILE", "calibration_path",
+           "CalibrationError", "case_counts", "case_scores", "CaseCounts", "cases_digest", "check_alpha",
+           "check_size", "CLASS_MODE", "conformal_quantile", "coverage_score", "crc_index",
+           "evaluation_calibration", "export_record", "fnr_curve", "guarantee_text", "KIND", "lambda_grid",
+           "load_calibration", "min_votes", "read_calibration", "region", "region_line", "region_rule",
+           "region_sizes", "region_summary", "resplit", "RISKS", "run_dir_of_checkpoint", "sample_counts",
+           "votes", "write_region"]

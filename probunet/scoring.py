@@ -426,5 +426,5 @@ def _truth_summary(rows: list[dict], lesion_rows: list[dict], num_true: int) -> 
     }
 
 
-__all__ = ["CASE_METRICS", "NUM_BINS", "REGION_COLUMNS", "SUMMARY_KIND", "TRUTH_METRICS", "by_empty_raters", "conventions_line",
-           "evaluate", "mean_and_sem"]
+__all__ = ["CASE_METRICS", "NUM_BINS", "REGION_COLUMNS", "SUMMARY_KIND", "TRUTH_METRICS", "by_empty_raters",
+           "conventions_line", "evaluate", "mean_and_sem"]

@@ -79,10 +79,12 @@ def load_cases(run: Path, splits: list[str], num_samples, device: str, cache: Pa
                           device=resolve_device(device, option="--device"), progress=True)
     seconds = time.perf_counter() - t0
     cache.mkdir(parents=True, exist_ok=True)
-    atomic_call(path, lambda tmp: np.savez(open(tmp, "wb"), ids=np.array([c.case_id for c in cases]),
-                                           union=np.stack([c.union_hist for c in cases]),
-                                           all=np.stack([c.all_hist for c in cases]), seconds=seconds),
-                suffix=".npz")
+    def write(tmp):
+        with open(tmp, "wb") as fh:
+            np.savez(fh, ids=np.array([c.case_id for c in cases]), union=np.stack([c.union_hist for c in cases]),
+                     all=np.stack([c.all_hist for c in cases]), seconds=seconds)
+
+    atomic_call(path, write, suffix=".npz")
     info["sampling_seconds"] = seconds
     return cases, info
 

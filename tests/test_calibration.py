@@ -50,6 +50,14 @@ def test_counts_curves_and_scores_by_hand():
     assert C.region_sizes(a).tolist() == [1, 2, 2, 3, 4]
 
 
+def test_multi_class_counts_use_the_union_of_the_foreground_classes():
+    samples = np.array([[[0, 1, 2, 2]], [[0, 2, 0, 1]], [[1, 2, 0, 0]]])  # S = 3, classes 0..2
+    raters = np.array([[[0, 0, 2, 0]], [[0, 1, 0, 0]]])
+    c = C.case_counts("m", samples, raters)
+    assert C.votes(samples).tolist() == [[1, 3, 1, 2]]
+    assert c.union_hist.tolist() == [0, 1, 0, 1] and c.all_hist.tolist() == [0, 2, 1, 1]
+
+
 def test_fnr_lambda_hat_by_hand():
     cases = fabricated()
     # n = 2 non-empty cases, R(j) = [5/6, 2/3, 5/12, 1/4, 0]; rule: 2 R + 1 <= 3 alpha
@@ -228,6 +236,9 @@ def test_predict_writes_the_region(run, tmp_path, capsys):
         assert np.array_equal(region.astype(bool), (samples != 0).sum(0) >= cal["min_votes"])
         record = json.loads((out / case / "case.json").read_text())
         assert "region.nii.gz" in record["outputs"] and record["region"]["lambda"] == cal["lambda"]
+    # a folder without predict's marker (written before it existed) holding a region is still predict's own
+    (out / ".probunet-predict.json").unlink()
+    assert main(["predict", str(run), str(inp), str(out), "--num-samples", "8", "--no-progress"]) == 0
     # another number of samples than calibrated: no region
     out2 = tmp_path / "out2"
     assert main(["predict", str(run), str(inp), str(out2), "--num-samples", "4", "--no-progress"]) == 0
