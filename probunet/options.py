@@ -203,5 +203,5 @@ def from_args(cls, args: argparse.Namespace):
     return cls(**values)
 
 
-__all__ = ["CalibrateOptions", "EvaluateOptions", "PredictOptions", "SAMPLING_FIELDS", "TrainOptions", "add_arguments",
-           "from_args", "parse_axis", "parse_roi", "with_overrides"]
+__all__ = ["EvaluateOptions", "PredictOptions", "SAMPLING_FIELDS", "TrainOptions", "add_arguments", "from_args",
+           "parse_axis", "parse_roi", "with_overrides"]
