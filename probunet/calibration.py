@@ -521,12 +521,23 @@ def sample_counts(model, cfg, items: list[dict], *, num_samples: int, seed: int,
     return out
 
 
+def split_kwargs(given: Path, ckpt_path: Path, ckpt: dict, cfg) -> dict:
+    """The keyword arguments of :func:`probunet.data.load_splits` that keep the run's recorded split, as
+    ``probunet evaluate`` looks it up (:func:`probunet.cli.recorded_split_of`)."""
+    from .cli import recorded_split_of
+
+    found = recorded_split_of(given, ckpt_path, ckpt, cfg)
+    if isinstance(found, tuple):  # (record, where)
+        found = {"recorded": found[0], "recorded_from": found[1]}
+    return dict(found)
+
+
 def calibrate_run(options, *, progress: bool = False) -> dict:
     """``probunet calibrate``: sample the calibration split of a run, compute lambda_hat and write
     ``RUN/calibration.json`` (a :class:`probunet.options.CalibrateOptions`). Every refusal comes before
     anything is written. Returns the record written (plus ``"path"``)."""
     from .checkpoint import load_model
-    from .cli import config_for_evaluation, recorded_split_of, run_dir_of
+    from .cli import config_for_evaluation, run_dir_of
     from .data import load_splits
     from .data.recorded_split import read_recorded_split
     from .guards import MAX_SAMPLES
@@ -561,8 +572,9 @@ def calibrate_run(options, *, progress: bool = False) -> dict:
     if split == "train":
         raise CalibrationError("--split train: the calibration split must not overlap the cases the run trained "
                                "on; use val (the default) or test")
-    record, where = recorded_split_of(given, ckpt_path, ckpt, cfg)
-    splits = load_splits(cfg, recorded=record, recorded_from=where)
+    split_args = split_kwargs(given, ckpt_path, ckpt, cfg)
+    record = split_args.get("recorded")
+    splits = load_splits(cfg, **split_args)
     items = splits[split]
     if not items:
         sizes = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
@@ -626,4 +638,5 @@ __all__ = ["ASSUMPTION", "calibrate_counts", "calibrate_run", "CALIBRATION_FILE"
            "evaluation_calibration", "export_record", "fnr_curve", "guarantee_text", "KIND", "lambda_grid",
            "load_calibration", "min_votes", "read_calibration", "region", "region_line", "region_rule",
            "region_sizes", "region_summary", "resplit", "RISKS", "run_dir_of_checkpoint", "sample_counts",
+           "split_kwargs",
            "votes", "write_region"]

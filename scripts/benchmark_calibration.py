@@ -37,7 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402,F401  (puts the repository on the path when probunet is not installed)
 
-from probunet.calibration import RISKS, CaseCounts, resplit, sample_counts  # noqa: E402
+from probunet.calibration import RISKS, CaseCounts, resplit, sample_counts, split_kwargs  # noqa: E402
 
 
 def _data_label(cfg) -> str:
@@ -50,7 +50,7 @@ def _data_label(cfg) -> str:
 def load_cases(run: Path, splits: list[str], num_samples, device: str, cache: Path) -> tuple[list, dict]:
     """The run's per-case counts over ``splits`` (sampled once, cached) and a description of the run."""
     from probunet.checkpoint import load_model
-    from probunet.cli import config_for_evaluation, recorded_split_of
+    from probunet.cli import config_for_evaluation
     from probunet.data import load_splits
     from probunet.utils import atomic_call, resolve_device
 
@@ -58,8 +58,7 @@ def load_cases(run: Path, splits: list[str], num_samples, device: str, cache: Pa
     ckpt_path = Path(ckpt["path"])
     cfg = config_for_evaluation(ckpt["config"], [])
     s = int(num_samples or cfg.eval.num_samples)
-    record, where = recorded_split_of(run, ckpt_path, ckpt, cfg)
-    parts = load_splits(cfg, recorded=record, recorded_from=where)
+    parts = load_splits(cfg, **split_kwargs(run, ckpt_path, ckpt, cfg))
     if "train" in splits:
         raise SystemExit("benchmark_calibration: the train split is never used for calibration")
     items = [it for name in splits for it in parts[name]]
