@@ -22,6 +22,10 @@ geometry (same shape, spacing, origin, direction / affine)::
     consensus                     majority vote of the samples (the most frequent
                                   label per voxel; ties go to the lower label, so
                                   for binary models: foreground iff > S/2 samples)
+    region                        when the run has a calibration.json (``probunet calibrate``)
+                                  for this checkpoint and number of samples: 1 where at least
+                                  min_votes of the S samples mark foreground (the calibrated
+                                  region C_lambda = {f >= 1 - lambda}, see probunet.calibration)
     case.json                     settings and statistics (and ``resampling``: the model's
                                   spacing and shape when the scan was resampled to the
                                   training spacing; the maps are still on the scan's grid);
@@ -89,7 +93,7 @@ IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", "
 _NO_FLOAT = (".png", ".jpg", ".jpeg", ".bmp")  # no float pixels, no geometry
 _OUT_SUFFIX = {".nhdr": ".nrrd", ".mhd": ".mha", ".dcm": ".nii.gz", ".jpg": ".png", ".jpeg": ".png", ".bmp": ".png"}
 OUTPUT_FORMATS = ("same", "nii.gz", "nii", "nrrd", "mha")
-_OUR_FILE = re.compile(r"^(sample_\d+|probability(_class\d+)?|entropy|aleatoric|epistemic|consensus)\.")
+_OUR_FILE = re.compile(r"^(sample_\d+|probability(_class\d+)?|entropy|aleatoric|epistemic|consensus|region)\.")
 
 SUMMARY_COLUMNS = (
     "case",  # case id = output sub-folder (relative path of the input without extension)
@@ -455,6 +459,11 @@ def predict_folder(checkpoint, input_dir: str | Path, output_dir: str | Path,
         predictor = checkpoint if isinstance(checkpoint, Predictor) else Predictor.from_checkpoint(checkpoint, opts)
         run = _FolderRun(predictor, "" if isinstance(checkpoint, Predictor) else str(checkpoint), output_dir,
                          overwrite=opts.overwrite, output_format=opts.output_format or "same")
+        from .calibration import region_rule
+
+        run.calibration = region_rule(checkpoint, predictor)  # the run's calibration.json, for this checkpoint
+        if run.calibration is not None:
+            run.settings["region"] = {k: run.calibration[k] for k in ("alpha", "risk", "lambda", "min_votes")}
         run.read_kw = {"max_voxels": opts.max_voxels if opts.max_voxels is not None else
                        getattr(predictor.cfg.data, "max_voxels", None),
                        "allow_external_data_files": bool(opts.allow_external_data_files)}
@@ -509,6 +518,7 @@ class _FolderRun:
         self.rows: dict[str, dict] = {}
         self.bar = None
         self.read_kw: dict = {}  # io.read_image's limits (max_voxels, allow_external_data_files)
+        self.calibration: Optional[dict] = None  # a calibration.json: the region map is written too
 
     # -- per case, on the threads
 
@@ -558,6 +568,10 @@ class _FolderRun:
             if self.overwrite and (case_dir / "case.json").exists():
                 (case_dir / "case.json").unlink()  # incomplete until rewritten
             names = write_prediction(pred, item.meta, case_dir, suffixes)
+            if self.calibration is not None:
+                from .calibration import write_region
+
+                names.append(write_region(pred, item.meta, case_dir, suffixes[0], self.calibration))
             for p in case_dir.iterdir() if self.overwrite else ():
                 if p.is_file() and _OUR_FILE.match(p.name) and p.name not in names:
                     p.unlink()  # stale output of an earlier run (other sample count or format)

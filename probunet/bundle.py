@@ -178,6 +178,7 @@ def metadata(model, cfg, ckpt: dict, meta: dict, *, num_samples: int, seed: int,
             "training": {"data": cfg.to_dict()["data"], "steps_done": ckpt.get("step"),
                          "train": {k: cfg.to_dict()["train"][k] for k in ("steps", "batch_size", "lr", "seed")}},
             "checkpoint_digest": ckpt.get("digest"),
+            "calibration": meta.get("calibration"),  # probunet calibrate's alpha and lambda, when the run has one
             "evaluation": None if not summary else {k: summary.get(k) for k in (
                 "split", "num_cases", "num_samples", "seed", "metrics", "conventions")},
         },
@@ -396,6 +397,7 @@ def model_card(model, cfg, ckpt: dict, meta: dict, *, num_samples: int, seed: in
     else:
         lines.append("No evaluation summary was found next to the run (`RUN/eval/summary.json`); run "
                      "`probunet evaluate RUN` and export again, or pass `--evaluation SUMMARY_JSON`.")
+    lines += _calibration_card(meta.get("calibration"), num_samples)
     lines += [
         "",
         "## Limitations",
@@ -420,6 +422,24 @@ def model_card(model, cfg, ckpt: dict, meta: dict, *, num_samples: int, seed: in
         "",
     ]
     return "\n".join(lines)
+
+
+def _calibration_card(cal: Optional[dict], num_samples: int) -> list[str]:
+    """The model card's section on the calibrated region (``probunet calibrate``), empty without one."""
+    if not cal:
+        return []
+    lines = ["", "## Calibrated region", "",
+             f"Calibrated with `probunet calibrate` (conformal risk control, risk `{cal['risk']}`, alpha "
+             f"{cal['alpha']:g}) on {cal['n']} {cal['split']} cases never trained on: lambda = {cal['lambda']:.4f}. "
+             f"The region is {cal['region']}.", "",
+             f"- Guarantee: {cal['guarantee']}.",
+             f"- Assumption: {cal['assumption']}. Other scanners, protocols or populations void it.",
+             "- It is marginal over cases (an average over new cases), not a promise for any single case.",
+             f"- Multi-class models: {cal.get('class_mode')}."]
+    if int(cal["num_samples"]) != int(num_samples):
+        lines.append(f"- This export draws {num_samples} samples per image, the calibration used "
+                     f"{cal['num_samples']}: export with `--num-samples {cal['num_samples']}` to apply it.")
+    return lines
 
 
 # ----------------------------------------------------------------------------- writer

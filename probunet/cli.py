@@ -162,6 +162,21 @@ def predict_cli(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_calibrate(args) -> int:
+    from .calibration import calibrate_run
+    from .options import CalibrateOptions
+
+    cal = calibrate_run(from_args(CalibrateOptions, args), progress=not getattr(args, "no_progress", False))
+    what = "empty-union cases skipped" if cal["risk"] == "fnr" else "empty-union cases (always covered)"
+    print(f"calibrated on {cal['num_cases']} {cal['split']} cases ({cal['n_empty']} {what}), "
+          f"{cal['num_samples']} samples each: lambda {cal['lambda']:.4f} (region: pixels marked by at least "
+          f"{cal['min_votes']} of {cal['num_samples']} samples)")
+    print(f"  guarantee: {cal['guarantee']}")
+    print(f"  assumption: {cal['assumption']}")
+    print(f"  written: {cal['path']} (predict writes the region, evaluate reports it on the test split)")
+    return 0
+
+
 def cmd_study(args) -> int:
     from .study import StudySettings, parse_failure, run_study
 
@@ -331,8 +346,12 @@ def evaluate_checkpoint(options, *, progress: bool = False) -> dict:
     ensure_writable_dir(summary_path.parent, "--out")  # a read-only or missing folder: refused before the work
     logger.info("evaluating %s on the %s split (%d cases, %d samples each) on %s", ckpt_path, cfg.eval.split,
                 len(items), num_samples, device)
+    from .calibration import evaluation_calibration
+
+    calibration = evaluation_calibration(run_dir_of(given, ckpt_path), ckpt, num_samples, cfg.eval.split)
     result = evaluate(model, cfg, items, num_samples=num_samples, seed=cfg.eval.seed, device=device,
-                      progress=progress, summary_path=summary_path, checkpoint=str(ckpt_path), split=cfg.eval.split)
+                      progress=progress, summary_path=summary_path, checkpoint=str(ckpt_path), split=cfg.eval.split,
+                      calibration=calibration)
     if getattr(options, "report", False):
         from .html_report import write_report
 
@@ -442,6 +461,10 @@ def _print_summary(result: dict) -> None:
         print("  " + spread_text(result["spread_true"], "the true distribution"))
     for line in reference_table(result):
         print(line)
+    if result.get("calibrated_region"):
+        from .calibration import region_line
+
+        print(region_line(result["calibrated_region"]))
     for name, path in result["files"].items():
         print(f"  {name + ':':15s}{path}")
     print(result["conventions"]["line"])
@@ -525,6 +548,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bundle: evaluation summary.json for the model card (default RUN/eval/summary.json)")
     x.add_argument("--overwrite", action="store_true", help="replace an existing output")
     x.set_defaults(func=cmd_export)
+
+    from .options import CalibrateOptions
+
+    cb = sub.add_parser(
+        "calibrate", help="calibrated regions: conformal risk control of the sampled segmentations",
+        description="Sample the run's validation cases (never its training cases) and choose lambda so that the "
+                    "region {f >= 1 - lambda} (f: share of the samples marking a pixel) misses at most ALPHA of "
+                    "the readers' union in expectation (--risk fnr), or holds the whole union with probability "
+                    ">= 1 - ALPHA (--risk coverage). Writes RUN/calibration.json; predict then writes a region "
+                    "map, evaluate reports its risk on the test split.")
+    add_arguments(cb, CalibrateOptions)
+    cb.add_argument("--no-progress", action="store_true")
+    cb.set_defaults(func=cmd_calibrate)
 
     st = sub.add_parser(
         "study", help="uncertainty study of several models: failure and OOD detection, calibration, maps",

@@ -364,6 +364,9 @@ def export_model(source, fmt: str, out: str | Path, *, num_samples: int = 16, ov
     model, cfg, ckpt = load_model(ckpt_path)
     name = model_name_of(model)
     meta = export_metadata(model, cfg, ckpt, num_samples=int(num_samples), fmt=fmt)
+    from .calibration import export_record, load_calibration, run_dir_of_checkpoint
+
+    meta["calibration"] = export_record(load_calibration(run_dir_of_checkpoint(source), ckpt))  # None: none
     if fmt == "bundle":
         from .bundle import write_bundle
 

@@ -130,6 +130,24 @@ class EvaluateOptions:
 
 
 @dataclass
+class CalibrateOptions:
+    """``probunet calibrate CHECKPOINT_OR_RUN --alpha A [--risk fnr|coverage] [--split val] [key=value ...]``."""
+
+    checkpoint: str = _opt(MISSING, None, "checkpoint file or run directory", metavar="CHECKPOINT_OR_RUN")
+    overrides: list = _opt([], None, "overrides of the checkpoint's config, e.g. eval.batch_size=8",
+                           nargs="*", metavar="key=value")
+    alpha: float = _opt(0.1, "--alpha", "tolerated risk, in (0, 1) (default 0.1)", type=float)
+    risk: str = _opt("fnr", "--risk", "fnr: expected share of the readers' union missed <= alpha; coverage: "
+                     "P(union inside the region) >= 1 - alpha (default fnr)", choices=("fnr", "coverage"))
+    split: str = _opt("val", "--split", "calibration cases: a split the run did not train on (default val)",
+                      choices=("val", "test", "train"))
+    num_samples: Optional[int] = _opt(None, "--num-samples", "samples per image (default eval.num_samples); "
+                                      "predict and evaluate use the region with this many", type=int)
+    seed: Optional[int] = _opt(None, "--seed", "seed of the samples (default eval.seed)", type=int)
+    device: str = _opt("auto", "--device", "auto | cpu | cuda | cuda:N")
+
+
+@dataclass
 class PredictOptions:
     """``probunet predict``: how images are sampled (the :class:`probunet.predictor.Predictor` part)
     and which inputs / outputs (the :func:`probunet.batch.predict_folder` part)."""

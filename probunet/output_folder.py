@@ -34,10 +34,11 @@ logger = logging.getLogger(__name__)
 MARKER = ".probunet-predict.json"
 KIND = "probunet-predict-output"
 _SETTINGS_LOCK = ".probunet.settings.lock"
-_STEMS = r"(?:sample_\d+|probability(?:_class\d+)?|entropy|consensus|case|summary(?:\.shard-\d+-of-\d+)?)"
+_STEMS = r"(?:sample_\d+|probability(?:_class\d+)?|entropy|consensus|region|case|summary(?:\.shard-\d+-of-\d+)?)"
 _RAND = r"[A-Za-z0-9_]{8}\.tmp(?:\.[A-Za-z0-9.]+)?"
 _OWN_TEMP = re.compile(rf"^\.(?:probunet-.+|{_STEMS})\.{_RAND}$")
-_OWN_OUTPUT = re.compile(r"^(?:sample_\d+|probability(?:_class\d+)?|entropy|consensus)\.[A-Za-z0-9.]+$|^case\.json$")
+_OWN_OUTPUT = re.compile(r"^(?:sample_\d+|probability(?:_class\d+)?|entropy|consensus|region)\.[A-Za-z0-9.]+$"
+                         r"|^case\.json$")
 _SHARD_SUMMARY = re.compile(r"^summary\.shard-(\d+)-of-(\d+)\.csv$")
 
 

@@ -201,8 +201,10 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path: str | Path, options: Optional[PredictOptions] = None, **kwargs) -> "Predictor":
         """Load a checkpoint file or run directory (``best.pt``, else ``last.pt``)."""
-        model, cfg, _ = load_model(path)
-        return cls(model, cfg, options, **kwargs)
+        model, cfg, ckpt = load_model(path)
+        predictor = cls(model, cfg, options, **kwargs)
+        predictor.checkpoint = {"path": ckpt.get("path"), "digest": ckpt.get("digest")}  # what a calibration names
+        return predictor
 
     @property
     def num_classes(self) -> int:

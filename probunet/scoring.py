@@ -69,6 +69,7 @@ CASE_METRICS = {
     "empty_raters": "share of the raters with no foreground pixel",
     "empty_gap": "|empty_samples - empty_raters|: how far the sampled chance of an empty mask is from the raters'",
 }
+REGION_COLUMNS = ("region_fnr", "region_covered", "region_size", "union_size")  # with a calibration
 TRUTH_METRICS = {
     "ged_true": "D^2_GED vs. fresh references from the true rater distribution",
     "hm_iou_true": "Hungarian-matched IoU vs. the fresh true references",
@@ -86,7 +87,8 @@ TRUTH_METRICS = {
 
 def evaluate(model, cfg, items: list[dict], *, num_samples: int, seed: int, device, progress: bool = False,
              out_dir: Optional[str | Path] = None, summary_path: Optional[str | Path] = None,
-             checkpoint: Optional[str] = None, split: Optional[str] = None, references: bool = True) -> dict:
+             checkpoint: Optional[str] = None, split: Optional[str] = None, references: bool = True,
+             calibration: Optional[dict] = None) -> dict:
     """Sample ``num_samples`` segmentations per item and score them against the raters.
 
     Args:
@@ -112,6 +114,11 @@ def evaluate(model, cfg, items: list[dict], *, num_samples: int, seed: int, devi
             there; with truth ``summary["spread_true"]`` divides by the fresh true
             references' spread instead of the raters'.
 
+        calibration: a run's calibration (:func:`probunet.calibration.load_calibration`, computed for
+            ``num_samples`` samples): every case is also scored on the calibrated region (``per_case``
+            columns ``region_*``, ``union_size``) and ``summary["calibrated_region"]`` holds the empirical
+            risk with its standard error, the guarantee and the region's size against the readers' union.
+
     The samples are drawn by :func:`probunet.inference.evaluation_sampler`, the
     sampler validation during training uses: the same samples per case, in full
     precision (fp32: bf16/fp16 rounding could flip the argmax of a sample).
@@ -129,7 +136,7 @@ def evaluate(model, cfg, items: list[dict], *, num_samples: int, seed: int, devi
     sampler = evaluation_sampler(model, cfg.eval, device, seed=int(seed),
                                  roi_size=getattr(cfg.data, "patch_size", None))
     rows, lesion_rows, calibrations = _score_items(sampler, cfg, items, int(num_samples), int(seed), has_truth,
-                                                   progress)
+                                                   progress, region=calibration)
     pooled = metrics.aggregate_calibration(calibrations)
     summary = _summary(cfg, rows, lesion_rows, pooled, num_samples=int(num_samples), seed=int(seed), device=device,
                        checkpoint=checkpoint, split=split or cfg.eval.split, has_truth=has_truth)
@@ -138,6 +145,10 @@ def evaluate(model, cfg, items: list[dict], *, num_samples: int, seed: int, devi
                                               num_classes=int(cfg.model.num_classes),
                                               empty_iou=float(cfg.eval.empty_iou),
                                               num_true_references=int(cfg.eval.num_true_references))
+    if calibration is not None:
+        from .calibration import region_summary
+
+        summary["calibrated_region"] = region_summary(rows, calibration)
     summary["files"] = {}
     if out_dir is not None or summary_path is not None:
         paths = output_paths(summary_path if summary_path is not None else Path(out_dir) / "summary.json")
@@ -146,7 +157,8 @@ def evaluate(model, cfg, items: list[dict], *, num_samples: int, seed: int, devi
         if has_truth:
             files.update(lesions=paths["lesions"], lesions_plot=paths["lesions_plot"])
         summary["files"] = {k: str(v) for k, v in files.items()}
-        columns = ["case_id", "index", "num_raters", *CASE_METRICS, *(TRUTH_METRICS if has_truth else ())]
+        columns = ["case_id", "index", "num_raters", *CASE_METRICS, *(TRUTH_METRICS if has_truth else ()),
+                   *(REGION_COLUMNS if calibration is not None else ())]
         write_outputs(summary, rows, lesion_rows, pooled, files, columns=columns, has_truth=has_truth)
     m = summary["metrics"]
     logger.info("evaluated %d cases x %d samples: GED %.4f +- %.4f, HM-IoU %.4f +- %.4f, diversity %.4f, "
@@ -172,7 +184,7 @@ class _HmIou:
 
 
 def _score_items(sampler, cfg, items: list[dict], num_samples: int, seed: int, has_truth: bool,
-                 progress: bool) -> tuple[list, list, list]:
+                 progress: bool, region: Optional[dict] = None) -> tuple[list, list, list]:
     """Per-case rows, lesion rows and calibrations of the samples ``sampler`` draws, in item order."""
     from .validation import case_ids
 
@@ -196,6 +208,8 @@ def _score_items(sampler, cfg, items: list[dict], num_samples: int, seed: int, h
                 rows[index], calibrations[index] = _score_case(
                     items[index], index, labels[j:j + 1], result.logits[j:j + 1], cfg, seed, has_truth, hm_iou,
                     lesion_rows[index], sampler.device)
+                if region is not None:  # the calibrated region of the run (probunet.calibration)
+                    rows[index].update(_region_scores(items[index], labels[j], region))
                 if bar is not None:
                     bar.update(1)
     finally:
@@ -240,6 +254,14 @@ def _score_case(item: dict, index: int, sam: torch.Tensor, logits: torch.Tensor,
         row.update(_truth_scores(sam, truth, item, index, seed, int(cfg.eval.num_true_references), kw, hm_iou,
                                  lesion_rows))
     return row, metrics.Calibration(*(t.cpu() for t in cal))
+
+
+def _region_scores(item: dict, labels: torch.Tensor, calibration: dict) -> dict:
+    """The calibrated region of one case's samples ``labels (S, *spatial)`` against its readers' union."""
+    from .calibration import case_counts, case_scores
+
+    counts = case_counts(str(item["case_id"]), labels.cpu().numpy(), np.asarray(real_raters(item)))
+    return case_scores(counts, float(calibration["lambda"]))
 
 
 def by_empty_raters(rows: list[dict]) -> list[dict]:
@@ -407,5 +429,5 @@ def _truth_summary(rows: list[dict], lesion_rows: list[dict], num_true: int) -> 
     }
 
 
-__all__ = ["CASE_METRICS", "NUM_BINS", "SUMMARY_KIND", "TRUTH_METRICS", "by_empty_raters", "conventions_line",
-           "evaluate", "mean_and_sem"]
+__all__ = ["CASE_METRICS", "NUM_BINS", "REGION_COLUMNS", "SUMMARY_KIND", "TRUTH_METRICS", "by_empty_raters",
+           "conventions_line", "evaluate", "mean_and_sem"]
