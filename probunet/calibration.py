@@ -523,8 +523,8 @@ def sample_counts(model, cfg, items: list[dict], *, num_samples: int, seed: int,
 
 def split_kwargs(given: Path, ckpt_path: Path, ckpt: dict, cfg) -> dict:
     """The keyword arguments of :func:`probunet.data.load_splits` that keep the run's recorded split, as
-    ``probunet evaluate`` looks it up (:func:`probunet.cli.recorded_split_of`)."""
-    from .cli import recorded_split_of
+    ``probunet evaluate`` looks it up (:func:`probunet.data.recorded_split.recorded_split_of`)."""
+    from .data.recorded_split import recorded_split_of
 
     found = recorded_split_of(given, ckpt_path, ckpt, cfg)
     if isinstance(found, tuple):  # (record, where)
@@ -537,7 +537,7 @@ def calibrate_run(options, *, progress: bool = False) -> dict:
     ``RUN/calibration.json`` (a :class:`probunet.options.CalibrateOptions`). Every refusal comes before
     anything is written. Returns the record written (plus ``"path"``)."""
     from .checkpoint import load_model
-    from .cli import config_for_evaluation, run_dir_of
+    from .rundir import config_for_evaluation, run_dir_of
     from .data import load_splits
     from .data.recorded_split import read_recorded_split
     from .guards import MAX_SAMPLES

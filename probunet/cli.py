@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Optional
 
 from . import __version__
+from .data.recorded_split import recorded_split_of
 from .options import EvaluateOptions, PredictOptions, TrainOptions, add_arguments, from_args
+from .rundir import config_for_evaluation, run_dir_of
 
 logger = logging.getLogger("probunet")
 SHIFT_KINDS = ("intensity", "noise", "blur", "texture", "lesion_contrast")  # probunet.shift.SHIFTS
@@ -231,25 +233,8 @@ def cmd_demo(args) -> int:
 # ----------------------------------------------------------------------------- evaluate: checkpoint in, table out
 
 
-def run_dir_of(given: Path, checkpoint: Path) -> Path:
-    """RUN_DIR: the given run folder, or RUN for RUN/checkpoints/x.pt, else the checkpoint's folder."""
-    if given.is_dir():
-        return given
-    if checkpoint.parent.name == "checkpoints":
-        return checkpoint.parent.parent
-    return checkpoint.parent
 
 
-def config_for_evaluation(ckpt_config: dict, overrides: list[str]):
-    """The checkpoint's resolved config with ``key=value`` overrides; ``model.*`` is fixed."""
-    from .config import ConfigError, apply_overrides, from_dict, parse_override
-
-    for text in overrides or []:
-        path, _ = parse_override(text)
-        if path[0] == "model":
-            raise ConfigError(f"override '{text}': the model is defined by the checkpoint; model.* cannot be "
-                              f"changed at evaluation")
-    return from_dict(apply_overrides(ckpt_config, list(overrides or [])))
 
 
 def _is_within(path: Path, folder: Path) -> bool:
@@ -359,30 +344,6 @@ def evaluate_checkpoint(options, *, progress: bool = False) -> dict:
     return result
 
 
-def recorded_split_of(given: Path, ckpt_path: Path, ckpt: dict, cfg) -> dict:
-    """The keyword arguments of :func:`probunet.data.load_splits` that keep the split the run fixed
-    when it started (its checkpoint's record, else ``RUN_DIR/splits.json``): on the run's own data,
-    and on data at another path that holds any of the record's case ids (the run's data, moved);
-    another dataset is split by its config (:func:`probunet.data.recorded_split.run_split_for`).
-    Overriding ``data.split`` on the run's data is refused: it would move training cases into the
-    test set."""
-    from .config import ConfigError, from_dict
-    from .data.recorded_split import run_split_for
-
-    now = cfg.to_dict()["data"]
-    trained = from_dict(ckpt["config"]).to_dict()["data"]
-    run_dir = given if given.is_dir() else ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" \
-        else None
-    record, where, by_case_ids = run_split_for(run_dir, ckpt, now, trained)
-    fixed = None
-    if record is not None and now["split"] != trained["split"]:
-        changed = sorted(k for k in set(now["split"]) | set(trained["split"])
-                         if now["split"].get(k) != trained["split"].get(k))
-        fixed = (f"data.split.{changed[0]}: the run's split is fixed ({where}) and cannot be changed "
-                 f"on its own data; point data.path at another folder to evaluate other cases")
-        if not by_case_ids:
-            raise ConfigError(fixed)
-    return {"recorded": record, "recorded_from": where, "by_case_ids": by_case_ids, "fixed_split": fixed}
 
 
 def _check_sample_memory(items: list[dict], cfg, num_samples: int, device) -> None:

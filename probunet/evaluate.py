@@ -10,7 +10,8 @@ public name this module had before is re-exported here.
 
 from __future__ import annotations
 
-from .cli import config_for_evaluation, evaluate_checkpoint, evaluate_cli, run_dir_of
+from .cli import evaluate_checkpoint, evaluate_cli
+from .rundir import config_for_evaluation, run_dir_of
 from .report import LESION_COLUMNS, output_paths
 from .scoring import (CASE_METRICS, NUM_BINS, SUMMARY_KIND, TRUTH_METRICS, by_empty_raters, conventions_line,
                       evaluate, mean_and_sem)

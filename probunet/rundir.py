@@ -122,4 +122,26 @@ class MetricsLog:
             self.writer = None
 
 
-__all__ = ["MetricsLog", "RUN_MARKER", "claim_run_dir", "drop_metrics_after", "foreign_files"]
+__all__ = ["MetricsLog", "RUN_MARKER", "claim_run_dir", "config_for_evaluation", "drop_metrics_after", "foreign_files",
+           "run_dir_of"]
+
+
+def run_dir_of(given: Path, checkpoint: Path) -> Path:
+    """RUN_DIR: the given run folder, or RUN for RUN/checkpoints/x.pt, else the checkpoint's folder."""
+    if given.is_dir():
+        return given
+    if checkpoint.parent.name == "checkpoints":
+        return checkpoint.parent.parent
+    return checkpoint.parent
+
+
+def config_for_evaluation(ckpt_config: dict, overrides: list[str]):
+    """The checkpoint's resolved config with ``key=value`` overrides; ``model.*`` is fixed."""
+    from .config import ConfigError, apply_overrides, from_dict, parse_override
+
+    for text in overrides or []:
+        path, _ = parse_override(text)
+        if path[0] == "model":
+            raise ConfigError(f"override '{text}': the model is defined by the checkpoint; model.* cannot be "
+                              f"changed at evaluation")
+    return from_dict(apply_overrides(ckpt_config, list(overrides or [])))

@@ -50,7 +50,7 @@ def _data_label(cfg) -> str:
 def load_cases(run: Path, splits: list[str], num_samples, device: str, cache: Path) -> tuple[list, dict]:
     """The run's per-case counts over ``splits`` (sampled once, cached) and a description of the run."""
     from probunet.checkpoint import load_model
-    from probunet.cli import config_for_evaluation
+    from probunet.rundir import config_for_evaluation
     from probunet.data import load_splits
     from probunet.utils import atomic_call, resolve_device
 

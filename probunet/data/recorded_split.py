@@ -230,6 +230,31 @@ def resolve_by_case_ids(items: list[dict], record: dict, where: str, path: str) 
     return record
 
 
-__all__ = ["CHECKPOINT_KEY", "SPLIT_FILE", "apply_recorded_split", "parse_split_record", "read_recorded_split",
+__all__ = ["CHECKPOINT_KEY", "SPLIT_FILE", "apply_recorded_split", "recorded_split_of", "parse_split_record", "read_recorded_split",
            "record_case_ids", "resolve_by_case_ids", "run_split_for", "same_data_source", "split_record",
            "split_record_text"]
+
+
+def recorded_split_of(given: Path, ckpt_path: Path, ckpt: dict, cfg) -> dict:
+    """The keyword arguments of :func:`probunet.data.load_splits` that keep the split the run fixed
+    when it started (its checkpoint's record, else ``RUN_DIR/splits.json``): on the run's own data,
+    and on data at another path that holds any of the record's case ids (the run's data, moved);
+    another dataset is split by its config (:func:`probunet.data.recorded_split.run_split_for`).
+    Overriding ``data.split`` on the run's data is refused: it would move training cases into the
+    test set."""
+    from ..config import ConfigError, from_dict
+
+    now = cfg.to_dict()["data"]
+    trained = from_dict(ckpt["config"]).to_dict()["data"]
+    run_dir = given if given.is_dir() else ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" \
+        else None
+    record, where, by_case_ids = run_split_for(run_dir, ckpt, now, trained)
+    fixed = None
+    if record is not None and now["split"] != trained["split"]:
+        changed = sorted(k for k in set(now["split"]) | set(trained["split"])
+                         if now["split"].get(k) != trained["split"].get(k))
+        fixed = (f"data.split.{changed[0]}: the run's split is fixed ({where}) and cannot be changed "
+                 f"on its own data; point data.path at another folder to evaluate other cases")
+        if not by_case_ids:
+            raise ConfigError(fixed)
+    return {"recorded": record, "recorded_from": where, "by_case_ids": by_case_ids, "fixed_split": fixed}
