@@ -31,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/_common
 from _common import REPO, add_repo_to_path, repo_env  # noqa: E402
+from _fault_tools import mount_tmpfs, umount  # noqa: E402
 
 add_repo_to_path(always=True)  # this tree's probunet, as the children get it through PYTHONPATH
 
@@ -66,18 +67,6 @@ def _one_line(rc: int, err: str, command: str, *needles: str) -> bool:
 def _last(err: str) -> str:
     lines = [line for line in err.strip().splitlines() if line.strip()]
     return lines[-1][:200] if lines else ""
-
-
-def _mount_tmpfs(where: Path, options: str) -> bool:
-    where.mkdir(parents=True, exist_ok=True)
-    if not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("mount"):
-        return False
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
-                          capture_output=True).returncode == 0
-
-
-def _umount(where: Path) -> None:
-    subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
 def _cases(root: Path, n: int = 3, size: int = 32) -> Path:
@@ -177,7 +166,7 @@ def _stale_and_damaged(work: Path) -> list[dict]:
 
 def _read_only_folder(ro: Path) -> str | None:
     """Make ``ro`` a folder no file can be created in; how, or None where that cannot be had."""
-    if _mount_tmpfs(ro, "ro,size=1m"):
+    if mount_tmpfs(ro, "ro,size=1m"):
         return "read-only tmpfs"
     ro.mkdir(parents=True, exist_ok=True)
     ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
@@ -207,7 +196,7 @@ def _full_disk(work: Path) -> dict:
     syn = work / "syn64"  # 12 cases of 64^2, 4 raters: about 400 KB of cache, more than the disk or limit holds
     synthetic.write_qubiq(synthetic.generate(num_cases=12, size=64), syn)
     disk = work / "disk"
-    mounted = _mount_tmpfs(disk, "size=256k")
+    mounted = mount_tmpfs(disk, "size=256k")
     try:
         target = disk / "cache"
         how = "256 KiB tmpfs" if mounted else "file-size limit 16 KiB"
@@ -221,7 +210,7 @@ def _full_disk(work: Path) -> dict:
                     f"{_last(err)} left: {left}")
     finally:
         if mounted:
-            _umount(disk)
+            umount(disk)
 
 
 def _lock_link(work: Path, ckpt_run: Path) -> dict:
@@ -265,7 +254,7 @@ def run(work: Path, ckpt_run: Path, quick: bool) -> list[dict]:
                 rows += got if isinstance(got, list) else [got]
     finally:
         if how == "read-only tmpfs":
-            _umount(ro)
+            umount(ro)
         elif ro.exists():
             ro.chmod(0o755)
     return rows

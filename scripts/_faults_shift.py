@@ -18,32 +18,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, repo_env  # noqa: E402
+from _fault_tools import PROBE_RUNNER, probe_output  # noqa: E402
 
 DEBUG = str(REPO / "configs" / "debug.yaml")
 TIMEOUT_S = 120.0
 CAP_BYTES = 8 << 30  # the memory the batch-size probe may see
 
-# `probunet ARGS` with the peak memory (MB) printed last; CAP caps what probunet sees as available
-_RUNNER = r"""
-import os, resource, sys, time
-cap = int(os.environ.get("PROBUNET_FAULT_MEMORY_CAP", "0"))
-if cap:
-    from probunet import guards
-    real = guards.available_memory
-    guards.available_memory = lambda device=None: min(real(device) or cap, cap)
-import torch, probunet.shift, probunet.train
-from probunet.cli import main
-t0 = time.perf_counter()  # imports done: what follows is the command's own work
-try:
-    rc = main(sys.argv[1:])
-except SystemExit as exc:
-    rc = exc.code if isinstance(exc.code, int) else 1
-sys.stdout.flush()
-sys.stderr.flush()
-print(f"@@RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} {time.perf_counter() - t0:.3f}",
-      flush=True)
-sys.exit(rc)
-"""
 
 
 def _probe(args: list[str], cap: int = 0) -> dict:
@@ -52,14 +32,12 @@ def _probe(args: list[str], cap: int = 0) -> dict:
         env["PROBUNET_FAULT_MEMORY_CAP"] = str(cap)
     t = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, "-c", _RUNNER, "--quiet", *args], env=env, cwd=str(REPO),
+        proc = subprocess.run([sys.executable, "-c", PROBE_RUNNER, "--quiet", *args], env=env, cwd=str(REPO),
                               capture_output=True, text=True, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return {"rc": None, "err": "", "lines": [], "seconds": time.perf_counter() - t, "mb": 0, "hung": True,
                 "work": float("nan")}
-    out = proc.stdout
-    tail = out.rsplit("@@RSS ", 1)[1].split() if "@@RSS " in out else ["0", "nan"]
-    mb, work = int(tail[0]), float(tail[1])
+    _, mb, work = probe_output(proc.stdout)
     lines = [l for l in proc.stderr.splitlines() if l.strip() and not l.startswith(("INFO", "WARNING"))]
     return {"rc": proc.returncode, "err": proc.stderr, "lines": lines, "seconds": time.perf_counter() - t,
             "mb": mb, "work": work, "hung": False}

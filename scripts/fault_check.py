@@ -67,6 +67,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/_common (also when loaded from its file)
 from _common import REPO, add_repo_to_path, repo_env  # noqa: E402
+from _fault_tools import PROBE_RUNNER, mount_tmpfs, probe_output, umount  # noqa: E402
 
 add_repo_to_path(always=True)  # this tree's probunet, as the children get it through PYTHONPATH
 DEBUG = str(REPO / "configs" / "debug.yaml")
@@ -631,18 +632,6 @@ def hostile(work: Path, ckpt_run: Path, kill_failures: list[str]) -> list[dict]:
 # ============================================================================ 5. full disk (issue 30)
 
 
-def _mount_tmpfs(where: Path, options: str) -> bool:
-    where.mkdir(parents=True, exist_ok=True)
-    if not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("mount"):
-        return False
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
-                          capture_output=True).returncode == 0
-
-
-def _umount(where: Path) -> None:
-    subprocess.run(["umount", "-l", str(where)], capture_output=True)
-
-
 def _fill(disk: Path, leave: int) -> None:
     free = shutil.disk_usage(disk).free
     with open(disk / f"filler{len(list(disk.glob('filler*')))}", "wb") as fh:
@@ -681,7 +670,7 @@ def full_disk(work: Path, ckpt_run: Path) -> tuple[list[dict], str]:
         nib.save(nib.Nifti1Image(np.random.default_rng(1).normal(size=(32, 32)).astype(np.float32), np.eye(4)),
                  str(inp / f"{n}.nii.gz"))
     disk, ro = work / "disk", work / "ro"
-    mounted = _mount_tmpfs(disk, "size=2m")
+    mounted = mount_tmpfs(disk, "size=2m")
     how = "2 MB tmpfs" if mounted else "simulated ENOSPC: no tmpfs can be mounted here"
     real_replace, real_save = utils.os.replace, train_mod.save_checkpoint
 
@@ -733,8 +722,8 @@ def full_disk(work: Path, ckpt_run: Path) -> tuple[list[dict], str]:
     finally:
         utils.os.replace, train_mod.save_checkpoint = real_replace, real_save
         if mounted:
-            _umount(disk)
-    ro_ok = _mount_tmpfs(ro, "ro,size=1m")
+            umount(disk)
+    ro_ok = mount_tmpfs(ro, "ro,size=1m")
     if ro_ok:
         try:
             for cmd in (["train", DEBUG, "--out", str(ro / "run"), "--no-progress"],
@@ -745,7 +734,7 @@ def full_disk(work: Path, ckpt_run: Path) -> tuple[list[dict], str]:
                     rc == 2 and _one_line(err, "read-only file system"),
                     f"{err.strip()} ({time.perf_counter() - t0:.1f}s)")
         finally:
-            _umount(ro)
+            umount(ro)
     else:
         rows.append({"input": "train / evaluate into a read-only --out", "expected": "not run: no read-only tmpfs "
                      "can be mounted here", "ok": True, "skip": True, "got": ""})
@@ -850,37 +839,20 @@ def _family_lines(title: str, rows: list[dict], seconds: float) -> tuple[list[st
 
 PROBE_TIMEOUT_S = 120.0
 
-_PROBE_RUNNER = r"""
-import resource, sys, time
-import torch, probunet.batch, probunet.checkpoint, probunet.config, probunet.data.io, probunet.train
-from probunet.cli import main
-t0 = time.perf_counter()  # imports done: what follows is the command's own work
-try:
-    rc = main(sys.argv[1:])
-except SystemExit as exc:
-    rc = exc.code if isinstance(exc.code, int) else 1
-sys.stdout.flush()
-sys.stderr.flush()
-print(f"@@RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} {time.perf_counter() - t0:.3f}",
-      flush=True)
-sys.exit(rc)
-"""
 
 
 def _probe(args: list[str], timeout: float = PROBE_TIMEOUT_S, stdin=None) -> dict:
     """``probunet ARGS`` in a child process: exit status, stderr lines, seconds, peak MB, or hung."""
     t = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, "-c", _PROBE_RUNNER, "--quiet", *args], env=_env(), cwd=REPO,
+        proc = subprocess.run([sys.executable, "-c", PROBE_RUNNER, "--quiet", *args], env=_env(), cwd=REPO,
                               capture_output=True, timeout=timeout, stdin=stdin)
     except subprocess.TimeoutExpired:
         return {"rc": None, "hung": True, "err": "", "out": "", "seconds": time.perf_counter() - t, "mb": 0,
                 "work": float("nan")}
-    out = proc.stdout.decode("utf-8", "replace")
-    tail = out.rsplit("@@RSS ", 1)[1].split() if "@@RSS " in out else ["0", "nan"]
+    out, mb, work = probe_output(proc.stdout.decode("utf-8", "replace"))
     return {"rc": proc.returncode, "hung": False, "err": proc.stderr.decode("utf-8", "replace"),
-            "out": out.split("@@RSS ")[0], "seconds": time.perf_counter() - t, "mb": int(tail[0]),
-            "work": float(tail[1])}
+            "out": out, "seconds": time.perf_counter() - t, "mb": mb, "work": work}
 
 
 def _file_row(rows: list, family: str, what: str, expected: str, r: dict, ok: bool) -> None:

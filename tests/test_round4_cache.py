@@ -18,18 +18,10 @@ from probunet.data import DataError
 from probunet.data import preprocess as pp
 from probunet.data.preprocess import cache_key, cached_items, preprocess, read_index
 
+from test_reliability_runs import _one_line_error
+
 ROOT = Path(__file__).resolve().parent.parent
 DEBUG = str(ROOT / "configs" / "debug.yaml")
-
-
-def _one_line_error(capsys, command, *needles):
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith(f"probunet {command}: error:")]
-    assert len(lines) == 1, err
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 def _cases(root: Path, n: int = 2, size: int = 16) -> Path:

@@ -18,26 +18,11 @@ from probunet.cli import main
 from probunet.config import load_config
 from probunet.train import fit
 
-from test_reliability_runs import read_only  # noqa: F401  (a fixture: a read-only folder)
+from test_reliability_runs import FAST, _cases, _one_line_error, full_data, read_only  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "configs" / "debug.yaml"
-FAST = ["train.steps=2", "train.val_every=2", "train.val_cases=2", "train.val_samples=2", "train.device=cpu"]
 STUDY = ["--num-samples", "2", "--device", "cpu", "--no-progress"]
-
-
-def _cases(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.is_dir())
-
-
-@pytest.fixture(scope="module")
-def full_data(tmp_path_factory) -> Path:
-    """40 synthetic cases (32x32, 4 raters) in the QUBIQ layout with truth.json."""
-    from probunet.data import synthetic
-
-    out = tmp_path_factory.mktemp("full") / "data"
-    synthetic.write_qubiq(synthetic.generate(num_cases=40, size=32), out)
-    return out
 
 
 def _train_on_first_24(root: Path, full_data: Path) -> tuple[Path, Path, list[str]]:
@@ -66,16 +51,6 @@ def own_run(tmp_path, full_data):
 def _recorded(run: Path) -> dict[str, list[str]]:
     record = json.loads((run / "splits.json").read_text())
     return {k: [e["case_id"] for e in v] for k, v in record.items()}
-
-
-def _one_line_error(capsys, command, *needles):
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err, err
-    lines = [l for l in err.splitlines() if l.startswith(f"probunet {command}: error:")]
-    assert len(lines) == 1, err
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 def _studied(out: Path, model: str, set_name: str = "test") -> list[str]:
