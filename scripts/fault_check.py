@@ -553,7 +553,7 @@ def hostile(work: Path, ckpt_run: Path, kill_failures: list[str]) -> list[dict]:
         p.write_bytes(bytes(data))
         (run4 / "checkpoints" / "best.pt").unlink(missing_ok=True)
         rc1, err1 = _cli(["evaluate", str(p)])
-        rc2, err2 = _cli(["train", DEBUG, *TRAIN_ARGS, "train.steps=14", "--out", str(run4), "--resume",
+        rc2, err2 = _cli(["train", DEBUG, *TRAIN_ARGS[1:], "train.steps=14", "--out", str(run4), "--resume",
                           "--no-progress"])
         add(4, f"one byte flipped in a {what} tensor; evaluate, --resume", "one-line error naming the file, exit 2",
             rc1 == rc2 == 2 and _one_line(err1, "last.pt") and _one_line(err2, "last.pt"), err1.strip()[:120])
