@@ -48,6 +48,7 @@ DRIVER = textwrap.dedent("""
     rc = main(["--quiet", "train", config, *overrides, "--out", part, "--resume", "--no-progress"])  # ... resumed
     assert rc == 0, rc
     print(f"rank {dist_info().rank} done")
+    dist.barrier()  # both ranks done before the group goes: no peer torn down mid-call
     dist.destroy_process_group()
 """)
 

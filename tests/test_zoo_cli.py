@@ -88,6 +88,7 @@ for config in configs:
     rc = main(["--quiet", "train", config, *overrides, "--out", f"{out}/{name}", "--no-progress"])
     assert rc == 0, (name, rc)
 print(f"rank {dist_info().rank} done")
+dist.barrier()  # both ranks done before the group goes: no peer torn down mid-call
 dist.destroy_process_group()
 """
 
