@@ -30,8 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/_common
-from _common import REPO, add_repo_to_path, repo_env  # noqa: E402
-from _fault_tools import mount_tmpfs, umount  # noqa: E402
+from _common import REPO, add_repo_to_path, mount_tmpfs, repo_env, umount  # noqa: E402
 
 add_repo_to_path(always=True)  # this tree's probunet, as the children get it through PYTHONPATH
 

@@ -17,8 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, repo_env  # noqa: E402
-from _fault_tools import PROBE_RUNNER, probe_output  # noqa: E402
+from _common import PROBE_RUNNER, REPO, probe_output, repo_env  # noqa: E402
 
 DEBUG = str(REPO / "configs" / "debug.yaml")
 TIMEOUT_S = 120.0

@@ -66,8 +66,7 @@ import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/_common (also when loaded from its file)
-from _common import REPO, add_repo_to_path, repo_env  # noqa: E402
-from _fault_tools import PROBE_RUNNER, mount_tmpfs, probe_output, umount  # noqa: E402
+from _common import PROBE_RUNNER, REPO, add_repo_to_path, mount_tmpfs, probe_output, repo_env, umount  # noqa: E402
 
 add_repo_to_path(always=True)  # this tree's probunet, as the children get it through PYTHONPATH
 DEBUG = str(REPO / "configs" / "debug.yaml")
