@@ -104,15 +104,22 @@ def check_output_dir(output_dir: Path, columns, summary_names) -> None:
                                   f"refusing to replace it (move it away or choose another folder)")
 
 
-def read_marker(output_dir: Path) -> Optional[dict]:
-    marker = output_dir / MARKER
+def read_json_marker(marker: Path) -> tuple[bool, object]:
+    """(whether ``marker`` exists, its parsed JSON or None when it is no readable JSON file);
+    a symbolic link is never followed."""
     if not (marker.exists() or marker.is_symlink()):
-        return None
+        return False, None
     try:
-        data = json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() and not marker.is_symlink() \
-            else None
+        return True, (json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() and not marker.is_symlink()
+                      else None)
     except (OSError, ValueError, UnicodeDecodeError):
-        data = None
+        return True, None
+
+
+def read_marker(output_dir: Path) -> Optional[dict]:
+    exists, data = read_json_marker(output_dir / MARKER)
+    if not exists:
+        return None
     if not isinstance(data, dict) or data.get("kind") != KIND:
         raise FileExistsError(f"OUTPUT_DIR {output_dir}: {MARKER} is not probunet's; predict into another folder")
     return data
@@ -206,4 +213,4 @@ def check_mergeable(output_dir: Path, parts: list[Path], rows_of) -> None:
 
 
 __all__ = ["MARKER", "check_mergeable", "check_output_dir", "claim_output_dir", "foreign_entries", "is_own_temp",
-           "read_marker", "remove_own_temps"]
+           "read_json_marker", "read_marker", "remove_own_temps"]

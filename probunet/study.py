@@ -55,6 +55,7 @@ import numpy as np
 import torch
 
 from . import __version__, detection, metrics
+from .output_folder import read_json_marker
 from .shift import check_shift, shift_item
 from .uncertainty import AGGREGATIONS, MAPS, check_maps, image_scores, model_maps, uncertainty_maps
 from .utils import atomic_write_bytes, atomic_write_text
@@ -222,15 +223,9 @@ class StudyFolder:
         return self._manifest
 
     def _read(self) -> dict:
-        marker = self.out / STUDY_MARKER
-        fresh = {"kind": STUDY_KIND, "probunet_version": __version__, "files": {}, "runs": {}}
-        if not (marker.exists() or marker.is_symlink()):
-            return fresh
-        try:
-            data = json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() and not marker.is_symlink() \
-                else None
-        except (OSError, ValueError, UnicodeDecodeError):
-            data = None
+        exists, data = read_json_marker(self.out / STUDY_MARKER)
+        if not exists:
+            return {"kind": STUDY_KIND, "probunet_version": __version__, "files": {}, "runs": {}}
         if not isinstance(data, dict) or data.get("kind") != STUDY_KIND or not isinstance(data.get("files"), dict) \
                 or not isinstance(data.get("runs"), dict):
             raise FileExistsError(f"--out {self.out}: {STUDY_MARKER} is not a probunet study manifest; choose "
