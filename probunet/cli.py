@@ -24,10 +24,10 @@ from typing import Optional
 from . import __version__
 from .data.recorded_split import recorded_split_of
 from .options import EvaluateOptions, PredictOptions, TrainOptions, add_arguments, from_args
-from .rundir import config_for_evaluation, run_dir_of
+from .runtime.rundir import config_for_evaluation, run_dir_of
 
 logger = logging.getLogger("probunet")
-SHIFT_KINDS = ("intensity", "noise", "blur", "texture", "lesion_contrast")  # probunet.shift.SHIFTS
+SHIFT_KINDS = ("intensity", "noise", "blur", "texture", "lesion_contrast")  # probunet.study.shift.SHIFTS
 
 
 class UserError(Exception):
@@ -37,7 +37,7 @@ class UserError(Exception):
 def _user_errors() -> tuple:
     from .config import ConfigError
     from .data.errors import DataError
-    from .nonfinite import TrainingError
+    from .train.nonfinite import TrainingError
     from .guards import WriteError
     from .utils import FolderBusyError
 
@@ -54,7 +54,7 @@ def cmd_synth(args) -> int:
     out = Path(args.out)
     severity = _severity_of(args)
     if getattr(args, "shift", None):
-        from .shift import check_shift
+        from .study.shift import check_shift
 
         check_shift(args.shift, severity, args.size)  # before a case is generated
     t0 = time.perf_counter()
@@ -66,7 +66,7 @@ def cmd_synth(args) -> int:
     if offcentre:
         params["lesion_offcentre"] = True
     if getattr(args, "shift", None):
-        from .shift import shift_items
+        from .study.shift import shift_items
 
         items = shift_items(items, args.shift, severity, seed=args.seed)  # same masks and truth
         params["shift"] = {"kind": args.shift, "severity": severity}
@@ -105,13 +105,13 @@ def _default_run_dir(config: str) -> Path:
 
 def cmd_train(args) -> int:
     from .config import load_config
-    from .train import fit
+    from .train.trainer import fit
 
     opts = from_args(TrainOptions, args)
     cfg = load_config(opts.config, opts.overrides)
     run_dir = Path(opts.out) if opts.out else _default_run_dir(opts.config)
     summary = fit(cfg, run_dir, resume=opts.resume, progress=not args.no_progress)
-    from .distributed import dist_info
+    from .runtime.distributed import dist_info
 
     if dist_info().is_main:
         print(f"run directory: {run_dir}")
@@ -139,7 +139,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_model
+    from .export.exporter import export_model
 
     result = export_model(args.source, args.format, args.out, num_samples=args.num_samples,
                           overwrite=args.overwrite, seed=args.seed, roi_size=args.roi, evaluation=args.evaluation)
@@ -151,7 +151,7 @@ def cmd_export(args) -> int:
 
 def predict_cli(args) -> int:
     """``probunet predict``: 0 all cases written (or skipped), 1 some failed, user errors raise."""
-    from .batch import predict_folder
+    from .inference.folder import predict_folder
 
     summary = predict_folder(args.checkpoint, args.input_dir, args.output_dir, from_args(PredictOptions, args),
                              progress=not getattr(args, "no_progress", False))
@@ -165,7 +165,7 @@ def predict_cli(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from .calibration import calibrate_run
+    from .evaluation.calibration import calibrate_run
     from .options import CalibrateOptions
 
     cal = calibrate_run(from_args(CalibrateOptions, args), progress=not getattr(args, "no_progress", False))
@@ -180,14 +180,14 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_study(args) -> int:
-    from .study import StudySettings, parse_failure, run_study
+    from .study.pipeline import StudySettings, parse_failure, run_study
 
     settings = StudySettings(num_samples=args.num_samples, seed=args.seed, steps=args.steps, shift=args.shift,
                              severity=_severity_of(args), ood=args.ood, maps=tuple(args.maps) if args.maps else None,
                              threshold=args.threshold, patch_size=args.patch_size,
                              failure=parse_failure(args.fail), device=args.device)
     t0 = time.perf_counter()
-    from .train import fit
+    from .train.trainer import fit
 
     study = run_study(args.sources, args.out, settings, train=fit, progress=not args.no_progress,
                       retrain=args.retrain)
@@ -206,7 +206,7 @@ def cmd_demo(args) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty; remove it or pass --out NEW_DIR")
-    from .resources import config_path
+    from .runtime.resources import config_path
 
     config = Path(args.config) if args.config else config_path("synthetic.yaml")
     data_dir, run_dir = out / "data", out / "run"
@@ -248,8 +248,8 @@ def _is_within(path: Path, folder: Path) -> bool:
 def _check_outputs(paths: dict[str, Path], checkpoint: Path, data_path: Optional[str], *,
                    overwrite: bool = False, report: bool = False) -> None:
     """Never overwrite the checkpoint, the input data, or (unless ``overwrite``) a file probunet's
-    evaluations did not write: every output path is checked (:func:`probunet.report.check_owned`), and
-    with ``report`` the HTML report's page and figures (:func:`probunet.html_report.check_report_outputs`)."""
+    evaluations did not write: every output path is checked (:func:`probunet.evaluation.report.check_owned`), and
+    with ``report`` the HTML report's page and figures (:func:`probunet.evaluation.html_report.check_report_outputs`)."""
     for p in paths.values():
         if p.exists() and p.resolve() == checkpoint.resolve():
             raise ValueError(f"--out {paths['summary']}: would overwrite the checkpoint {checkpoint}")
@@ -259,12 +259,12 @@ def _check_outputs(paths: dict[str, Path], checkpoint: Path, data_path: Optional
         if p.is_dir():
             raise IsADirectoryError(f"cannot write {p}: it is a directory")
     if not overwrite:
-        from .report import check_owned
-        from .scoring import SUMMARY_KIND
+        from .evaluation.report import check_owned
+        from .evaluation.scoring import SUMMARY_KIND
 
         check_owned(paths, SUMMARY_KIND)
         if report:
-            from .html_report import check_report_outputs
+            from .evaluation.html_report import check_report_outputs
 
             check_report_outputs(paths["summary"].parent)
 
@@ -289,12 +289,12 @@ def evaluate_cli(args) -> int:
 def evaluate_checkpoint(options, *, progress: bool = False) -> dict:
     """Evaluate a checkpoint or run directory as ``probunet evaluate`` does (a
     :class:`probunet.options.EvaluateOptions`); writes the files and returns
-    :func:`probunet.scoring.evaluate`'s result."""
-    from .checkpoint import load_model
+    :func:`probunet.evaluation.scoring.evaluate`'s result."""
+    from .models.checkpoint import load_model
     from .data import DataError, load_splits
     from .guards import MAX_SAMPLES, ensure_writable_dir
-    from .report import output_paths
-    from .scoring import evaluate
+    from .evaluation.report import output_paths
+    from .evaluation.scoring import evaluate
     from .utils import resolve_device
 
     given = Path(options.checkpoint)
@@ -331,14 +331,14 @@ def evaluate_checkpoint(options, *, progress: bool = False) -> dict:
     ensure_writable_dir(summary_path.parent, "--out")  # a read-only or missing folder: refused before the work
     logger.info("evaluating %s on the %s split (%d cases, %d samples each) on %s", ckpt_path, cfg.eval.split,
                 len(items), num_samples, device)
-    from .calibration import evaluation_calibration
+    from .inference.regions import evaluation_calibration
 
     calibration = evaluation_calibration(run_dir_of(given, ckpt_path), ckpt, num_samples, cfg.eval.split)
     result = evaluate(model, cfg, items, num_samples=num_samples, seed=cfg.eval.seed, device=device,
                       progress=progress, summary_path=summary_path, checkpoint=str(ckpt_path), split=cfg.eval.split,
                       calibration=calibration)
     if getattr(options, "report", False):
-        from .html_report import write_report
+        from .evaluation.html_report import write_report
 
         result["files"]["report"] = str(write_report(result, model, cfg, items, device=device, progress=progress))
     return result
@@ -415,7 +415,7 @@ def _print_summary(result: dict) -> None:
               f"r {corr:.3f} (raters: MAE {les['mae_raters_vs_true']:.4f})" if corr is not None and
               math.isfinite(corr) else f"  lesion presence ({les['num_lesions']} lesions): MAE "
               f"{les['mae_sampled_vs_true']:.4f} (raters: MAE {les['mae_raters_vs_true']:.4f})")
-    from .reference import reference_table, spread_text
+    from .evaluation.reference import reference_table, spread_text
 
     print("  " + spread_text(result["spread"]))
     if result.get("spread_true"):
@@ -423,7 +423,7 @@ def _print_summary(result: dict) -> None:
     for line in reference_table(result):
         print(line)
     if result.get("calibrated_region"):
-        from .calibration import region_line
+        from .inference.regions import region_line
 
         print(region_line(result["calibrated_region"]))
     for name, path in result["files"].items():

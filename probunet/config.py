@@ -215,7 +215,7 @@ class GecoConfig:
     enabled: bool = False
     # target per-pixel mean CE (the constraint kappa): a number, or "auto": goal_scale x the mean
     # per-pixel entropy of the raters' label frequency over the training cases, resolved by
-    # probunet train when the run starts (probunet.losses.rater_entropy) and written into its config
+    # probunet train when the run starts (probunet.models.losses.rater_entropy) and written into its config
     goal: Any = 0.5
     goal_scale: float = 0.5  # goal "auto": the goal as a multiple of that entropy
     alpha: float = 0.99  # moving-average rate of the constraint
@@ -281,14 +281,14 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
-        return _to_plain(dataclasses.asdict(self))
+        return to_plain(dataclasses.asdict(self))
 
 
-def _to_plain(obj: Any) -> Any:
+def to_plain(obj: Any) -> Any:
     if isinstance(obj, dict):
-        return {k: _to_plain(v) for k, v in obj.items()}
+        return {k: to_plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_to_plain(v) for v in obj]
+        return [to_plain(v) for v in obj]
     return obj
 
 

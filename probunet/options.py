@@ -149,8 +149,8 @@ class CalibrateOptions:
 
 @dataclass
 class PredictOptions:
-    """``probunet predict``: how images are sampled (the :class:`probunet.predictor.Predictor` part)
-    and which inputs / outputs (the :func:`probunet.batch.predict_folder` part)."""
+    """``probunet predict``: how images are sampled (the :class:`probunet.inference.predictor.Predictor` part)
+    and which inputs / outputs (the :func:`probunet.inference.folder.predict_folder` part)."""
 
     num_samples: int = _opt(16, "--num-samples", "samples per image (default 16)", type=int)
     seed: int = _opt(0, "--seed", "seed of the samples (default 0)", type=int)

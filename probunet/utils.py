@@ -182,9 +182,9 @@ def open_lock_file(path: str | Path, what: str = "folder") -> int:
         if path.is_symlink():
             raise PermissionError(f"{what} {path.parent}: its lock file {path} is a symbolic link; probunet does "
                                   f"not follow it (remove the link)") from None
-        from .guards import _CAUSES
+        from .guards import CAUSES
 
-        cause = _CAUSES.get(exc.errno, exc.strerror or exc.__class__.__name__)
+        cause = CAUSES.get(exc.errno, exc.strerror or exc.__class__.__name__)
         raise PermissionError(f"{what} {path.parent}: cannot create its lock file {path.name}: {cause}") from None
 
 

@@ -122,12 +122,12 @@ def metrics_entry() -> dict:
     raters[0] = 0  # a case with all readers empty
     logits = torch.randn(5, 8, 2, 16, 16, generator=g)
     out = {
-        "ged": [float(metrics.generalized_energy_distance(s, r)) for s, r in zip(samples, raters)],
-        "hm_iou": [float(metrics.hungarian_matched_iou(s, r)) for s, r in zip(samples, raters)],
-        "diversity": [float(metrics.sample_diversity(s)) for s in samples],
-        "entropy_sum": float(metrics.predictive_entropy(logits[0]).sum()),
-        "mutual_information_sum": float(metrics.mutual_information(logits[0]).sum()),
-        "variance_ncc": [float(metrics.variance_ncc(s, r)) for s, r in zip(samples[1:], raters[1:])],
+        "ged": metrics.generalized_energy_distance(samples, raters).tolist(),
+        "hm_iou": metrics.hungarian_matched_iou(samples, raters).tolist(),
+        "diversity": metrics.sample_diversity(samples).tolist(),
+        "entropy_sum": float(metrics.predictive_entropy(logits).sum()),
+        "mutual_information_sum": float(metrics.mutual_information(logits).sum()),
+        "variance_ncc": metrics.variance_ncc(logits, raters, from_logits=True).tolist(),
     }
     return out
 

@@ -52,7 +52,7 @@ def main(argv=None) -> int:
                    help="only merge the shard summaries of OUTPUT_DIR into summary.csv")
     args, extra = p.parse_known_args(argv)
 
-    from probunet.predict import merge_summaries
+    from probunet.inference import merge_summaries
 
     if args.merge:
         try:

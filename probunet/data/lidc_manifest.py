@@ -31,7 +31,7 @@ import csv
 import io
 import sys
 
-from .lidc_patients import (MANIFEST_NAME, MANIFEST_PATH, _series_table, patient_for_series,  # noqa: F401
+from .lidc_patients import (MANIFEST_NAME, MANIFEST_PATH, series_table, patient_for_series,  # noqa: F401
                             read_manifest, resolve_split_file)
 from .splits import split_groups
 

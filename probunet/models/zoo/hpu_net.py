@@ -18,7 +18,7 @@ distributions at level l are conditioned on the same z_<l and
 
 each level's KL summed over channels and positions (analytic, diagonal
 Gaussians, fp32). The objective is GECO (Rezende & Viola 2018;
-:class:`probunet.losses.Geco`, when ``train.geco.enabled``): minimise KL
+:class:`probunet.models.losses.Geco`, when ``train.geco.enabled``): minimise KL
 subject to the reconstruction constraint CE <= kappa, lambda (CE - kappa) + KL;
 otherwise the ELBO, CE summed over pixels + beta KL. The reconstruction term
 can be a top-k loss (``topk_fraction`` < 1): of each image's per-pixel CE
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from monai.networks.layers.factories import Pool
 
-from ...losses import elbo_loss
+from ..losses import elbo_loss
 from ..base import SegmentationModel, loss_settings_from, pick_raters
 from ..registry import register_model
 from ..init import init_weights

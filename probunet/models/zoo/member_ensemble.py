@@ -17,7 +17,7 @@ of an image uses the same draw with each member's image-level prior (``sample_co
 the members draw from the case's generator, one member after the other. With
 S = M x K every member gives K latent draws: the spread within a member is its model of the
 raters' ambiguity (aleatoric), the spread between members the model's ignorance (epistemic);
-see :mod:`probunet.uncertainty`.
+see :mod:`probunet.inference.uncertainty`.
 
 Members whose loss keeps trainer-held state (GECO, ``train.geco.enabled``) are refused: the
 trainer moves and saves one GECO state per model, not one per member.
