@@ -371,3 +371,19 @@ def test_quality_md_quotes_the_shipped_recipe():
 @pytest.mark.parametrize("path", shipped_value_docs(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_quoted_config_value_matches_the_config(path):
     assert quote_problems(path) == []
+
+
+def test_results_log_entries_are_dated_and_indexed():
+    """docs/results/: one YYYY-MM-DD-topic.md per entry, each with its date, commit and command,
+    each linked from docs/results/README.md."""
+    folder = ROOT / "docs" / "results"
+    entries = sorted(p for p in folder.glob("*.md") if p.name != "README.md")
+    assert len(entries) >= 10
+    index = set(links((folder / "README.md").read_text(encoding="utf-8")))
+    for p in entries:
+        assert re.fullmatch(r"\d{4}-\d{2}-\d{2}-[a-z0-9-]+\.md", p.name), p.name
+        assert p.name in index, f"{p.name} is not linked from docs/results/README.md"
+        text = p.read_text(encoding="utf-8")
+        assert f"- **Date:** {p.name[:10]}" in text, p.name
+        assert re.search(r"^- \*\*Commit:\*\* `[0-9a-f]{7,40}`", text, re.M), p.name
+        assert re.search(r"^- \*\*Command:\*\*\n\n```", text, re.M), p.name
