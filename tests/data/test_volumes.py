@@ -243,7 +243,7 @@ def test_synthetic_default_cases_are_unchanged_by_the_new_option():
 
 
 def test_prepare_lidc_3d_from_dicom_and_with_synthetic_images(tmp_path):
-    from tests.test_data_lidc_prepare import _fake_archive, _script
+    from test_data_lidc_prepare import _fake_archive, _script
 
     vol = _fake_archive(tmp_path)  # 64x64x4 CT; reader 1 box rows 20..30 cols 30..40 on slices 1-2, reader 2 on 2
     mod = _script()

@@ -18,7 +18,7 @@ from probunet.data.preprocess import preprocess, read_index
 from probunet.models.base import SegmentationModel
 from probunet.inference.predictor import Predictor
 from probunet.train.trainer import fit
-from tests.test_volumes import TINY3D, write_case
+from test_volumes import TINY3D, write_case
 
 
 class ThresholdModel(SegmentationModel):
