@@ -115,7 +115,7 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    format: str = "synthetic"  # synthetic | lidc_pickle | lidc_crops | qubiq | folder
+    format: str = "synthetic"  # a dataset layout of probunet.data.readers (synthetic, folder, ...)
     path: Optional[str] = None  # lidc_pickle: a .pickle file or a folder of them
     num_raters: Optional[int] = None  # expected raters A; None: the most found in any case
     missing_raters: str = "pad"  # pad (empty masks) | error
@@ -399,11 +399,46 @@ def _build(cls, data: dict, prefix: str = ""):
     return cls(**kwargs)
 
 
+class LiveChoices:
+    """Choices that a registry of a later stage provides, read each time they are used: argparse's
+    ``choices=`` and :func:`validate` take it like a tuple, and the earlier stage lists no values
+    (the dataset layouts of :mod:`probunet.data.readers`, the output formats of
+    :mod:`probunet.data.formats`)."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self._source: Optional[Callable[[], Any]] = None
+
+    def provide(self, source: Callable[[], Any]) -> None:
+        """Read the choices from ``source()`` (an iterable of values) from now on."""
+        self._source = source
+
+    def values(self) -> tuple:
+        if self._source is None:
+            raise RuntimeError(f"the choices of {self.what} are read from a registry that is not loaded")
+        return tuple(self._source())
+
+    def __iter__(self):
+        return iter(self.values())
+
+    def __contains__(self, value) -> bool:
+        return value in self.values()
+
+    def __len__(self) -> int:
+        return len(self.values())
+
+    def __repr__(self) -> str:
+        return repr(self.values()) if self._source is not None else f"LiveChoices({self.what!r})"
+
+
+# ``data.format``: the dataset layouts registered in probunet.data.readers (READERS)
+DATA_FORMATS = LiveChoices("data.format")
+
 _CHOICES = {
     "model.prior": ("conditional", "standard"),
     "model.norm": (None, "batch", "instance", "group"),
     "model.init": ("he_normal", "torch"),
-    "data.format": ("synthetic", "lidc_pickle", "lidc_crops", "qubiq", "folder"),
+    "data.format": DATA_FORMATS,
     "data.missing_raters": ("pad", "error"),
     "data.normalize": ("none", "zscore", "ct_window"),
     "train.amp": ("auto", "bf16", "fp16", "off"),

@@ -2,7 +2,8 @@
 
 - :func:`ensure_writable_dir`: a folder is created (with its parents) and a file is
   created and removed in it before any long work, so a read-only or missing
-  ``--out`` is refused at once, naming the folder and the cause.
+  ``--out`` (or predict's ``OUTPUT_DIR``) is refused at once, naming the folder and
+  the cause; every command checks its output folder with it.
 - :func:`writing`: a block whose disk failures become :class:`WriteError` naming a path.
 - :class:`WriteError`: a write that failed for a reason of the disk (no space left,
   quota, read-only file system, permission) as one line naming the file and the

@@ -16,6 +16,7 @@ import re
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, Optional
 
+from .config import LiveChoices
 from .precision import AMP_CHOICES
 
 
@@ -26,6 +27,9 @@ def _opt(default, flag: Optional[str] = None, help: str = "", **argparse_kw):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
 
+
+# ``predict --output-format``: same, and the endings of the formats registered in probunet.data.formats
+OUTPUT_FORMATS = LiveChoices("--output-format")
 
 MAX_SEED = 2**63 - 1  # seeds are hashed into 63-bit generator seeds (probunet.inference.case_seed)
 
@@ -175,7 +179,7 @@ class PredictOptions:
                                     "or absolute), instead of scanning", metavar="FILE")
     overwrite: bool = _opt(False, "--overwrite", "recompute cases whose output folder exists", action="store_true")
     output_format: str = _opt("same", "--output-format", "file format of the outputs (default: the input's)",
-                              choices=("same", "nii.gz", "nii", "nrrd", "mha"))
+                              choices=OUTPUT_FORMATS)
     workers: int = _opt(2, "--workers", "threads reading/writing images (default 2)", type=int)
     shard: Optional[str] = _opt(None, "--shard", "only cases K, K+N, ...; writes summary.shard-K-of-N.csv "
                                 "(see scripts/predict_batch.py)", metavar="K/N")
@@ -251,5 +255,5 @@ def from_args(cls, args: argparse.Namespace):
     return cls(**values)
 
 
-__all__ = ["EvaluateOptions", "MAX_SEED", "PredictOptions", "SAMPLING_FIELDS", "TrainOptions", "add_arguments",
+__all__ = ["EvaluateOptions", "MAX_SEED", "OUTPUT_FORMATS", "PredictOptions", "SAMPLING_FIELDS", "TrainOptions", "add_arguments",
            "check_seed", "from_args", "max_workers", "parse_axis", "parse_roi", "with_overrides"]

@@ -620,7 +620,7 @@ def hostile(work: Path, ckpt_run: Path, kill_failures: list[str]) -> list[dict]:
     finally:
         utils.tempfile.mkstemp = real_mkstemp
     add(9, "read-only OUTPUT_DIR", "refused before the model is loaded, exit 2",
-        rc == 2 and _one_line(err, "not writable") and not (out9 / "c1").exists(),
+        rc == 2 and _one_line(err, "cannot write") and not (out9 / "c1").exists(),
         f"{err.strip()[:100]} ({time.perf_counter() - t0:.2f}s)")
     add(9, "--resume after a kill: metrics.jsonl rows, stale .tmp files", "no duplicate rows, temps removed",
         not any("metrics" in x or "temporary" in x for x in kill_failures), "checked after every kill (part 1)")

@@ -394,7 +394,7 @@ def test_unwritable_output_dir_is_refused_before_any_inference(run, tmp_path, mo
         out.chmod(0o755)
     assert rc == 2 and not loaded
     line = _one_line_error(capsys.readouterr().err, str(out))
-    assert "not writable" in line
+    assert "cannot write: permission denied" in line
 
 
 def test_predict_removes_stale_temps_of_an_interrupted_run(run, tmp_path):

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib
 import json
 import logging
 import os
@@ -226,12 +225,9 @@ def resample_labels(labels: np.ndarray, spacing, target, num_classes: int, out_s
 
 def iter_cases(data_cfg) -> Iterator[dict]:
     """The dataset's cases one at a time where its reader can (``iter_cases``), else all read at once."""
-    from .readers import READERS
+    from .readers import layout_module
 
-    try:
-        module = importlib.import_module(f".{READERS[data_cfg.format]}", __package__)
-    except KeyError:
-        raise DataError(f"data.format: unknown format {data_cfg.format!r}") from None
+    module = layout_module(data_cfg.format)
     if hasattr(module, "iter_cases"):
         yield from module.iter_cases(data_cfg)
     else:

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..data import formats
 from ..utils import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -209,6 +210,7 @@ def inference_config(meta: dict, *, num_samples: int, seed: int, roi: Optional[l
                      blend: str, normalize: str, ct_window) -> dict:
     """``configs/inference.json``: MONAI components and short expressions, no probunet import."""
     c, latent = int(meta["num_classes"]), int(meta["latent_dim"])
+    nifti = formats.get("nifti")  # the bundle reads and writes the NIfTI format's endings
     pre = [
         {"_target_": "LoadImaged", "keys": "image", "image_only": True},
         {"_target_": "EnsureChannelFirstd", "keys": "image", "channel_dim": "no_channel"
@@ -227,7 +229,7 @@ def inference_config(meta: dict, *, num_samples: int, seed: int, roi: Optional[l
              + ")) for s in range(@num_samples)])[None] if @latent_dim > 0 else None")
     case_seed = "$lambda case: " + h.format("'probunet-sample:%d:%s' % (@seed, case)") + " if @latent_dim == 0 else -1"
     save = {"_target_": "SaveImaged", "output_dir": "@output_dir", "separate_folder": True, "resample": False,
-            "output_ext": ".nii.gz", "print_log": False}
+            "output_ext": nifti.endings[0], "print_log": False}
     cfg = {
         "imports": ["$import glob", "$import os", "$import hashlib", "$import torch", "$import monai"],
         "bundle_root": ".",
@@ -244,8 +246,10 @@ def inference_config(meta: dict, *, num_samples: int, seed: int, roi: Optional[l
         "blend": blend,
         "network_def": "$torch.jit.load(os.path.join(@bundle_root, 'models', 'model.ts'), map_location='cpu')",
         "network": "$@network_def.to(@device).eval()",
-        "datalist": "$[{'image': f, 'case': os.path.basename(f).split('.nii')[0]} "
-                    "for f in sorted(glob.glob(os.path.join(@dataset_dir, '*.nii*')))]",
+        # the NIfTI files of dataset_dir, the case id their name without its ending (as probunet predict's)
+        "datalist": "$[{'image': f, 'case': os.path.basename(f)[:-len(e)]} "
+                    "for f in sorted(glob.glob(os.path.join(@dataset_dir, '*'))) "
+                    f"for e in [next((x for x in {list(nifti.endings)!r} if f.endswith(x)), '')] if e]",
         "preprocessing": {"_target_": "Compose", "transforms": pre},
         "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
         "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False,

@@ -5,8 +5,8 @@ on every image and writes its outputs and ``summary.csv``; sharding (``--shard K
 :func:`merge_summaries`) and the folder locks live here too. ``probunet predict
 CHECKPOINT INPUT_DIR OUTPUT_DIR [--num-samples N]`` is its thin wrapper in :mod:`probunet.cli`.
 
-Per input image (NIfTI, NRRD, MHA/MHD, TIFF, single-file DICOM, ..., PNG/JPEG
-for 2D models) a folder ``OUTPUT_DIR/<case>/`` holds, in the input's format and
+Per input image (NIfTI, NRRD, MHA/MHD, TIFF, DICOM files and series folders, ...,
+PNG/JPEG for 2D models: the formats of :mod:`probunet.data.formats`) a folder ``OUTPUT_DIR/<case>/`` holds, in the input's format and
 geometry (same shape, spacing, origin, direction / affine)::
 
     sample_000 ... sample_{N-1}   label maps drawn from the prior (uint8)
@@ -32,10 +32,11 @@ geometry (same shape, spacing, origin, direction / affine)::
                                   written last, it marks the case as complete
 
 and ``OUTPUT_DIR/summary.csv`` one row per case (see :data:`SUMMARY_COLUMNS`).
-Label maps keep their format's extension; for formats without a float pixel
-type or geometry (PNG, JPEG, BMP) the label maps are PNG and the float maps TIFF.
-DICOM and two-file inputs (``.mhd``, ``.nhdr``) are written as ``.nii.gz``,
-``.mha`` and ``.nrrd``.
+Label maps keep their format's extension; each format declares what is written
+for it where it cannot hold the maps: for formats without a float pixel type or
+geometry (PNG, JPEG, BMP) the label maps are PNG and the float maps TIFF; DICOM
+(files and series, whose geometry is kept) and two-file inputs (``.mhd``,
+``.nhdr``) are written as NIfTI, MHA and NRRD.
 
 How each image is sampled (preprocessing, whole image, sliding window, slice by slice)
 is :mod:`probunet.inference.predictor`.
@@ -77,22 +78,17 @@ import torch
 
 from .. import __version__
 from ..models.checkpoint import resolve_checkpoint_path
-from ..data import io
+from ..data import formats, io
 from ..data.errors import DataError
 from ..data.guards import check_regular_file
 from ..options import PredictOptions, with_overrides
 from .predictor import Prediction, Predictor, Resampling
 from ..runtime import output_folder
-from ..utils import FolderLock, atomic_write_text, check_writable
+from ..guards import ensure_writable_dir
+from ..utils import FolderLock, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-# Extensions taken as images when scanning a folder (two-file formats by their header).
-IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".tif", ".tiff", ".jpg",
-                  ".jpeg", ".bmp", ".dcm")
-_NO_FLOAT = (".png", ".jpg", ".jpeg", ".bmp")  # no float pixels, no geometry
-_OUT_SUFFIX = {".nhdr": ".nrrd", ".mhd": ".mha", ".dcm": ".nii.gz", ".jpg": ".png", ".jpeg": ".png", ".bmp": ".png"}
-OUTPUT_FORMATS = ("same", "nii.gz", "nii", "nrrd", "mha")
 _OUR_FILE = re.compile(r"^(sample_\d+|probability(_class\d+)?|entropy|aleatoric|epistemic|consensus|region)\.")
 
 SUMMARY_COLUMNS = (
@@ -152,13 +148,18 @@ def find_inputs(input_dir: str | Path, *, recursive: bool = False,
     """The images to predict, sorted by relative path.
 
     Without ``file_list``: every file in ``input_dir`` (with ``recursive``, in its
-    sub-folders too) whose extension is in :data:`IMAGE_SUFFIXES`; hidden files
-    and folders are ignored. With ``file_list``: a text file with one path per
-    line (relative to ``input_dir`` or absolute; blank lines and ``#`` comments
-    ignored; a DICOM series folder is allowed); a missing file becomes an error
-    row, not an exception. The case id is the path relative to ``input_dir``
-    without its extension (the file name for paths outside it); two inputs with
-    the same id (``a.nii.gz`` and ``a.nrrd``) keep their extension as ``a_nrrd``.
+    sub-folders too) whose ending a registered format takes
+    (:func:`probunet.data.formats.scan_endings`), and every sub-folder that a folder
+    format claims (a DICOM series: DICOM files, by their ``.dcm`` ending or the
+    ``DICM`` magic, and no image of another format), as one case whose id is the
+    folder's path; a series folder is not looked into further. Hidden files and
+    folders are ignored. With ``file_list``: a text file with one path per line
+    (relative to ``input_dir`` or absolute; blank lines and ``#`` comments ignored;
+    a DICOM series folder is allowed); a missing file becomes an error row, not an
+    exception. The case id is the path relative to ``input_dir`` without its
+    extension (the file name for paths outside it; a folder keeps its whole name);
+    two inputs with the same id (``a.nii.gz`` and ``a.nrrd``) keep their extension
+    as ``a_nrrd``.
     """
     root = Path(input_dir)
     if not root.exists():
@@ -183,22 +184,15 @@ def find_inputs(input_dir: str | Path, *, recursive: bool = False,
             p = Path(line)
             paths.append(p if p.is_absolute() else root / p)
     else:
-        pattern = root.rglob("*") if recursive else root.iterdir()
-        for p in pattern:
-            rel = p.relative_to(root)
-            if any(part.startswith(".") for part in rel.parts) or p.is_dir() or not (p.is_file() or p.exists()):
-                continue  # a FIFO or device with an image's name is kept: it becomes an error row, never opened
-            if io.full_suffix(p) in IMAGE_SUFFIXES:
-                paths.append(p)
-            else:
-                logger.debug("predict: ignoring %s (not an image extension)", p)
+        paths = _scan(root, recursive)
     cases, seen = [], {}
     for p in paths:
         try:
             rel = p.relative_to(root)
         except ValueError:
             rel = Path(p.name)
-        cid = (rel.parent / io.strip_suffix(rel)).as_posix() if io.full_suffix(rel) else rel.as_posix()
+        cid = (rel.parent / io.strip_suffix(rel)).as_posix() if io.full_suffix(rel) and not p.is_dir() \
+            else rel.as_posix()
         cases.append([cid, p, rel])
         seen[cid] = seen.get(cid, 0) + 1
     out = []
@@ -214,21 +208,34 @@ def find_inputs(input_dir: str | Path, *, recursive: bool = False,
     return out
 
 
+def _scan(root: Path, recursive: bool) -> list[Path]:
+    """The image files and image folders (a DICOM series) of ``root`` (with ``recursive``, below it too)."""
+    found, folders = [], [root]
+    while folders:
+        folder = folders.pop()
+        for p in sorted(folder.iterdir()):
+            if p.name.startswith("."):
+                continue
+            if p.is_dir():
+                if formats.folder_format(p) is not None:
+                    found.append(p)  # one case; its files are the image's
+                elif recursive and not p.is_symlink():  # (a linked folder is not entered: no loops)
+                    folders.append(p)
+                else:
+                    logger.debug("predict: ignoring the folder %s (not an image folder)", p)
+            elif not (p.is_file() or p.exists()):
+                continue  # a dangling link
+            elif formats.is_scanned_file(p):
+                found.append(p)  # a FIFO or device with an image's name is kept: an error row, never opened
+            else:
+                logger.debug("predict: ignoring %s (not an image extension)", p)
+    return found
+
+
 def output_suffixes(input_path: str | Path, output_format: str = "same") -> tuple[str, str]:
-    """(label suffix, float suffix) for an input: its own format where it can hold both."""
-    if output_format != "same":
-        if output_format not in OUTPUT_FORMATS:
-            raise ValueError(f"output format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}")
-        s = "." + output_format
-        return s, s
-    p = Path(input_path)
-    if p.is_dir():  # a DICOM series
-        return ".nii.gz", ".nii.gz"
-    suffix = io.full_suffix(p)
-    if suffix in _NO_FLOAT:
-        return ".png", ".tif"
-    s = _OUT_SUFFIX.get(suffix, suffix if suffix in io.NIFTI_SUFFIXES + io.ITK_WRITE_SUFFIXES else ".nii.gz")
-    return s, s
+    """(label suffix, float suffix) for an input: its own format where it can hold both
+    (:func:`probunet.data.formats.output_endings`)."""
+    return formats.output_endings(input_path, output_format)
 
 
 def _check_folders(input_dir: Path, output_dir: Path, cases: list[InputCase]) -> None:
@@ -426,18 +433,15 @@ def predict_folder(checkpoint, input_dir: str | Path, output_dir: str | Path,
     if not cases:
         where = f"{opts.file_list}" if opts.file_list else \
             f"{input_dir}" + ("" if opts.recursive else " (try --recursive)")
-        raise ValueError(f"no input images found in {where}; extensions read: {', '.join(IMAGE_SUFFIXES)}")
+        raise ValueError(f"no input images found in {where}; extensions read: {', '.join(formats.scan_endings())}"
+                         f" and DICOM series folders")
     if shard is not None:
         cases = cases[shard[0]::shard[1]]  # may be empty: more shards than cases
     _check_folders(input_dir, output_dir, cases)
-    if (opts.output_format or "same") not in OUTPUT_FORMATS:
-        raise ValueError(f"output format must be one of {', '.join(OUTPUT_FORMATS)}, got {opts.output_format!r}")
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise PermissionError(f"OUTPUT_DIR {output_dir} cannot be created "
-                              f"({exc.strerror or exc.__class__.__name__})") from None
-    check_writable(output_dir, "OUTPUT_DIR")  # before any model is loaded or run
+    choices = formats.output_choices()
+    if (opts.output_format or "same") not in choices:
+        raise ValueError(f"output format must be one of {', '.join(choices)}, got {opts.output_format!r}")
+    ensure_writable_dir(output_dir, "OUTPUT_DIR")  # created and probed before any model is loaded or run
     name = "summary.csv" if shard is None else f"summary.shard-{shard[0]}-of-{shard[1]}.csv"
     # a folder probunet did not create, or a user's summary.csv, is refused before anything is written
     output_folder.check_output_dir(output_dir, SUMMARY_COLUMNS, [name])
@@ -491,6 +495,11 @@ def _run_settings(checkpoint, input_dir: Path, opts: PredictOptions) -> dict:
     return json.loads(json.dumps(settings, default=str))
 
 
+def _keeps_geometry(ending: str) -> bool:
+    fmt = formats.for_ending(ending)
+    return fmt is None or fmt.geometry
+
+
 def _case_dir(output_dir: Path, case: InputCase) -> Path:
     """``OUTPUT_DIR/<case id>``; DataError when it resolves outside OUTPUT_DIR (``..`` in a
     --file-list entry, a symlink): nothing is ever written outside OUTPUT_DIR."""
@@ -539,7 +548,7 @@ class _FolderRun:
             image = self.predictor.to_channels_first(array, meta, where=str(case.path))
             item.meta = meta
             # PNG/JPEG/BMP hold no spacing (the reader's 1.0 is a default): they are predicted as they are
-            spacing = None if io.full_suffix(case.path) in _NO_FLOAT else meta.get("spacing")
+            spacing = meta.get("spacing") if formats.keeps_geometry(case.path) else None
             image, item.resampling = self.predictor.resample_for_model(image, spacing, where=f"case {case.case_id}")
             item.units, item.axis = self.predictor.prepare(
                 image, meta.get("spacing") if item.resampling is None else item.resampling.target)
@@ -564,7 +573,7 @@ class _FolderRun:
             pred = self.predictor.finish(mean_prob, labels, item.axis, item.mode, aleatoric, item.resampling)
             suffixes = output_suffixes(item.case.path, self.output_format)
             row.update(case_statistics(pred, item.meta, self.predictor.num_classes,
-                                       has_geometry=suffixes[0] not in _NO_FLOAT))
+                                       has_geometry=_keeps_geometry(suffixes[0])))
             if self.overwrite and (case_dir / "case.json").exists():
                 (case_dir / "case.json").unlink()  # incomplete until rewritten
             names = write_prediction(pred, item.meta, case_dir, suffixes)
@@ -660,6 +669,6 @@ class _FolderRun:
         return [self.rows[c.case_id] for c in cases]
 
 
-__all__ = ["IMAGE_SUFFIXES", "OUTPUT_FORMATS", "SUMMARY_COLUMNS", "InputCase", "PredictSummary", "case_statistics",
+__all__ = ["SUMMARY_COLUMNS", "InputCase", "PredictSummary", "case_statistics",
            "find_inputs", "merge_summaries", "output_suffixes", "predict_folder", "read_summary", "write_prediction",
            "write_summary"]
