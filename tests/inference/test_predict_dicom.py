@@ -105,7 +105,8 @@ def test_the_cli_predicts_a_series_folder(ckpt3d, tmp_path, capsys):
 
 def test_an_output_dir_that_is_a_file_is_one_line_before_the_model_loads(ckpt3d, tmp_path, capsys):
     inp, out = tmp_path / "scans", tmp_path / "out"
-    write_series(inp / "patient7")
+    inp.mkdir()
+    write_nifti(inp / "a.nii.gz", shape=(8, 8, 6))
     out.write_text("a file")
     rc = main(["predict", str(ckpt3d), str(inp), str(out), "--num-samples", "2", "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
