@@ -13,7 +13,7 @@ import SimpleITK as sitk
 from probunet.cli import main
 from probunet.data import io
 from probunet.inference import find_inputs, predict_folder
-from tests.inference.test_predict import make_checkpoint, write_nifti
+from test_predict import make_checkpoint, write_nifti
 
 SPACING = (0.8, 0.9, 2.0)
 ORIGIN = (-12.0, 30.0, 5.0)
