@@ -212,17 +212,20 @@ def test_demo_uses_the_shipped_config_from_any_folder(tmp_path, monkeypatch):
     used = {}
 
     def record(name):
-        def f(args):
-            used[name] = args
+        def f(options, *progress):
+            used[name] = options
             return 0
         return f
 
-    for name in ("cmd_synth", "cmd_train", "cmd_evaluate"):
+    # the demo's steps are the library calls of synth, train and evaluate, with their options dataclasses
+    for name in ("run_synth", "run_train", "run_evaluate"):
         monkeypatch.setattr(cli, name, record(name))
     monkeypatch.chdir(tmp_path)  # not the repository: a relative configs/ would not be found
     assert main(["demo", "--out", str(tmp_path / "demo"), "train.steps=3", "--no-progress"]) == 0
-    assert Path(used["cmd_train"].config) == config_path("synthetic.yaml")
-    assert used["cmd_train"].overrides[0] == "train.steps=3"
+    assert Path(used["run_train"].config) == config_path("synthetic.yaml")
+    assert used["run_train"].overrides[0] == "train.steps=3"
+    assert isinstance(used["run_train"], TrainOptions) and isinstance(used["run_evaluate"], EvaluateOptions)
+    assert used["run_synth"].out == str(tmp_path / "demo" / "data") == used["run_train"].overrides[-1][10:]
 
 
 # ----------------------------------------------------------------------------- one job per module, no import circle
