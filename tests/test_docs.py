@@ -167,9 +167,10 @@ def test_every_config_key_is_documented():
 def test_every_command_option_is_documented():
     from probunet import options
 
-    flags = [f.metadata["flag"] for cls in (options.TrainOptions, options.EvaluateOptions, options.PredictOptions)
-             for f in dataclasses.fields(cls) if f.metadata.get("flag")]
-    assert "--num-samples" in flags and "--shard" in flags
+    classes = [c for c in vars(options).values() if dataclasses.is_dataclass(c) and c.__name__.endswith("Options")]
+    assert len(classes) == 11  # one per command
+    flags = [f.metadata["flag"] for cls in classes for f in dataclasses.fields(cls) if f.metadata.get("flag")]
+    assert "--num-samples" in flags and "--shard" in flags and "--3d" in flags
     text = (ROOT / "docs" / "configs.md").read_text(encoding="utf-8")
     missing = sorted({flag for flag in flags if f"`{flag}" not in text})
     assert missing == [], f"command options missing from docs/configs.md: {missing}"
@@ -387,3 +388,19 @@ def test_results_log_entries_are_dated_and_indexed():
         assert f"- **Date:** {p.name[:10]}" in text, p.name
         assert re.search(r"^- \*\*Commit:\*\* `[0-9a-f]{7,40}`", text, re.M), p.name
         assert re.search(r"^- \*\*Command:\*\*\n\n```", text, re.M), p.name
+
+def test_the_python_examples_of_the_docs_import():
+    """Every ``from probunet... import ...`` line of a ``python`` block in the docs names something that exists
+    (the documented API, not a module that moved)."""
+    import importlib
+
+    fence = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+    found = []
+    for path in doc_files():
+        for block in fence.findall(path.read_text(encoding="utf-8")):
+            for m in re.finditer(r"^from (probunet[\w.]*) import ([\w, ]+)$", block, re.M):
+                found.append((path.name, m.group(1), [n.strip() for n in m.group(2).split(",")]))
+    assert ("predict.md", "probunet", ["Predictor", "predict_folder"]) in found
+    missing = [f"{doc}: from {mod} import {name}" for doc, mod, names in found for name in names
+               if not hasattr(importlib.import_module(mod), name)]
+    assert missing == []

@@ -147,6 +147,45 @@ def test_each_default_lives_in_the_options_dataclass(argv, cls):
         {k: v for k, v in expected.items() if k not in positional}
 
 
+@pytest.mark.parametrize("argv, cls, given", [
+    (["synth", "o"], "SynthOptions", {"out": "o"}),
+    (["preprocess", "c.yaml"], "PreprocessOptions", {"config": "c.yaml"}),
+    (["calibrate", "run"], "CalibrateOptions", {"checkpoint": "run"}),
+    (["merge-shards", "d"], "MergeShardsOptions", {"output_dir": "d"}),
+    (["export", "run", "--format", "onnx", "--out", "f"], "ExportOptions",
+     {"source": "run", "format": "onnx", "out": "f"}),
+    (["study", "a.yaml", "run", "--out", "o"], "StudyOptions", {"sources": ["a.yaml", "run"], "out": "o"}),
+    (["demo"], "DemoOptions", {}),
+    (["prepare-lidc", "--out", "o"], "PrepareLidcOptions", {"out": "o"}),
+])
+def test_every_command_parses_into_its_options_dataclass(argv, cls, given):
+    """The parser of every command is built from its dataclass: what is not given is the dataclass's default."""
+    from probunet import options
+
+    cls = getattr(options, cls)
+    assert from_args(cls, parse_args(build_parser(), argv)) == cls(**given)
+
+
+def test_the_library_takes_the_commands_defaults():
+    """study, synth and the shift kinds: one default each, in probunet.options."""
+    from probunet import options
+    from probunet.config import SyntheticConfig
+    from probunet.study import StudySettings, shift
+
+    assert shift.SHIFTS is options.SHIFT_KINDS
+    study = StudySettings()
+    for name in ("num_samples", "seed", "steps", "shift", "ood", "maps", "threshold", "patch_size", "device"):
+        assert getattr(study, name) == getattr(options.StudyOptions, name), name
+    assert dataclasses.asdict(SyntheticConfig()) == {k: getattr(options.SynthOptions, k) for k in
+                                                     ("num_cases", "size", "spatial_dims", "num_raters", "seed")}
+    opts = options.StudyOptions(sources=["r"], out="o", maps=["total"], fail=["ged=0.5"], severity=2, shift="noise")
+    settings = StudySettings.from_options(opts)
+    assert settings.maps == ("total",) and settings.failure == {"one_minus_dice": 0.2, "ged": 0.5}
+    assert settings.severity == 2.0
+    with pytest.raises(ValueError, match="--severity 2 needs --shift"):
+        StudySettings.from_options(options.StudyOptions(sources=["r"], out="o", severity=2))
+
+
 def test_predict_options_reach_the_predictor_and_the_cli(checkpoint):
     from probunet.inference import Predictor
 
