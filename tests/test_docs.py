@@ -404,3 +404,35 @@ def test_the_python_examples_of_the_docs_import():
     missing = [f"{doc}: from {mod} import {name}" for doc, mod, names in found for name in names
                if not hasattr(importlib.import_module(mod), name)]
     assert missing == []
+
+
+def shown_commands(text: str) -> list[str]:
+    """The ``probunet ...`` command lines of the ``bash`` blocks of a Markdown text (continuations joined,
+    comments dropped; usage lines with ``[options]`` or upper-case placeholders left out)."""
+    out = []
+    for block in re.findall(r"^```bash\n(.*?)^```", text, re.S | re.M):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #", 1)[0].strip()
+            if line.startswith("probunet ") and not re.search(r"\[|\b[A-Z_]{3,}\b", line):
+                out.append(line)
+    return out
+
+
+@pytest.mark.parametrize("path", doc_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_command_the_docs_show_parses(path):
+    """Every ``probunet`` command line the docs show is a command with options it has, as written."""
+    import shlex
+
+    from probunet.cli import build_parser, parse_args
+
+    for line in shown_commands(path.read_text(encoding="utf-8")):
+        argv = shlex.split(line)[1:]
+        args = parse_args(build_parser(), argv)
+        assert args.command == argv[0] and args.func is not None, line
+
+
+def test_shown_commands_finds_the_readmes_commands():
+    lines = shown_commands((ROOT / "README.md").read_text(encoding="utf-8"))
+    assert "probunet prepare-lidc --synthetic-images --crop-size 64 --out data/lidc_style" in lines
+    assert "probunet evaluate runs/lidc --num-samples 100" in lines
+    assert not any(line.startswith("probunet train CONFIG") for line in lines)
