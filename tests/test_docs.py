@@ -167,9 +167,10 @@ def test_every_config_key_is_documented():
 def test_every_command_option_is_documented():
     from probunet import options
 
-    flags = [f.metadata["flag"] for cls in (options.TrainOptions, options.EvaluateOptions, options.PredictOptions)
-             for f in dataclasses.fields(cls) if f.metadata.get("flag")]
-    assert "--num-samples" in flags and "--shard" in flags
+    classes = [c for c in vars(options).values() if dataclasses.is_dataclass(c) and c.__name__.endswith("Options")]
+    assert len(classes) == 11  # one per command
+    flags = [f.metadata["flag"] for cls in classes for f in dataclasses.fields(cls) if f.metadata.get("flag")]
+    assert "--num-samples" in flags and "--shard" in flags and "--3d" in flags
     text = (ROOT / "docs" / "configs.md").read_text(encoding="utf-8")
     missing = sorted({flag for flag in flags if f"`{flag}" not in text})
     assert missing == [], f"command options missing from docs/configs.md: {missing}"
@@ -387,3 +388,54 @@ def test_results_log_entries_are_dated_and_indexed():
         assert f"- **Date:** {p.name[:10]}" in text, p.name
         assert re.search(r"^- \*\*Commit:\*\* `[0-9a-f]{7,40}`", text, re.M), p.name
         assert re.search(r"^- \*\*Command:\*\*\n\n```", text, re.M), p.name
+
+def test_the_python_examples_of_the_docs_import():
+    """Every ``from probunet... import ...`` line of a ``python`` block in the docs names something that exists
+    (the documented API, not a module that moved). The results log is left out: each entry shows the code of
+    the commit it names."""
+    import importlib
+
+    fence = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+    found = []
+    for path in (p for p in doc_files() if p.parent.name != "results"):
+        for block in fence.findall(path.read_text(encoding="utf-8")):
+            for m in re.finditer(r"^from (probunet[\w.]*) import ([\w, ]+)$", block, re.M):
+                found.append((path.name, m.group(1), [n.strip() for n in m.group(2).split(",")]))
+    assert ("predict.md", "probunet", ["Predictor", "predict_folder"]) in found
+    missing = [f"{doc}: from {mod} import {name}" for doc, mod, names in found for name in names
+               if not hasattr(importlib.import_module(mod), name)]
+    assert missing == []
+
+
+def shown_commands(text: str) -> list[str]:
+    """The ``probunet ...`` command lines of the ``bash`` blocks of a Markdown text (continuations joined,
+    comments dropped; usage lines with ``[options]`` or upper-case placeholders left out)."""
+    out = []
+    for block in re.findall(r"^```bash\n(.*?)^```", text, re.S | re.M):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #", 1)[0].strip()
+            if line.startswith("probunet ") and not re.search(r"\[|\b[A-Z_]{3,}\b", line):
+                out.append(line)
+    return out
+
+
+@pytest.mark.parametrize("path", [p for p in doc_files() if p.parent.name != "results"],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_command_the_docs_show_parses(path):
+    """Every ``probunet`` command line the docs show is a command with options it has, as written (the results
+    log shows the commands of the commits it names)."""
+    import shlex
+
+    from probunet.cli import build_parser, parse_args
+
+    for line in shown_commands(path.read_text(encoding="utf-8")):
+        argv = shlex.split(line)[1:]
+        args = parse_args(build_parser(), argv)
+        assert args.command == argv[0] and args.func is not None, line
+
+
+def test_shown_commands_finds_the_readmes_commands():
+    lines = shown_commands((ROOT / "README.md").read_text(encoding="utf-8"))
+    assert "probunet prepare-lidc --synthetic-images --crop-size 64 --out data/lidc_style" in lines
+    assert "probunet evaluate runs/lidc --num-samples 100" in lines
+    assert not any(line.startswith("probunet train CONFIG") for line in lines)

@@ -147,6 +147,45 @@ def test_each_default_lives_in_the_options_dataclass(argv, cls):
         {k: v for k, v in expected.items() if k not in positional}
 
 
+@pytest.mark.parametrize("argv, cls, given", [
+    (["synth", "o"], "SynthOptions", {"out": "o"}),
+    (["preprocess", "c.yaml"], "PreprocessOptions", {"config": "c.yaml"}),
+    (["calibrate", "run"], "CalibrateOptions", {"checkpoint": "run"}),
+    (["merge-shards", "d"], "MergeShardsOptions", {"output_dir": "d"}),
+    (["export", "run", "--format", "onnx", "--out", "f"], "ExportOptions",
+     {"source": "run", "format": "onnx", "out": "f"}),
+    (["study", "a.yaml", "run", "--out", "o"], "StudyOptions", {"sources": ["a.yaml", "run"], "out": "o"}),
+    (["demo"], "DemoOptions", {}),
+    (["prepare-lidc", "--out", "o"], "PrepareLidcOptions", {"out": "o"}),
+])
+def test_every_command_parses_into_its_options_dataclass(argv, cls, given):
+    """The parser of every command is built from its dataclass: what is not given is the dataclass's default."""
+    from probunet import options
+
+    cls = getattr(options, cls)
+    assert from_args(cls, parse_args(build_parser(), argv)) == cls(**given)
+
+
+def test_the_library_takes_the_commands_defaults():
+    """study, synth and the shift kinds: one default each, in probunet.options."""
+    from probunet import options
+    from probunet.config import SyntheticConfig
+    from probunet.study import StudySettings, shift
+
+    assert shift.SHIFTS is options.SHIFT_KINDS
+    study = StudySettings()
+    for name in ("num_samples", "seed", "steps", "shift", "ood", "maps", "threshold", "patch_size", "device"):
+        assert getattr(study, name) == getattr(options.StudyOptions, name), name
+    assert dataclasses.asdict(SyntheticConfig()) == {k: getattr(options.SynthOptions, k) for k in
+                                                     ("num_cases", "size", "spatial_dims", "num_raters", "seed")}
+    opts = options.StudyOptions(sources=["r"], out="o", maps=["total"], fail=["ged=0.5"], severity=2, shift="noise")
+    settings = StudySettings.from_options(opts)
+    assert settings.maps == ("total",) and settings.failure == {"one_minus_dice": 0.2, "ged": 0.5}
+    assert settings.severity == 2.0
+    with pytest.raises(ValueError, match="--severity 2 needs --shift"):
+        StudySettings.from_options(options.StudyOptions(sources=["r"], out="o", severity=2))
+
+
 def test_predict_options_reach_the_predictor_and_the_cli(checkpoint):
     from probunet.inference import Predictor
 
@@ -212,17 +251,20 @@ def test_demo_uses_the_shipped_config_from_any_folder(tmp_path, monkeypatch):
     used = {}
 
     def record(name):
-        def f(args):
-            used[name] = args
+        def f(options, *progress):
+            used[name] = options
             return 0
         return f
 
-    for name in ("cmd_synth", "cmd_train", "cmd_evaluate"):
+    # the demo's steps are the library calls of synth, train and evaluate, with their options dataclasses
+    for name in ("run_synth", "run_train", "run_evaluate"):
         monkeypatch.setattr(cli, name, record(name))
     monkeypatch.chdir(tmp_path)  # not the repository: a relative configs/ would not be found
     assert main(["demo", "--out", str(tmp_path / "demo"), "train.steps=3", "--no-progress"]) == 0
-    assert Path(used["cmd_train"].config) == config_path("synthetic.yaml")
-    assert used["cmd_train"].overrides[0] == "train.steps=3"
+    assert Path(used["run_train"].config) == config_path("synthetic.yaml")
+    assert used["run_train"].overrides[0] == "train.steps=3"
+    assert isinstance(used["run_train"], TrainOptions) and isinstance(used["run_evaluate"], EvaluateOptions)
+    assert used["run_synth"].out == str(tmp_path / "demo" / "data") == used["run_train"].overrides[-1][10:]
 
 
 # ----------------------------------------------------------------------------- one job per module, no import circle

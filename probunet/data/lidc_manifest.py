@@ -2,7 +2,7 @@
 
 LIDC results are compared across papers, yet each paper draws its own random
 split (most without a seed). probunet ships one split, made once and never
-redrawn, so that results on the pickle, the PNG crops and ``prepare_lidc.py``
+redrawn, so that results on the pickle, the PNG crops and ``probunet prepare-lidc``
 output can be compared: give ``data.split.file: lidc-idri`` (the name; or the
 CSV's path, :data:`MANIFEST_PATH`).
 

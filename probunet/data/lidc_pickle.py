@@ -20,7 +20,7 @@ Groups for splitting: the patient (``LIDC-IDRI-NNNN`` when the key or series
 names one), else the ``series_uid``; ``meta`` keeps both.
 
 This module also writes the layout (:func:`write_pickle`, used by tests and by
-``scripts/prepare_lidc.py``). The annotation part of the preparation from the
+``probunet prepare-lidc``). The annotation part of the preparation from the
 LIDC-IDRI archive is :mod:`probunet.data.lidc_annotations`; its names and those
 of the safe unpickler are re-exported here, where they used to live.
 """

@@ -601,6 +601,18 @@ def load_cached_items(cfg, *, progress: bool = False) -> list[dict]:
     return cached_items(folder, cfg)
 
 
+def preprocess_command(options, *, progress: bool = False) -> tuple[Path, dict]:
+    """``probunet preprocess``: :func:`preprocess` of the data section of ``options.config`` (with
+    ``options.overrides``) under ``options.out`` (a :class:`probunet.options.PreprocessOptions`);
+    returns the cache folder and its index."""
+    from ..config import load_config
+
+    cfg = load_config(options.config, list(options.overrides or []))
+    folder = preprocess(cfg, options.out, progress=progress)
+    return folder, read_index(folder)
+
+
 __all__ = ["CACHE_FORMAT", "cache_dir", "cache_key", "cache_root", "cached_items", "digest_offsets", "file_digest",
-           "foreground_locations", "iter_cases", "load_cached_items", "preprocess", "read_index", "resample_image",
-           "resample_labels", "resampled_shape", "resolved_spacing", "source_files", "target_spacing", "zoom"]
+           "foreground_locations", "iter_cases", "load_cached_items", "preprocess", "preprocess_command", "read_index",
+           "resample_image", "resample_labels", "resampled_shape", "resolved_spacing", "source_files", "target_spacing",
+           "zoom"]

@@ -172,4 +172,15 @@ def calibrate_run(options, *, progress: bool = False) -> dict:
     return {**data, "path": str(out_path)}
 
 
-__all__ = [*_regions_all, "ASSUMPTION", "calibrate_run", "sample_counts", "split_kwargs"]
+def calibration_lines(cal: dict) -> list[str]:
+    """What ``probunet calibrate`` prints of :func:`calibrate_run`'s result."""
+    what = "empty-union cases skipped" if cal["risk"] == "fnr" else "empty-union cases (always covered)"
+    return [f"calibrated on {cal['num_cases']} {cal['split']} cases ({cal['n_empty']} {what}), "
+            f"{cal['num_samples']} samples each: lambda {cal['lambda']:.4f} (region: pixels marked by at least "
+            f"{cal['min_votes']} of {cal['num_samples']} samples)",
+            f"  guarantee: {cal['guarantee']}",
+            f"  assumption: {cal['assumption']}",
+            f"  written: {cal['path']} (predict writes the region, evaluate reports it on the test split)"]
+
+
+__all__ = [*_regions_all, "ASSUMPTION", "calibrate_run", "calibration_lines", "sample_counts", "split_kwargs"]

@@ -56,9 +56,10 @@ import torch
 
 from .. import __version__
 from ..metrics import detection
+from ..options import StudyOptions
 from ..metrics import segmentation as metrics
 from ..runtime.output_folder import read_json_marker
-from .shift import check_shift, shift_item
+from .shift import check_shift, severity_of, shift_item
 from ..inference.uncertainty import AGGREGATIONS, MAPS, check_maps, image_scores, model_maps, uncertainty_maps
 from ..utils import atomic_write_bytes, atomic_write_text
 
@@ -76,21 +77,30 @@ TEST, SHIFTED = "test", "shifted"
 @dataclass
 class StudySettings:
     """Everything that changes the study's numbers (recorded in ``settings``; a cache is reused only when
-    they are equal)."""
+    they are equal). The defaults are ``probunet study``'s (:class:`probunet.options.StudyOptions`)."""
 
-    num_samples: int = 16
-    seed: int = 0
-    steps: Optional[int] = None  # configs are trained for this many steps (None: the config's train.steps)
-    shift: Optional[str] = None
+    num_samples: int = StudyOptions.num_samples
+    seed: int = StudyOptions.seed
+    steps: Optional[int] = StudyOptions.steps  # configs are trained for this many steps (None: train.steps)
+    shift: Optional[str] = StudyOptions.shift
     severity: float = 1.0
-    ood: Optional[str] = None
-    maps: Optional[tuple] = None  # None: every map each model gives
+    ood: Optional[str] = StudyOptions.ood
+    maps: Optional[tuple] = StudyOptions.maps  # None: every map each model gives
     aggregations: tuple = AGGREGATIONS
-    threshold: float = 0.1  # above_threshold: nats
-    patch_size: int = 8  # patch_max: voxels per axis
+    threshold: float = StudyOptions.threshold  # above_threshold: nats
+    patch_size: int = StudyOptions.patch_size  # patch_max: voxels per axis
     failure: dict = field(default_factory=lambda: dict(DEFAULT_FAILURE))
     num_bins: int = 10
-    device: str = "auto"
+    device: str = StudyOptions.device
+
+    @classmethod
+    def from_options(cls, options: StudyOptions) -> "StudySettings":
+        """The settings of ``probunet study`` (``--severity`` only with ``--shift``; ``--fail`` over the
+        default thresholds)."""
+        return cls(num_samples=options.num_samples, seed=options.seed, steps=options.steps, shift=options.shift,
+                   severity=severity_of(options.shift, options.severity), ood=options.ood,
+                   maps=tuple(options.maps) if options.maps else None, threshold=options.threshold,
+                   patch_size=options.patch_size, failure=parse_failure(options.fail), device=options.device)
 
     def check(self) -> None:
         if self.num_samples < 1:
@@ -852,6 +862,25 @@ def run_study(sources: Sequence[str], out: str | Path, settings: Optional[StudyS
         lock.release()
 
 
+def study_command(options: StudyOptions, *, train=None, progress: bool = False) -> dict:
+    """``probunet study``: :func:`run_study` of ``options.sources`` into ``options.out`` with the settings of
+    ``options`` (:meth:`StudySettings.from_options`); ``train`` as there."""
+    return run_study(options.sources, options.out, StudySettings.from_options(options), train=train,
+                     progress=progress, retrain=options.retrain)
+
+
+def study_lines(study: dict, seconds: float) -> list[str]:
+    """What ``probunet study`` prints of :func:`run_study`'s result (``seconds``: how long it took)."""
+    lines = [f"study of {len(study['settings']['models'])} models in {seconds:.0f}s"]
+    for question, best in study["best"].items():
+        o = best["overall"]
+        if o:
+            lines.append(f"  {question:32s} best score {o['score']} ({o['mean']:.4f}, mean over {o['n_models']} "
+                         f"models)")
+    lines.extend(f"  {name + ':':15s}{path}" for name, path in study["files"].items())
+    return lines
+
+
 def _run_study(models: list[StudyModel], out: Path, settings: StudySettings, folder: StudyFolder, *, train,
                progress: bool, retrain: bool) -> dict:
     results: dict = {}
@@ -924,4 +953,4 @@ def _nested(scores: dict) -> dict:
     return out
 
 
-__all__ = ["RISKS", "StudySettings", "answer", "best_scores", "run_study"]
+__all__ = ["RISKS", "StudySettings", "answer", "best_scores", "run_study", "study_command", "study_lines"]

@@ -39,7 +39,7 @@ from typing import Optional
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-SHIFTS = ("intensity", "noise", "blur", "texture", "lesion_contrast")
+from ..options import SHIFT_KINDS as SHIFTS
 _CODES = {k: i + 101 for i, k in enumerate(SHIFTS)}
 
 
@@ -50,6 +50,13 @@ def max_severity(kind: str, size: Optional[int] = None) -> float:
     """The largest ``--severity`` of ``kind``; for ``blur`` also at most ``size``, the image's largest side."""
     top = MAX_SEVERITY[kind]
     return min(top, float(size)) if kind == "blur" and size is not None else top
+
+
+def severity_of(shift: Optional[str], severity: Optional[float]) -> float:
+    """``severity`` (default 1) of the shift ``shift``; a ValueError without a shift (it would change nothing)."""
+    if severity is not None and not shift:
+        raise ValueError(f"--severity {severity:g} needs --shift KIND (the kind of shift it is the strength of)")
+    return 1.0 if severity is None else float(severity)
 
 
 def check_shift(kind: str, severity: float, size: Optional[int] = None) -> None:
@@ -139,5 +146,5 @@ def shift_items(items: list[dict], kind: str, severity: float, *, seed: int = 0)
     return [shift_item(it, kind, severity, seed=seed, index=i) for i, it in enumerate(items)]
 
 
-__all__ = ["MAX_SEVERITY", "SHIFTS", "check_shift", "lesion_signal", "max_severity", "shift_image", "shift_item",
-           "shift_items"]
+__all__ = ["MAX_SEVERITY", "SHIFTS", "check_shift", "lesion_signal", "max_severity", "severity_of", "shift_image",
+           "shift_item", "shift_items"]

@@ -211,6 +211,31 @@ def test_pipeline_on_a_fake_archive(tmp_path):
     assert len(load_splits(cfg)["train"]) == 2
 
 
+def test_prepare_lidc_command_on_a_fake_archive(tmp_path, capsys):
+    """``probunet prepare-lidc``: the installed command writes what the script writes; options that exclude
+    each other are one line on stderr, exit 2, nothing written."""
+    from probunet.cli import main
+
+    _fake_archive(tmp_path)
+    out = tmp_path / "out"
+    argv = ["prepare-lidc", "--db", str(tmp_path / "fake.sqlite"), "--out", str(out), "--crop-size", "32"]
+    assert main([*argv, "--synthetic-images", "--seed", "3"]) == 0
+    assert capsys.readouterr().out.strip() == f"2 crops from 1 scans -> {out} (1 pickle file(s), synthetic images)"
+    items = read_cases(load_config(None, ["data.format=lidc_pickle", f"data.path={out}"]).data)
+    assert [i["case_id"] for i in items] == ["LIDC-IDRI-9001_s0001_n00_k001", "LIDC-IDRI-9001_s0001_n00_k002"]
+    assert items[1]["labels"][1].sum() == 81  # reader 2's box, outline excluded: 9 x 9
+    # the script is the same command
+    mod = _script()
+    assert mod.main(["--db", str(tmp_path / "fake.sqlite"), "--out", str(tmp_path / "s"), "--crop-size", "32",
+                     "--synthetic-images", "--seed", "3"]) == 0
+    assert (tmp_path / "s" / "cases.csv").read_text() == (out / "cases.csv").read_text()
+    capsys.readouterr()
+    assert main([*argv[:3], "--out", str(tmp_path / "x"), "--synthetic-images", "--annotations-only"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "probunet prepare-lidc: error: --annotations-only and --synthetic-images exclude each other"
+    assert not (tmp_path / "x").exists()
+
+
 def test_polygon_fill_basics():
     lines = _square_outline(2, 6, 2, 6).split("\n")  # every outline pixel, as LIDC readers draw them
     square = np.array([[int(v) for v in line.split(",")][::-1] for line in lines])

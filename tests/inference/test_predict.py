@@ -435,6 +435,31 @@ def test_shards_and_merge(ckpts, tmp_path):
         P.predict_folder(ckpts["3d"], inp, out, shard="2/2")
 
 
+def test_merge_shards_command(ckpts, tmp_path, capsys):
+    """``probunet merge-shards OUTPUT_DIR``: summary.csv from the shards; exit 1 with a failed case, 2 (one
+    line) with nothing to merge or shards of two counts."""
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    for i in range(2):
+        write_nifti(inp / f"c{i}.nii.gz", shape=(8, 8, 4), seed=i)
+    (inp / "c2.nii.gz").write_bytes(b"broken")
+    for k in range(2):
+        P.predict_folder(ckpts["3d"], inp, out, num_samples=2, shard=f"{k}/2")
+    capsys.readouterr()
+    assert main(["merge-shards", str(out)]) == 1  # c2 failed
+    assert capsys.readouterr().out.strip() == f"merged 3 rows into {out / 'summary.csv'}"
+    assert {r["case"]: r["status"] for r in csv.DictReader(open(out / "summary.csv"))} == \
+        {"c0": "ok", "c1": "ok", "c2": "error"}
+    (out / "summary.shard-0-of-3.csv").write_bytes((out / "summary.shard-0-of-2.csv").read_bytes())
+    assert main(["merge-shards", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("probunet merge-shards: error:") and "different shard counts" in err
+    assert len(err.strip().splitlines()) == 1
+    (tmp_path / "empty").mkdir()
+    assert main(["merge-shards", str(tmp_path / "empty")]) == 2
+    assert "no shard summaries" in capsys.readouterr().err
+
+
 def test_predict_batch_script(ckpts, tmp_path):
     inp, out = tmp_path / "in", tmp_path / "out"
     inp.mkdir()

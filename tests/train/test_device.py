@@ -78,5 +78,5 @@ def test_only_utils_resolves_a_device():
     assert picking == []
     users = [p.name for p in sorted(root.rglob("*.py"))
              if "resolve_device(" in p.read_text(encoding="utf-8") and p.name != "utils.py"]
-    assert {"distributed.py", "train.py"} <= set(users)
-    assert {"evaluate.py", "cli.py"} & set(users)  # probunet evaluate's --device
+    assert {"distributed.py", "trainer.py"} <= set(users)
+    assert "command.py" in users  # probunet evaluate's --device (probunet.evaluation.command)
