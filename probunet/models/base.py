@@ -60,7 +60,7 @@ from .losses import Geco, beta_schedule, build_geco
 from .registry import DEFAULT_MODEL, build_model, model_name, model_names, register_model  # noqa: F401
 
 RATER_MODES = ("random", "all")
-DEFAULTS = ModelConfig()  # every model key's default, stated once (in probunet.config.ModelConfig)
+DEFAULTS = ModelConfig()  # the shared model keys' defaults (each model's own keys: its spec's ModelKey)
 CHUNK_SIZE = 16  # samples per chunk of SegmentationModel.sample (the Probabilistic U-Net's own: 32)
 
 
