@@ -86,6 +86,14 @@ def add_model_key(name: str, kind: Any, default: Any) -> None:
     ModelConfig.__annotations__[name] = kind
 
 
+def remove_model_key(name: str) -> None:
+    """Withdraw a key declared with :func:`add_model_key` (the shared keys stay)."""
+    if name in _SHARED_MODEL_KEYS:
+        raise ValueError(f"model key {name!r} is shared by every model; it cannot be removed")
+    ModelConfig.__dataclass_fields__.pop(name, None)
+    ModelConfig.__annotations__.pop(name, None)
+
+
 def model_key_default(name: str) -> Any:
     """The default of the ``model.<name>`` key (KeyError: no such key is declared)."""
     return ModelConfig.__dataclass_fields__[name].default

@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Optional
 
 from torch import nn
 
-from ..config import ModelConfig, add_model_key, register_validator, shown
+from ..config import ModelConfig, add_model_key, register_validator, remove_model_key, shown
 from ..errors import ConfigError
 from .spec import ModelSpec, run_check
 
@@ -47,6 +47,18 @@ def register_model(spec: ModelSpec) -> ModelSpec:
         add_model_key(key.name, key.kind, key.default)
     _REGISTRY[spec.name] = spec
     return spec
+
+
+def unregister_model(name: str) -> None:
+    """Withdraw the spec registered as ``name`` and the config keys no other spec declares (a model
+    registered for a while, as in a test)."""
+    spec = _REGISTRY.pop(name, None)
+    if spec is None:
+        raise ValueError(f"no model named {name!r} is registered")
+    still = {key.name for other in _REGISTRY.values() for key in other.keys}
+    for key in spec.keys:
+        if key.name not in still:
+            remove_model_key(key.name)
 
 
 def model_names() -> list[str]:
@@ -220,4 +232,4 @@ def check_model_config(cfg) -> None:
 
 __all__ = ["DEFAULT_MODEL", "MAX_MODEL_PARAMETERS", "MODEL_LIMITS", "build_model", "check_model_config",
            "estimate_model_parameters", "model_name", "model_names", "model_spec", "model_specs", "register_model",
-           "spec_of"]
+           "spec_of", "unregister_model"]

@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from ..base import SegmentationModel, loss_settings_from, pick_raters
 from ..registry import register_model
 from ..scripted import ScriptSampler, UNetPort
-from ..spec import ModelKey, ModelSpec, Samples, choice, int_range, key_defaults
+from ..spec import ModelKey, ModelSpec, choice, int_range, key_defaults
+from .member_ensemble import members_of
 from ..unet import UNet
 from ._common import DEFAULTS as D, SOFT_TARGET_KEY, common_args, member_batch, option
 
@@ -147,11 +148,6 @@ class EnsembleSampler(ScriptSampler):
         logits = torch.stack(outs, dim=1)  # (B, used, C, *sp)
         index = torch.arange(num_samples, device=x.device) % used
         return logits.index_select(1, index)
-
-
-def members_of(model) -> Samples:
-    """An ensemble's samples: sample s from member s mod M."""
-    return Samples("members", groups=len(model.members), label=f"ensemble of {getattr(model, 'member_name', 'unet')}")
 
 
 register_model(ModelSpec(

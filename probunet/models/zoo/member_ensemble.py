@@ -32,10 +32,9 @@ import torch
 from torch import Tensor, nn
 
 from ..base import SegmentationModel
-from ..registry import build_model
-from ..registry import register_model, spec_of
+from ..registry import build_model, register_model, spec_of
 from ..scripted import ScriptSampler
-from ..spec import ModelSpec
+from ..spec import ModelSpec, Samples
 from ._common import member_batch
 
 BATCH_MODES = ("bootstrap", "shuffle", "same")
@@ -211,14 +210,13 @@ def _member_refusal(model) -> "str | None":
     return f"its members ({model.member_name}) have no exported sampler: {reason}" if reason else None
 
 
-def _samples(model):
-    from .ensemble import members_of
-
-    return members_of(model)
+def members_of(model) -> Samples:
+    """An ensemble's samples (of U-Nets or of another model): sample s from member s mod M."""
+    return Samples("members", groups=len(model.members), label=f"ensemble of {getattr(model, 'member_name', 'unet')}")
 
 
 register_model(ModelSpec(
-    name="member_ensemble", model_class=MemberEnsemble, built_by="ensemble", samples=_samples,
+    name="member_ensemble", model_class=MemberEnsemble, built_by="ensemble", samples=members_of,
     sampler=MemberEnsembleSampler, export_refusal=_member_refusal,
     onnx_refusal=lambda model: (f"an ensemble of {model.member_name} members has no ONNX export; export --format "
                                 f"torchscript instead"),
