@@ -42,7 +42,8 @@ for every model) and the chunked sampling loop (:func:`chunked_samples`).
 
 Models are built by name (``model.name`` in the config, ``prob_unet`` when the
 config has no such key) with :func:`probunet.models.registry.build_model`; a
-model registers its builder with :func:`~probunet.models.registry.register_model`
+model registers its spec (:class:`probunet.models.spec.ModelSpec`: builder, config keys,
+what its samples are, how it exports) with :func:`~probunet.models.registry.register_model`
 (both also importable from here).
 """
 
