@@ -100,11 +100,6 @@ def spec_of_model(model):
                           f"spec has this class; register one with probunet.models.register_model)") from None
 
 
-def model_name_of(model) -> str:
-    """The registered name of ``model``'s spec (ExportError when it has none)."""
-    return spec_of_model(model).name
-
-
 def _check_num_samples(num_samples) -> None:
     """The sampler's default S: 1 .. :data:`probunet.guards.MAX_SAMPLES`, as evaluate and predict."""
     from ..guards import MAX_SAMPLES
@@ -343,7 +338,11 @@ def export_model(source, fmt: str, out: str | Path, *, num_samples: int = 16, ov
     out = Path(out)
     _check_out(out, ckpt_path, overwrite, folder=fmt == "bundle")
     model, cfg, ckpt = load_model(ckpt_path)
-    name = model_name_of(model)
+    spec = spec_of_model(model)
+    name = spec.name
+    refusal = spec.export_refusal_of(model)
+    if refusal:  # before anything is written
+        raise ExportError(f"model {name} cannot be exported: {refusal}")
     meta = export_metadata(model, cfg, ckpt, num_samples=int(num_samples), fmt=fmt)
     from ..inference.regions import export_record, load_calibration, run_dir_of_checkpoint
 

@@ -144,17 +144,28 @@ def test_a_registered_models_key_is_checked_by_its_spec(registered):
     assert load_config(DEBUG, [f"model.name={NAME}"]).model.noise_scale == 1.0  # the spec's default
 
 
-def test_a_model_without_a_sampler_is_refused_by_export_with_its_reason(tmp_path):
+def test_a_model_without_a_sampler_is_refused_by_export_with_its_reason(tmp_path, capsys):
     spec = ModelSpec(name="unexportable_test", model_class=NoisySegmenter, build=build_noisy, samples="latent",
                      keys=SPEC.keys, export_refusal="it is only a test model")
     register_model(spec)
     try:
         from probunet.export.exporter import ExportError, build_sampler, onnx_refusal
+        from probunet.models.checkpoint import save_checkpoint
 
-        model = build_model(load_config(DEBUG, ["model.name=unexportable_test"]).model)
+        cfg = load_config(DEBUG, ["model.name=unexportable_test"])
+        model = build_model(cfg.model)
         with pytest.raises(ExportError, match="unexportable_test.*only a test model"):
             build_sampler(model)
         assert onnx_refusal(model) == "it is only a test model"
+        ckpt = tmp_path / "model.pt"
+        save_checkpoint({"model": model.state_dict(), "config": cfg.to_dict(), "step": 0}, ckpt)
+        for fmt in ("torchscript", "bundle"):
+            capsys.readouterr()
+            out = tmp_path / f"out_{fmt}"
+            assert main(["export", str(ckpt), "--format", fmt, "--out", str(out)]) != 0
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and "only a test model" in err[0], err
+            assert not out.exists() or not any(out.iterdir())  # refused before anything is written
     finally:
         unregister_model("unexportable_test")
 
