@@ -27,40 +27,76 @@ import yaml
 from .errors import ConfigError  # noqa: F401  (re-exported: ``from probunet.config import ConfigError``)
 
 
-@dataclass
+@dataclass(init=False, eq=False, repr=False)
 class ModelConfig:
+    """The ``model`` section: the keys every model reads, declared here, and each model's own keys,
+    declared by its spec (:class:`probunet.models.spec.ModelSpec`) and added with :func:`add_model_key`
+    when the model is registered. The section is flat: every registered key is valid whatever
+    ``model.name`` is (a model reads its own keys and ignores the others)."""
+
     name: str = "prob_unet"  # a registered model (probunet.models.model_names())
     spatial_dims: int = 2
     in_channels: int = 1
     num_classes: int = 2
     features: tuple = (32, 64, 128, 192)
-    latent_dim: int = 6
-    fcomb_layers: int = 4
-    prior: str = "conditional"  # conditional | standard
     convs_per_level: int = 3
     norm: Optional[str] = None  # None (reference code) | batch | instance | group
     init: str = "he_normal"  # he_normal (reference code) | torch (PyTorch's default init)
-    # prob_unet: the foreground probability the logits start at (f_comb's last bias at its log-odds,
-    # its weights x0.1); null: off. Small lesions in 3D patches need it (docs/volumes.md)
-    foreground_prior: Optional[float] = None
-    # The model zoo (model.name; each key is read by the models named in its comment)
-    sampling: str = "pixelwise"  # unet: pixelwise (a categorical draw per pixel) | argmax (all samples equal)
-    soft_target: bool = False  # unet, mc_dropout, ensemble: CE against the raters' mean instead of one rater
-    dropout: float = 0.5  # mc_dropout: spatial dropout rate in the decoder, in [0, 1)
-    mc_sampling: bool = True  # mc_dropout: dropout kept on at sampling time
-    ensemble_size: int = 4  # ensemble: members M
-    ensemble_batch: str = "bootstrap"  # ensemble: bootstrap | shuffle | same (each member's batch)
-    member: Optional[str] = None  # ensemble: the member model (null or unet: U-Nets; e.g. prob_unet)
-    rank: int = 10  # ssn: rank of the covariance factor P
-    mc_samples: int = 20  # ssn: Monte-Carlo samples M of the loss
-    diag_eps: float = 1e-5  # ssn: floor of the diagonal covariance d
-    roi: str = "none"  # ssn: none | image (covariance only inside the dilated image foreground)
-    roi_dilation: int = 3  # ssn: dilation of that region, pixels
-    roi_threshold: float = 0.0  # ssn: the image foreground is |x| > this
-    latent_levels: Optional[int] = None  # hpu_net (default 3), phiseg (default 5): latent scales, clipped to the levels
-    latent_channels: int = 2  # hpu_net, phiseg: latent channels per scale
-    res_blocks: int = 1  # hpu_net: residual blocks per level
-    topk_fraction: float = 1.0  # hpu_net: share of pixels with the largest CE kept in the loss (1: all)
+
+    def __init__(self, **values):
+        for f in dataclasses.fields(self):
+            if f.name in values:
+                value = values.pop(f.name)
+            elif f.default_factory is not dataclasses.MISSING:
+                value = f.default_factory()
+            else:
+                value = f.default
+            setattr(self, f.name, value)
+        if values:
+            raise TypeError(f"ModelConfig: unknown model key(s) {', '.join(sorted(values))}; registered: "
+                            f"{', '.join(f.name for f in dataclasses.fields(self))}")
+
+    def __eq__(self, other) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return all(getattr(self, f.name) == getattr(other, f.name) for f in dataclasses.fields(self))
+
+    def __repr__(self) -> str:
+        return "ModelConfig(" + ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)) + ")"
+
+
+_SHARED_MODEL_KEYS = frozenset(f.name for f in dataclasses.fields(ModelConfig))
+
+
+def add_model_key(name: str, kind: Any, default: Any) -> None:
+    """Declare the ``model.<name>`` key of type ``kind`` (int, float, str, bool, tuple or Optional[...])
+    with ``default``: a field of :class:`ModelConfig` from now on. Declaring a key again with the same
+    type and default is a no-op (two models may read one key); with another is a ValueError."""
+    fields = ModelConfig.__dataclass_fields__
+    if name in fields:
+        old = fields[name]
+        if name in _SHARED_MODEL_KEYS or old.type != kind or old.default != default:
+            raise ValueError(f"model key {name!r} is already declared (type {old.type!r}, default "
+                             f"{old.default!r}); cannot declare it as type {kind!r}, default {default!r}")
+        return
+    if not name.isidentifier() or name.startswith("_"):
+        raise ValueError(f"model key {name!r}: not a valid key name")
+    declared = dataclasses.make_dataclass("_Key", [(name, kind, field(default=default))])
+    fields[name] = declared.__dataclass_fields__[name]
+    ModelConfig.__annotations__[name] = kind
+
+
+def remove_model_key(name: str) -> None:
+    """Withdraw a key declared with :func:`add_model_key` (the shared keys stay)."""
+    if name in _SHARED_MODEL_KEYS:
+        raise ValueError(f"model key {name!r} is shared by every model; it cannot be removed")
+    ModelConfig.__dataclass_fields__.pop(name, None)
+    ModelConfig.__annotations__.pop(name, None)
+
+
+def model_key_default(name: str) -> Any:
+    """The default of the ``model.<name>`` key (KeyError: no such key is declared)."""
+    return ModelConfig.__dataclass_fields__[name].default
 
 
 @dataclass
@@ -435,7 +471,6 @@ class LiveChoices:
 DATA_FORMATS = LiveChoices("data.format")
 
 _CHOICES = {
-    "model.prior": ("conditional", "standard"),
     "model.norm": (None, "batch", "instance", "group"),
     "model.init": ("he_normal", "torch"),
     "data.format": DATA_FORMATS,

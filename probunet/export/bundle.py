@@ -305,19 +305,17 @@ def inference_config(meta: dict, *, num_samples: int, seed: int, roi: Optional[l
 # ----------------------------------------------------------------------------- model card
 
 
-# the model.* keys that describe each model (the config holds every model's options)
-_MODEL_KEYS = {"prob_unet": ("latent_dim", "fcomb_layers", "prior"), "unet": ("sampling", "soft_target"),
-               "ensemble": ("ensemble_size", "ensemble_batch"), "mc_dropout": ("dropout", "mc_sampling"),
-               "ssn": ("rank", "mc_samples", "diag_eps", "roi"), "hpu_net": ("latent_levels", "latent_channels",
-                                                                           "res_blocks", "topk_fraction"),
-               "phiseg": ("latent_levels", "latent_channels")}
+_SHARED_KEYS = ("name", "spatial_dims", "in_channels", "num_classes", "features", "convs_per_level", "norm", "init")
 
 
-def _model_keys(cfg) -> str:
+def model_card_keys(cfg) -> str:
+    """The ``model.*`` keys that describe the config's model: the shared ones, then those its spec shows
+    on the card (the config holds every model's keys)."""
+    from ..models.registry import model_name, model_spec
+
     m = cfg.to_dict()["model"]
-    name = m.get("name") or "prob_unet"
-    keys = ("name", "spatial_dims", "in_channels", "num_classes", "features", "convs_per_level", "norm", "init",
-            *_MODEL_KEYS.get(name, ()))
+    spec = model_spec(model_name(cfg.model))
+    keys = (*_SHARED_KEYS, *(k.name for k in spec.keys if k.card))
     return ", ".join(f"{k} {m[k]}" for k in keys if k in m)
 
 
@@ -352,9 +350,9 @@ def model_card(model, cfg, ckpt: dict, meta: dict, *, num_samples: int, seed: in
            "ct_window": f" (clip to {list(data.ct_window)}, scale to [0, 1])"}.get(data.normalize, "") + ".",
         f"- any spatial size: `models/model.ts` pads to a multiple of {meta['divisor']} with the per-channel "
         f"minimum and crops back; images larger than the window {roi} are sampled with sliding windows "
-        f"that share the whole image's noise" + (" and prior" if name == "prob_unet" else "") + ".",
+        f"that share the whole image's noise" + (" and prior" if meta["latent_dim"] else "") + ".",
         f"- noise: " + ("the latent draws eps (S, latent_dim = " + str(meta["latent_dim"]) + "), "
-                        "z = mu + sigma * eps" if name == "prob_unet" else
+                        "z = mu + sigma * eps" if meta["latent_dim"] else
                         "a torch.Generator; the model draws its own noise from it in a fixed order")
         + f"; seed {seed}.",
         "",
@@ -370,7 +368,7 @@ def model_card(model, cfg, ckpt: dict, meta: dict, *, num_samples: int, seed: in
         "",
         f"- {train.steps} steps planned, {ckpt.get('step')} done; batch size {train.batch_size}, learning rate "
         f"{train.lr} ({train.lr_schedule}), seed {train.seed}, rater choice `{train.rater}`",
-        f"- model: {_model_keys(cfg)}",
+        f"- model: {model_card_keys(cfg)}",
         "",
         "## Evaluation",
         "",

@@ -10,8 +10,8 @@ The exported sampler (TorchScript: ``torch.jit.load(FILE)``, nothing else needed
             (``sampler.normalize(raw)`` applies it: none, zscore per image and
             channel, or ct_window), any spatial size (padded inside to a multiple
             of ``sampler.divisor`` with the per-channel minimum, cropped back)
-    noise   the Probabilistic U-Net's latent draws eps (B or 1, S, latent_dim),
-            z = mu + sigma * eps; other models: None
+    noise   a latent model's draws eps (B or 1, S, latent_dim) where its sampler takes them
+            (the Probabilistic U-Net: z = mu + sigma * eps); other models: None
     generator  a CPU torch.Generator (torch.Generator().manual_seed(seed)): every random
             number drawn from it in the order of the model's own ``sample(generator=...)``;
             None: torch's global RNG
@@ -28,14 +28,15 @@ Probabilistic U-Net from ``eps = probunet.inference.case_noise(K, ID, S, (latent
 and for the zoo's models from ``torch.Generator().manual_seed(probunet.inference.case_seed(K, ID))``
 (the ``generator`` argument here).
 
-ONNX (``--format onnx``, needs the ``onnx`` extra): the Probabilistic U-Net as
-``logits = f(image, noise)`` (inputs named ``image`` and ``noise``; batch,
-samples and spatial axes dynamic; the spatial sizes must be multiples of
-``divisor``, since the graph does not pad), and models without random draws
-(``ensemble``, ``unet`` with ``sampling: argmax``, ``mc_dropout`` with
-``mc_sampling: false``) as ``f(image)`` with S fixed at export. The other
-models draw random numbers inside the network, which ONNX cannot seed to match
-torch: they are refused with the reason (export TorchScript instead).
+ONNX (``--format onnx``, needs the ``onnx`` extra): a model whose sampler takes noise rows as
+``logits = f(image, noise)`` (inputs named ``image`` and ``noise``; batch, samples and spatial
+axes dynamic; the spatial sizes must be multiples of ``divisor``, since the graph does not pad),
+and models without random draws as ``f(image)`` with S fixed at export. A model that draws
+random numbers inside the network, which ONNX cannot seed to match torch, is refused with the
+reason its spec gives (``onnx_refusal``; export TorchScript instead).
+
+Each model states how it exports in its spec (:class:`probunet.models.spec.ModelSpec`): its own
+TorchScript-ready sampler, kept beside the model, or the reason it has none.
 
 The bundle (``--format bundle``) is written by :mod:`probunet.export.bundle`.
 
@@ -87,28 +88,16 @@ class ExportResult:
 # ----------------------------------------------------------------------------- building the sampler
 
 
-def model_name_of(model) -> str:
-    from ..models import zoo  # noqa: F401  (the zoo registers its models)
-    from ._modules import SAMPLERS
+def spec_of_model(model):
+    """The registered spec of ``model`` (:class:`probunet.models.spec.ModelSpec`); ExportError naming the
+    model's class when it has none."""
+    from ..models.registry import spec_of
 
-    cls = type(model).__name__
-    names = {"ProbabilisticUNet": "prob_unet", "UNetBaseline": "unet", "DeepEnsemble": "ensemble",
-             "MCDropoutUNet": "mc_dropout", "StochasticSegmentationNetwork": "ssn",
-             "HierarchicalProbUNet": "hpu_net", "PHiSeg": "phiseg", "MemberEnsemble": "member_ensemble"}
-    name = names.get(cls)
-    if name is None or name not in SAMPLERS:
-        raise ExportError(f"model {cls}: the exporter has no sampler for it (exportable: "
-                          f"{', '.join(SAMPLERS)})")
-    if name == "member_ensemble":
-        model_name_of(model.members[0])  # its members' model must be exportable too
-    return name
-
-
-def _latent_dim(model, name: str) -> int:
-    """The size of one sample's ``noise`` row of the exported sampler (0: it takes none)."""
-    if name == "member_ensemble":
-        return _latent_dim(model.members[0], model_name_of(model.members[0]))
-    return int(model.latent_dim) if name == "prob_unet" else 0
+    try:
+        return spec_of(model)
+    except ValueError:
+        raise ExportError(f"model {type(model).__name__}: the exporter has no sampler for it (no registered model "
+                          f"spec has this class; register one with probunet.models.register_model)") from None
 
 
 def _check_num_samples(num_samples) -> None:
@@ -125,18 +114,19 @@ def build_sampler(model, cfg=None, *, num_samples: int = 16) -> torch.nn.Module:
     ``cfg`` (the checkpoint's :class:`probunet.config.Config`) gives ``data.normalize`` for
     :meth:`normalize`; without it, ``none``.
     """
-    from ._modules import SAMPLERS
-
     _check_num_samples(num_samples)
-    name = model_name_of(model)
+    spec = spec_of_model(model)
+    refusal = spec.export_refusal_of(model)
+    if refusal:
+        raise ExportError(f"model {spec.name} cannot be exported: {refusal}")
     normalize, window = "none", (0.0, 1.0)
     if cfg is not None:
         normalize = str(cfg.data.normalize)
         if normalize == "ct_window":
             window = tuple(float(v) for v in cfg.data.ct_window)
     model = model.cpu().eval()
-    sampler = SAMPLERS[name](model, num_samples=int(num_samples), normalize=normalize, ct_window=window,
-                             model_name=name)
+    sampler = spec.sampler(model, num_samples=int(num_samples), normalize=normalize, ct_window=window,
+                           model_name=spec.name)
     return sampler.eval()
 
 
@@ -159,28 +149,14 @@ def _quiet_jit():
 
 
 def onnx_refusal(model) -> Optional[str]:
-    """Why ``model`` cannot be exported to ONNX (None: it can)."""
-    name = model_name_of(model)
-    if name == "prob_unet":
-        return None
-    if name == "member_ensemble":
-        return (f"an ensemble of {model.member_name} members has no ONNX export; export --format torchscript "
-                f"instead")
-    if name == "ensemble" or (name == "unet" and model.sampling == "argmax") or \
-            (name == "mc_dropout" and not model.mc_sampling):
-        return None
-    what = {"unet": "draws every pixel of every sample (sampling: pixelwise)",
-            "mc_dropout": "draws dropout masks inside the decoder",
-            "ssn": "draws its low-rank and diagonal noise inside the network",
-            "hpu_net": "draws a latent map at every level of its decoder",
-            "phiseg": "draws a latent map at every level of its hierarchy"}[name]
-    return (f"model {name} {what}, which ONNX cannot seed to match torch; export --format torchscript "
-            f"(seeded) instead")
+    """Why ``model`` cannot be exported to ONNX (None: it can), as its spec says."""
+    return spec_of_model(model).onnx_refusal_of(model)
 
 
 def export_metadata(model, cfg, ckpt: Optional[dict], *, num_samples: int, fmt: str) -> dict:
     """The facts an exported file carries about itself (the TorchScript extra file ``probunet.json``)."""
-    name = model_name_of(model)
+    spec = spec_of_model(model)
+    name, noise_dim = spec.name, spec.noise_dim_of(model)
     data = cfg.data if cfg is not None else None
     meta = {
         "kind": "probunet-export",
@@ -193,7 +169,7 @@ def export_metadata(model, cfg, ckpt: Optional[dict], *, num_samples: int, fmt: 
         "num_classes": int(model.num_classes),
         "divisor": int(model.divisor),
         "num_samples": int(num_samples),
-        "latent_dim": _latent_dim(model, name),
+        "latent_dim": noise_dim,
         "normalize": str(data.normalize) if data is not None else "none",
         "ct_window": list(data.ct_window) if data is not None and data.normalize == "ct_window" else None,
         "training_patch": _training_patch(cfg),
@@ -201,7 +177,7 @@ def export_metadata(model, cfg, ckpt: Optional[dict], *, num_samples: int, fmt: 
                  "any spatial size (padded to a multiple of divisor with the per-channel minimum, cropped back)",
         "output": "logits (B, S, C, *spatial) float32; argmax over C gives sample label maps, "
                   "mean over S of softmax over C the mean probability",
-        "noise": ("eps (B or 1, S, latent_dim) standard normal, z = mu + sigma * eps" if _latent_dim(model, name)
+        "noise": ("eps (B or 1, S, latent_dim) standard normal, z = mu + sigma * eps" if noise_dim
                   else "none: a torch.Generator (generator=) is drawn from in the model's own order"),
         "checkpoint": str(ckpt.get("path")) if ckpt else None,
         "checkpoint_digest": ckpt.get("digest") if ckpt else None,
@@ -362,7 +338,11 @@ def export_model(source, fmt: str, out: str | Path, *, num_samples: int = 16, ov
     out = Path(out)
     _check_out(out, ckpt_path, overwrite, folder=fmt == "bundle")
     model, cfg, ckpt = load_model(ckpt_path)
-    name = model_name_of(model)
+    spec = spec_of_model(model)
+    name = spec.name
+    refusal = spec.export_refusal_of(model)
+    if refusal:  # before anything is written
+        raise ExportError(f"model {name} cannot be exported: {refusal}")
     meta = export_metadata(model, cfg, ckpt, num_samples=int(num_samples), fmt=fmt)
     from ..inference.regions import export_record, load_calibration, run_dir_of_checkpoint
 

@@ -12,32 +12,31 @@ sample s = 1..S, ``probs (B, S, C, *spatial)``, and the samples grouped by the
   prediction and the model draw (>= 0 by the concavity of H): how much the
   model draws disagree with each other.
 
-What a model draw is, and so which maps a model can give (:func:`model_maps`):
+What a model draw is, and so which maps a model can give (:func:`model_maps`), follows from what
+its spec (:class:`probunet.models.spec.ModelSpec`, registered beside the model) says its samples are:
 
-- softmax-output models whose samples are draws of the *model*: MC dropout (a
-  dropout mask per sample, an approximate posterior over weights) and the deep
-  ensemble of U-Nets (a member per sample). Every sample is its own draw
-  (G = S, or G = M members), which gives the standard decomposition
+- ``dropout`` and ``members``: softmax outputs whose samples are draws of the
+  *model*: a dropout mask per sample (MC dropout, an approximate posterior over
+  weights), or a member per sample (an ensemble, sample s from member s mod M).
+  Every sample is its own draw (G = S), or the members are (G = M, each with
+  K = S / M samples: for members that are latent models the spread within a
+  member is aleatoric), which gives the standard decomposition
   total = H(mean p), aleatoric = mean H(p_s), epistemic = their difference
   (all three maps).
-- latent-variable models (``prob_unet``, ``hpu_net``, ``phiseg``) and the SSN:
-  one trained network whose sample-to-sample spread comes from a latent (z, or
-  the SSN's Gaussian over logits) that was fitted to the raters. That spread
-  is the data's ambiguity, not the model's ignorance: there is one model draw
+- ``latent``: one trained network whose sample-to-sample spread comes from a
+  latent (the Probabilistic U-Net's z, the hierarchical models' latent maps, or
+  the SSN's Gaussian over logits) that was fitted to the raters. That spread is
+  the data's ambiguity, not the model's ignorance: there is one model draw
   (G = 1), so aleatoric = total and the mutual information over the latent
   would be rater ambiguity mislabelled as epistemic. These models give
   ``total`` and ``aleatoric`` only. (For the SSN this is a choice: its samples
   are softmax outputs, so the formula could be applied, but Monteiro et al.
   fit Sigma(x) to the raters and a fixed network has no parameter uncertainty.)
-- an ensemble of M latent-variable members (``model.name: ensemble``,
-  ``model.member: prob_unet``): sample s comes from member s mod M, G = M groups
-  of K = S / M latent draws. aleatoric = the members' mean entropy of their own
-  predictive distribution (spread within a member's latent samples), epistemic
-  = the spread between members: all three maps.
-- the deterministic U-Net (``unet``): one softmax, total = aleatoric =
-  H(softmax(f(x))), computed from the network's softmax itself (its pixel-wise
-  samples are one-hot draws); no epistemic map.
+- ``softmax``: draws from one deterministic softmax (the U-Net baseline):
+  total = aleatoric = H(softmax(f(x))), computed from the network's softmax
+  itself (its samples are one-hot draws); no epistemic map.
 
+A model without a registered spec is an error that names it.
 A map a model cannot give is refused by :func:`check_maps` with one line.
 
 Image-level scores, named ``<map>.<aggregation>`` (:func:`aggregate`):
@@ -135,36 +134,28 @@ _LATENT_WHY = ("its sample spread comes from a latent fitted to the raters (the 
                "needs a second source of variation: train an ensemble of it (model.name: ensemble, "
                "model.member: {name})")
 
+# what each kind of sample (probunet.models.spec.SAMPLE_KINDS) gives: ModelMaps.kind, the maps, the reason
+_BY_SAMPLES = {
+    "dropout": ("per_sample", MAPS, "each sample is a dropout draw of the weights"),
+    "members": ("members", MAPS, "members are draws of the model; a member's own spread is aleatoric"),
+    "latent": ("latent", ("total", "aleatoric"), _LATENT_WHY),
+    "softmax": ("softmax", ("total", "aleatoric"), "one deterministic softmax has no model spread"),
+}
+
 
 def model_maps(model) -> ModelMaps:
-    """The maps ``model`` can give and how its samples group into model draws (see the module notes)."""
-    from ..models.prob_unet import ProbabilisticUNet
-    from ..models.zoo.ensemble import DeepEnsemble
-    from ..models.zoo.hpu_net import HierarchicalProbUNet
-    from ..models.zoo.mc_dropout import MCDropoutUNet
-    from ..models.zoo.phiseg import PHiSeg
-    from ..models.zoo.ssn import StochasticSegmentationNetwork
-    from ..models.zoo.unet_baseline import UNetBaseline
+    """The maps ``model`` can give and how its samples group into model draws, from what its spec says its
+    samples are (see the module notes); ValueError naming the model when it has no registered spec."""
+    from ..models.registry import spec_of
 
-    all3, two = MAPS, ("total", "aleatoric")
-    members = getattr(model, "members", None)
-    if isinstance(model, DeepEnsemble) or (members is not None and hasattr(model, "member_name")):
-        return ModelMaps(f"ensemble of {getattr(model, 'member_name', 'unet')}", "members", all3, len(members),
-                         "members are draws of the model; a member's own spread is aleatoric")
-    if isinstance(model, MCDropoutUNet):
-        if not model.mc_sampling:
-            return ModelMaps("mc_dropout", "latent", two, why="dropout is off at sampling (mc_sampling: false), "
-                                                               "so there is one model")
-        return ModelMaps("mc_dropout", "per_sample", all3, why="each sample is a dropout draw of the weights")
-    if isinstance(model, UNetBaseline):
-        return ModelMaps("unet", "softmax", two, why="one deterministic softmax has no model spread")
-    for cls, name in ((ProbabilisticUNet, "prob_unet"), (HierarchicalProbUNet, "hpu_net"), (PHiSeg, "phiseg"),
-                      (StochasticSegmentationNetwork, "ssn")):
-        if isinstance(model, cls):
-            return ModelMaps(name, "latent", two, why=_LATENT_WHY.format(name=name))
-    name = type(model).__name__
-    logger.info("%s: unknown to probunet.inference.uncertainty; its samples are read as one model's latent draws", name)
-    return ModelMaps(name, "latent", two, why="an unknown model is read as one model with a latent")
+    spec = spec_of(model)
+    samples = spec.samples_of(model)
+    kind, maps, why = _BY_SAMPLES[samples.kind]
+    label = samples.label or spec.name
+    if kind == "members" and not samples.groups:
+        raise ValueError(f"model {spec.name}: its samples are members, but its spec gives no member count (groups)")
+    return ModelMaps(label, kind, maps, samples.groups if kind == "members" else None,
+                     samples.why or why.format(name=spec.name))
 
 
 def check_maps(spec: ModelMaps, maps: Sequence[str]) -> tuple:
@@ -179,11 +170,10 @@ def check_maps(spec: ModelMaps, maps: Sequence[str]) -> tuple:
 
 def map_probabilities(model, image: Tensor, logits: Tensor) -> Tensor:
     """The probabilities the maps are computed from: softmax of the sampled ``logits (B, S, C, *spatial)``,
-    except for the deterministic U-Net, whose one softmax ``(B, 1, C, *spatial)`` is computed from
-    ``image (B, C_in, *spatial)`` (its pixel-wise samples are one-hot draws)."""
-    from ..models.zoo.unet_baseline import UNetBaseline
-
-    if isinstance(model, UNetBaseline):
+    except for a model whose samples are draws from one softmax (the deterministic U-Net), whose own
+    softmax ``(B, 1, C, *spatial)`` of ``model(image)`` (``image (B, C_in, *spatial)``) is used (its
+    samples are one-hot draws)."""
+    if model_maps(model).kind == "softmax":
         with torch.inference_mode():
             was = model.training
             model.eval()

@@ -42,7 +42,8 @@ for every model) and the chunked sampling loop (:func:`chunked_samples`).
 
 Models are built by name (``model.name`` in the config, ``prob_unet`` when the
 config has no such key) with :func:`probunet.models.registry.build_model`; a
-model registers its builder with :func:`~probunet.models.registry.register_model`
+model registers its spec (:class:`probunet.models.spec.ModelSpec`: builder, config keys,
+what its samples are, how it exports) with :func:`~probunet.models.registry.register_model`
 (both also importable from here).
 """
 
@@ -60,7 +61,7 @@ from .losses import Geco, beta_schedule, build_geco
 from .registry import DEFAULT_MODEL, build_model, model_name, model_names, register_model  # noqa: F401
 
 RATER_MODES = ("random", "all")
-DEFAULTS = ModelConfig()  # every model key's default, stated once (in probunet.config.ModelConfig)
+DEFAULTS = ModelConfig()  # the shared model keys' defaults (each model's own keys: its spec's ModelKey)
 CHUNK_SIZE = 16  # samples per chunk of SegmentationModel.sample (the Probabilistic U-Net's own: 32)
 
 

@@ -133,10 +133,21 @@ def test_register_model_refuses_a_second_builder_for_a_name():
     def builder(model_cfg, train_cfg=None):
         return tiny()
 
-    register_model("_test_toy", builder)
-    assert isinstance(build_model(SimpleNamespace(name="_test_toy")), ProbabilisticUNet)
-    with pytest.raises(ValueError, match="already registered"):
-        register_model("_test_toy", lambda m, t=None: None)
+    from probunet.models import ModelSpec, unregister_model
+
+    def spec(build):
+        return ModelSpec(name="_test_toy", model_class=ProbabilisticUNet, build=build, samples="latent",
+                         export_refusal="a test")
+
+    register_model(spec(builder))
+    try:
+        assert isinstance(build_model(SimpleNamespace(name="_test_toy")), ProbabilisticUNet)
+        with pytest.raises(ValueError, match="already registered"):
+            register_model(spec(lambda m, t=None: None))
+        with pytest.raises(ValueError, match="takes a ModelSpec"):
+            register_model(builder)  # a builder alone is not a spec
+    finally:
+        unregister_model("_test_toy")
 
 
 def test_gaussian_head_takes_pooled_features_and_leaves_validation_alone():

@@ -9,8 +9,9 @@ from .unet_baseline import UNetBaseline, pixelwise_samples  # registers "unet"
 __all__ = ["UNetBaseline", "pixelwise_samples"]
 from .mc_dropout import MCDropoutUNet  # noqa: E402  registers "mc_dropout"
 from .ensemble import DeepEnsemble  # noqa: E402  registers "ensemble"
+from .member_ensemble import MemberEnsemble  # noqa: E402  registers the ensemble of other models
 
-__all__ += ["MCDropoutUNet", "DeepEnsemble"]
+__all__ += ["MCDropoutUNet", "DeepEnsemble", "MemberEnsemble"]
 from .ssn import StochasticSegmentationNetwork  # noqa: E402  registers "ssn"
 
 __all__ += ["StochasticSegmentationNetwork"]
