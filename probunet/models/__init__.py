@@ -7,7 +7,7 @@ from .fcomb import Fcomb
 from .gaussian import GaussianHead, analytic_kl, diagonal_gaussian, standard_gaussian
 from .prob_unet import LatentEncoder, ProbabilisticUNet, ProbUNetOutput  # registers "prob_unet"
 from .unet import Encoder, UNet
-from . import zoo  # noqa: E402,F401  registers the zoo's models (unet, mc_dropout, ensemble, ssn, hpu_net, phiseg)
+from . import zoo  # noqa: E402,F401  imports and registers every model of the zoo
 
 __all__ = [
     "Encoder", "Fcomb", "GaussianHead", "LatentEncoder", "LossForward", "LossSettings", "ModelKey", "ModelSpec",

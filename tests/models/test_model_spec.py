@@ -212,3 +212,27 @@ def test_every_shipped_model_has_a_complete_spec():
     for spec in model_specs():
         assert spec.check() is spec
     assert "member_ensemble" not in model_names()  # built by the ensemble's builder, not a model.name of its own
+
+
+def test_a_new_module_in_the_zoo_folder_is_registered_without_an_import_line(tmp_path):
+    """The zoo imports every module of its folder: a model module dropped there registers itself."""
+    import sys
+
+    import probunet.models.zoo as zoo
+
+    (tmp_path / "dropped_in_test.py").write_text(
+        "from probunet.models.spec import ModelSpec\n"
+        "from probunet.models.registry import register_model\n"
+        "from probunet.models.zoo.unet_baseline import UNetBaseline\n"
+        "register_model(ModelSpec(name='dropped_in_test', model_class=UNetBaseline,\n"
+        "                         build=lambda m, t=None: UNetBaseline(m), samples='softmax',\n"
+        "                         export_refusal='a test model', onnx_refusal='a test model'))\n")
+    zoo.__path__.append(str(tmp_path))
+    try:
+        assert "dropped_in_test" in zoo.import_all()
+        assert "dropped_in_test" in model_names()
+    finally:
+        zoo.__path__.remove(str(tmp_path))
+        sys.modules.pop("probunet.models.zoo.dropped_in_test", None)
+        if "dropped_in_test" in model_names():
+            unregister_model("dropped_in_test")
