@@ -16,14 +16,11 @@ import numpy as np
 from .. import __version__
 from ..inference.regions import *  # noqa: F401,F403
 from ..inference.regions import __all__ as _regions_all
-from ..inference.regions import (CLASS_MODE, KIND, RISKS, CalibrationError, CaseCounts, calibrate_counts,
-                                calibration_path, case_counts, cases_digest, check_alpha, check_size,
-                                guarantee_text, read_calibration)
+from ..inference.regions import (ASSUMPTION, CLASS_MODE, KIND, RISKS, CalibrationError, CaseCounts,
+                                calibrate_counts, calibration_path, case_counts, cases_digest, check_alpha,
+                                check_size, guarantee_text, read_calibration)
 
 logger = logging.getLogger(__name__)
-
-ASSUMPTION = ("the calibration cases and the new cases are exchangeable: drawn from the same population, scanner "
-              "and protocol, and read by readers like the calibration readers")
 
 
 # ----------------------------------------------------------------------------- the command
@@ -183,4 +180,4 @@ def calibration_lines(cal: dict) -> list[str]:
             f"  written: {cal['path']} (predict writes the region, evaluate reports it on the test split)"]
 
 
-__all__ = [*_regions_all, "ASSUMPTION", "calibrate_run", "calibration_lines", "sample_counts", "split_kwargs"]
+__all__ = [*_regions_all, "calibrate_run", "calibration_lines", "sample_counts", "split_kwargs"]

@@ -53,6 +53,8 @@ KIND = "probunet-calibration"
 RISKS = ("fnr", "coverage")
 CLASS_MODE = "union of the foreground classes (label != 0)"
 _EPS = 1e-9
+ASSUMPTION = ("the calibration cases and the new cases are exchangeable: drawn from the same population, scanner "
+              "and protocol, and read by readers like the calibration readers")
 
 
 class CalibrationError(ValueError):
@@ -481,9 +483,10 @@ def write_region(pred, meta: dict, case_dir: Path, suffix: str, calibration: dic
     return name
 
 
-__all__ = ["calibrate_counts", "CALIBRATION_FILE", "calibration_path", "CalibrationError", "case_counts",
-           "case_scores", "CaseCounts", "cases_digest", "check_alpha", "check_size", "CLASS_MODE",
-           "conformal_quantile", "coverage_score", "crc_index", "evaluation_calibration", "export_record",
-           "fnr_curve", "guarantee_text", "KIND", "lambda_grid", "load_calibration", "min_votes",
-           "read_calibration", "region", "region_line", "region_rule", "region_sizes", "region_summary",
-           "resplit", "RISKS", "run_dir_of_checkpoint", "votes", "write_region"]
+__all__ = ["ASSUMPTION", "calibrate_counts", "CALIBRATION_FILE", "calibration_path", "CalibrationError",
+           "case_counts",            "case_scores", "CaseCounts", "cases_digest", "check_alpha", "check_size",
+           "CLASS_MODE",            "conformal_quantile", "coverage_score", "crc_index",
+           "evaluation_calibration", "export_record",            "fnr_curve", "guarantee_text", "KIND",
+           "lambda_grid", "load_calibration", "min_votes",            "read_calibration", "region",
+           "region_line", "region_rule", "region_sizes", "region_summary",            "resplit", "RISKS",
+           "run_dir_of_checkpoint", "votes", "write_region"]
