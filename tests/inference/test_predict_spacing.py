@@ -37,6 +37,20 @@ class ThresholdModel(SegmentationModel):
         return logits[:, None].expand(-1, num_samples, *logits.shape[1:]).clone()
 
 
+@pytest.fixture(autouse=True)
+def _threshold_model_registered():
+    """Predictor reads a model's spec (what its samples are): the test double has one while a test runs."""
+    from probunet.models import ModelSpec, register_model, unregister_model
+
+    register_model(ModelSpec(name="_threshold_test", model_class=ThresholdModel,
+                             build=lambda model_cfg, train_cfg=None: ThresholdModel(), samples="latent",
+                             export_refusal="a test double", onnx_refusal="a test double"))
+    try:
+        yield
+    finally:
+        unregister_model("_threshold_test")
+
+
 def predictor(spacing="[2.0, 2.0, 2.0]", roi=0, samples=2):
     cfg = load_config("configs/debug.yaml", ["model.spatial_dims=3", "data.patch_size=8",
                                              f"data.spacing={spacing}"])
