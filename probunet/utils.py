@@ -160,17 +160,6 @@ def remove_stale_temps(folder: str | Path, *, recursive: bool = False) -> list[P
     return removed
 
 
-def check_writable(folder: str | Path, what: str = "folder") -> None:
-    """Raise PermissionError naming ``folder`` unless a file can be created in it."""
-    folder = Path(folder)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".probunet-probe.", dir=folder)
-    except OSError as exc:
-        raise PermissionError(f"{what} {folder} is not writable ({exc.strerror or exc.__class__.__name__})") from None
-    os.close(fd)
-    os.unlink(tmp)
-
-
 def open_lock_file(path: str | Path, what: str = "folder") -> int:
     """Open (create) the lock file ``path`` for reading and writing, never through a symbolic link
     (a planted link would create a file outside the folder); the descriptor, or PermissionError in one
@@ -182,9 +171,9 @@ def open_lock_file(path: str | Path, what: str = "folder") -> int:
         if path.is_symlink():
             raise PermissionError(f"{what} {path.parent}: its lock file {path} is a symbolic link; probunet does "
                                   f"not follow it (remove the link)") from None
-        from .guards import _CAUSES
+        from .guards import CAUSES
 
-        cause = _CAUSES.get(exc.errno, exc.strerror or exc.__class__.__name__)
+        cause = CAUSES.get(exc.errno, exc.strerror or exc.__class__.__name__)
         raise PermissionError(f"{what} {path.parent}: cannot create its lock file {path.name}: {cause}") from None
 
 

@@ -97,7 +97,7 @@ def dataset_section(name: str, lidc_data: Path, quick: bool) -> dict:
 
 def checkpoint_step(path: Path) -> int | None:
     """The step a checkpoint was written at, or None when there is none."""
-    from probunet.checkpoint import load_checkpoint
+    from probunet.models.checkpoint import load_checkpoint
 
     return int(load_checkpoint(path)["step"]) if path.is_file() else None
 
@@ -126,7 +126,7 @@ def reference_scores(refs, num_samples: int = NUM_SAMPLES) -> dict[str, tuple[fl
     """
     import torch
 
-    from probunet import metrics
+    from probunet.metrics import segmentation as metrics
 
     counts = (refs > 0).sum(dim=1)  # (1, *spatial): raters marking each pixel
     a = refs.shape[1]
@@ -154,7 +154,7 @@ def all_reference_rows(cfg: dict) -> tuple[dict, dict]:
 
     With the truth, each row also gets ``ged_true``: its GED against the fresh references
     from the true distribution that the models' "GED vs truth" is scored against
-    (:mod:`probunet.reference`, ``eval.seed`` 0, 32 references). The true sampler draws
+    (:mod:`probunet.evaluation.reference`, ``eval.seed`` 0, 32 references). The true sampler draws
     ``NUM_SAMPLES`` masks per case from the true distribution: the floor a perfect model
     reaches with that many samples.
     """
@@ -165,7 +165,7 @@ def all_reference_rows(cfg: dict) -> tuple[dict, dict]:
     rows = _reference_rows(items, real_raters)
     truth_rows: dict = {}
     if items and all("truth" in it.get("meta", {}) for it in items):
-        from probunet.reference import reference_rows as library_rows
+        from probunet.evaluation.reference import reference_rows as library_rows
 
         lib = library_rows(items, num_samples=NUM_SAMPLES, seed=0, num_true_references=32)
         for name in ("all-empty", "majority vote"):
@@ -296,8 +296,8 @@ if cap:
     from probunet import guards
     real = guards.available_memory
     guards.available_memory = lambda device=None: min(real(device) or cap, cap)
-import torch, probunet.batch, probunet.checkpoint, probunet.config, probunet.data.io
-import probunet.shift, probunet.train
+import torch, probunet.inference.folder, probunet.models.checkpoint, probunet.config, probunet.data.io
+import probunet.study.shift, probunet.train
 from probunet.cli import main
 t0 = time.perf_counter()  # imports done: what follows is the command's own work
 try:

@@ -65,7 +65,7 @@ def _checkpoints(work: Path) -> dict:
     config), for when no trained run is given."""
     import torch
 
-    from probunet.checkpoint import save_checkpoint
+    from probunet.models.checkpoint import save_checkpoint
     from probunet.config import load_config
     from probunet.models import build_model
 

@@ -151,11 +151,11 @@ def make_batch_3d(batch: int, size: int, device: torch.device, seed: int = 0):
 
 def train_steps(args, device, dtype, image, target, channels_last: bool, spatial_dims: int = 2):
     """Step functions of the Probabilistic U-Net and of the deterministic U-Net."""
-    from probunet.losses import cross_entropy_terms, elbo_loss
+    from probunet.models.losses import cross_entropy_terms, elbo_loss
     from probunet.models import ProbabilisticUNet
     from probunet.models.unet import UNet, to_channels_last
     from probunet.precision import memory_format
-    from probunet.step import backward_and_step
+    from probunet.train.step import backward_and_step
 
     torch.manual_seed(0)
     prob = ProbabilisticUNet(spatial_dims=spatial_dims, features=args.features, latent_dim=args.latent_dim,
@@ -403,7 +403,7 @@ def run_pipeline(args) -> dict:
     from probunet.data.patches import PatchStream
     from probunet.data import load_splits
     from probunet.data.stream import batches
-    from probunet.distributed import DistInfo
+    from probunet.runtime.distributed import DistInfo
     from probunet.models import LossForward, build_model
     from probunet.precision import amp_dtype, autocast
     from probunet.utils import resolve_device

@@ -6,7 +6,7 @@ default) are sampled once (S = ``eval.num_samples`` per case, the evaluation sam
 ``probunet calibrate`` and ``evaluate`` draw) and reduced to per-case vote histograms, from which every
 loss curve L_i(lambda) on the grid lambda = k/S follows. Then, ``--resplits`` times (default 1000), the
 cases are split at random into calibration and test parts (``--calibration-fraction``, default one
-half), lambda_hat is computed on the calibration part (:func:`probunet.calibration.calibrate_counts`'s
+half), lambda_hat is computed on the calibration part (:func:`probunet.evaluation.calibration.calibrate_counts`'s
 rules) and the risk of the region is measured on the test part: for ``fnr`` the mean false-negative rate
 over test cases with a non-empty readers' union, for ``coverage`` the share of test cases whose union is
 not inside the region (both compare with alpha). The table gives, per run, risk and alpha, the mean test
@@ -37,7 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402,F401  (puts the repository on the path when probunet is not installed)
 
-from probunet.calibration import RISKS, CaseCounts, resplit, sample_counts, split_kwargs  # noqa: E402
+from probunet.evaluation.calibration import RISKS, CaseCounts, resplit, sample_counts, split_kwargs  # noqa: E402
 
 
 def _data_label(cfg) -> str:
@@ -49,8 +49,8 @@ def _data_label(cfg) -> str:
 
 def load_cases(run: Path, splits: list[str], num_samples, device: str, cache: Path) -> tuple[list, dict]:
     """The run's per-case counts over ``splits`` (sampled once, cached) and a description of the run."""
-    from probunet.checkpoint import load_model
-    from probunet.rundir import config_for_evaluation
+    from probunet.models.checkpoint import load_model
+    from probunet.runtime.rundir import config_for_evaluation
     from probunet.data import load_splits
     from probunet.utils import atomic_call, resolve_device
 

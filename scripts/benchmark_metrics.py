@@ -137,7 +137,7 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict]:
     Raises:
         AssertionError: if the two paths disagree (atol 1e-5).
     """
-    from probunet import metrics  # imported here so a missing install fails with a hint
+    from probunet.metrics import segmentation as metrics  # imported here so a missing install fails with a hint
 
     num_images = 2 if quick else 8
     repeats = 3 if quick else 5

@@ -33,7 +33,7 @@ def step_fn(config: str, overrides: list[str]):
     from probunet.config import load_config
     from probunet.data import MultiRaterDataset, load_splits
     from probunet.data.stream import BatchStream
-    from probunet.distributed import DistInfo
+    from probunet.runtime.distributed import DistInfo
     from probunet.models import LossForward, build_model
     from probunet.models.unet import to_channels_last
     from probunet.precision import amp_dtype, autocast, memory_format, uses_channels_last

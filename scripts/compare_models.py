@@ -127,7 +127,7 @@ def main(argv=None) -> int:
             cfg["model"] = {**cfg.get("model", {}), "features": [4, 8]}
             cfg["train"]["log_every"] = 2
         print(f"[{len(rows) + len(failures) + 1}/{len(names)}] {name}: {steps} steps x {batch}", flush=True)
-        from probunet.checkpoint import load_model
+        from probunet.models.checkpoint import load_model
 
         try:
             row = run_config(name, cfg, args.out, num_samples=args.num_samples, env=env)

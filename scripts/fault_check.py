@@ -114,7 +114,7 @@ def _worker_train(argv: list[str]) -> int:
 
 
 def _load_one(kind: str, path: str, ref_digest: str) -> tuple[str, str]:
-    from probunet.checkpoint import load_model, state_digest
+    from probunet.models.checkpoint import load_model, state_digest
     from probunet.data import io as pio
     from probunet.data import lidc_pickle
 
@@ -167,7 +167,7 @@ def _train_cmd(run_dir: Path, resume: bool = False) -> list[str]:
 
 
 def _final_digest(run_dir: Path) -> str:
-    from probunet.checkpoint import load_checkpoint, state_digest
+    from probunet.models.checkpoint import load_checkpoint, state_digest
 
     c = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     return state_digest({"model": c["model"], "optimizer": c["optimizer"], "step": c["step"]})
@@ -179,7 +179,7 @@ def _metric_steps(run_dir: Path) -> list:
 
 
 def kills(n: int, work: Path, rng: random.Random) -> dict:
-    from probunet.checkpoint import load_checkpoint
+    from probunet.models.checkpoint import load_checkpoint
 
     ref = work / "ref"
     t0 = time.perf_counter()
@@ -297,7 +297,7 @@ def _base_files(work: Path, ckpt: Path) -> dict:
 
 
 def fuzz(n: int, work: Path, ckpt: Path, rng: random.Random) -> dict:
-    from probunet.checkpoint import load_checkpoint, state_digest
+    from probunet.models.checkpoint import load_checkpoint, state_digest
 
     ref_digest = state_digest({"model": load_checkpoint(ckpt)["model"]})
     (work / "base").mkdir(parents=True)
@@ -364,11 +364,11 @@ def fuzz(n: int, work: Path, ckpt: Path, rng: random.Random) -> dict:
 def nonfinite(work: Path) -> list[dict]:
     import torch
 
-    from probunet import train as T
-    from probunet.checkpoint import non_finite
+    from probunet.train import trainer as T
+    from probunet.models.checkpoint import non_finite
     from probunet.config import ConfigError, load_config
     from probunet.models import prob_unet
-    from probunet.nonfinite import TrainingError
+    from probunet.train.nonfinite import TrainingError
 
     def loss_at(steps, value):
         real, calls = prob_unet.elbo_loss, {"n": 0}  # the loss the model's training_loss computes
@@ -464,7 +464,7 @@ def hostile(work: Path, ckpt_run: Path, kill_failures: list[str]) -> list[dict]:
     import torch
 
     from probunet import utils
-    from probunet.checkpoint import save_checkpoint
+    from probunet.models.checkpoint import save_checkpoint
     from probunet.utils import FolderLock
 
     logging.disable(logging.WARNING)
@@ -620,7 +620,7 @@ def hostile(work: Path, ckpt_run: Path, kill_failures: list[str]) -> list[dict]:
     finally:
         utils.tempfile.mkstemp = real_mkstemp
     add(9, "read-only OUTPUT_DIR", "refused before the model is loaded, exit 2",
-        rc == 2 and _one_line(err, "not writable") and not (out9 / "c1").exists(),
+        rc == 2 and _one_line(err, "cannot write") and not (out9 / "c1").exists(),
         f"{err.strip()[:100]} ({time.perf_counter() - t0:.2f}s)")
     add(9, "--resume after a kill: metrics.jsonl rows, stale .tmp files", "no duplicate rows, temps removed",
         not any("metrics" in x or "temporary" in x for x in kill_failures), "checked after every kill (part 1)")
@@ -652,9 +652,9 @@ def full_disk(work: Path, ckpt_run: Path) -> tuple[list[dict], str]:
     import nibabel as nib
     import numpy as np
 
-    from probunet import train as train_mod
+    from probunet.train import trainer as train_mod
     from probunet import utils
-    from probunet.checkpoint import load_checkpoint
+    from probunet.models.checkpoint import load_checkpoint
 
     logging.disable(logging.WARNING)
     rows = []
@@ -895,7 +895,7 @@ def files_structures(work: Path, last: Path, quick: bool = False) -> list[dict]:
     import numpy as np
     import torch
 
-    from probunet.checkpoint import save_checkpoint
+    from probunet.models.checkpoint import save_checkpoint
 
     rows, fam = [], "structures"
     work.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,8 @@ case was written, 1 when some failed (see ``summary.csv``), 2 on bad arguments.
 
 On a cluster, run one ``probunet predict ... --shard K/N`` per job (e.g. a
 Slurm array with ``K=$SLURM_ARRAY_TASK_ID``) and merge afterwards with
-``python scripts/predict_batch.py --merge OUTPUT_DIR``.
+``probunet merge-shards OUTPUT_DIR`` (or ``python scripts/predict_batch.py --merge OUTPUT_DIR``,
+which runs it).
 """
 
 from __future__ import annotations
@@ -49,19 +50,15 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     p.add_argument("--gpus", default=None, help="comma-separated GPU ids shared round-robin by the workers")
     p.add_argument("--merge", metavar="OUTPUT_DIR", default=None,
-                   help="only merge the shard summaries of OUTPUT_DIR into summary.csv")
+                   help="only merge the shard summaries of OUTPUT_DIR into summary.csv (probunet merge-shards)")
     args, extra = p.parse_known_args(argv)
 
-    from probunet.predict import merge_summaries
-
     if args.merge:
-        try:
-            path, rows = merge_summaries(args.merge)
-        except (ValueError, FileNotFoundError) as exc:  # mixed or missing shard summaries: one line
-            print(f"predict_batch: error: {str(exc).splitlines()[0]}", file=sys.stderr)
-            return 2
-        print(f"merged {len(rows)} rows into {path}")
-        return 1 if any(r["status"] == "error" for r in rows) else 0
+        from probunet.cli import main as probunet_main
+
+        return probunet_main(["merge-shards", args.merge])
+    from probunet.inference import merge_summaries
+
     if not (args.checkpoint and args.input_dir and args.output_dir):
         p.error("CHECKPOINT, INPUT_DIR and OUTPUT_DIR are required (or --merge OUTPUT_DIR)")
     if args.workers < 1:

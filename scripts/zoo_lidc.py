@@ -88,7 +88,7 @@ VARIANTS: dict[str, dict[str, list[str]]] = {
 }
 TUNE_STEPS, TABLE_STEPS = 500, 2000
 QUICK_TUNE_STEPS, QUICK_TABLE_STEPS = 3, 6
-SHIFTS = [("noise", 2.0), ("blur", 2.0)]  # probunet.shift: noise sd 0.1, blur sigma 2 pixels on [0, 1] images
+SHIFTS = [("noise", 2.0), ("blur", 2.0)]  # probunet.study.shift: noise sd 0.1, blur sigma 2 pixels on [0, 1] images
 DEFAULT_DATA = "data/lidc_style"
 FIGURE_CASES = 4
 ME = "scripts/zoo_lidc.py"
@@ -309,7 +309,7 @@ def model_facts(run_dir: Path, config: dict) -> dict:
     of the data's size: the time does not depend on the content)."""
     import torch
 
-    from probunet.checkpoint import load_model
+    from probunet.models.checkpoint import load_model
 
     torch.set_num_threads(1)
     model, _, _ = load_model(run_dir / "checkpoints" / "last.pt")
@@ -449,7 +449,7 @@ def figure_cases(items: list[dict], n: int) -> list[dict]:
 
 
 def stage_figure(args, failures) -> None:
-    from probunet.checkpoint import load_model
+    from probunet.models.checkpoint import load_model
     from probunet.config import from_dict
     from probunet.data import load_splits
 

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from probunet import checkpoint as C
-from probunet import train as train_mod
+from probunet.models import checkpoint as C
+from probunet.train import trainer as train_mod
 from probunet.cli import main
 from probunet.config import load_config
 from probunet.utils import FolderLock
@@ -101,7 +101,7 @@ def test_checkpoint_without_digest_loads_with_a_warning(run, tmp_path, caplog):
     del state["digest"]
     state["format"] = 1
     torch.save(state, legacy)
-    with caplog.at_level("WARNING", logger="probunet.checkpoint"):
+    with caplog.at_level("WARNING", logger="probunet.models.checkpoint"):
         model, cfg, ckpt = C.load_model(legacy)
     assert ckpt["step"] == 3
     assert any("without a digest" in r.getMessage() and "old.pt" in r.getMessage() for r in caplog.records)
@@ -351,7 +351,7 @@ def test_second_predict_on_a_busy_output_dir_is_refused(run, tmp_path, capsys):
 
 
 def test_shards_share_the_output_dir_but_not_with_a_full_run(run, tmp_path):
-    from probunet.predict import predict_folder
+    from probunet.inference import predict_folder
     from probunet.utils import FolderBusyError
 
     inp, out = tmp_path / "in", tmp_path / "out"
@@ -367,7 +367,7 @@ def test_shards_share_the_output_dir_but_not_with_a_full_run(run, tmp_path):
 
 
 def test_unwritable_output_dir_is_refused_before_any_inference(run, tmp_path, monkeypatch, capsys):
-    from probunet import predict as P
+    from probunet import inference as P
     from probunet import utils
 
     inp, out = tmp_path / "in", tmp_path / "out"
@@ -394,11 +394,11 @@ def test_unwritable_output_dir_is_refused_before_any_inference(run, tmp_path, mo
         out.chmod(0o755)
     assert rc == 2 and not loaded
     line = _one_line_error(capsys.readouterr().err, str(out))
-    assert "not writable" in line
+    assert "cannot write: permission denied" in line
 
 
 def test_predict_removes_stale_temps_of_an_interrupted_run(run, tmp_path):
-    from probunet.predict import predict_folder
+    from probunet.inference import predict_folder
 
     inp, out = tmp_path / "in", tmp_path / "out"
     _inputs(inp, ("c1",))

@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 import torch
 
-from probunet.checkpoint import load_checkpoint, load_model, save_checkpoint
+from probunet.models.checkpoint import load_checkpoint, load_model, save_checkpoint
 from probunet.config import ConfigError, _shown, load_config, load_yaml
 from probunet.data import io
 from probunet.data.errors import DataError
-from probunet.inference import _seed_of, case_seed
+from probunet.inference.sampler import _seed_of, case_seed
 
 # (names added with these checks are imported in the tests that use them, so that this file also
 # runs, and fails test by test, against the code before them)
@@ -79,7 +79,7 @@ def test_shared_reference_checkpoint_is_refused_in_well_under_a_second(tiny_ckpt
     assert bad.stat().st_size < 200_000
     proc = _child("""
         import sys, time
-        from probunet.checkpoint import CheckpointError, load_checkpoint
+        from probunet.models.checkpoint import CheckpointError, load_checkpoint
         t = time.perf_counter()
         try:
             load_checkpoint(sys.argv[1])
@@ -94,7 +94,7 @@ def test_shared_reference_checkpoint_is_refused_in_well_under_a_second(tiny_ckpt
 
 
 def test_measure_visits_shared_containers_once():
-    from probunet.checkpoint import measure
+    from probunet.models.checkpoint import measure
 
     x = _shared(8, 10)
     t = time.perf_counter()
@@ -117,7 +117,7 @@ def test_measure_visits_shared_containers_once():
 def test_digest_of_a_normal_checkpoint_is_unchanged(tiny_ckpt):
     """The walk unfolds as before: the digest written by save_checkpoint still verifies, and a state
     sharing one tuple between two entries (as optimizers share default betas) hashes both."""
-    from probunet.checkpoint import state_digest
+    from probunet.models.checkpoint import state_digest
 
     load_checkpoint(tiny_ckpt)
     betas = (0.9, 0.999)
@@ -133,7 +133,7 @@ def test_stride0_tensor_that_unfolds_past_the_file_is_refused(tiny_ckpt, tmp_pat
     torch.save(state, bad)
     proc = _child("""
         import sys
-        from probunet.checkpoint import CheckpointError, load_checkpoint
+        from probunet.models.checkpoint import CheckpointError, load_checkpoint
         try:
             load_checkpoint(sys.argv[1])
             print("LOADED")
@@ -153,7 +153,7 @@ def test_config_claiming_a_huge_model_is_refused_before_building(tiny_ckpt, tmp_
     save_checkpoint(state, bad)  # a valid digest
     proc = _child("""
         import resource, sys, time
-        from probunet.checkpoint import CheckpointError, load_model
+        from probunet.models.checkpoint import CheckpointError, load_model
         t = time.perf_counter()
         try:
             load_model(sys.argv[1])
@@ -237,7 +237,7 @@ def _nifti(path: Path, shape=(16, 16), seed=0) -> None:
 
 
 def test_predict_with_a_name_that_is_not_utf8_and_a_fifo(tiny_ckpt, tmp_path):
-    from probunet.batch import predict_folder, read_summary
+    from probunet.inference.folder import predict_folder, read_summary
 
     inp = tmp_path / "in"
     inp.mkdir()
@@ -323,7 +323,7 @@ def test_detached_nrrd_and_list_headers_are_checked(tmp_path):
 
 
 def test_file_list_fifo_nul_byte_and_proc(tmp_path):
-    from probunet.batch import find_inputs
+    from probunet.inference.folder import find_inputs
 
     inp = tmp_path / "in"
     inp.mkdir()
@@ -487,7 +487,7 @@ def test_max_voxels_reaches_the_readers(tmp_path):
 
 
 def test_predict_max_voxels_option(tiny_ckpt, tmp_path):
-    from probunet.batch import predict_folder
+    from probunet.inference.folder import predict_folder
 
     inp = tmp_path / "in"
     inp.mkdir()

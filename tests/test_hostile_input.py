@@ -254,7 +254,7 @@ def test_a_length_in_the_file_never_allocates_more_than_the_file(tmp_path):
     path = tmp_path / "huge.pickle"
     path.write_bytes(b"\x80\x04\x8e" + struct.pack("<Q", 2**40) + b"abc")
     with open(path, "rb") as fh:
-        assert lidc_pickle._ChunkedFile(fh).read(2**40) == path.read_bytes()
+        assert lidc_pickle.ChunkedFile(fh).read(2**40) == path.read_bytes()
     with pytest.raises(DataError, match=r"huge\.pickle: not a readable pickle"):
         lidc_pickle.safe_load(path)
 

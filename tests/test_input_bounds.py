@@ -16,7 +16,7 @@ from probunet.cli import main
 from probunet.config import ConfigError, check_overrides, load_config
 from probunet.data.errors import DataError
 from probunet.data.io import read_image
-from probunet.shift import MAX_SEVERITY, check_shift, shift_image, shift_item
+from probunet.study.shift import MAX_SEVERITY, check_shift, shift_image, shift_item
 
 from conftest import DEBUG_CONFIG, REPO
 
@@ -203,7 +203,7 @@ def test_batch_size_refused_before_a_batch_is_gathered(tmp_path, capsys, monkeyp
 
 def test_batch_memory_estimate_scales_with_the_batch():
     from probunet.models import LossForward, build_model
-    from probunet.train import batch_memory_bytes
+    from probunet.train.trainer import batch_memory_bytes
 
     cfg = load_config(DEBUG_CONFIG)
     lf = LossForward(build_model(cfg.model, cfg.train))
@@ -218,7 +218,7 @@ def test_batch_memory_estimate_scales_with_the_batch():
 def test_memory_probe_leaves_training_unchanged(tmp_path, monkeypatch):
     """The probe runs a forward on a copy: the trained weights and the batch-norm statistics are the same
     with and without it."""
-    from probunet.train import Trainer, fit
+    from probunet.train.trainer import Trainer, fit
 
     over = ["train.steps=2", "train.val_every=100", "train.checkpoint_every=2", "train.batch_size=4",
             "model.norm=batch"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from probunet.checkpoint import save_checkpoint
+from probunet.models.checkpoint import save_checkpoint
 from probunet.cli import main
 from probunet.config import load_config
 from probunet.models import build_model

@@ -79,7 +79,7 @@ ZOO_DDP_DRIVER = """
 import json, sys
 import torch.distributed as dist
 from probunet.cli import main
-from probunet.distributed import dist_info, init_distributed
+from probunet.runtime.distributed import dist_info, init_distributed
 
 assert init_distributed("cpu")
 out, configs, overrides = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
@@ -99,7 +99,7 @@ def test_every_zoo_model_trains_data_parallel(tmp_path):
     with bitwise-identical weights (fit gathers their digests)."""
     driver = tmp_path / "driver.py"
     driver.write_text(ZOO_DDP_DRIVER)
-    configs = [str(p) for p in ZOO if p.stem != "prob_unet"]  # prob_unet: tests/test_ddp.py
+    configs = [str(p) for p in ZOO if p.stem != "prob_unet"]  # prob_unet: tests/train/test_ddp.py
     overrides = [o for o in TINY if not o.startswith("train.val")] + ["train.val_every=1000"]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -2,10 +2,13 @@
 
 ``read_image(path) -> (array, meta)`` and ``write_image(array, meta, path)``.
 
-Readers
-    NIfTI (``.nii``, ``.nii.gz``) is read with nibabel; everything else that
-    SimpleITK reads (NRRD, MHA/MHD, PNG/JPEG/TIFF/BMP, single DICOM files, and a
-    *folder* holding one DICOM series) with SimpleITK.
+Readers and writers
+    Each file format is registered here in :mod:`probunet.data.formats` with its
+    endings, whether it keeps geometry and floats, and its reader and writer:
+    NIfTI (``.nii``, ``.nii.gz``) is read with nibabel; NRRD, MHA/MHD,
+    PNG/JPEG/TIFF/BMP, VTK, single DICOM files and a *folder* holding one DICOM
+    series with SimpleITK, as is a file of an ending no format declares (SimpleITK
+    then goes by its content).
 
 Axis order (one convention for every format)
     Arrays are indexed ``(i, j[, k])`` = ``(x, y[, z])``: the order of the voxel
@@ -26,55 +29,40 @@ Geometry in ``meta`` (plain lists, so that it can go into JSON and checkpoints)
     ``qform_code``/``sform_code``; ``format`` is ``"nifti"`` or ``"itk"``.
 
 Writing
-    ``write_image`` chooses the format from the file extension, restores the
+    ``write_image`` chooses the format from the file's ending, restores the
     geometry exactly (a NIfTI read and written again has a bit-identical affine;
     ITK spacing/origin/direction are written as read) and writes atomically: a
     temporary file with the same extension in the same folder, renamed over the
-    target, so a crash never leaves half an image. DICOM is read-only.
+    target, so a crash never leaves half an image. DICOM and the two-file
+    ``.mhd``/``.nhdr`` are read-only.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from ..utils import atomic_call
+from . import formats
 from .errors import DataError
 from .native_output import native_output_to_log
 from .guards import check_data_files, check_folder_entries, check_regular_file, check_voxels
 
 logger = logging.getLogger(__name__)
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-# Formats SimpleITK can write (by extension); others raise a clear DataError.
-# (Two-file formats such as .mhd/.raw are read but not written: the rename could not be atomic.)
-ITK_WRITE_SUFFIXES = (".nrrd", ".mha", ".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp", ".vtk")
-# Only these have no geometry on disk: spacing/origin/direction are dropped (logged).
-_NO_GEOMETRY = (".png", ".jpg", ".jpeg", ".bmp")
-
 _LPS = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS flip (its own inverse)
 
-
-def full_suffix(path: str | Path) -> str:
-    """The extension, ``.nii.gz`` counted as one: ``a/b.nii.gz`` -> ``.nii.gz``."""
-    name = Path(path).name.lower()
-    if name.endswith(".nii.gz"):
-        return ".nii.gz"
-    return Path(name).suffix
-
-
-def strip_suffix(path: str | Path) -> str:
-    """The file name without its (double) extension: ``case1.nii.gz`` -> ``case1``."""
-    name = Path(path).name
-    suffix = full_suffix(name)
-    return name[: len(name) - len(suffix)] if suffix else name
+full_suffix = formats.full_suffix  # the ending, ``.nii.gz`` counted as one: ``a/b.nii.gz`` -> ``.nii.gz``
+strip_suffix = formats.strip_suffix  # the file name without its ending: ``case1.nii.gz`` -> ``case1``
 
 
 def is_nifti(path: str | Path) -> bool:
-    return full_suffix(path) in NIFTI_SUFFIXES
+    return formats.format_of(path) is formats.get("nifti")
 
 
 # ---------------------------------------------------------------- geometry
@@ -146,17 +134,10 @@ def read_image(path: str | Path, *, max_voxels: Optional[int] = None,
     """
     path = Path(path)
     check_regular_file(path, allow_dir=True)
+    fmt = formats.reader_of_folder(path) if path.is_dir() else formats.format_of(path)
+    read = fmt.read if fmt is not None and fmt.read is not None else _read_itk_file
     try:
-        if path.is_dir():
-            check_folder_entries(path)
-            with native_output_to_log(str(path)):  # ITK / GDCM / HDF5 diagnostics go to the log
-                array, meta = _read_dicom_series(path, max_voxels)
-        elif is_nifti(path):
-            array, meta = _read_nifti(path, max_voxels)
-        else:
-            check_data_files(path, allow_external=allow_external_data_files)
-            with native_output_to_log(str(path)):
-                array, meta = _read_itk(path, max_voxels)
+        array, meta = read(path, max_voxels=max_voxels, allow_external_data_files=allow_external_data_files)
     except DataError:
         raise
     except Exception as exc:  # a reader's own error: name the file, keep the reason
@@ -186,7 +167,7 @@ def check_spacing(path, meta: dict) -> None:
                         f"spacing (pixdim / affine) and read it again")
 
 
-def _read_nifti(path: Path, max_voxels: Optional[int] = None) -> tuple[np.ndarray, dict]:
+def _read_nifti(path: Path, max_voxels: Optional[int] = None, **_) -> tuple[np.ndarray, dict]:
     import nibabel as nib
 
     img = nib.load(str(path))
@@ -241,6 +222,58 @@ def _read_itk(path: Path, max_voxels: Optional[int] = None) -> tuple[np.ndarray,
     meta = _itk_meta(img)
     meta["dtype"] = str(array.dtype)
     return array, meta
+
+
+def _read_itk_file(path: Path, max_voxels: Optional[int] = None, allow_external_data_files: bool = False
+                   ) -> tuple[np.ndarray, dict]:
+    """A file SimpleITK reads, after the checks of its header's data files."""
+    check_data_files(path, allow_external=allow_external_data_files)
+    with native_output_to_log(str(path)):  # ITK / GDCM / HDF5 diagnostics go to the log
+        return _read_itk(path, max_voxels)
+
+
+def _read_dicom(path: Path, max_voxels: Optional[int] = None, allow_external_data_files: bool = False
+                ) -> tuple[np.ndarray, dict]:
+    """A single DICOM file, or a folder holding one DICOM series."""
+    if not path.is_dir():
+        return _read_itk_file(path, max_voxels, allow_external_data_files)
+    check_folder_entries(path)
+    with native_output_to_log(str(path)):
+        return _read_dicom_series(path, max_voxels)
+
+
+DICOM_MAGIC = b"DICM"  # at byte 128 of a DICOM file (after the preamble)
+
+
+def is_dicom_file(path: str | Path) -> bool:
+    """A regular file ending in ``.dcm`` or holding the DICOM magic ``DICM`` at byte 128."""
+    path = Path(path)
+    try:
+        check_regular_file(path)
+    except DataError:
+        return False
+    if path.name.lower().endswith(".dcm"):
+        return True
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return head[128:132] == DICOM_MAGIC
+
+
+def is_dicom_series(folder: str | Path) -> bool:
+    """Whether the folder holds a DICOM series: at least one DICOM file (:func:`is_dicom_file`) among
+    its own files (hidden ones and sub-folders aside) and no file of another image format's ending."""
+    folder = Path(folder)
+    try:
+        names = sorted(e.name for e in os.scandir(folder) if not e.name.startswith(".") and not e.is_dir())
+    except OSError:
+        return False
+    dicom = formats.get("dicom")
+    if any(formats.for_ending(formats.full_suffix(n)) not in (None, dicom) for n in names):
+        return False
+    return any(is_dicom_file(folder / n) for n in names)
 
 
 def _read_dicom_series(path: Path, max_voxels: Optional[int] = None) -> tuple[np.ndarray, dict]:
@@ -300,12 +333,13 @@ def write_image(array: np.ndarray, meta: Optional[dict], path: str | Path) -> Pa
         raise DataError(f"{path}: cannot write an array of shape {array.shape} with {ndim} spatial axes")
     if "spacing" in meta and len(meta["spacing"]) != ndim:
         raise DataError(f"{path}: the geometry in meta has {len(meta['spacing'])} axes, the array {ndim}")
-    if suffix in NIFTI_SUFFIXES:
-        return _write_nifti(array, meta, path, ndim, suffix)
-    if suffix in ITK_WRITE_SUFFIXES:
-        return _write_itk(array, meta, path, ndim, suffix)
-    raise DataError(f"{path}: cannot write extension '{suffix or '(none)'}'; use .nii.gz, .nrrd, .mha or .png "
-                    f"(DICOM and two-file .mhd/.raw are read-only here)")
+    fmt = formats.for_ending(suffix)
+    if fmt is None or fmt.write is None:
+        writable = ", ".join(e for f in formats.registered() if f.write is not None for e in f.endings)
+        raise DataError(f"{path}: cannot write extension '{suffix or '(none)'}'"
+                        f"{f' ({fmt.name} is read-only here)' if fmt is not None else ''}; writable: {writable}")
+    fmt.write(array, meta, path, ndim)
+    return path
 
 
 def _affine_of(meta: dict, ndim: int) -> np.ndarray:
@@ -326,7 +360,7 @@ def _itk_geometry_of(meta: dict, ndim: int) -> tuple[list, list, list]:
     return [1.0] * ndim, [0.0] * ndim, np.eye(ndim).tolist()
 
 
-def _write_nifti(array, meta, path: Path, ndim: int, suffix: str) -> Path:
+def _write_nifti(array, meta, path: Path, ndim: int) -> Path:
     import nibabel as nib
 
     affine = _affine_of(meta, ndim)
@@ -335,13 +369,16 @@ def _write_nifti(array, meta, path: Path, ndim: int, suffix: str) -> Path:
     # Keep the codes as read; a geometry that came from ITK is scanner space (1).
     img.set_qform(affine, code=int(meta.get("qform_code", 1)))
     img.set_sform(affine, code=int(meta.get("sform_code", 1)))
-    atomic_call(path, lambda tmp: nib.save(img, tmp), suffix=suffix)
+    atomic_call(path, lambda tmp: nib.save(img, tmp), suffix=full_suffix(path))
     return path
 
 
-def _write_itk(array, meta, path: Path, ndim: int, suffix: str) -> Path:
+def _write_itk(array, meta, path: Path, ndim: int, *, geometry: bool = True, compress: bool = True) -> Path:
+    """With SimpleITK; ``geometry``: the format holds spacing/origin/direction (else they are dropped,
+    with a warning when they are not the identity); ``compress``: SimpleITK's compression."""
     import SimpleITK as sitk
 
+    suffix = full_suffix(path)
     vector = array.ndim == ndim + 1
     order = list(range(ndim))[::-1] + ([ndim] if vector else [])
     try:
@@ -349,7 +386,7 @@ def _write_itk(array, meta, path: Path, ndim: int, suffix: str) -> Path:
     except Exception as exc:
         raise DataError(f"{path}: SimpleITK cannot hold an array of dtype {array.dtype} ({exc})") from exc
     spacing, origin, direction = _itk_geometry_of(meta, ndim)
-    if suffix in _NO_GEOMETRY:
+    if not geometry:
         if not np.allclose(spacing, 1.0) or not np.allclose(origin, 0.0):
             logger.warning("%s: %s files hold no spacing/origin/direction; the geometry is not written", path,
                            suffix)
@@ -361,7 +398,7 @@ def _write_itk(array, meta, path: Path, ndim: int, suffix: str) -> Path:
     def write(tmp: str) -> None:
         try:
             with native_output_to_log(str(path)):
-                sitk.WriteImage(img, tmp, useCompression=suffix not in (".png", ".jpg", ".jpeg", ".bmp"))
+                sitk.WriteImage(img, tmp, useCompression=compress)
         except RuntimeError as exc:
             raise DataError(f"{path}: SimpleITK cannot write this image ({str(exc).strip().splitlines()[-1]})") \
                 from exc
@@ -370,6 +407,39 @@ def _write_itk(array, meta, path: Path, ndim: int, suffix: str) -> Path:
     return path
 
 
-__all__ = ["read_image", "write_image", "trim_geometry", "affine_from_itk", "itk_from_affine", "full_suffix",
-           "strip_suffix",
-           "is_nifti"]
+# ---------------------------------------------------------------- the formats (probunet.data.formats)
+
+formats.register(formats.ImageFormat(
+    "nifti", (".nii.gz", ".nii"), geometry=True, floats=True, read=_read_nifti, write=_write_nifti,
+    output_choice=True))
+formats.register(formats.ImageFormat(
+    "nrrd", (".nrrd",), geometry=True, floats=True, read=_read_itk_file, write=_write_itk, output_choice=True))
+formats.register(formats.ImageFormat(
+    "metaimage", (".mha",), geometry=True, floats=True, read=_read_itk_file, write=_write_itk, output_choice=True))
+# two-file formats: read, never written (a header and its data file cannot be renamed into place as one)
+formats.register(formats.ImageFormat(
+    "nrrd-detached", (".nhdr",), geometry=True, floats=True, read=_read_itk_file, outputs=(".nrrd", ".nrrd")))
+formats.register(formats.ImageFormat(
+    "metaimage-detached", (".mhd",), geometry=True, floats=True, read=_read_itk_file, outputs=(".mha", ".mha")))
+# ITK's TIFF keeps the in-plane spacing (not the origin): its spacing is used
+formats.register(formats.ImageFormat(
+    "tiff", (".tif", ".tiff"), geometry=True, floats=True, read=_read_itk_file, write=_write_itk))
+# 8/16-bit formats without geometry: predict writes the label maps as PNG, the float maps as TIFF
+_PLAIN = dict(geometry=False, floats=False, read=_read_itk_file, outputs=(".png", ".tif"))
+formats.register(formats.ImageFormat(
+    "png", (".png",), write=partial(_write_itk, geometry=False, compress=False), **_PLAIN))
+formats.register(formats.ImageFormat(
+    "jpeg", (".jpg", ".jpeg"), write=partial(_write_itk, geometry=False, compress=False), **_PLAIN))
+formats.register(formats.ImageFormat(
+    "bmp", (".bmp",), write=partial(_write_itk, geometry=False, compress=False), **_PLAIN))
+# written on request (``write_image(..., "x.vtk")``); a folder scan does not take .vtk files (often meshes)
+formats.register(formats.ImageFormat(
+    "vtk", (".vtk",), geometry=True, floats=True, read=_read_itk_file, write=_write_itk, scan=False))
+# single DICOM files and series folders: read-only, predicted into NIfTI
+formats.register(formats.ImageFormat(
+    "dicom", (".dcm",), geometry=True, floats=True, read=_read_dicom, outputs=(".nii.gz", ".nii.gz"),
+    folder=is_dicom_series))
+
+
+__all__ = ["affine_from_itk", "full_suffix", "is_dicom_file", "is_dicom_series", "is_nifti", "itk_from_affine",
+           "read_image", "strip_suffix", "trim_geometry", "write_image"]

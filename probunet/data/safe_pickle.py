@@ -373,7 +373,7 @@ class RestrictedUnpickler(pickle._Unpickler):
 MAX_READ = 2**30
 
 
-class _ChunkedFile(_io.RawIOBase):
+class ChunkedFile(_io.RawIOBase):
     """A read-only file whose reads are split into pieces of at most ``MAX_READ`` bytes."""
 
     def __init__(self, fh):
@@ -441,7 +441,7 @@ def safe_load(path: str | Path, *, layout: str = "the layout expected here"):
     _check_regular(path)  # never a FIFO, device or /proc file
     try:
         with open(path, "rb") as fh:
-            return RestrictedUnpickler(_ChunkedFile(fh), encoding="latin1").load()
+            return RestrictedUnpickler(ChunkedFile(fh), encoding="latin1").load()
     except RefusedPickle as exc:
         raise DataError(f"{path}: refused to load this pickle: it asks for {exc}, which is not a builtin container "
                         f"or a numpy array of a plain numeric/bool dtype; nothing was executed. The file is not "

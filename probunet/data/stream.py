@@ -43,7 +43,7 @@ class BatchStream:
     :meth:`rater_generator` of the step.
 
     ``dist`` is anything with ``rank`` and ``world_size`` (a
-    :class:`probunet.distributed.DistInfo`).
+    :class:`probunet.runtime.distributed.DistInfo`).
     """
 
     def __init__(self, dataset: MultiRaterDataset, batch_size: int, seed: int, dist, transform=None):
@@ -68,7 +68,7 @@ class BatchStream:
         self.labels = labels.to(torch.uint8) if small else labels.long()  # (N, A, *spatial)
         self.num_raters = torch.tensor([r.shape[0] for r in real])  # (N,) real raters per case
 
-    def _indices(self, step: int) -> list[int]:
+    def batch_indices(self, step: int) -> list[int]:
         out = []
         pos = step * self.batch_size
         while len(out) < self.batch_size:
@@ -90,7 +90,7 @@ class BatchStream:
         """image (B, C, *spatial) float32, labels (B, A, *spatial) of all raters (uint8 when
         the classes fit, else int64; raters past ``num_raters`` are empty padding) and
         num_raters (B,) int64."""
-        idx = torch.tensor(self._indices(step))
+        idx = torch.tensor(self.batch_indices(step))
         images, labels = self.images[idx], self.labels[idx]
         if self.transform is not None:
             seed = step_seed(self.seed, step, self.rank)

@@ -63,7 +63,7 @@ def cpu_parallel_map(fn: Callable, items: Sequence, workers: Optional[int] = Non
     grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
     autocast, ac_dtype = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
     threads = torch.get_num_threads()
-    flush = _flushes_denormals()
+    flush = flushes_denormals()
 
     def run(item):
         torch.set_num_threads(1)  # this thread only (the OpenMP/MKL settings are per thread)
@@ -78,7 +78,7 @@ def cpu_parallel_map(fn: Callable, items: Sequence, workers: Optional[int] = Non
     return list(_executor(n).map(run, items))
 
 
-def _flushes_denormals() -> bool:
+def flushes_denormals() -> bool:
     """Whether this thread flushes denormal floats to zero (``torch.set_flush_denormal``)."""
     with torch.inference_mode():
         return float(torch.full((1,), 1e-39) * 2.0) == 0.0

@@ -42,7 +42,8 @@ for every model) and the chunked sampling loop (:func:`chunked_samples`).
 
 Models are built by name (``model.name`` in the config, ``prob_unet`` when the
 config has no such key) with :func:`probunet.models.registry.build_model`; a
-model registers its builder with :func:`~probunet.models.registry.register_model`
+model registers its spec (:class:`probunet.models.spec.ModelSpec`: builder, config keys,
+what its samples are, how it exports) with :func:`~probunet.models.registry.register_model`
 (both also importable from here).
 """
 
@@ -56,11 +57,11 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig, TrainConfig
-from ..losses import Geco, beta_schedule, build_geco
+from .losses import Geco, beta_schedule, build_geco
 from .registry import DEFAULT_MODEL, build_model, model_name, model_names, register_model  # noqa: F401
 
 RATER_MODES = ("random", "all")
-DEFAULTS = ModelConfig()  # every model key's default, stated once (in probunet.config.ModelConfig)
+DEFAULTS = ModelConfig()  # the shared model keys' defaults (each model's own keys: its spec's ModelKey)
 CHUNK_SIZE = 16  # samples per chunk of SegmentationModel.sample (the Probabilistic U-Net's own: 32)
 
 
@@ -164,12 +165,12 @@ class LossSettings:
     """How a model's ``training_loss`` picks its targets and weighs its terms (from ``train.*``).
 
     beta, kl_warmup_steps: the KL weight of the latent-variable models and its
-    linear warm-up (:func:`probunet.losses.beta_schedule`); rater: ``random`` (one
-    rater per image) or ``all``; geco: a :class:`probunet.losses.Geco` to train
+    linear warm-up (:func:`probunet.models.losses.beta_schedule`); rater: ``random`` (one
+    rater per image) or ``all``; geco: a :class:`probunet.models.losses.Geco` to train
     with the GECO constraint instead of the ELBO, or None; free_bits: the KL floor
-    per latent dimension (:func:`probunet.losses.kl_objective`); kl_balance: None
+    per latent dimension (:func:`probunet.models.losses.kl_objective`); kl_balance: None
     (the plain KL, or free bits on both nets) or the prior's share of KL balancing
-    (:func:`probunet.losses.balanced_kl_objective`; free bits then spare the
+    (:func:`probunet.models.losses.balanced_kl_objective`; free bits then spare the
     posterior only). A model uses the fields its objective has (the zoo's: rater,
     beta and warm-up, GECO where it trains with it).
 

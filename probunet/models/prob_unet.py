@@ -3,20 +3,49 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 from torch.distributions import Independent
 
-from ..losses import balanced_kl_dims, balanced_kl_objective, elbo_loss
+from ..config import check_number
+from ..errors import ConfigError
+from .losses import balanced_kl_dims, balanced_kl_objective, elbo_loss
 from ._cpu import cpu_parallel_map, split_over_threads, to_channels_last
 from .base import DEFAULTS as D, LossSettings, SegmentationModel, loss_settings_from, pick_raters  # noqa: F401
 from .fcomb import Fcomb
 from .gaussian import GaussianHead, analytic_kl, standard_gaussian
 from .init import init_weights
-from .registry import build_model, register_model  # noqa: F401  (build_model: the one builder, re-exported)
+from .registry import MODEL_LIMITS, build_model, register_model  # noqa: F401  (build_model: the one builder, re-exported)
+from .scripted import EncoderPort, ScriptSampler, UNetPort, randn_from, shared_rows
+from .spec import ModelKey, ModelSpec, choice, key_defaults
 from .unet import Encoder, UNet
+
+
+def _limit(key: str, value, model_cfg) -> None:
+    lo, hi = MODEL_LIMITS[key.split(".")[-1]]
+    if not lo <= value <= hi:
+        raise ConfigError(f"config key '{key}': must be in [{lo}, {hi}], got {value}")
+
+
+def _check_foreground_prior(key: str, value, model_cfg) -> None:
+    check_number(key, value, lo=0, lo_open=True, hi=1, hi_open=True, optional=True)
+
+
+# model.* keys of the Probabilistic U-Net
+KEYS = (
+    ModelKey("latent_dim", int, 6, "size of the latent z", _limit),
+    ModelKey("fcomb_layers", int, 4, "1x1 conv layers of f_comb", _limit),
+    ModelKey("prior", str, "conditional", "conditional (prior net on the image) | standard (N(0, I))",
+             choice("conditional", "standard")),
+    ModelKey("foreground_prior", Optional[float], None,
+             "the foreground probability the logits start at (f_comb's last bias at its log-odds, its weights "
+             "x0.1); null: off. Small lesions in 3D patches need it (docs/volumes.md)", _check_foreground_prior,
+             card=False),
+)
+K = key_defaults(KEYS)
 
 
 @dataclass
@@ -91,7 +120,7 @@ class ProbabilisticUNet(SegmentationModel):
 
     def __init__(self, spatial_dims: int = D.spatial_dims, in_channels: int = D.in_channels,
                  num_classes: int = D.num_classes, features: Sequence[int] = D.features,
-                 latent_dim: int = D.latent_dim, fcomb_layers: int = D.fcomb_layers, prior: str = D.prior,
+                 latent_dim: int = K.latent_dim, fcomb_layers: int = K.fcomb_layers, prior: str = K.prior,
                  convs_per_level: int = D.convs_per_level, norm: Optional[str] = D.norm, init: str = D.init,
                  foreground_prior: Optional[float] = None):
         super().__init__()
@@ -129,7 +158,7 @@ class ProbabilisticUNet(SegmentationModel):
         of which the first ``num_raters[b]`` are real (all when None). The targets are
         chosen by :func:`probunet.models.base.pick_raters` (``loss_settings.rater``;
         ``generator`` draws the random rater). The loss is the negative ELBO
-        (:func:`probunet.losses.elbo_loss`, beta with its warm-up at ``step``) or,
+        (:func:`probunet.models.losses.elbo_loss`, beta with its warm-up at ``step``) or,
         with ``loss_settings.geco``, the GECO objective (which updates its lambda).
 
         Returns scalars ``loss``, ``ce_sum``, ``ce_mean``, ``kl`` (and ``geco_lambda``),
@@ -260,7 +289,6 @@ class ProbabilisticUNet(SegmentationModel):
         return lambda start, n, out: self.fcomb.combine(feat_term, z[:, start:start + n], out=out)
 
 
-@register_model("prob_unet")
 def build_prob_unet(model_cfg, train_cfg=None) -> ProbabilisticUNet:
     """``model.name: prob_unet``: a :class:`ProbabilisticUNet` from a :class:`probunet.config.ModelConfig`,
     with the loss settings of ``train_cfg`` when given."""
@@ -272,3 +300,70 @@ def build_prob_unet(model_cfg, train_cfg=None) -> ProbabilisticUNet:
         init=getattr(model_cfg, "init", D.init), foreground_prior=getattr(model_cfg, "foreground_prior", None),
     )
     return model.configure_loss(loss_settings_from(train_cfg))
+
+
+# ----------------------------------------------------------------------------- the exported sampler and the spec
+
+
+class ProbUNetSampler(ScriptSampler):
+    """The Probabilistic U-Net: U-Net and prior once per image, f_comb once per sample (all S in one
+    batched call: ``W_f * features`` once, ``W_z * z + b`` per sample, then the 1x1 layers)."""
+
+    def __init__(self, model: nn.Module, **kw):
+        super().__init__(model, **kw)
+        self.latent_dim = int(model.latent_dim)
+        self.unet = UNetPort(model.unet)
+        self.has_prior: bool = model.prior_net is not None
+        if model.prior_net is not None:
+            self.prior_encoder = EncoderPort(model.prior_net.encoder)
+            self.prior_proj = model.prior_net.head.proj
+        else:
+            self.prior_encoder = EncoderPort(model.posterior_net.encoder)  # unused; keeps the type fixed
+            self.prior_proj = nn.Linear(1, 2 * self.latent_dim)
+        fc = model.fcomb
+        f = int(fc.feature_channels)
+        w = fc.first.weight.detach()
+        # the first 1x1 conv of f_comb over [features; z], split as in probunet.models.fcomb
+        self.w_feat = nn.Parameter(w[:, :f].reshape(w.shape[0], f, *([1] * self.spatial_dims)).clone(),
+                                   requires_grad=False)
+        self.w_z = nn.Parameter(w[:, f:].clone(), requires_grad=False)
+        self.b_z = nn.Parameter(fc.first.bias.detach().clone(), requires_grad=False)
+        self.rest = nn.Sequential(*list(fc.rest))  # ReLU, 1x1 conv, ..., 1x1 conv to logits
+
+    def _context(self, x: Tensor) -> Tensor:
+        b = x.shape[0]
+        if not self.has_prior:
+            loc = torch.zeros([b, self.latent_dim], device=x.device)
+            return torch.stack([loc, torch.ones_like(loc)], dim=1)
+        feats = self.prior_encoder(x)[-1]
+        pooled = feats.flatten(2).float().mean(dim=2)  # (B, F): spatial mean
+        params = self.prior_proj(pooled)
+        mu = params[:, : self.latent_dim]
+        log_sigma = params[:, self.latent_dim:].clamp(-10.0, 10.0)
+        return torch.stack([mu, torch.exp(log_sigma)], dim=1)  # (B, 2, D)
+
+    def _sample(self, x: Tensor, num_samples: int, noise: Optional[Tensor], g: Optional[torch.Generator],
+                context: Optional[Tensor]) -> Tensor:
+        b = x.shape[0]
+        if noise is not None:
+            eps = shared_rows(noise.to(x.device, torch.float32), b)
+        else:
+            eps = randn_from([b, num_samples, self.latent_dim], g, x.device)
+        features = self.unet(x)
+        ctx = self._context(x) if context is None else shared_rows(context.to(x.device, torch.float32), b)
+        z = ctx[:, 0].unsqueeze(1) + ctx[:, 1].unsqueeze(1) * eps  # (B, S, D)
+        if self.spatial_dims == 2:
+            feat_term = F.conv2d(features, self.w_feat)
+        else:
+            feat_term = F.conv3d(features, self.w_feat)
+        bias = F.linear(z, self.w_z, self.b_z)  # (B, S, F_out)
+        bias = bias.reshape([b, num_samples, bias.shape[2]] + [1] * self.spatial_dims)
+        h = (feat_term.unsqueeze(1) + bias).flatten(0, 1)  # (B*S, F_out, *sp)
+        out = self.rest(h)  # (B*S, C, *sp)
+        return out.reshape([b, num_samples] + list(out.shape[1:]))
+
+
+register_model(ModelSpec(
+    name="prob_unet", model_class=ProbabilisticUNet, build=build_prob_unet, keys=KEYS, samples="latent",
+    sampler=ProbUNetSampler, noise_dim=lambda model: int(model.latent_dim),
+    doc="the Probabilistic U-Net (Kohl et al. 2018)"))

@@ -1,13 +1,13 @@
 """The model registry: every model's builder by ``model.name``, and the checks of the config's ``model`` section.
 
-A model registers ``builder(model_cfg, train_cfg_or_None) -> model`` with
-:func:`register_model`; :func:`build_model` builds the one a config names
-(``prob_unet`` when the config has no ``model.name``). Importing
-:mod:`probunet.models` registers the Probabilistic U-Net and the zoo.
+A model registers its :class:`probunet.models.spec.ModelSpec` (its builder, config keys, what its
+samples are, how it exports) with :func:`register_model`; :func:`build_model` builds the one a
+config names (``prob_unet`` when the config has no ``model.name``), :func:`spec_of` finds a built
+model's spec. Importing :mod:`probunet.models` registers the Probabilistic U-Net and the zoo.
 
 The ``model`` section of a config is checked here, not in :mod:`probunet.config`
-(which imports no model): each key's range, the zoo's keys, the name (one of the
-registered models) and the model's size, estimated from the config alone
+(which imports no model): the shared keys' ranges, each registered model's keys (by the checks
+of its spec), the name (one of the registered models) and the model's size, estimated from the config alone
 (:func:`estimate_model_parameters`) so that an impossible model is refused before
 anything is built. :func:`check_model_config` is added to
 :func:`probunet.config.validate` when this module is imported.
@@ -21,37 +21,77 @@ from typing import Any, Callable, Dict, Optional
 
 from torch import nn
 
-from ..config import ModelConfig, check_int, check_number, register_validator, shown
+from ..config import ModelConfig, add_model_key, register_validator, remove_model_key, shown
 from ..errors import ConfigError
+from .spec import ModelSpec, run_check
 
 DEFAULT_MODEL = "prob_unet"
 
 # ----------------------------------------------------------------------------- registry
 
 Builder = Callable[[Any, Any], nn.Module]
-_REGISTRY: Dict[str, Builder] = {}
+_REGISTRY: Dict[str, ModelSpec] = {}
 
 
-def register_model(name: str, builder: Optional[Builder] = None):
-    """Register ``builder(model_cfg, train_cfg_or_None) -> model`` under ``name``; usable as a decorator."""
-    def add(fn: Builder) -> Builder:
-        if name in _REGISTRY and _REGISTRY[name] is not fn:
-            raise ValueError(f"a model named {name!r} is already registered")
-        _REGISTRY[name] = fn
-        return fn
+def register_model(spec: ModelSpec) -> ModelSpec:
+    """Register ``spec`` (a :class:`probunet.models.spec.ModelSpec`): its name selects it as ``model.name``,
+    its keys become ``model.*`` config keys. ValueError naming the model and what is missing when the
+    spec is incomplete, or when another spec has the name."""
+    if not isinstance(spec, ModelSpec):
+        raise ValueError(f"register_model takes a ModelSpec (probunet.models.spec), got {type(spec).__name__}")
+    spec.check()
+    old = _REGISTRY.get(spec.name)
+    if old is not None and old is not spec:
+        raise ValueError(f"a model named {spec.name!r} is already registered")
+    for key in spec.keys:
+        add_model_key(key.name, key.kind, key.default)
+    _REGISTRY[spec.name] = spec
+    return spec
 
-    return add(builder) if builder is not None else add
+
+def unregister_model(name: str) -> None:
+    """Withdraw the spec registered as ``name`` and the config keys no other spec declares (a model
+    registered for a while, as in a test)."""
+    spec = _REGISTRY.pop(name, None)
+    if spec is None:
+        raise ValueError(f"no model named {name!r} is registered")
+    still = {key.name for other in _REGISTRY.values() for key in other.keys}
+    for key in spec.keys:
+        if key.name not in still:
+            remove_model_key(key.name)
 
 
 def model_names() -> list[str]:
-    """The registered ``model.name`` values."""
-    return sorted(_REGISTRY)
+    """The registered ``model.name`` values (the models with a builder of their own)."""
+    return sorted(name for name, spec in _REGISTRY.items() if spec.build is not None)
+
+
+def model_specs() -> list[ModelSpec]:
+    """Every registered spec, by name."""
+    return [_REGISTRY[name] for name in sorted(_REGISTRY)]
 
 
 def model_name(model_cfg) -> str:
     """``model_cfg.name`` (``prob_unet`` for configs without the key)."""
     name = getattr(model_cfg, "name", None)
     return DEFAULT_MODEL if name is None else str(name)
+
+
+def model_spec(name: str) -> ModelSpec:
+    """The spec registered as ``name``; ConfigError naming it when none is."""
+    spec = _REGISTRY.get(name)
+    if spec is None:
+        raise ConfigError(f"model.name: unknown model {name!r}; known: {', '.join(model_names())}")
+    return spec
+
+
+def spec_of(model: nn.Module) -> ModelSpec:
+    """The spec of a built ``model`` (found by its class); ValueError naming the class when none is."""
+    for spec in _REGISTRY.values():
+        if type(model) is spec.model_class:
+            return spec
+    raise ValueError(f"model {type(model).__name__}: no registered model spec has this class; register one "
+                     f"with probunet.models.register_model(ModelSpec(...))")
 
 
 def build_model(model_cfg, train_cfg=None) -> nn.Module:
@@ -62,9 +102,10 @@ def build_model(model_cfg, train_cfg=None) -> nn.Module:
     without, the defaults (enough for sampling and evaluation).
     """
     name = model_name(model_cfg)
-    if name not in _REGISTRY:
+    spec = _REGISTRY.get(name)
+    if spec is None or spec.build is None:
         raise ConfigError(f"model.name: unknown model {name!r}; known: {', '.join(model_names())}")
-    return _REGISTRY[name](model_cfg, train_cfg)
+    return spec.build(model_cfg, train_cfg)
 
 
 # ----------------------------------------------------------------------------- the config's model section
@@ -137,7 +178,7 @@ def _check_model(m) -> None:
     _check_model_name(m)
     if m.spatial_dims not in (2, 3):
         raise ConfigError(f"config key 'model.spatial_dims': must be 2 or 3, got {m.spatial_dims}")
-    for key in ("in_channels", "num_classes", "latent_dim", "fcomb_layers", "convs_per_level"):
+    for key in ("in_channels", "num_classes", "convs_per_level"):
         lo, hi = MODEL_LIMITS[key]
         v = getattr(m, key)
         if not lo <= v <= hi:
@@ -157,10 +198,11 @@ def _check_model(m) -> None:
         raise ConfigError(f"config key 'model.features': at most {MODEL_LIMITS['levels'][1]} levels, "
                           f"got {len(feats)}")
     m.features = tuple(feats)
-    _check_zoo_keys(m)
+    _check_model_keys(m)
     n = estimate_model_parameters(m)
-    if getattr(m, "name", "prob_unet") == "ensemble":
-        n *= m.ensemble_size  # M networks (the estimate of one Probabilistic U-Net bounds one member)
+    spec = _REGISTRY[m.name]
+    if spec.size_factor is not None:
+        n *= int(spec.size_factor(m))  # e.g. M networks (the estimate of one Probabilistic U-Net bounds one)
     if n > MAX_MODEL_PARAMETERS:
         # Name the key whose default value shrinks the model most.
         default = ModelConfig()
@@ -171,31 +213,15 @@ def _check_model(m) -> None:
                           f"over the limit of {MAX_MODEL_PARAMETERS:.0e}")
 
 
-def _check_zoo_keys(m) -> None:
-    """Ranges of the model zoo's keys (whatever model.name is: a bad value is a bad value)."""
-    choices = {"sampling": ("pixelwise", "argmax"), "ensemble_batch": ("bootstrap", "shuffle", "same"),
-               "roi": ("none", "image")}
-    for key, allowed in choices.items():
-        if getattr(m, key) not in allowed:
-            raise ConfigError(f"config key 'model.{key}': {shown(getattr(m, key))} is not one of: {', '.join(allowed)}")
-    for key, lo, hi in (("ensemble_size", 1, 64), ("rank", 1, 1024), ("mc_samples", 1, 10000),
-                        ("roi_dilation", 0, 1000), ("latent_channels", 1, 1024), ("res_blocks", 1, 64)):
-        check_int(f"model.{key}", getattr(m, key), lo)
-        if getattr(m, key) > hi:
-            raise ConfigError(f"config key 'model.{key}': must be <= {hi}, got {getattr(m, key)}")
-    if m.latent_levels is not None:
-        check_int("model.latent_levels", m.latent_levels, 1)
-        if m.latent_levels > len(m.features):
-            raise ConfigError(f"config key 'model.latent_levels': at most one per level ({len(m.features)}), "
-                              f"got {m.latent_levels}")
-    check_number("model.dropout", m.dropout, lo=0)
-    if m.dropout >= 1:
-        raise ConfigError(f"config key 'model.dropout': must be in [0, 1), got {m.dropout}")
-    check_number("model.diag_eps", m.diag_eps, lo=0, lo_open=True)
-    check_number("model.roi_threshold", m.roi_threshold, lo=0)
-    check_number("model.topk_fraction", m.topk_fraction, lo=0, lo_open=True, hi=1)
-    fp = getattr(m, "foreground_prior", None)
-    check_number("model.foreground_prior", fp, lo=0, lo_open=True, hi=1, hi_open=True, optional=True)
+def _check_model_keys(m) -> None:
+    """Every registered model's keys, by its spec's checks (whatever model.name is: a bad value is a bad
+    value), each key once."""
+    seen = set()
+    for spec in model_specs():
+        for key in spec.keys:
+            if key.name not in seen:
+                seen.add(key.name)
+                run_check(key, m)
 
 
 @register_validator
@@ -205,4 +231,5 @@ def check_model_config(cfg) -> None:
 
 
 __all__ = ["DEFAULT_MODEL", "MAX_MODEL_PARAMETERS", "MODEL_LIMITS", "build_model", "check_model_config",
-           "estimate_model_parameters", "model_name", "model_names", "register_model"]
+           "estimate_model_parameters", "model_name", "model_names", "model_spec", "model_specs", "register_model",
+           "spec_of", "unregister_model"]

@@ -18,7 +18,7 @@ from torch import nn
 
 from .init import init_weights
 # The CPU speed machinery lives in ._cpu; these names are re-exported for existing imports.
-from ._cpu import _flushes_denormals, cat_batch, cpu_parallel_map, split_over_threads, to_channels_last  # noqa: F401
+from ._cpu import flushes_denormals, cat_batch, cpu_parallel_map, split_over_threads, to_channels_last  # noqa: F401
 
 
 def _norm_arg(norm: Optional[str]):

@@ -15,16 +15,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Normal, kl_divergence
 
-from ..base import DEFAULTS
+from ...config import check_int, model_key_default
+from ...errors import ConfigError
+from ..base import DEFAULTS  # noqa: F401  (re-exported: the shared keys' defaults)
 from ..gaussian import LOG_SIGMA_MAX, LOG_SIGMA_MIN
+from ..spec import ModelKey, int_range
 
 
 def option(model_cfg, key: str, kind=None, default=None):
     """``model_cfg.<key>`` converted by ``kind``; when the config has no such key (or it is None),
-    ``default`` or else the key's default in :class:`probunet.config.ModelConfig`."""
+    ``default`` or else the key's declared default (:func:`probunet.config.model_key_default`)."""
     value = getattr(model_cfg, key, None)
     if value is None:
-        value = default if default is not None else getattr(DEFAULTS, key)
+        value = default if default is not None else model_key_default(key)
     return kind(value) if (kind is not None and value is not None) else value
 
 
@@ -124,3 +127,21 @@ def member_batch(batch_mode: str, image: Tensor, labels: Tensor, num_raters: Opt
         idx = draw((b,), generator, image.device, kind="uniform").argsort()
     counts = None if num_raters is None else torch.as_tensor(num_raters, device=image.device)[idx]
     return image[idx], labels[idx.to(labels.device)], counts
+
+
+# ----------------------------------------------------------------------------- config keys several models read
+
+
+def _check_latent_levels_key(key: str, value, model_cfg) -> None:
+    if value is None:
+        return
+    check_int(key, value, 1)
+    if value > len(model_cfg.features):
+        raise ConfigError(f"config key '{key}': at most one per level ({len(model_cfg.features)}), got {value}")
+
+
+SOFT_TARGET_KEY = ModelKey("soft_target", bool, False, "cross-entropy against the raters' mean instead of one rater")
+LATENT_LEVELS_KEY = ModelKey("latent_levels", Optional[int], None,
+                             "latent scales, clipped to the levels (null: the model's own default)",
+                             _check_latent_levels_key)
+LATENT_CHANNELS_KEY = ModelKey("latent_channels", int, 2, "latent channels per scale", int_range(1, 1024))

@@ -20,7 +20,8 @@ per-image mean loss this only changes the rater draws); ``same`` the batch as is
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+import dataclasses
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +29,24 @@ from torch import Tensor, nn
 
 from ..base import SegmentationModel, loss_settings_from, pick_raters
 from ..registry import register_model
+from ..scripted import ScriptSampler, UNetPort
+from ..spec import ModelKey, ModelSpec, choice, int_range, key_defaults
+from .member_ensemble import members_of
 from ..unet import UNet
-from ._common import DEFAULTS as D, common_args, member_batch, option
+from ._common import DEFAULTS as D, SOFT_TARGET_KEY, common_args, member_batch, option
 
 BATCH_MODES = ("bootstrap", "shuffle", "same")
+
+
+# model.* keys of the deep ensemble
+KEYS = (
+    ModelKey("ensemble_size", int, 4, "members M", int_range(1, 64)),
+    ModelKey("ensemble_batch", str, "bootstrap", "bootstrap | shuffle | same (each member's batch)",
+             choice(*BATCH_MODES)),
+    ModelKey("member", Optional[str], None, "the member model (null or unet: U-Nets; e.g. prob_unet)", card=False),
+    dataclasses.replace(SOFT_TARGET_KEY, card=False),
+)
+K = key_defaults(KEYS)
 
 
 class DeepEnsemble(SegmentationModel):
@@ -40,8 +55,8 @@ class DeepEnsemble(SegmentationModel):
     def __init__(self, spatial_dims: int = D.spatial_dims, in_channels: int = D.in_channels,
                  num_classes: int = D.num_classes, features: Sequence[int] = D.features,
                  convs_per_level: int = D.convs_per_level, norm: Optional[str] = D.norm, init: str = D.init,
-                 members: int = D.ensemble_size,
-                 batch_mode: str = D.ensemble_batch):
+                 members: int = K.ensemble_size,
+                 batch_mode: str = K.ensemble_batch):
         super().__init__()
         self.init_interface(spatial_dims, in_channels, num_classes, features)
         if members < 1:
@@ -97,7 +112,6 @@ def member_of_samples(start: int, num_samples: int, members: int) -> list:
     return [(start + j) % members for j in range(num_samples)]
 
 
-@register_model("ensemble")
 def build_ensemble(model_cfg, train_cfg=None) -> DeepEnsemble:
     """``model.name: ensemble``; options ``model.ensemble_size`` (4), ``model.ensemble_batch`` (bootstrap),
     ``model.member`` (null or ``unet``: these U-Nets; any other model: :mod:`.member_ensemble`)."""
@@ -109,3 +123,34 @@ def build_ensemble(model_cfg, train_cfg=None) -> DeepEnsemble:
     model = DeepEnsemble(**common_args(model_cfg), members=option(model_cfg, "ensemble_size", int),
                          batch_mode=option(model_cfg, "ensemble_batch", str))
     return model.configure_loss(loss_settings_from(train_cfg))
+
+
+# ----------------------------------------------------------------------------- the exported sampler and the spec
+
+
+class EnsembleSampler(ScriptSampler):
+    """``ensemble``: sample s is member s mod M (deterministic); members no sample needs are not run."""
+
+    def __init__(self, model: nn.Module, **kw):
+        super().__init__(model, **kw)
+        self.members = nn.ModuleList([UNetPort(m) for m in model.members])
+        self.num_members: int = len(model.members)
+
+    def _sample(self, x: Tensor, num_samples: int, noise: Optional[Tensor], g: Optional[torch.Generator],
+                context: Optional[Tensor]) -> Tensor:
+        used = min(num_samples, self.num_members)
+        outs: List[Tensor] = []
+        m = 0
+        for member in self.members:
+            if m < used:
+                outs.append(member(x))
+            m += 1
+        logits = torch.stack(outs, dim=1)  # (B, used, C, *sp)
+        index = torch.arange(num_samples, device=x.device) % used
+        return logits.index_select(1, index)
+
+
+register_model(ModelSpec(
+    name="ensemble", model_class=DeepEnsemble, build=build_ensemble, keys=KEYS, samples=members_of,
+    sampler=EnsembleSampler, size_factor=lambda model_cfg: int(model_cfg.ensemble_size),
+    doc="a deep ensemble of U-Nets (model.member: an ensemble of another model)"))

@@ -18,7 +18,7 @@ distributions at level l are conditioned on the same z_<l and
 
 each level's KL summed over channels and positions (analytic, diagonal
 Gaussians, fp32). The objective is GECO (Rezende & Viola 2018;
-:class:`probunet.losses.Geco`, when ``train.geco.enabled``): minimise KL
+:class:`probunet.models.losses.Geco`, when ``train.geco.enabled``): minimise KL
 subject to the reconstruction constraint CE <= kappa, lambda (CE - kappa) + KL;
 otherwise the ELBO, CE summed over pixels + beta KL. The reconstruction term
 can be a top-k loss (``topk_fraction`` < 1): of each image's per-pixel CE
@@ -44,9 +44,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from monai.networks.layers.factories import Pool
 
-from ...losses import elbo_loss
+from ...config import check_number
+from ..losses import elbo_loss
 from ..base import SegmentationModel, loss_settings_from, pick_raters
 from ..registry import register_model
+from ..scripted import ScriptSampler, chunk_of, latent_draw, upsample as script_upsample
+from ._common import LATENT_CHANNELS_KEY, LATENT_LEVELS_KEY
+from ..spec import ModelKey, ModelSpec, int_range, key_defaults, seeded_refusal
 from ..init import init_weights
 from ._common import (DEFAULTS as D, check_latent_levels, common_args, conv1x1, latent_level, map_kl, onehot,
                       option, upsample)
@@ -54,6 +58,21 @@ from ._common import (DEFAULTS as D, check_latent_levels, common_args, conv1x1, 
 LATENT_LEVELS = 3  # model.latent_levels of hpu_net when the config leaves it null (at most len(features))
 RESIDUAL_INIT_SCALE = 0.1  # the last conv of every residual branch: He-normal times this
 Gaussian = Tuple[Tensor, Tensor]  # (mu, sigma), each (B, K, *spatial)
+
+
+def _check_topk(key: str, value, model_cfg) -> None:
+    check_number(key, value, lo=0, lo_open=True, hi=1)
+
+
+# model.* keys of the hierarchical Probabilistic U-Net
+KEYS = (
+    LATENT_LEVELS_KEY,
+    LATENT_CHANNELS_KEY,
+    ModelKey("res_blocks", int, 1, "residual blocks per level", int_range(1, 64)),
+    ModelKey("topk_fraction", float, 1.0, "share of pixels with the largest CE kept in the loss (1: all)",
+             _check_topk),
+)
+K = key_defaults(KEYS)
 
 
 class ResBlock(nn.Module):
@@ -161,8 +180,8 @@ class HierarchicalProbUNet(SegmentationModel):
                  num_classes: int = D.num_classes, features: Sequence[int] = D.features,
                  convs_per_level: int = D.convs_per_level, norm: Optional[str] = D.norm, init: str = D.init,
                  latent_levels: int = LATENT_LEVELS,
-                 latent_channels: int = D.latent_channels, res_blocks: int = D.res_blocks,
-                 topk_fraction: float = D.topk_fraction):
+                 latent_channels: int = K.latent_channels, res_blocks: int = K.res_blocks,
+                 topk_fraction: float = K.topk_fraction):
         super().__init__()
         feats = self.init_interface(spatial_dims, in_channels, num_classes, features)
         check_latent_levels(latent_levels, len(feats))
@@ -229,7 +248,6 @@ class HierarchicalProbUNet(SegmentationModel):
         return draw_chunk
 
 
-@register_model("hpu_net")
 def build_hpu_net(model_cfg, train_cfg=None) -> HierarchicalProbUNet:
     """``model.name: hpu_net``; options ``model.latent_levels`` (null: :data:`LATENT_LEVELS`, at most
     len(features)), ``model.latent_channels``, ``model.res_blocks``, ``model.topk_fraction`` (1.0: off)."""
@@ -239,3 +257,73 @@ def build_hpu_net(model_cfg, train_cfg=None) -> HierarchicalProbUNet:
         latent_channels=option(model_cfg, "latent_channels", int), res_blocks=option(model_cfg, "res_blocks", int),
         topk_fraction=option(model_cfg, "topk_fraction", float))
     return model.configure_loss(loss_settings_from(train_cfg))
+
+
+# ----------------------------------------------------------------------------- the exported sampler and the spec
+
+
+class _HpuStage(nn.Module):
+    """Step j of the hierarchical U-Net's decoder: [up block], [latent head, [merge block]]."""
+
+    def __init__(self, up: Optional[nn.Module], head: Optional[nn.Module], merge: Optional[nn.Module]):
+        super().__init__()
+        self.has_up: bool = up is not None
+        self.has_latent: bool = head is not None
+        self.has_merge: bool = merge is not None
+        self.up = up if up is not None else nn.Identity()
+        self.head = head if head is not None else nn.Identity()
+        self.merge = merge if merge is not None else nn.Identity()
+
+
+class HPUNetSampler(ScriptSampler):
+    """``hpu_net``: the prior net's encoder once; per chunk of ``chunk_size`` samples the decoder with
+    z_l drawn level after level (coarsest first)."""
+
+    def __init__(self, model: nn.Module, **kw):
+        super().__init__(model, **kw)
+        net = model.prior_net
+        self.pool = net.pool
+        self.encoder = net.encoder
+        stages = []
+        for j in range(len(net.up) + 1):
+            latent = j < net.latent_levels
+            stages.append(_HpuStage(net.up[j - 1] if j > 0 else None, net.latent_heads[j] if latent else None,
+                                    net.merge[j] if latent and j < len(net.merge) else None))
+        self.stages = nn.ModuleList(stages)
+        self.head = net.head
+        self.chunk: int = chunk_of(model)
+
+    def _sample(self, x: Tensor, num_samples: int, noise: Optional[Tensor], g: Optional[torch.Generator],
+                context: Optional[Tensor]) -> Tensor:
+        skips: List[Tensor] = []
+        i = 0
+        h = x
+        for level in self.encoder:
+            h = level(self.pool(h) if i > 0 else h)
+            skips.append(h)
+            i += 1
+        b = x.shape[0]
+        chunks: List[Tensor] = []
+        for start in range(0, num_samples, self.chunk):
+            n = min(self.chunk, num_samples - start)
+            h = skips[-1].repeat_interleave(n, dim=0)
+            j = 0
+            for stage in self.stages:
+                if stage.has_up:
+                    skip = skips[len(skips) - 1 - j].repeat_interleave(n, dim=0)
+                    h = stage.up(torch.cat([script_upsample(h, skip.shape[2:]), skip], dim=1))
+                if stage.has_latent:
+                    z = latent_draw(stage.head(h.float()), g)
+                    if stage.has_merge:
+                        h = stage.merge(torch.cat([h, z.to(h.dtype)], dim=1))
+                j += 1
+            logits = self.head(h)
+            chunks.append(logits.reshape([b, n] + list(logits.shape[1:])))
+        return torch.cat(chunks, dim=1)
+
+
+register_model(ModelSpec(
+    name="hpu_net", model_class=HierarchicalProbUNet, build=build_hpu_net, keys=KEYS, samples="latent",
+    sampler=HPUNetSampler,
+    onnx_refusal=seeded_refusal("hpu_net", "draws a latent map at every level of its decoder"),
+    doc="the hierarchical Probabilistic U-Net (Kohl et al. 2019)"))

@@ -19,17 +19,37 @@ With ``mc_sampling: false`` sampling uses the deterministic network instead
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+import dataclasses
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...config import check_number
+from ...errors import ConfigError
 from ..base import SegmentationModel, loss_settings_from, pick_raters
 from ..registry import register_model
+from ..scripted import EncoderPort, ScriptSampler, chunk_of, rand_from, upsample as script_upsample
+from ..spec import ModelKey, ModelSpec, Samples, key_defaults, seeded_refusal
 from ..init import init_weights
 from ..unet import Encoder, conv_block
-from ._common import DEFAULTS as D, common_args, conv1x1, draw, option, upsample
+from ._common import DEFAULTS as D, SOFT_TARGET_KEY, common_args, conv1x1, draw, option, upsample
+
+
+def _check_dropout(key: str, value, model_cfg) -> None:
+    check_number(key, value, lo=0)
+    if value >= 1:
+        raise ConfigError(f"config key '{key}': must be in [0, 1), got {value}")
+
+
+# model.* keys of MC dropout
+KEYS = (
+    ModelKey("dropout", float, 0.5, "spatial dropout rate in the decoder, in [0, 1)", _check_dropout),
+    ModelKey("mc_sampling", bool, True, "dropout kept on at sampling time"),
+    dataclasses.replace(SOFT_TARGET_KEY, card=False),
+)
+K = key_defaults(KEYS)
 
 
 class MCDropoutUNet(SegmentationModel):
@@ -38,8 +58,8 @@ class MCDropoutUNet(SegmentationModel):
     def __init__(self, spatial_dims: int = D.spatial_dims, in_channels: int = D.in_channels,
                  num_classes: int = D.num_classes, features: Sequence[int] = D.features,
                  convs_per_level: int = D.convs_per_level, norm: Optional[str] = D.norm, init: str = D.init,
-                 dropout: float = D.dropout,
-                 mc_sampling: bool = D.mc_sampling):
+                 dropout: float = K.dropout,
+                 mc_sampling: bool = K.mc_sampling):
         super().__init__()
         feats = self.init_interface(spatial_dims, in_channels, num_classes, features)
         if not 0.0 <= dropout < 1.0:
@@ -101,9 +121,75 @@ class MCDropoutUNet(SegmentationModel):
         return draw_chunk
 
 
-@register_model("mc_dropout")
 def build_mc_dropout(model_cfg, train_cfg=None) -> MCDropoutUNet:
     """``model.name: mc_dropout``; options ``model.dropout`` and ``model.mc_sampling``."""
     model = MCDropoutUNet(**common_args(model_cfg), dropout=option(model_cfg, "dropout", float),
                           mc_sampling=option(model_cfg, "mc_sampling", bool))
     return model.configure_loss(loss_settings_from(train_cfg))
+
+
+# ----------------------------------------------------------------------------- the exported sampler and the spec
+
+
+class MCDropoutSampler(ScriptSampler):
+    """``mc_dropout``: encoder once; decoder per sample with channel dropout masks u >= p, drawn
+    ``chunk_size`` samples at a time, block after block (as the model draws them)."""
+
+    def __init__(self, model: nn.Module, **kw):
+        super().__init__(model, **kw)
+        self.encoder = EncoderPort(model.encoder)
+        self.decoder = model.decoder
+        self.head = model.head
+        self.p: float = float(model.dropout)
+        self.mc: bool = bool(model.mc_sampling)
+        self.chunk: int = chunk_of(model)
+
+    def _drop(self, x: Tensor, active: bool, g: Optional[torch.Generator]) -> Tensor:
+        if not active or self.p == 0.0:
+            return x
+        shape = [x.shape[0], x.shape[1]] + [1] * self.spatial_dims
+        keep = (rand_from(shape, g, x.device) >= self.p).to(x.dtype)
+        return x * (keep / (1.0 - self.p))
+
+    def _decode(self, skips: List[Tensor], repeats: int, active: bool, g: Optional[torch.Generator]) -> Tensor:
+        h = skips[-1].repeat_interleave(repeats, dim=0)
+        if len(self.decoder) == 0:
+            h = self._drop(h, active, g)
+        n = len(skips)
+        j = 0
+        for block in self.decoder:
+            skip = skips[n - 2 - j]
+            h = script_upsample(h, skip.shape[2:])
+            h = block(torch.cat([h, skip.repeat_interleave(repeats, dim=0)], dim=1))
+            h = self._drop(h, active, g)
+            j += 1
+        return self.head(h)
+
+    def _sample(self, x: Tensor, num_samples: int, noise: Optional[Tensor], g: Optional[torch.Generator],
+                context: Optional[Tensor]) -> Tensor:
+        skips = self.encoder(x)
+        b = x.shape[0]
+        if not self.mc:
+            logits = self._decode(skips, 1, False, g)
+            return logits.unsqueeze(1).expand([b, num_samples] + list(logits.shape[1:])).clone()
+        chunks: List[Tensor] = []
+        for start in range(0, num_samples, self.chunk):
+            n = min(self.chunk, num_samples - start)
+            out = self._decode(skips, n, True, g)
+            chunks.append(out.reshape([b, n] + list(out.shape[1:])))
+        return torch.cat(chunks, dim=1)
+
+
+def _samples(model) -> "str | Samples":
+    if model.mc_sampling:
+        return "dropout"
+    return Samples("latent", why="dropout is off at sampling (mc_sampling: false), so there is one model")
+
+
+def _onnx(model) -> "str | None":
+    return seeded_refusal("mc_dropout", "draws dropout masks inside the decoder") if model.mc_sampling else None
+
+
+register_model(ModelSpec(
+    name="mc_dropout", model_class=MCDropoutUNet, build=build_mc_dropout, keys=KEYS, samples=_samples,
+    sampler=MCDropoutSampler, onnx_refusal=_onnx, doc="MC dropout (Gal and Ghahramani 2016)"))

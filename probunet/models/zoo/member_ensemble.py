@@ -17,7 +17,7 @@ of an image uses the same draw with each member's image-level prior (``sample_co
 the members draw from the case's generator, one member after the other. With
 S = M x K every member gives K latent draws: the spread within a member is its model of the
 raters' ambiguity (aleatoric), the spread between members the model's ignorance (epistemic);
-see :mod:`probunet.uncertainty`.
+see :mod:`probunet.inference.uncertainty`.
 
 Members whose loss keeps trainer-held state (GECO, ``train.geco.enabled``) are refused: the
 trainer moves and saves one GECO state per model, not one per member.
@@ -26,13 +26,15 @@ trainer moves and saves one GECO state per model, not one per member.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
 
 from ..base import SegmentationModel
-from ..registry import build_model
+from ..registry import build_model, register_model, spec_of
+from ..scripted import ScriptSampler
+from ..spec import ModelSpec, Samples
 from ._common import member_batch
 
 BATCH_MODES = ("bootstrap", "shuffle", "same")
@@ -153,3 +155,70 @@ def _with_name(model_cfg, name: str):
     from types import SimpleNamespace
 
     return SimpleNamespace(**{**vars(model_cfg), "name": name})
+
+
+# ----------------------------------------------------------------------------- the exported sampler and the spec
+
+
+class MemberEnsembleSampler(ScriptSampler):
+    """``ensemble`` of any member model (``model.member``): sample s from member s mod M, each member
+    the exported sampler of its own model. With ``noise`` member m takes the rows of its samples;
+    without, member after member (in member order) draws its samples from the generator, as
+    :class:`probunet.models.zoo.member_ensemble.MemberEnsemble` does."""
+
+    def __init__(self, model: nn.Module, **kw):
+        super().__init__(model, **kw)
+        member_sampler = spec_of(model.members[0]).sampler
+        self.members = nn.ModuleList([member_sampler(m, **kw) for m in model.members])
+        self.num_members: int = len(model.members)
+        self.latent_dim = int(self.members[0].latent_dim)
+
+    def _context(self, x: Tensor) -> Tensor:
+        parts: List[Tensor] = []
+        for member in self.members:
+            parts.append(member._context(x))
+        return torch.stack(parts, dim=1)  # (B, M, 2, latent_dim)
+
+    def _sample(self, x: Tensor, num_samples: int, noise: Optional[Tensor], g: Optional[torch.Generator],
+                context: Optional[Tensor]) -> Tensor:
+        out = torch.zeros([1])
+        filled = False
+        m = 0
+        for member in self.members:
+            first = m % self.num_members  # sample s = first + k * M comes from member m
+            if first < num_samples:
+                idx = torch.arange(first, num_samples, self.num_members, device=x.device)
+                k = idx.shape[0]
+                member_noise: Optional[Tensor] = None
+                member_context: Optional[Tensor] = None
+                if noise is not None:
+                    member_noise = noise.index_select(1, idx.to(noise.device))
+                if context is not None:
+                    member_context = context.select(1, m)
+                logits = member._sample(x, k, member_noise, g, member_context).float()
+                if not filled:
+                    out = torch.zeros([logits.shape[0], num_samples] + list(logits.shape[2:]), device=x.device)
+                    filled = True
+                out = out.index_copy(1, idx, logits)
+            m += 1
+        return out
+
+
+def _member_refusal(model) -> "str | None":
+    member = model.members[0]
+    reason = spec_of(member).export_refusal_of(member)
+    return f"its members ({model.member_name}) have no exported sampler: {reason}" if reason else None
+
+
+def members_of(model) -> Samples:
+    """An ensemble's samples (of U-Nets or of another model): sample s from member s mod M."""
+    return Samples("members", groups=len(model.members), label=f"ensemble of {getattr(model, 'member_name', 'unet')}")
+
+
+register_model(ModelSpec(
+    name="member_ensemble", model_class=MemberEnsemble, built_by="ensemble", samples=members_of,
+    sampler=MemberEnsembleSampler, export_refusal=_member_refusal,
+    onnx_refusal=lambda model: (f"an ensemble of {model.member_name} members has no ONNX export; export --format "
+                                f"torchscript instead"),
+    noise_dim=lambda model: spec_of(model.members[0]).noise_dim_of(model.members[0]),
+    doc="an ensemble of any other model (model.name: ensemble, model.member: its name)"))

@@ -37,12 +37,20 @@ from torch import Tensor, nn
 from ...errors import ConfigError
 from ..base import SegmentationModel, loss_settings_from, pick_raters
 from ..registry import register_model
+from ..scripted import EncoderPort, ScriptSampler, chunk_of, latent_draw, upsample as script_upsample
+from ._common import LATENT_CHANNELS_KEY, LATENT_LEVELS_KEY
+from ..spec import ModelSpec, key_defaults, seeded_refusal
 from ..init import init_weights
 from ..unet import Encoder, conv_block
 from ._common import (DEFAULTS as D, check_latent_levels, common_args, conv1x1, latent_level, map_kl, onehot,
                       option, upsample)
 
 LATENT_LEVELS = 5  # model.latent_levels of phiseg when the config leaves it null (at most len(features))
+
+
+# model.* keys of PHiSeg
+KEYS = (LATENT_LEVELS_KEY, LATENT_CHANNELS_KEY)
+K = key_defaults(KEYS)
 
 
 class LatentHierarchy(nn.Module):
@@ -126,7 +134,7 @@ class PHiSeg(SegmentationModel):
                  num_classes: int = D.num_classes, features: Sequence[int] = D.features,
                  convs_per_level: int = D.convs_per_level, norm: Optional[str] = D.norm, init: str = D.init,
                  latent_levels: int = LATENT_LEVELS,
-                 latent_channels: int = D.latent_channels):
+                 latent_channels: int = K.latent_channels):
         super().__init__()
         feats = self.init_interface(spatial_dims, in_channels, num_classes, features)
         check_latent_levels(latent_levels, len(feats))
@@ -192,7 +200,6 @@ class PHiSeg(SegmentationModel):
         return draw_chunk
 
 
-@register_model("phiseg")
 def build_phiseg(model_cfg, train_cfg=None) -> PHiSeg:
     """``model.name: phiseg``; options ``model.latent_levels`` (null: :data:`LATENT_LEVELS`, at most
     len(features)) and ``model.latent_channels``. Trains with its ELBO (``train.beta``, ``train.kl_warmup_steps``)."""
@@ -203,3 +210,94 @@ def build_phiseg(model_cfg, train_cfg=None) -> PHiSeg:
     levels = option(model_cfg, "latent_levels", int, min(LATENT_LEVELS, len(args["features"])))
     model = PHiSeg(**args, latent_levels=levels, latent_channels=option(model_cfg, "latent_channels", int))
     return model.configure_loss(settings)
+
+
+# ----------------------------------------------------------------------------- the exported sampler and the spec
+
+
+class _PhisegStage(nn.Module):
+    """Latent level j of PHiSeg: the prior's [z_in, combine] and head, the likelihood's z_in, [merge], head."""
+
+    def __init__(self, z_in: Optional[nn.Module], combine: Optional[nn.Module], head: nn.Module,
+                 lik_in: nn.Module, lik_merge: Optional[nn.Module], lik_head: nn.Module):
+        super().__init__()
+        self.conditioned: bool = z_in is not None
+        self.z_in = z_in if z_in is not None else nn.Identity()
+        self.combine = combine if combine is not None else nn.Identity()
+        self.head = head
+        self.lik_in = lik_in
+        self.has_merge: bool = lik_merge is not None
+        self.lik_merge = lik_merge if lik_merge is not None else nn.Identity()
+        self.lik_head = lik_head
+
+
+class PHiSegSampler(ScriptSampler):
+    """``phiseg``: the prior hierarchy's encoder once; per chunk, z_L .. z_1 drawn coarsest first, then the
+    likelihood net's finest logits."""
+
+    def __init__(self, model: nn.Module, **kw):
+        super().__init__(model, **kw)
+        prior, lik = model.prior_net, model.likelihood
+        self.encoder = EncoderPort(prior.encoder)
+        self.context_blocks = prior.context
+        self.latent_levels: int = int(prior.latent_levels)
+        stages = []
+        for j in range(self.latent_levels):
+            stages.append(_PhisegStage(prior.z_in[j - 1] if j > 0 else None, prior.combine[j - 1] if j > 0 else None,
+                                       prior.heads[j], lik.z_in[j], lik.merge[j - 1] if j > 0 else None,
+                                       lik.heads[j]))
+        self.stages = nn.ModuleList(stages)
+        self.chunk: int = chunk_of(model)
+
+    def _features(self, x: Tensor) -> List[Tensor]:
+        skips = self.encoder(x)
+        h = skips[-1]
+        k = 0
+        for block in self.context_blocks:
+            skip = skips[len(skips) - 2 - k]
+            h = block(torch.cat([script_upsample(h, skip.shape[2:]), skip], dim=1))
+            k += 1
+        feats: List[Tensor] = []
+        for i in range(self.latent_levels - 1):
+            feats.append(skips[i])
+        feats.append(h)
+        return feats
+
+    def _sample(self, x: Tensor, num_samples: int, noise: Optional[Tensor], g: Optional[torch.Generator],
+                context: Optional[Tensor]) -> Tensor:
+        feats = self._features(x)
+        b = x.shape[0]
+        chunks: List[Tensor] = []
+        for start in range(0, num_samples, self.chunk):
+            n = min(self.chunk, num_samples - start)
+            zs: List[Tensor] = []
+            j = 0
+            for stage in self.stages:  # the prior hierarchy, coarsest first
+                skip = feats[self.latent_levels - 1 - j].repeat_interleave(n, dim=0)
+                if stage.conditioned:
+                    above = zs[j - 1]
+                    h = stage.combine(torch.cat([skip, stage.z_in(script_upsample(above.to(skip.dtype),
+                                                                             skip.shape[2:]))], dim=1))
+                else:
+                    h = skip
+                zs.append(latent_draw(stage.head(h.float()), g))
+                j += 1
+            out = torch.zeros([1])
+            gl = torch.zeros([1])
+            j = 0
+            for stage in self.stages:  # the likelihood, coarsest first; the finest logits are the sample
+                hl = stage.lik_in(zs[j].to(x.dtype))
+                if stage.has_merge:
+                    gl = stage.lik_merge(torch.cat([script_upsample(gl, hl.shape[2:]), hl], dim=1))
+                else:
+                    gl = hl
+                out = stage.lik_head(gl)
+                j += 1
+            chunks.append(out.reshape([b, n] + list(out.shape[1:])))
+        return torch.cat(chunks, dim=1)
+
+
+register_model(ModelSpec(
+    name="phiseg", model_class=PHiSeg, build=build_phiseg, keys=KEYS, samples="latent", sampler=PHiSegSampler,
+    onnx_refusal=seeded_refusal("phiseg", "draws a latent map at every level of its hierarchy"),
+    doc="PHiSeg (Baumgartner et al. 2019)"))

@@ -40,14 +40,17 @@ samples disagreed on 95% of the pixels after 300 steps).
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
+from ...config import check_number
 from ..base import SegmentationModel, loss_settings_from, pick_raters
 from ..registry import register_model
+from ..scripted import ScriptSampler, UNetPort, chunk_of, randn_from
+from ..spec import ModelKey, ModelSpec, choice, int_range, key_defaults, seeded_refusal
 from ..init import init_weights
 from ..unet import UNet
 from ._common import DEFAULTS as D, common_args, conv1x1, draw, option
@@ -57,15 +60,36 @@ COVARIANCE_INIT_SCALE = 0.1  # the factor and diagonal heads: He-normal weights 
 DIAG_INIT_BIAS = -4.0  # softplus(-4) ~ 0.018: the diagonal's start
 
 
+def _positive(key: str, value, model_cfg) -> None:
+    check_number(key, value, lo=0, lo_open=True)
+
+
+def _non_negative(key: str, value, model_cfg) -> None:
+    check_number(key, value, lo=0)
+
+
+# model.* keys of the SSN
+KEYS = (
+    ModelKey("rank", int, 10, "rank of the covariance factor P", int_range(1, 1024)),
+    ModelKey("mc_samples", int, 20, "Monte-Carlo samples M of the loss", int_range(1, 10000)),
+    ModelKey("diag_eps", float, 1e-5, "floor of the diagonal covariance d", _positive),
+    ModelKey("roi", str, "none", "none | image (covariance only inside the dilated image foreground)",
+             choice(*ROI_MODES)),
+    ModelKey("roi_dilation", int, 3, "dilation of that region, pixels", int_range(0, 1000), card=False),
+    ModelKey("roi_threshold", float, 0.0, "the image foreground is |x| > this", _non_negative, card=False),
+)
+K = key_defaults(KEYS)
+
+
 class StochasticSegmentationNetwork(SegmentationModel):
     """Low-rank multivariate Gaussian over all logits of an image; see the module docstring."""
 
     def __init__(self, spatial_dims: int = D.spatial_dims, in_channels: int = D.in_channels,
                  num_classes: int = D.num_classes, features: Sequence[int] = D.features,
                  convs_per_level: int = D.convs_per_level, norm: Optional[str] = D.norm, init: str = D.init,
-                 rank: int = D.rank, mc_samples: int = D.mc_samples,
-                 diag_eps: float = D.diag_eps, roi: str = D.roi, roi_dilation: int = D.roi_dilation,
-                 roi_threshold: float = D.roi_threshold):
+                 rank: int = K.rank, mc_samples: int = K.mc_samples,
+                 diag_eps: float = K.diag_eps, roi: str = K.roi, roi_dilation: int = K.roi_dilation,
+                 roi_threshold: float = K.roi_threshold):
         super().__init__()
         self.init_interface(spatial_dims, in_channels, num_classes, features)
         if rank < 1:
@@ -162,7 +186,6 @@ class StochasticSegmentationNetwork(SegmentationModel):
         return draw_chunk
 
 
-@register_model("ssn")
 def build_ssn(model_cfg, train_cfg=None) -> StochasticSegmentationNetwork:
     """``model.name: ssn``; options ``model.rank``, ``model.mc_samples``, ``model.diag_eps``, ``model.roi``
     (none | image), ``model.roi_dilation``, ``model.roi_threshold`` (defaults: :class:`probunet.config.ModelConfig`)."""
@@ -172,3 +195,61 @@ def build_ssn(model_cfg, train_cfg=None) -> StochasticSegmentationNetwork:
         roi=option(model_cfg, "roi", str), roi_dilation=option(model_cfg, "roi_dilation", int),
         roi_threshold=option(model_cfg, "roi_threshold", float))
     return model.configure_loss(loss_settings_from(train_cfg))
+
+
+# ----------------------------------------------------------------------------- the exported sampler and the spec
+
+
+class SSNSampler(ScriptSampler):
+    """``ssn``: mean, low-rank factor P and diagonal d once; eta = mu + P eps_R + sqrt(d) eps_N per sample,
+    eps_R (B, n, R) then eps_N (B, n, C, *sp) drawn ``chunk_size`` samples at a time."""
+
+    def __init__(self, model: nn.Module, **kw):
+        super().__init__(model, **kw)
+        self.body = UNetPort(model.body)
+        self.mean_head, self.diag_head, self.factor_head = model.mean_head, model.diag_head, model.factor_head
+        self.rank: int = int(model.rank)
+        self.diag_eps: float = float(model.diag_eps)
+        self.roi_image: bool = model.roi == "image"
+        self.roi_dilation: int = int(model.roi_dilation)
+        self.roi_threshold: float = float(model.roi_threshold)
+        self.chunk: int = chunk_of(model)
+
+    def _roi_mask(self, image: Tensor) -> Tensor:
+        fg = (image.float().abs() > self.roi_threshold).any(dim=1, keepdim=True).float()
+        if self.roi_dilation == 0:
+            return fg
+        k = 2 * self.roi_dilation + 1
+        if self.spatial_dims == 2:
+            return F.max_pool2d(fg, kernel_size=k, stride=1, padding=self.roi_dilation)
+        return F.max_pool3d(fg, kernel_size=k, stride=1, padding=self.roi_dilation)
+
+    def _sample(self, x: Tensor, num_samples: int, noise: Optional[Tensor], g: Optional[torch.Generator],
+                context: Optional[Tensor]) -> Tensor:
+        f = self.body(x).float()
+        b = f.shape[0]
+        mean = self.mean_head(f)
+        diag = F.softplus(self.diag_head(f))
+        factor = self.factor_head(f).reshape([b, self.rank, self.num_classes] + list(f.shape[2:]))
+        if self.roi_image:
+            mask = self._roi_mask(x)
+            diag = diag * mask
+            factor = factor * mask.unsqueeze(1)
+        diag = diag + self.diag_eps
+        flat = factor.flatten(2)  # (B, R, C*prod(sp))
+        sd = diag.sqrt().unsqueeze(1)
+        chunks: List[Tensor] = []
+        for start in range(0, num_samples, self.chunk):
+            n = min(self.chunk, num_samples - start)
+            eps_rank = randn_from([b, n, self.rank], g, x.device)
+            eps_diag = randn_from([b, n] + list(mean.shape[1:]), g, x.device)
+            low = torch.einsum("bsr,brn->bsn", eps_rank, flat).reshape(eps_diag.shape)
+            chunks.append(mean.unsqueeze(1) + low + sd * eps_diag)
+        return torch.cat(chunks, dim=1)
+
+
+register_model(ModelSpec(
+    name="ssn", model_class=StochasticSegmentationNetwork, build=build_ssn, keys=KEYS, samples="latent",
+    sampler=SSNSampler,
+    onnx_refusal=seeded_refusal("ssn", "draws its low-rank and diagonal noise inside the network"),
+    doc="the stochastic segmentation network (Monteiro et al. 2020)"))

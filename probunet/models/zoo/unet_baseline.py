@@ -19,19 +19,31 @@ Samples (``sampling``):
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..base import SegmentationModel, check_labels, loss_settings_from, pick_raters
 from ..registry import register_model
+from ..scripted import ScriptSampler, UNetPort, rand_from
+from ..spec import ModelKey, ModelSpec, choice, key_defaults, seeded_refusal
 from ..unet import UNet
 from ._common import DEFAULTS as D, common_args, draw, option, soft_cross_entropy, soft_targets
+from ._common import SOFT_TARGET_KEY
 
 SAMPLING_MODES = ("pixelwise", "argmax")
 DRAWN_LOGIT_GAP = 30.0  # logit of the drawn class minus the others' in a pixelwise sample
+
+
+# model.* keys of the U-Net baseline
+KEYS = (
+    ModelKey("sampling", str, "pixelwise", "pixelwise (a categorical draw per pixel) | argmax (all samples equal)",
+             choice(*SAMPLING_MODES)),
+    SOFT_TARGET_KEY,
+)
+K = key_defaults(KEYS)
 
 
 def pixelwise_samples(logits: Tensor, num_samples: int, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -55,8 +67,8 @@ class UNetBaseline(SegmentationModel):
     def __init__(self, spatial_dims: int = D.spatial_dims, in_channels: int = D.in_channels,
                  num_classes: int = D.num_classes, features: Sequence[int] = D.features,
                  convs_per_level: int = D.convs_per_level, norm: Optional[str] = D.norm, init: str = D.init,
-                 sampling: str = D.sampling,
-                 soft_target: bool = D.soft_target):
+                 sampling: str = K.sampling,
+                 soft_target: bool = K.soft_target):
         super().__init__()
         self.init_interface(spatial_dims, in_channels, num_classes, features)
         if sampling not in SAMPLING_MODES:
@@ -96,9 +108,46 @@ class UNetBaseline(SegmentationModel):
             return pixelwise_samples(logits, num_samples, generator)
 
 
-@register_model("unet")
 def build_unet(model_cfg, train_cfg=None) -> UNetBaseline:
     """``model.name: unet``; options ``model.sampling`` and ``model.soft_target``."""
     model = UNetBaseline(**common_args(model_cfg), sampling=option(model_cfg, "sampling", str),
                          soft_target=option(model_cfg, "soft_target", bool))
     return model.configure_loss(loss_settings_from(train_cfg))
+
+
+# ----------------------------------------------------------------------------- the exported sampler and the spec
+
+
+class UNetBaselineSampler(ScriptSampler):
+    """``unet``: logits once; ``pixelwise`` draws u ~ U[0, 1) (B, S, 1, *sp), ``argmax`` repeats them."""
+
+    def __init__(self, model: nn.Module, **kw):
+        super().__init__(model, **kw)
+        self.net = UNetPort(model.net)
+        self.pixelwise: bool = model.sampling == "pixelwise"
+        self.gap: float = float(DRAWN_LOGIT_GAP)
+
+    def _sample(self, x: Tensor, num_samples: int, noise: Optional[Tensor], g: Optional[torch.Generator],
+                context: Optional[Tensor]) -> Tensor:
+        logits = self.net(x)
+        b, c = logits.shape[0], logits.shape[1]
+        if not self.pixelwise:
+            return logits.unsqueeze(1).expand([b, num_samples] + list(logits.shape[1:])).clone()
+        probs = torch.softmax(logits.float(), dim=1)
+        cum = probs.cumsum(dim=1).unsqueeze(1)  # (B, 1, C, *sp)
+        u = rand_from([b, num_samples, 1] + list(logits.shape[2:]), g, x.device)
+        cls = (u >= cum).sum(dim=2, keepdim=True).clamp(max=c - 1)  # (B, S, 1, *sp)
+        classes = torch.arange(c, device=x.device).reshape([1, 1, c] + [1] * (logits.dim() - 2))
+        zero = torch.zeros([1], device=x.device)
+        return torch.where(cls == classes, zero, zero - self.gap)
+
+
+def _onnx(model) -> "str | None":
+    if model.sampling == "argmax":
+        return None
+    return seeded_refusal("unet", "draws every pixel of every sample (sampling: pixelwise)")
+
+
+register_model(ModelSpec(
+    name="unet", model_class=UNetBaseline, build=build_unet, keys=KEYS, samples="softmax",
+    sampler=UNetBaselineSampler, onnx_refusal=_onnx, doc="a deterministic U-Net (cross-entropy)"))
