@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/_common
 
-from _common import REPO, repo_env  # noqa: E402
+from _common import REPO, add_repo_to_path, repo_env  # noqa: E402
 
 TINY = ["model.features=[4,8]", "data.format=synthetic", "data.synthetic.num_cases=20", "data.synthetic.size=16",
         "train.steps=3", "train.batch_size=4", "train.log_every=1", "train.val_every=3", "train.val_cases=2",
@@ -104,18 +104,11 @@ def model_entry(config: Path, tmp: Path) -> dict:
 
 
 def metrics_entry() -> dict:
-    """The metric functions on fixed random label sets (found under their current module)."""
-    import importlib
-
+    """The metric functions on fixed random label sets (this tree's ``probunet.metrics``)."""
     import torch
 
-    metrics = None
-    for name in ("probunet.evaluation.metrics", "probunet.metrics"):
-        try:
-            metrics = importlib.import_module(name)
-            break
-        except ImportError:
-            continue
+    add_repo_to_path(always=True)
+    from probunet import metrics
     g = torch.Generator().manual_seed(0)
     samples = (torch.rand(5, 8, 16, 16, generator=g) > 0.6).long()  # (B, S, H, W)
     raters = (torch.rand(5, 4, 16, 16, generator=g) > 0.5).long()
