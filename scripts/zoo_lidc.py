@@ -330,10 +330,11 @@ def tune_runs(args) -> list[Run]:
             for m in args.models for v, ov in variants(m).items()]
 
 
-def choices(args) -> dict:
-    """Per model whose variants are all tuned: the variant with the lowest validation GED."""
+def choices(args, models: list[str] | None = None) -> dict:
+    """Per model (of ``models``, default ``args.models``) whose variants are all tuned: the variant with
+    the lowest validation GED."""
     out = {}
-    for model in args.models:
+    for model in models or args.models:
         recs = {v: read_json(args.out / "tune" / f"{model}-{v}.json") for v in variants(model)}
         if all(recs.values()):
             best = min(recs, key=lambda v: recs[v]["metrics"]["ged"])
@@ -371,7 +372,9 @@ def execute_all(runs: list[Run], failures: list[str]) -> None:
 
 def stage_tune(args, failures) -> None:
     execute_all(tune_runs(args), failures)
-    write_json(args.out / "choices.json", choices(args))
+    # every tuned model, not only this invocation's --models: a stream tuning one model must not drop
+    # the others' choices from the file
+    write_json(args.out / "choices.json", choices(args, MODELS))
 
 
 def stage_table(args, failures, seeds=None, models=None) -> None:

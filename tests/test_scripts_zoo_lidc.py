@@ -124,3 +124,22 @@ def test_quick_end_to_end_resumes_an_interrupted_training_and_skips_finished_run
     assert "scripts/zoo_lidc.py tune --resume --models ssn" in text
     assert "*majority vote*" in text and "GED by the number of readers who drew nothing" in text
     assert "### Shift: noise" in text and "pending: `python scripts/zoo_lidc.py study" not in text
+
+
+def test_tuning_one_model_keeps_the_other_models_choices(tmp_path, monkeypatch):
+    """Two streams tune different models into one --out: choices.json lists every fully tuned model,
+    not only the --models of the invocation that wrote it last."""
+    zoo = _load("zoo_lidc")
+    out = tmp_path / "z"
+    (out / "tune").mkdir(parents=True)
+    geds = {"ssn": {"base": 0.30, "v1": 0.33, "v2": 0.26}, "unet": {"base": 0.35, "v1": 0.32}}
+    for model, by_variant in geds.items():
+        for variant, ged in by_variant.items():
+            (out / "tune" / f"{model}-{variant}.json").write_text(json.dumps({"metrics": {"ged": ged}}))
+    monkeypatch.setattr(zoo, "execute_all", lambda runs, failures: None)  # nothing to train here
+    monkeypatch.setattr(zoo, "report", lambda args: None)
+    assert zoo.main(["tune", "--quick", "--resume", "--models", "unet", "--out", str(out)]) == 0
+    chosen = json.loads((out / "choices.json").read_text())
+    assert chosen["ssn"]["variant"] == "v2" and chosen["ssn"]["overrides"] == ["model.rank=20"]
+    assert chosen["unet"]["variant"] == "v1" and chosen["unet"]["overrides"] == ["model.soft_target=true"]
+    assert set(chosen) == {"ssn", "unet"}  # a model whose variants are not all tuned has no choice yet
