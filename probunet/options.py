@@ -211,7 +211,7 @@ class PredictOptions:
                               choices=OUTPUT_FORMATS)
     workers: int = _opt(2, "--workers", "threads reading/writing images (default 2)", type=int)
     shard: Optional[str] = _opt(None, "--shard", "only cases K, K+N, ...; writes summary.shard-K-of-N.csv "
-                                "(see scripts/predict_batch.py)", metavar="K/N")
+                                "(join them with probunet merge-shards)", metavar="K/N")
     max_voxels: Optional[int] = _opt(None, "--max-voxels", "largest image (voxels x components) a header may "
                                      "claim; default: the checkpoint's data.max_voxels", type=int)
     allow_external_data_files: bool = _opt(False, "--allow-external-data-files", "let .mhd/.nhdr headers name "

@@ -224,7 +224,7 @@ def train_speed(metrics_path: Path):
     return float(np.median(speeds[1:] or speeds)) if speeds else None
 
 
-def sampling_speed(model, image: torch.Tensor, repeats: int = 3) -> float:
+def sampling_speed(model, image: "torch.Tensor", repeats: int = 3) -> float:
     """Milliseconds for 100 samples of one image (median of ``repeats``, after one warm-up)."""
     import numpy as np
     import torch
