@@ -423,15 +423,17 @@ def stage_study(args, failures) -> None:
         print(f"study {kind} (severity {severity:g}) over {len(runs)} models; log {args.out / 'study' / kind}.log",
               flush=True)
         (args.out / "study").mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
+        t0, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
         try:
             run_logged([sys.executable, "-m", "probunet", *cmd[1:]], env, args.out / "study" / f"{kind}.log")
         except RuntimeError as exc:
             failures.append(f"study {kind}: {exc}")
             print(f"    FAILED: {exc}", flush=True)
             continue
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         write_json(record_path, {"runs": runs, "shift": kind, "severity": severity, "command": shell(cmd),
-                                 "wall_s": time.perf_counter() - t0})
+                                 "wall_s": time.perf_counter() - t0, "cpu_s": cpu})
 
 
 def figure_cases(items: list[dict], n: int) -> list[dict]:
@@ -499,6 +501,40 @@ def references(args) -> dict | None:
     rows, _ = all_reference_rows({"data": data, "model": {"num_classes": 2}, "eval": {"split": "test"}})
     write_json(path, {"data": data, "rows": rows})
     return rows
+
+
+def compute(args) -> dict:
+    """CPU seconds spent so far, per stage: ``{stage: {"runs": finished, "started": with a time record,
+    "cpu_s": training + evaluation (all attempts; an attempt killed with its driver is not counted)}}``."""
+    out = {}
+    for stage, folders in (("tune", ["tune"]), ("table", [f"table/s{s}" for s in (0, 1, 2)])):
+        started = finished = 0
+        cpu = 0.0
+        for folder in folders:
+            for path in sorted((args.out / folder).glob("*.time.json")):
+                t = read_json(path) or {}
+                started += 1
+                finished += (path.parent / path.name.replace(".time.json", ".json")).is_file()
+                cpu += float(t.get("train_cpu_s", 0.0)) + float(t.get("eval_cpu_s", 0.0))
+        out[stage] = {"runs": finished, "started": started, "cpu_s": cpu}
+    studies = [read_json(args.out / "study" / f"{kind}.json") for kind, _ in SHIFTS]
+    studies = [r for r in studies if r]
+    out["study"] = {"runs": len(studies), "started": len(studies),
+                    "cpu_s": sum(float(r.get("cpu_s", r.get("wall_s", 0.0))) for r in studies)}
+    return out
+
+
+def compute_lines(args) -> list[str]:
+    """The report's compute section: what the table has cost so far."""
+    c = compute(args)
+    total = sum(v["cpu_s"] for v in c.values())
+    lines = ["## Compute so far\n", "| stage | runs finished | CPU h (train + evaluate) |", "|---|---|---|"]
+    for stage, v in c.items():
+        lines.append(f"| {stage} | {v['runs']} | {v['cpu_s'] / 3600:.2f} |")
+    lines.append(f"| **all** | {sum(v['runs'] for v in c.values())} | **{total / 3600:.2f}** |")
+    lines.append("\nCPU hours of the runs' processes (one thread each), all attempts; wall time is about the "
+                 "same per run on an idle core, and two runs share this 2-core machine.\n")
+    return lines
 
 
 def report(args) -> Path:
@@ -623,6 +659,8 @@ def report(args) -> Path:
             lines.append(text.replace("\n# ", "\n#### ").replace("\n## ", "\n#### ").lstrip("# ").strip() + "\n")
         else:
             lines.append(f"pending: `python {ME} study --resume{data}{out}{quick}` (over the finished seed-0 runs)\n")
+
+    lines += compute_lines(args)
 
     # the figure
     lines.append("## Samples\n")

@@ -143,3 +143,28 @@ def test_tuning_one_model_keeps_the_other_models_choices(tmp_path, monkeypatch):
     assert chosen["ssn"]["variant"] == "v2" and chosen["ssn"]["overrides"] == ["model.rank=20"]
     assert chosen["unet"]["variant"] == "v1" and chosen["unet"]["overrides"] == ["model.soft_target=true"]
     assert set(chosen) == {"ssn", "unet"}  # a model whose variants are not all tuned has no choice yet
+
+
+def test_report_sums_the_cpu_time_of_every_stage(tmp_path):
+    """The compute section: per stage the finished runs and the CPU hours of all started ones."""
+    zoo = _load("zoo_lidc")
+    out = tmp_path / "z"
+    for folder, name, train_s, eval_s, done in [("tune", "unet-base", 1800.0, 360.0, True),
+                                                 ("tune", "unet-v1", 900.0, 0.0, False),  # interrupted
+                                                 ("table/s0", "unet", 3600.0, 720.0, True),
+                                                 ("table/s1", "unet", 3240.0, 0.0, False)]:
+        (out / folder).mkdir(parents=True, exist_ok=True)
+        (out / folder / f"{name}.time.json").write_text(json.dumps({"train_cpu_s": train_s, "eval_cpu_s": eval_s}))
+        if done:
+            (out / folder / f"{name}.json").write_text("{}")
+    (out / "study").mkdir()
+    (out / "study" / "noise.json").write_text(json.dumps({"cpu_s": 1440.0, "wall_s": 2000.0}))
+    args = zoo.build_parser().parse_args(["report", "--quick", "--out", str(out)])
+    zoo.check_args(args)
+    c = zoo.compute(args)
+    assert c["tune"] == {"runs": 1, "started": 2, "cpu_s": 3060.0}
+    assert c["table"] == {"runs": 1, "started": 2, "cpu_s": 7560.0}
+    assert c["study"] == {"runs": 1, "started": 1, "cpu_s": 1440.0}
+    lines = zoo.compute_lines(args)
+    assert "| tune | 1 | 0.85 |" in lines and "| table | 1 | 2.10 |" in lines and "| study | 1 | 0.40 |" in lines
+    assert "| **all** | 3 | **3.35** |" in lines
