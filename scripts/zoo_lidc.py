@@ -537,6 +537,47 @@ def compute_lines(args) -> list[str]:
     return lines
 
 
+README_BEGIN = "<!-- zoo_lidc table: written by python scripts/zoo_lidc.py report -->"
+README_END = "<!-- end of the zoo_lidc table -->"
+
+
+def readme_table(args, refs: dict | None) -> list[str]:
+    """The README's short table: finished seed-0 rows by test GED, then the pending ones, then the majority
+    vote (the score to beat)."""
+    recs = sorted(finished_table(args), key=lambda r: r["metrics"]["ged"])
+    readers = next((r["metrics"]["reference_diversity"] for r in recs), None)
+    lines = [f"| model (`configs/zoo/lidc/`) | tuned change | test GED ↓ | HM-IoU ↑ | sample diversity "
+             f"(readers {_f(readers)}) | train CPU h |", "|---|---|---|---|---|---|"]
+    for r in recs:
+        m = r["metrics"]
+        lines.append(f"| `{r['model']}` | {variant_label(VARIANTS.get(r['model'], {}).get(r['variant'], []))} | "
+                     f"{_f(m['ged'])} | {_f(m['hm_iou'])} | {_f(m['sample_diversity'])} | "
+                     f"{_f(r['train_cpu_s'] / 3600, 2)} |")
+    done, chosen = {r["model"] for r in recs}, choices(args)
+    lines += [f"| `{m}` | {variant_label(chosen[m]['overrides']) if m in chosen else ''} | pending | | | |"
+              for m in args.models if m not in done]
+    vote = (refs or {}).get("majority vote")
+    if vote:
+        lines.append(f"| *majority vote* | reference | {_f(vote['ged'])} | {_f(vote['hm_iou'])} | "
+                     f"{_f(vote['diversity'])} | |")
+    return lines
+
+
+def splice_readme(path: Path, lines: list[str]) -> bool:
+    """Replace what stands between the README's zoo_lidc markers by ``lines``; False (and the file untouched)
+    where the markers are missing."""
+    text = path.read_text(encoding="utf-8")
+    start, end = text.find(README_BEGIN), text.find(README_END)
+    if start < 0 or end < start:
+        return False
+    new = text[:start + len(README_BEGIN)] + "\n" + "\n".join(lines) + "\n" + text[end:]
+    if new != text:
+        from probunet.utils import atomic_write_text
+
+        atomic_write_text(path, new)
+    return True
+
+
 def report(args) -> Path:
     """``--doc`` from what has finished (pending rows with their commands); the figure copied beside it."""
     quick = " --quick" if args.quick else ""
@@ -680,6 +721,12 @@ def report(args) -> Path:
 
     atomic_write_text(doc, "\n".join(lines).rstrip() + "\n")
     print(f"written: {doc}", flush=True)
+    if doc.resolve() == (REPO / "docs" / "zoo_lidc.md").resolve():  # the shipped report: the README's table too
+        readme = REPO / "README.md"
+        if splice_readme(readme, readme_table(args, refs)):
+            print(f"written: {readme} (its zoo_lidc table)", flush=True)
+        else:
+            print(f"{readme}: no zoo_lidc markers, its table left alone", flush=True)
     return doc
 
 

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-README_MAX_LINES = 220
+README_MAX_LINES = 240  # a short manual; the Models section carries the LIDC zoo table
 
 _FENCE = re.compile(r"^(```|~~~).*?^\1[^\n]*$", re.S | re.M)
 _CODE_SPAN = re.compile(r"`[^`\n]*`")

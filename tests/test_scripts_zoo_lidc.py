@@ -168,3 +168,38 @@ def test_report_sums_the_cpu_time_of_every_stage(tmp_path):
     lines = zoo.compute_lines(args)
     assert "| tune | 1 | 0.85 |" in lines and "| table | 1 | 2.10 |" in lines and "| study | 1 | 0.40 |" in lines
     assert "| **all** | 3 | **3.35** |" in lines
+
+
+def test_readme_table_ranks_finished_rows_by_ged_and_splices_between_the_markers(tmp_path):
+    zoo = _load("zoo_lidc")
+    out = tmp_path / "z"
+    (out / "table" / "s0").mkdir(parents=True)
+    for model, variant, ged, hm, div, cpu in [("unet", "v1", 0.337, 0.374, 0.589, 1332.0),
+                                              ("prob_unet", "v2", 0.105, 0.734, 0.419, 2088.0)]:
+        rec = {"model": model, "variant": variant, "train_cpu_s": cpu,
+               "metrics": {"ged": ged, "hm_iou": hm, "sample_diversity": div, "reference_diversity": 0.391}}
+        (out / "table" / "s0" / f"{model}.json").write_text(json.dumps(rec))
+    args = zoo.build_parser().parse_args(["report", "--quick", "--out", str(out), "--models", "unet", "prob_unet",
+                                          "ssn"])
+    zoo.check_args(args)
+    lines = zoo.readme_table(args, {"majority vote": {"ged": 0.257, "hm_iou": 0.676, "diversity": 0.0}})
+    assert "readers 0.391" in lines[0]
+    assert lines[2] == "| `prob_unet` | model.latent_dim=6 | 0.105 | 0.734 | 0.419 | 0.58 |"  # lowest GED first
+    assert lines[3] == "| `unet` | model.soft_target=true | 0.337 | 0.374 | 0.589 | 0.37 |"
+    assert lines[4] == "| `ssn` |  | pending | | | |"  # not tuned yet: no change to show
+    assert lines[5] == "| *majority vote* | reference | 0.257 | 0.676 | 0.000 | |"
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nbefore\n{zoo.README_BEGIN}\nold row\n{zoo.README_END}\nafter\n")
+    assert zoo.splice_readme(readme, ["| a |", "| b |"])
+    assert readme.read_text() == f"# x\n\nbefore\n{zoo.README_BEGIN}\n| a |\n| b |\n{zoo.README_END}\nafter\n"
+    plain = tmp_path / "PLAIN.md"
+    plain.write_text("no markers\n")
+    assert not zoo.splice_readme(plain, ["| a |"]) and plain.read_text() == "no markers\n"
+
+
+def test_the_shipped_readme_has_the_zoo_table_markers_once():
+    zoo = _load("zoo_lidc")
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    assert text.count(zoo.README_BEGIN) == 1 and text.count(zoo.README_END) == 1
+    assert text.index(zoo.README_BEGIN) < text.index(zoo.README_END)
