@@ -203,3 +203,10 @@ def test_the_shipped_readme_has_the_zoo_table_markers_once():
     text = (REPO / "README.md").read_text(encoding="utf-8")
     assert text.count(zoo.README_BEGIN) == 1 and text.count(zoo.README_END) == 1
     assert text.index(zoo.README_BEGIN) < text.index(zoo.README_END)
+
+
+def test_the_shipped_report_names_no_path_of_the_machine_it_was_written_on():
+    """docs/zoo_lidc.md is written with the default --out, so every command in it works from a fresh clone."""
+    text = (REPO / "docs" / "zoo_lidc.md").read_text(encoding="utf-8")
+    assert "--out /" not in text and "](/" not in text
+    assert "runs/zoo_lidc/" in text
