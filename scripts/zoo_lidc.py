@@ -578,6 +578,14 @@ def splice_readme(path: Path, lines: list[str]) -> bool:
     return True
 
 
+def portable(args, text: str) -> str:
+    """``text`` with this machine's path of --out (as given, and with its links resolved) written as
+    --out was given: the study's command and tables name the runs as a user's clone has them."""
+    for base in sorted({str(args.out), str(args.out.resolve())}, key=len, reverse=True):
+        text = text.replace(base + "/", args.out_arg.rstrip("/") + "/")
+    return text
+
+
 def report(args) -> Path:
     """``--doc`` from what has finished (pending rows with their commands); the figure copied beside it."""
     quick = " --quick" if args.quick else ""
@@ -695,8 +703,8 @@ def report(args) -> Path:
         md = args.out / "study" / kind / "study.md"
         lines.append(f"### Shift: {kind}, severity {severity:g}\n")
         if rec and md.is_file():
-            lines.append(f"`{rec['command']}`\n")
-            text = md.read_text()
+            lines.append(f"`{portable(args, rec['command'])}`\n")
+            text = portable(args, md.read_text())
             lines.append(text.replace("\n# ", "\n#### ").replace("\n## ", "\n#### ").lstrip("# ").strip() + "\n")
         else:
             lines.append(f"pending: `python {ME} study --resume{data}{out}{quick}` (over the finished seed-0 runs)\n")

@@ -210,3 +210,22 @@ def test_the_shipped_report_names_no_path_of_the_machine_it_was_written_on():
     text = (REPO / "docs" / "zoo_lidc.md").read_text(encoding="utf-8")
     assert "--out /" not in text and "](/" not in text
     assert "runs/zoo_lidc/" in text
+    import re
+
+    for m in re.finditer(r"(\S*)/table/s\d/", text):  # every run path as a clone has it
+        assert m.group(1).endswith("runs/zoo_lidc"), m.group(0)
+
+
+def test_the_report_writes_study_paths_as_out_was_given(tmp_path):
+    """The study ran on runs under a linked --out: the report names them as --out was given."""
+    zoo = _load("zoo_lidc")
+    real = tmp_path / "elsewhere"
+    real.mkdir()
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "zoo").symlink_to(real)
+    args = zoo.build_parser().parse_args(["report", "--quick", "--out", str(tmp_path / "runs" / "zoo")])
+    zoo.check_args(args)
+    args.out_arg = "runs/zoo"
+    text = f"probunet study {real}/table/s0/unet/checkpoints/last.pt --out {tmp_path}/runs/zoo/study/noise"
+    assert zoo.portable(args, text) == ("probunet study runs/zoo/table/s0/unet/checkpoints/last.pt "
+                                        "--out runs/zoo/study/noise")
