@@ -20,14 +20,12 @@ second moments, steps grow, the CE rises and lambda with it). So GECO is an
 ELBO whose beta = 1 / lambda is tuned to meet the goal; at lambda = 1 it is the
 ELBO. Lambda's multiplicative update reads the per-pixel moving average
 (``lambda *= exp(step_size * (mean CE - kappa))``), which does not depend on
-the image size, relative to the goal and bounded: each step's
-``clip((mean CE - kappa) / kappa, -1, 1)`` enters the moving average m, and
-``lambda *= exp(step_size * m)``. Bounded, lambda moves at most a factor
-exp(step_size) per step, as fast down as up, and the first steps, where the CE
-of an untrained net is tens of times the goal, weigh in the average no more than
-any other (unbounded, lambda reached 450 in 500 steps on the synthetic set while
-the average still remembered them, and the latents carried everything: KL 730
-nats, GED 0.86).
+the image size, relative to the goal and bounded:
+``lambda *= exp(step_size * clip((mean CE - kappa) / kappa, -1, 1))``. Bounded,
+lambda moves at most a factor exp(step_size) per step, as fast down as up: the
+first steps, where the CE of an untrained net is tens of times the goal, cannot
+drive it up by orders of magnitude (unbounded, lambda reached 450 in 500 steps on
+the synthetic set and the latents carried everything: KL 730 nats, GED 0.86).
 Kohl et al. 2019's code bounds it another way, updating lambda by gradient
 ascent through Adam, steps of about the learning rate. (Before 2026-12-07 the loss was ``lambda * (CE_mean - kappa) +
 KL`` on the per-pixel mean: the KL outweighed the reconstruction N-fold and the
@@ -177,18 +175,20 @@ class Geco(nn.Module):
         kl_mean = kl.float().mean()
         constraint = ce_mean.mean() - self.goal
         with torch.no_grad():
-            # each step's constraint relative to the goal, clipped to [-1, 1], then averaged: lambda moves at
-            # most a factor exp(step_size) per step, and an untrained net's first steps (CE tens of times the
-            # goal) weigh no more in the average than any other step
-            rel = (constraint.detach() / max(float(self.goal), 1e-8)).clamp(-1.0, 1.0)
-            ma = torch.where(self.initialised, self.alpha * self.constraint_ma + (1 - self.alpha) * rel, rel)
+            c = constraint.detach()
+            ma = torch.where(self.initialised, self.alpha * self.constraint_ma + (1 - self.alpha) * c, c)
             self.constraint_ma.copy_(ma)
             self.initialised.fill_(True)
-            new = self.lagmul * torch.exp(self.step_size * ma)
+            # bounded: the constraint relative to the goal, clipped to [-1, 1], so lambda moves at most a factor
+            # exp(step_size) per step, as fast down as up
+            rel = (ma / max(float(self.goal), 1e-8)).clamp(-1.0, 1.0)
+            new = self.lagmul * torch.exp(self.step_size * rel)
             self.lagmul.copy_(new.clamp(self.lambda_min, self.lambda_max))
+        # Straight-through: the gradient sees the current constraint, its value the moving average.
+        smoothed = constraint + (self.constraint_ma - constraint).detach()
         pixels = logits[0, 0].numel()  # per image: the constraint on the summed CE, as the ELBO's
         return {
-            "loss": pixels * constraint + kl_term / self.lagmul,
+            "loss": pixels * smoothed + kl_term / self.lagmul,
             "ce_sum": ce_sum.mean(),
             "ce_mean": ce_mean.mean(),
             "kl": kl_mean,
