@@ -7,21 +7,16 @@ does not depend on the batch size.
 
 GECO form (Rezende & Viola 2018), as the hierarchical Prob U-Net trains:
 minimise KL subject to the mean per-pixel CE staying under a goal kappa, with a
-Lagrange multiplier lambda updated from a moving average of the constraint.
-The Lagrangian is ``lambda * (CE_sum - kappa * N) + KL``, N the pixels of an
-image: the constraint on the CE summed over an image's pixels, as in Kohl et
-al. 2019's objective, so that the reconstruction is weighed against the KL
-(summed over the latent units) as in the ELBO. What is minimised is that
-Lagrangian divided by lambda, ``(CE_sum - kappa * N) + KL / lambda``: the same
-direction in the weights at every step, but a gradient whose scale does not
-follow lambda (a loss multiplied by a growing lambda outruns Adam's running
-second moments, steps grow, the CE rises and lambda with it). So GECO is an
-ELBO whose beta = 1 / lambda is tuned to meet the goal; at lambda = 1 it is the
-ELBO. Lambda's multiplicative update reads the per-pixel moving average
+Lagrange multiplier lambda updated from a moving average of the constraint:
+``loss = lambda * (CE_sum - kappa * N) + KL``, N the pixels of an image (the
+constraint on the CE summed over an image's pixels, as in Kohl et al. 2019's
+objective), so that the reconstruction is weighed against the KL (summed over
+the latent units) as in the ELBO: at lambda = 1 the two losses have the same
+gradients. Lambda's multiplicative update reads the per-pixel moving average
 (``lambda *= exp(step_size * (mean CE - kappa))``), which does not depend on
-the image size. (Before 2026-12-07 the loss was ``lambda * (CE_mean - kappa) +
-KL`` on the per-pixel mean: the KL outweighed the reconstruction N-fold and the
-latents collapsed on LIDC-style data; see docs/results.)
+the image size. (Before 2026-12-07 the loss used the per-pixel mean,
+``lambda * (CE_mean - kappa) + KL``: the KL then outweighed the reconstruction
+N-fold and the latents collapsed; see docs/results.)
 
 The goal can follow the data (``train.geco.goal: auto``): a multiple of the
 mean per-pixel entropy of the raters' label frequency over the training cases
@@ -134,9 +129,8 @@ def elbo_loss(logits: torch.Tensor, target: torch.Tensor, kl: torch.Tensor,
 
 
 class Geco(nn.Module):
-    """GECO constraint on the per-pixel CE (Rezende & Viola 2018): minimises ``(CE_sum - goal * N) + KL / lambda``
-    (the Lagrangian ``lambda * (CE_sum - goal * N) + KL`` divided by lambda), N the pixels per image (see the
-    module notes); lambda follows the per-pixel constraint.
+    """GECO constraint on the per-pixel CE (Rezende & Viola 2018): ``lambda * (CE_sum - goal * N) + KL``,
+    N the pixels per image (see the module notes); lambda follows the per-pixel constraint.
 
     ``lambda`` and the constraint's moving average are buffers, so they live in
     the state dict and resume with the checkpoint.
@@ -177,7 +171,7 @@ class Geco(nn.Module):
         smoothed = constraint + (self.constraint_ma - constraint).detach()
         pixels = logits[0, 0].numel()  # per image: the constraint on the summed CE, as the ELBO's
         return {
-            "loss": pixels * smoothed + kl_term / self.lagmul,
+            "loss": self.lagmul * pixels * smoothed + kl_term,
             "ce_sum": ce_sum.mean(),
             "ce_mean": ce_mean.mean(),
             "kl": kl_mean,
