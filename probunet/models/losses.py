@@ -8,15 +8,7 @@ does not depend on the batch size.
 GECO form (Rezende & Viola 2018), as the hierarchical Prob U-Net trains:
 minimise KL subject to the mean per-pixel CE staying under a goal kappa, with a
 Lagrange multiplier lambda updated from a moving average of the constraint:
-``loss = lambda * (CE_sum - kappa * N) + KL``, N the pixels of an image (the
-constraint on the CE summed over an image's pixels, as in Kohl et al. 2019's
-objective), so that the reconstruction is weighed against the KL (summed over
-the latent units) as in the ELBO: at lambda = 1 the two losses have the same
-gradients. Lambda's multiplicative update reads the per-pixel moving average
-(``lambda *= exp(step_size * (mean CE - kappa))``), which does not depend on
-the image size. (Before 2026-12-07 the loss used the per-pixel mean,
-``lambda * (CE_mean - kappa) + KL``: the KL then outweighed the reconstruction
-N-fold and the latents collapsed; see docs/results.)
+``loss = lambda * (CE_mean - kappa) + KL``.
 
 The goal can follow the data (``train.geco.goal: auto``): a multiple of the
 mean per-pixel entropy of the raters' label frequency over the training cases
@@ -129,8 +121,7 @@ def elbo_loss(logits: torch.Tensor, target: torch.Tensor, kl: torch.Tensor,
 
 
 class Geco(nn.Module):
-    """GECO constraint on the per-pixel CE (Rezende & Viola 2018): ``lambda * (CE_sum - goal * N) + KL``,
-    N the pixels per image (see the module notes); lambda follows the per-pixel constraint.
+    """GECO constraint on the mean per-pixel CE (Rezende & Viola 2018).
 
     ``lambda`` and the constraint's moving average are buffers, so they live in
     the state dict and resume with the checkpoint.
@@ -169,9 +160,8 @@ class Geco(nn.Module):
             self.lagmul.copy_(new.clamp(self.lambda_min, self.lambda_max))
         # Straight-through: the gradient sees the current constraint, its value the moving average.
         smoothed = constraint + (self.constraint_ma - constraint).detach()
-        pixels = logits[0, 0].numel()  # per image: the constraint on the summed CE, as the ELBO's
         return {
-            "loss": self.lagmul * pixels * smoothed + kl_term,
+            "loss": self.lagmul * smoothed + kl_term,
             "ce_sum": ce_sum.mean(),
             "ce_mean": ce_mean.mean(),
             "kl": kl_mean,

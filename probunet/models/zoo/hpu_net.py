@@ -19,7 +19,7 @@ distributions at level l are conditioned on the same z_<l and
 each level's KL summed over channels and positions (analytic, diagonal
 Gaussians, fp32). The objective is GECO (Rezende & Viola 2018;
 :class:`probunet.models.losses.Geco`, when ``train.geco.enabled``): minimise KL
-subject to the reconstruction constraint mean CE <= kappa, lambda (CE_sum - kappa N) + KL;
+subject to the reconstruction constraint CE <= kappa, lambda (CE - kappa) + KL;
 otherwise the ELBO, CE summed over pixels + beta KL. The reconstruction term
 can be a top-k loss (``topk_fraction`` < 1): of each image's per-pixel CE
 terms of the (stochastic, posterior-sampled) reconstruction only the
