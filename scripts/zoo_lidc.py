@@ -112,6 +112,17 @@ def variant_label(overrides: list[str]) -> str:
     return " ".join(overrides) if overrides else "as shipped"
 
 
+def variant_change(model: str, variant: str) -> str:
+    """What a model's variant changes from its shipped config, as the tables show it."""
+    return variant_label(VARIANTS.get(model, {}).get(variant, []))
+
+
+def children_cpu_s() -> float:
+    """User + system CPU seconds of this process's finished children so far."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def run_overrides(args, model: str, variant_overrides: list[str], *, steps: int, seed: int) -> list[str]:
     """The ``key=value`` overrides of a run on top of its shipped config (what the report shows)."""
     out = list(variant_overrides)
@@ -273,13 +284,11 @@ class Run:
     def _timed(self, cmd: list[str], env: dict, what: str, state: dict) -> None:
         """Run ``cmd`` (logged); its CPU seconds (the child's user + system) and wall seconds are added to
         ``state``, which is saved (also when the command fails or is stopped)."""
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        t0 = time.perf_counter()
+        before, t0 = children_cpu_s(), time.perf_counter()
         try:
             run_logged(cmd, env, self.log)
         finally:
-            after = resource.getrusage(resource.RUSAGE_CHILDREN)
-            state[f"{what}_cpu_s"] += (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+            state[f"{what}_cpu_s"] += children_cpu_s() - before
             state[f"{what}_wall_s"] += time.perf_counter() - t0
             write_json(self.state_path, state)
 
@@ -425,17 +434,15 @@ def stage_study(args, failures) -> None:
         print(f"study {kind} (severity {severity:g}) over {len(runs)} models; log {args.out / 'study' / kind}.log",
               flush=True)
         (args.out / "study").mkdir(parents=True, exist_ok=True)
-        t0, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0, before = time.perf_counter(), children_cpu_s()
         try:
             run_logged([sys.executable, "-m", "probunet", *cmd[1:]], env, args.out / "study" / f"{kind}.log")
         except RuntimeError as exc:
             failures.append(f"study {kind}: {exc}")
             print(f"    FAILED: {exc}", flush=True)
             continue
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         write_json(record_path, {"runs": runs, "shift": kind, "severity": severity, "command": shell(cmd),
-                                 "wall_s": time.perf_counter() - t0, "cpu_s": cpu})
+                                 "wall_s": time.perf_counter() - t0, "cpu_s": children_cpu_s() - before})
 
 
 def figure_cases(items: list[dict], n: int) -> list[dict]:
@@ -552,7 +559,7 @@ def readme_table(args, refs: dict | None) -> list[str]:
              f"(readers {_f(readers)}) | train CPU h |", "|---|---|---|---|---|---|"]
     for r in recs:
         m = r["metrics"]
-        lines.append(f"| `{r['model']}` | {variant_label(VARIANTS.get(r['model'], {}).get(r['variant'], []))} | "
+        lines.append(f"| `{r['model']}` | {variant_change(r['model'], r['variant'])} | "
                      f"{_f(m['ged'])} | {_f(m['hm_iou'])} | {_f(m['sample_diversity'])} | "
                      f"{_f(r['train_cpu_s'] / 3600, 2)} |")
     done, chosen = {r["model"] for r in recs}, choices(args)
@@ -612,7 +619,7 @@ def report(args) -> Path:
     pending_cmds = []
     for name, run in tune.items():
         rec = run.record
-        label = variant_label(VARIANTS.get(run.model, {}).get(run.variant, []))
+        label = variant_change(run.model, run.variant)
         if rec:
             m = rec["metrics"]
             mark = "**yes**" if chosen.get(run.model, {}).get("variant") == run.variant else ""
@@ -641,7 +648,7 @@ def report(args) -> Path:
         choice = chosen.get(model)
         if rec:
             m = rec["metrics"]
-            cells = [model, variant_label(VARIANTS.get(model, {}).get(rec["variant"], [])),
+            cells = [model, variant_change(model, rec["variant"]),
                      f"{_f(m['ged'])} ± {_f(m.get('ged_sem'))}", f"{_f(m['hm_iou'])} ± {_f(m.get('hm_iou_sem'))}",
                      _f(m["s_ncc"]), _f(m["ece"], 4), _f(m.get("qubiq")), _f(m["sample_diversity"]),
                      _f(m["reference_diversity"]), _f(m.get("empty_gap")), _f(m.get("train_images_per_s"), 1),
