@@ -76,8 +76,9 @@ def test_compare_models_quick(tmp_path):
 
 
 ZOO_DDP_DRIVER = """
-import json, sys
+import gc, json, sys
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from probunet.cli import main
 from probunet.runtime.distributed import dist_info, init_distributed
 
@@ -87,6 +88,9 @@ for config in configs:
     name = config.rsplit("/", 1)[-1][:-5]
     rc = main(["--quiet", "train", config, *overrides, "--out", f"{out}/{name}", "--no-progress"])
     assert rc == 0, (name, rc)
+    # fit freed its DDP wrapper (whose reducer holds the group) before returning, not at interpreter exit
+    alive = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+    assert alive == 0, (name, alive, "DDP wrappers still alive after fit")
 print(f"rank {dist_info().rank} done")
 dist.barrier()  # both ranks done before the group goes: no peer torn down mid-call
 dist.destroy_process_group()

@@ -35,6 +35,7 @@ broadcasts it, so nodes need not share a file system for it.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -212,6 +213,9 @@ def fit(cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: boo
     finally:
         if trainer is not None:
             trainer.close()
+            if trainer.dist.world_size > 1:
+                del trainer
+                gc.collect()  # the DDP reducers sat in reference cycles: free them before the group goes
         if started:
             destroy_distributed()
 
@@ -629,7 +633,15 @@ class Trainer:
         return summary
 
     def close(self, keep_lock: bool = False) -> None:
-        """Close the progress bar and the log, release the run directory's lock (idempotent)."""
+        """Close the progress bar and the log, release the run directory's lock, drop the
+        training wrappers (idempotent).
+
+        Under torchrun the DDP wrapper's reducer holds the process group; dropped here (and
+        the cycles it sat in collected by :func:`fit`), it goes while the group and the
+        interpreter are alive, not at interpreter exit, where gloo's threads were seen to
+        abort a finished run now and then (``terminate called without an active exception``).
+        """
+        self.loss_module = self.eager_loss = None
         if self.bar is not None:
             self.bar.close()
             self.bar = None

@@ -30,8 +30,9 @@ OVERRIDES = ["train.steps=4", "train.checkpoint_every=2", "train.val_every=2", "
              "eval.batch_size=2"]
 
 DRIVER = textwrap.dedent("""
-    import json, sys
+    import gc, json, sys
     import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
     from probunet.cli import main
     from probunet.config import load_config
     from probunet.runtime.distributed import dist_info, init_distributed
@@ -47,6 +48,8 @@ DRIVER = textwrap.dedent("""
     fit(load_config(config, short), part)  # a run "killed" after step 2 ...
     rc = main(["--quiet", "train", config, *overrides, "--out", part, "--resume", "--no-progress"])  # ... resumed
     assert rc == 0, rc
+    # fit freed its DDP wrappers (whose reducers hold the group) before returning, not at interpreter exit
+    assert not any(isinstance(o, DistributedDataParallel) for o in gc.get_objects()), "DDP wrappers alive after fit"
     print(f"rank {dist_info().rank} done")
     dist.barrier()  # both ranks done before the group goes: no peer torn down mid-call
     dist.destroy_process_group()
