@@ -56,8 +56,9 @@ def test_variants_change_only_what_the_table_says():
         assert 1 <= len(table) <= 2, model
         for overrides in table.values():
             assert all(o.split("=")[0] in ("train.beta", "model.latent_dim", "model.latent_channels", "model.rank",
-                                           "model.dropout", "model.ensemble_size", "train.geco.goal_scale", "train.geco.step_size",
-                                           "model.soft_target") for o in overrides), (model, overrides)
+                                           "model.dropout", "model.ensemble_size", "train.geco.goal_scale",
+                                           "train.geco.step_size", "model.soft_target") for o in overrides), \
+                (model, overrides)
             from probunet.config import load_config
 
             load_config(REPO / "configs" / "zoo" / "lidc" / f"{model}.yaml", overrides)  # valid
