@@ -238,30 +238,44 @@ def sampling_speed(model, image: "torch.Tensor", repeats: int = 3) -> float:
     return 1000.0 * float(np.median(times[1:]))
 
 
-def samples_figure(path: Path, models: dict, items: list[dict], num_samples: int = 4) -> None:
-    """Rows: the raters, then every model's samples; column groups: cases (image first)."""
+def draw_samples(models: dict, items: list[dict], num_samples: int = 4) -> dict:
+    """``{name: (cases, num_samples, *spatial) uint8}``: each model's label maps of ``items`` (the same
+    generator seed for every model)."""
+    import numpy as np
+    import torch
+
+    images = torch.stack([torch.as_tensor(i["image"]) for i in items]).float()
+    out = {}
+    for name, model in models.items():
+        with torch.inference_mode():
+            logits = model.sample(images, num_samples, generator=torch.Generator().manual_seed(0))
+        out[name] = logits.argmax(dim=2).numpy().astype(np.uint8)  # (B, S, *spatial)
+    return out
+
+
+def samples_figure(path: Path, models: dict, items: list[dict], num_samples: int = 4, *,
+                   samples: dict | None = None, num_classes: int = 2) -> None:
+    """Rows: the raters, then every model's samples; column groups: cases (image first). ``samples``
+    (``draw_samples``'s result, with ``num_classes``) instead of ``models``: label maps drawn earlier."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-    import torch
 
-    images = torch.stack([torch.as_tensor(i["image"]) for i in items]).float()
+    if samples is None:
+        samples = draw_samples(models, items, num_samples)
+        num_classes = max(int(m.num_classes) for m in models.values())
+    num_samples = min(num_samples, min(a.shape[1] for a in samples.values()))
     num_raters = max(i["labels"].shape[0] for i in items)
     width = 1 + max(num_samples, num_raters)
-    rows = 1 + len(models)
+    rows = 1 + len(samples)
     fig, axes = plt.subplots(rows, width * len(items), figsize=(1.1 * width * len(items), 1.15 * rows + 0.4),
                              squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    vmax = max(1, max(int(m.num_classes) for m in models.values()) - 1)
+    vmax = max(1, num_classes - 1)
     mid = lambda a: a[a.shape[0] // 2] if a.ndim == 3 else a  # noqa: E731 - 3D: the middle slice
-    samples = {}
-    for name, model in models.items():
-        with torch.inference_mode():
-            logits = model.sample(images, num_samples, generator=torch.Generator().manual_seed(0))
-        samples[name] = logits.argmax(dim=2).numpy()  # (B, S, *spatial)
     for c, item in enumerate(items):
         col = c * width
         img = mid(np.asarray(item["image"][0]))
@@ -270,7 +284,7 @@ def samples_figure(path: Path, models: dict, items: list[dict], num_samples: int
         for r in range(item["labels"].shape[0]):
             axes[0, col + 1 + r].imshow(mid(item["labels"][r]), cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
             axes[0, col + 1 + r].set_title(f"rater {r + 1}", fontsize=6)
-        for m, name in enumerate(models):
+        for m, name in enumerate(samples):
             axes[1 + m, col].imshow(img, cmap="gray")
             if c == 0:
                 axes[1 + m, col].set_title(name, fontsize=7, loc="left")

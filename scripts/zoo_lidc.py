@@ -35,16 +35,31 @@ Variants (``VARIANTS``; ``base`` is the shipped config):
     hpu_net             v1 train.geco.goal_scale=0.25   v2 train.geco.step_size=1.0
     phiseg              v1 train.beta=0.5               v2 model.latent_channels=4
 
-Resumable: every run lives in ``--out`` (default runs/zoo_lidc) as
-``tune/<model>-<variant>/`` or ``table/s<seed>/<model>/``, with ``<name>.yaml``
-(its config), ``<name>.log``, ``<name>.time.json`` (CPU and wall seconds of its
-commands) and, once trained and evaluated, ``<name>.json`` (its record:
-commands, numbers) beside it; ``study/<shift>/``, ``zoo_lidc.png`` and
-``choices.json`` (each model's variant for the table) too. A finished run is skipped; an interrupted training goes on from its
-last checkpoint (``probunet train ... --resume``); a run whose config changed is
-an error naming it. One training at a time, each subprocess with
-``OMP_NUM_THREADS=1``. Stop it any time (Ctrl-C, or kill its process group) and
-run the same command again::
+Two folders. ``--out`` (default runs/zoo_lidc) is the work space: every run as
+``tune/<model>-<variant>/`` or ``table/s<seed>/<model>/`` (checkpoints, evaluation) with
+``<name>.yaml`` (its config), ``<name>.log`` and ``<name>.time.json`` (CPU and wall
+seconds of its commands) beside it, ``study/<shift>/<model>/`` and ``choices.json``.
+``--records`` (default docs/zoo_lidc_records, committed with the report) keeps what
+the table is made of, small files that outlive the work space:
+
+- ``tune/<name>.json``, ``table/s<seed>/<name>.json``: a finished run's record
+  (commands, numbers, CPU seconds);
+- ``study/<shift>/<model>.json``: one seed-0 model's answers of ``probunet study``
+  (the study's questions are answered per model, so the models' pieces make one
+  study however many sessions they took);
+- ``figure/<model>.npz``: the model's samples on the figure's crops;
+- ``references.json``, ``earlier_compute.json`` (CPU time of work whose records
+  were transcribed from an earlier report: ``"transcribed"`` in such a record).
+
+A run with a record is skipped; an interrupted training goes on from its last
+checkpoint (``probunet train ... --resume``); a run whose config changed is an
+error naming it. A seed-0 table run is studied and drawn right after its
+evaluation, while its checkpoint is at hand; where the work space was lost, the
+``study`` and ``figure`` stages train it again (and evaluate it again: the new record
+keeps the old numbers under ``previous``). One training at a time, each
+subprocess with ``OMP_NUM_THREADS=1``. Stop it any time (Ctrl-C, or kill its
+process group) and run the same command again; ``--records runs/zoo_lidc/records``
+starts a table of your own from nothing::
 
     python scripts/zoo_lidc.py all --resume --lidc-data data/lidc_style      # everything, in the background
     python scripts/zoo_lidc.py table --resume --models ssn prob_unet --seeds 0 1 2
@@ -71,8 +86,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/_common (als
 import yaml  # noqa: E402
 
 from _common import (REPO, NUM_SAMPLES, all_reference_rows, checkpoint_step, config_differences,  # noqa: E402
-                     dataset_section, repo_env, run_logged, samples_figure, sampling_speed, summary_row,
-                     train_speed)
+                     dataset_section, draw_samples, repo_env, run_logged, samples_figure, sampling_speed,
+                     summary_row, train_speed)
 
 MODELS = ["prob_unet", "unet", "mc_dropout", "ensemble", "ensemble_prob_unet", "ssn", "hpu_net", "phiseg"]
 CONFIGS = Path("configs") / "zoo" / "lidc"  # relative to the repository
@@ -92,7 +107,7 @@ TUNE_STEPS, TABLE_STEPS = 500, 2000
 QUICK_TUNE_STEPS, QUICK_TABLE_STEPS = 3, 6
 SHIFTS = [("noise", 2.0), ("blur", 2.0)]  # probunet.study.shift: noise sd 0.1, blur sigma 2 pixels on [0, 1] images
 DEFAULT_DATA = "data/lidc_style"
-FIGURE_CASES = 4
+FIGURE_CASES, FIGURE_SAMPLES = 4, 4
 ME = "scripts/zoo_lidc.py"
 
 
@@ -204,7 +219,7 @@ class Run:
         self.config = run_config(args, model, self.overrides)
         folder = args.out / folder
         self.run_dir, self.cfg_path = folder / name, folder / f"{name}.yaml"
-        self.log, self.record_path = folder / f"{name}.log", folder / f"{name}.json"
+        self.log, self.record_path = folder / f"{name}.log", args.records / self.folder / f"{name}.json"
         self.summary_path = self.run_dir / f"eval_{split}" / "summary.json"
 
     @property
@@ -213,7 +228,24 @@ class Run:
 
     @property
     def done(self) -> bool:
-        return self.record is not None and self.summary_path.is_file()
+        """A record in ``--records`` for this run's settings (one for other settings is an error)."""
+        rec = self.record
+        if rec is None:
+            return False
+        if rec.get("overrides") != self.overrides:
+            raise UserError(f"{self.record_path} records {self.folder}/{self.name} with "
+                            f"{variant_label(rec.get('overrides') or [])}, the run now has "
+                            f"{variant_label(self.overrides)}; remove that record to run it again")
+        return True
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.run_dir / "checkpoints" / "last.pt"
+
+    @property
+    def trained(self) -> bool:
+        """Its checkpoint at the run's budget is in the work space."""
+        return checkpoint_step(self.checkpoint) == self.steps
 
     def reproduce(self) -> str:
         """The command that produces this run's numbers from a fresh checkout (the shipped config)."""
@@ -234,7 +266,9 @@ class Run:
                             f"({'; '.join(differ[:3])}); choose a new --out or remove {self.run_dir} and that file")
 
     def execute(self) -> dict:
-        """Train (or resume) up to ``steps``, evaluate, write the record; returns the record."""
+        """Train (or resume) up to ``steps``, evaluate, write the record; returns the record. A record
+        written before (this run trained again, its work space lost) is kept under ``previous``."""
+        before = self.record
         self.check_config()
         self.run_dir.parent.mkdir(parents=True, exist_ok=True)
         if not self.cfg_path.is_file():
@@ -272,8 +306,13 @@ class Run:
             **{k: state[k] for k in ("train_cpu_s", "train_wall_s", "eval_cpu_s", "eval_wall_s", "attempts")},
             "finished": datetime.datetime.now().isoformat(timespec="seconds"),
         }
+        if before:
+            record["previous"] = {"finished": before.get("finished"), "transcribed": before.get("transcribed"),
+                                  **{k: before.get("metrics", {}).get(k) for k in ("ged", "hm_iou")}}
         if self.stage == "table":
             record.update(model_facts(self.run_dir, self.config))
+        record = json.loads(portable(self.args, json.dumps(record)))  # paths as --out was given
+        self.record_path.parent.mkdir(parents=True, exist_ok=True)
         write_json(self.record_path, record)
         return record
 
@@ -346,7 +385,7 @@ def choices(args, models: list[str] | None = None) -> dict:
     the lowest validation GED."""
     out = {}
     for model in models or args.models:
-        recs = {v: read_json(args.out / "tune" / f"{model}-{v}.json") for v in variants(model)}
+        recs = {v: read_json(args.records / "tune" / f"{model}-{v}.json") for v in variants(model)}
         if all(recs.values()):
             best = min(recs, key=lambda v: recs[v]["metrics"]["ged"])
             out[model] = {"variant": best, "overrides": VARIANTS.get(model, {}).get(best, []),
@@ -361,7 +400,13 @@ def table_run(args, model: str, seed: int, choice: dict) -> Run:
 
 
 def table_record(args, model: str, seed: int = 0):
-    return read_json(args.out / "table" / f"s{seed}" / f"{model}.json")
+    return read_json(args.records / "table" / f"s{seed}" / f"{model}.json")
+
+
+def recorded_table_run(args, rec: dict) -> Run:
+    """The ``Run`` of a table record (its model, seed and variant)."""
+    overrides = VARIANTS.get(rec["model"], {}).get(rec["variant"], [])
+    return table_run(args, rec["model"], rec["seed"], {"variant": rec["variant"], "overrides": overrides})
 
 
 def execute_all(runs: list[Run], failures: list[str]) -> None:
@@ -379,6 +424,8 @@ def execute_all(runs: list[Run], failures: list[str]) -> None:
             continue
         print(f"    GED {rec['metrics']['ged']:.4f}, HM-IoU {rec['metrics']['hm_iou']:.4f} "
               f"({time.perf_counter() - t0:.0f}s)", flush=True)
+        if run.stage == "table" and run.seed == 0:  # study and draw it while its checkpoint is at hand
+            extras_of(run, failures)
 
 
 def stage_tune(args, failures) -> None:
@@ -413,36 +460,103 @@ def finished_table(args, seed: int = 0) -> list[dict]:
     return [r for r in (table_record(args, m, seed) for m in args.models) if r]
 
 
-def study_command(args, runs: list[str], kind: str, severity: float) -> list[str]:
-    return ["probunet", "study", *runs, "--out", str(args.out / "study" / kind), "--shift", kind,
-            "--severity", f"{severity:g}", "--num-samples", str(NUM_SAMPLES), "--seed", "0", "--no-progress"]
+def study_piece_path(args, kind: str, model: str) -> Path:
+    return args.records / "study" / kind / f"{model}.json"
+
+
+def figure_samples_path(args, model: str) -> Path:
+    return args.records / "figure" / f"{model}.npz"
+
+
+def missing_extras(args, model: str) -> list[str]:
+    """What a finished seed-0 table run still lacks in ``--records``: its study pieces, its figure samples."""
+    todo = [f"study {kind}" for kind, _ in SHIFTS if not study_piece_path(args, kind, model).is_file()]
+    return todo + ([] if figure_samples_path(args, model).is_file() else ["figure samples"])
+
+
+def extras_of(run: Run, failures: list[str]) -> None:
+    """The study pieces and figure samples of a finished seed-0 table run that ``--records`` lacks. Where
+    its checkpoint is not in the work space (``--out`` lost since), the run is trained and evaluated again
+    first (its record is replaced; the old numbers stay under ``previous``)."""
+    args = run.args
+    todo = missing_extras(args, run.model)
+    if not todo:
+        return
+    try:
+        if not run.trained:
+            print(f"    {run.folder}/{run.name}: no checkpoint in {args.out_arg} for its {', '.join(todo)}; "
+                  f"training it again (log {run.log})", flush=True)
+            rec = run.execute()
+            prev = rec.get("previous") or {}
+            print(f"    GED {rec['metrics']['ged']:.4f} (recorded before: {_f(prev.get('ged'), 4)}), "
+                  f"HM-IoU {rec['metrics']['hm_iou']:.4f} (before: {_f(prev.get('hm_iou'), 4)})", flush=True)
+        for kind, severity in SHIFTS:
+            if not study_piece_path(args, kind, run.model).is_file():
+                study_piece(run, kind, severity)
+        if not figure_samples_path(args, run.model).is_file():
+            figure_samples(run)
+    except RuntimeError as exc:
+        failures.append(f"{run.folder}/{run.name} ({', '.join(todo)}): {exc}")
+        print(f"    FAILED: {exc}", flush=True)
+
+
+def study_piece(run: Run, kind: str, severity: float) -> dict:
+    """``probunet study`` of one table run (test split and its ``kind`` shift) in the work space; its
+    answers (the study answers every question per model) go to ``--records`` as the model's piece."""
+    args = run.args
+    out = args.out / "study" / kind / run.model
+    cmd = ["probunet", "study", str(run.checkpoint), "--out", str(out), "--shift", kind, "--severity",
+           f"{severity:g}", "--num-samples", str(NUM_SAMPLES), "--seed", "0", "--no-progress"]
+    log = args.out / "study" / kind / f"{run.model}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"    study {kind} (severity {severity:g}) of {run.folder}/{run.name}; log {log}", flush=True)
+    t0, before = time.perf_counter(), children_cpu_s()
+    run_logged([sys.executable, "-m", "probunet", *cmd[1:]], child_env(), log)
+    study = json.loads((out / "study.json").read_text())
+    entry = study["settings"]["models"][0]
+    name = entry["name"]
+    piece = {"model": run.model, "variant": run.variant, "shift": kind, "severity": severity,
+             "command": shell(cmd), "table_record": (run.record or {}).get("finished"),
+             "settings": {k: v for k, v in study["settings"].items() if k != "models"},
+             "entry": {**entry, "name": run.model},
+             "results": {q: by_model[name] for q, by_model in study["results"].items() if name in by_model},
+             "cpu_s": children_cpu_s() - before, "wall_s": time.perf_counter() - t0}
+    piece = json.loads(portable(args, json.dumps(piece)))
+    path = study_piece_path(args, kind, run.model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, piece)
+    return piece
+
+
+def study_of(args, kind: str) -> dict | None:
+    """The study of the ``kind`` shift over every model with a piece in ``--records``, in the form
+    ``probunet study`` writes (settings, results per question and model, the best scores)."""
+    from probunet.study.pipeline import best_scores
+
+    pieces = [p for p in (read_json(study_piece_path(args, kind, m)) for m in args.models) if p]
+    if not pieces:
+        return None
+    results: dict = {}
+    for piece in pieces:
+        for question, values in piece["results"].items():
+            results.setdefault(question, {})[piece["model"]] = values
+    settings = {**pieces[0]["settings"], "models": [p["entry"] for p in pieces]}
+    differ = [p["model"] for p in pieces[1:] if p["settings"] != pieces[0]["settings"]]
+    return {"settings": settings, "results": results, "best": best_scores(results),
+            "commands": {p["model"]: p["command"] for p in pieces}, "settings_differ": differ}
 
 
 def stage_study(args, failures) -> None:
-    runs = [str(Path(r["run_dir"]) / "checkpoints" / "last.pt") for r in finished_table(args)]
-    if not runs:
+    """The study pieces and figure samples every finished seed-0 table run lacks (``extras_of``)."""
+    recs = finished_table(args)
+    if not recs:
         print("study: no finished table run yet", flush=True)
         return
-    env = child_env()
-    for kind, severity in SHIFTS:
-        record_path = args.out / "study" / f"{kind}.json"
-        rec = read_json(record_path)
-        if rec and rec.get("runs") == runs and (args.out / "study" / kind / "study.json").is_file():
-            print(f"study {kind}: done ({len(runs)} models)", flush=True)
-            continue
-        cmd = study_command(args, runs, kind, severity)
-        print(f"study {kind} (severity {severity:g}) over {len(runs)} models; log {args.out / 'study' / kind}.log",
-              flush=True)
-        (args.out / "study").mkdir(parents=True, exist_ok=True)
-        t0, before = time.perf_counter(), children_cpu_s()
-        try:
-            run_logged([sys.executable, "-m", "probunet", *cmd[1:]], env, args.out / "study" / f"{kind}.log")
-        except RuntimeError as exc:
-            failures.append(f"study {kind}: {exc}")
-            print(f"    FAILED: {exc}", flush=True)
-            continue
-        write_json(record_path, {"runs": runs, "shift": kind, "severity": severity, "command": shell(cmd),
-                                 "wall_s": time.perf_counter() - t0, "cpu_s": children_cpu_s() - before})
+    for rec in recs:
+        run = recorded_table_run(args, rec)
+        todo = missing_extras(args, run.model)
+        print(f"study {run.model}: " + (f"to do: {', '.join(todo)}" if todo else "done"), flush=True)
+        extras_of(run, failures)
 
 
 def figure_cases(items: list[dict], n: int) -> list[dict]:
@@ -462,31 +576,74 @@ def figure_cases(items: list[dict], n: int) -> list[dict]:
     return [pick[int(i * len(pick) / n)] for i in range(n)]
 
 
-def stage_figure(args, failures) -> None:
-    from probunet.models.checkpoint import load_model
+def test_items(args, config: dict) -> list[dict]:
+    """The test split of a table run's config (loaded once per process)."""
     from probunet.config import from_dict
     from probunet.data import load_splits
 
+    key = json.dumps(config["data"], sort_keys=True)
+    cache = getattr(args, "_test_items", None)
+    if cache is None or cache[0] != key:
+        args._test_items = cache = (key, load_splits(from_dict(config))["test"])
+    return cache[1]
+
+
+def figure_samples(run: Run) -> Path:
+    """A table run's samples (``FIGURE_SAMPLES`` per crop) on the figure's crops, into ``--records``."""
+    import io
+
+    import numpy as np
+    import torch
+
+    from probunet.models.checkpoint import load_model
+    from probunet.utils import atomic_write_bytes
+
+    torch.set_num_threads(1)
+    model, _, _ = load_model(run.checkpoint)
+    items = figure_cases(test_items(run.args, run.config), FIGURE_CASES)
+    samples = draw_samples({run.model: model.eval()}, items, FIGURE_SAMPLES)[run.model]
+    buf = io.BytesIO()
+    np.savez_compressed(buf, samples=samples, case_ids=np.array([i["case_id"] for i in items]),
+                        num_classes=np.array(int(model.num_classes)))
+    path = figure_samples_path(run.args, run.model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buf.getvalue())
+    print(f"    figure samples: {path}", flush=True)
+    return path
+
+
+def stage_figure(args, failures) -> None:
+    """The figure (next to ``--doc``) from the samples in ``--records`` (``study`` draws them): readers,
+    then a row per model."""
+    import numpy as np
+
     recs = finished_table(args)
-    if not recs:
-        print("figure: no finished table run yet", flush=True)
+    stored = {}
+    for rec in recs:
+        path = figure_samples_path(args, rec["model"])
+        if path.is_file():
+            with np.load(path) as z:
+                stored[rec["model"]] = {k: z[k] for k in z.files}
+    if not stored:
+        print("figure: no samples recorded yet", flush=True)
         return
-    record_path = args.out / "figure.json"
-    names = [r["model"] for r in recs]
-    rec = read_json(record_path)
-    path = args.out / "zoo_lidc.png"
-    if rec and rec.get("models") == names and path.is_file():
-        print(f"figure: done ({len(names)} models)", flush=True)
-        return
-    models = {}
-    for r in recs:
-        model, _, _ = load_model(Path(r["run_dir"]) / "checkpoints" / "last.pt")
-        models[r["model"]] = model.eval()
-    cfg = from_dict(yaml.safe_load((args.out / "table" / "s0" / f"{recs[0]['name']}.yaml").read_text()))
-    items = figure_cases(load_splits(cfg)["test"], FIGURE_CASES)
-    samples_figure(path, models, items)
-    write_json(record_path, {"models": names, "cases": [i["case_id"] for i in items]})
-    print(f"figure: {path}", flush=True)
+    cases = [str(c) for c in next(iter(stored.values()))["case_ids"]]
+    other = [m for m, z in stored.items() if [str(c) for c in z["case_ids"]] != cases]
+    if other:
+        raise UserError(f"figure: the samples of {', '.join(other)} are of other crops than "
+                        f"{next(iter(stored))}'s; remove {figure_samples_path(args, other[0])} and run again")
+    by_id = {i["case_id"]: i for i in test_items(args, recorded_table_run(args, recs[0]).config)}
+    missing = [c for c in cases if c not in by_id]
+    if missing:
+        raise UserError(f"figure: the test split of --lidc-data {args.lidc_data} lacks the recorded crops "
+                        f"{', '.join(missing)}")
+    path = args.doc.with_suffix(".png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    samples_figure(path, {}, [by_id[c] for c in cases], FIGURE_SAMPLES,
+                   samples={m: z["samples"] for m, z in stored.items()},
+                   num_classes=max(int(z["num_classes"]) for z in stored.values()))
+    write_json(args.records / "figure.json", {"models": list(stored), "cases": cases})
+    print(f"figure: {path} ({len(stored)} models)", flush=True)
 
 
 # ----------------------------------------------------------------------------- report
@@ -497,39 +654,36 @@ def _f(v, nd=3) -> str:
 
 
 def references(args) -> dict | None:
-    """The reference rows on the table's test split (cached in ``references.json``), once a table config
-    exists."""
-    path = args.out / "references.json"
-    cfgs = sorted((args.out / "table" / "s0").glob("*.yaml")) if (args.out / "table" / "s0").is_dir() else []
-    if not cfgs:
+    """The reference rows on the table's test split (cached in ``--records``/references.json, keyed by the
+    data section less its path), once a table row is finished."""
+    recs = finished_table(args)
+    if not recs:
         return None
-    data = yaml.safe_load(cfgs[0].read_text())["data"]
+    data = recorded_table_run(args, recs[0]).config["data"]
+    key = {k: v for k, v in data.items() if k != "path"}
+    path = args.records / "references.json"
     cached = read_json(path)
-    if cached and cached.get("data") == data:
+    if cached and cached.get("data") == key:
         return cached["rows"]
     rows, _ = all_reference_rows({"data": data, "model": {"num_classes": 2}, "eval": {"split": "test"}})
-    write_json(path, {"data": data, "rows": rows})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, {"data": key, "rows": rows})
     return rows
 
 
 def compute(args) -> dict:
-    """CPU seconds spent so far, per stage: ``{stage: {"runs": finished, "started": with a time record,
-    "cpu_s": training + evaluation (all attempts; an attempt killed with its driver is not counted)}}``."""
+    """CPU seconds spent so far, per stage: ``{stage: {"runs": records, "cpu_s": training + evaluation of
+    every record's run (all attempts; an attempt killed with its driver is not counted), with the earlier
+    work whose records were transcribed (``earlier_compute.json``)}}``."""
+    earlier = read_json(args.records / "earlier_compute.json") or {}
     out = {}
-    for stage, folders in (("tune", ["tune"]), ("table", [f"table/s{s}" for s in (0, 1, 2)])):
-        started = finished = 0
-        cpu = 0.0
-        for folder in folders:
-            for path in sorted((args.out / folder).glob("*.time.json")):
-                t = read_json(path) or {}
-                started += 1
-                finished += (path.parent / path.name.replace(".time.json", ".json")).is_file()
-                cpu += float(t.get("train_cpu_s", 0.0)) + float(t.get("eval_cpu_s", 0.0))
-        out[stage] = {"runs": finished, "started": started, "cpu_s": cpu}
-    studies = [read_json(args.out / "study" / f"{kind}.json") for kind, _ in SHIFTS]
-    studies = [r for r in studies if r]
-    out["study"] = {"runs": len(studies), "started": len(studies),
-                    "cpu_s": sum(float(r.get("cpu_s", r.get("wall_s", 0.0))) for r in studies)}
+    for stage, folders in (("tune", ["tune"]), ("table", [f"table/s{s}" for s in (0, 1, 2)]),
+                           ("study", [f"study/{kind}" for kind, _ in SHIFTS])):
+        recs = [read_json(p) for f in folders for p in sorted((args.records / f).glob("*.json"))]
+        recs = [r for r in recs if r is not None]
+        cpu = sum(float(r.get("train_cpu_s") or 0.0) + float(r.get("eval_cpu_s") or 0.0)
+                  + float(r.get("cpu_s") or 0.0) for r in recs if not r.get("transcribed"))
+        out[stage] = {"runs": len(recs), "cpu_s": cpu + float((earlier.get(stage) or {}).get("cpu_s", 0.0))}
     return out
 
 
@@ -542,7 +696,12 @@ def compute_lines(args) -> list[str]:
         lines.append(f"| {stage} | {v['runs']} | {v['cpu_s'] / 3600:.2f} |")
     lines.append(f"| **all** | {sum(v['runs'] for v in c.values())} | **{total / 3600:.2f}** |")
     lines.append("\nCPU hours of the runs' processes (one thread each), all attempts; wall time is about the "
-                 "same per run on an idle core, and two runs share this 2-core machine.\n")
+                 "same per run on an idle core, and two runs share this 2-core machine.")
+    earlier = read_json(args.records / "earlier_compute.json") or {}
+    if earlier.get("note"):
+        spent = sum(float((v or {}).get("cpu_s", 0.0)) for k, v in earlier.items() if k != "note")
+        lines.append(f"These hours include {spent / 3600:.2f} CPU h of earlier work: {earlier['note']}")
+    lines.append("")
     return lines
 
 
@@ -707,31 +866,43 @@ def report(args) -> Path:
 
     # the study
     lines.append("## Uncertainty study (test split and a shifted copy)\n")
+    lines.append("`probunet study` of each seed-0 table run (16 samples, seed 0; the study answers every "
+                 "question per model): its command is under each table.\n")
     for kind, severity in SHIFTS:
-        rec = read_json(args.out / "study" / f"{kind}.json")
-        md = args.out / "study" / kind / "study.md"
+        study = study_of(args, kind)
         lines.append(f"### Shift: {kind}, severity {severity:g}\n")
-        if rec and md.is_file():
-            lines.append(f"`{portable(args, rec['command'])}`\n")
-            text = portable(args, md.read_text())
-            lines.append(text.replace("\n# ", "\n#### ").replace("\n## ", "\n#### ").lstrip("# ").strip() + "\n")
-        else:
+        if study is None:
             lines.append(f"pending: `python {ME} study --resume{data}{out}{quick}` (over the finished seed-0 runs)\n")
+            continue
+        from probunet.study.pipeline import markdown
+
+        text = markdown(study)
+        lines.append(text.replace("\n# ", "\n#### ").replace("\n## ", "\n#### ").lstrip("# ").strip() + "\n")
+        if study["settings_differ"]:
+            lines.append(f"Studied with other settings than {study['settings']['models'][0]['name']}: "
+                         f"{', '.join(study['settings_differ'])}.\n")
+        lines.append("Commands:\n")
+        by_cmd: dict[str, list[str]] = {}
+        for model, cmd in study["commands"].items():  # a study of several models at once: its command once
+            by_cmd.setdefault(cmd, []).append(model)
+        lines += [f"- {', '.join(models)}: `{cmd}`" for cmd, models in by_cmd.items()]
+        waiting = [r["model"] for r in finished_table(args) if r["model"] not in study["commands"]]
+        if waiting:
+            lines.append(f"- pending for {', '.join(waiting)}: `python {ME} study --resume{data}{out}{quick}`")
+        lines.append("")
 
     lines += compute_lines(args)
 
     # the figure
     lines.append("## Samples\n")
-    fig = args.out / "zoo_lidc.png"
     doc = args.doc
     doc.parent.mkdir(parents=True, exist_ok=True)
-    if fig.is_file():
-        target = doc.with_suffix(".png")
-        if fig.resolve() != target.resolve():
-            shutil.copyfile(fig, target)
-        lines.append(f"![test crops: readers, then samples per model]({target.name})\n")
-        lines.append(f"Readers (top row), then {4} samples per model on the same test crops where the readers "
-                     f"disagree: `python {ME} figure --resume{data}{out}{quick}`.\n")
+    fig, drawn = doc.with_suffix(".png"), read_json(args.records / "figure.json")
+    if fig.is_file() and drawn:
+        lines.append(f"![test crops: readers, then samples per model]({fig.name})\n")
+        lines.append(f"Readers (top row), then {FIGURE_SAMPLES} samples per model ({', '.join(drawn['models'])}) "
+                     f"on the same {len(drawn['cases'])} test crops where the readers disagree: "
+                     f"`python {ME} figure --resume{data}{out}{quick}`.\n")
     else:
         lines.append(f"pending: `python {ME} figure --resume{data}{out}{quick}`\n")
     from probunet.utils import atomic_write_text
@@ -754,6 +925,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("stage", choices=["tune", "table", "study", "figure", "report", "all"])
     p.add_argument("--out", default="runs/zoo_lidc", help="the runs and their records (default runs/zoo_lidc)")
+    p.add_argument("--records", default=None,
+                   help="the records of finished runs, study pieces and figure samples (default "
+                        "docs/zoo_lidc_records, the shipped table's; with --quick OUT/records)")
     p.add_argument("--lidc-data", default=DEFAULT_DATA, help=f"the LIDC-style pickle folder (default {DEFAULT_DATA})")
     p.add_argument("--models", nargs="+", default=None, choices=MODELS, help="default: all")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="table: seeds (default 0)")
@@ -776,6 +950,9 @@ def check_args(args) -> None:
     args.out = resolve(args.out)
     args.doc = resolve(args.doc) if args.doc else (args.out / "zoo_lidc.md" if args.quick
                                                     else REPO / "docs" / "zoo_lidc.md")
+    args.records_arg = args.records or (f"{args.out_arg}/records" if args.quick else "docs/zoo_lidc_records")
+    args.records = resolve(args.records) if args.records else (args.out / "records" if args.quick
+                                                                else REPO / "docs" / "zoo_lidc_records")
     args.models = args.models or list(MODELS)
     if args.tune_steps is None:
         args.tune_steps = QUICK_TUNE_STEPS if args.quick else TUNE_STEPS
@@ -791,6 +968,9 @@ def check_args(args) -> None:
     if writes and args.out.is_dir() and any(args.out.iterdir()) and not args.resume:
         raise UserError(f"--out {args.out_arg} already holds runs; add --resume to go on with them "
                         f"(or choose a new --out)")
+    if writes and not args.resume and any(args.records.glob("*/**/*.json")):
+        raise UserError(f"--records {args.records_arg} already holds finished runs; add --resume to go on with "
+                        f"them (or choose a new --records)")
     if not args.quick and args.stage in ("tune", "table", "all"):
         data = resolve(args.lidc_data)
         if not (data.is_dir() and any(data.glob("*.pickle"))):

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 import torch
@@ -66,7 +69,8 @@ def test_variants_change_only_what_the_table_says():
 
 def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     zoo = _load("zoo_lidc")
-    assert zoo.main(["tune", "--out", str(tmp_path / "o"), "--lidc-data", str(tmp_path / "none")]) == 2
+    assert zoo.main(["tune", "--out", str(tmp_path / "o"), "--records", str(tmp_path / "r"),
+                     "--lidc-data", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--lidc-data" in err and "prepare_lidc.py" in err
     (tmp_path / "busy").mkdir()
@@ -91,7 +95,8 @@ def test_quick_end_to_end_resumes_an_interrupted_training_and_skips_finished_run
     assert zoo.main(["all", *common]) == 130
     run = out / "table" / "s0" / "unet"
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 3
-    assert not (out / "table" / "s0" / "unet.json").exists()
+    records = out / "records"  # --quick: the records live in --out
+    assert not (records / "table" / "s0" / "unet.json").exists()
     tuned = json.loads((out / "choices.json").read_text())["unet"]
     assert set(tuned["val_ged"]) == {"base", "v1"}
     assert tuned["variant"] == min(tuned["val_ged"], key=tuned["val_ged"].get)
@@ -102,17 +107,20 @@ def test_quick_end_to_end_resumes_an_interrupted_training_and_skips_finished_run
     trains = [c for c in calls if "train" in c]
     assert len(trains) == 1 and "--resume" in trains[0]  # tuning kept, the table's run went on from step 3
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 6
-    rec = json.loads((out / "table" / "s0" / "unet.json").read_text())
+    rec = json.loads((records / "table" / "s0" / "unet.json").read_text())
     m = rec["metrics"]
     assert rec["split"] == "test" and rec["variant"] == tuned["variant"] and rec["parameters"] > 0
     assert rec["ms_per_100_samples"] > 0 and rec["train_cpu_s"] > 0 and rec["attempts"] == 2
     assert 0 <= m["ged"] and m["by_empty_raters"] and m["empty_gap"] is not None and m["ece"] is not None
     assert rec["reproduce"].startswith("probunet train configs/zoo/lidc/unet.yaml")
     assert "checkpoints/last.pt" in rec["commands"][1]  # the budget's checkpoint, not best.pt
-    for kind, _ in zoo.SHIFTS:
-        study = json.loads((out / "study" / kind / "study.json").read_text())
-        assert set(study["results"]["performance"]) == {"unet"}
-    assert (out / "zoo_lidc.png").stat().st_size > 1000
+    for kind, _ in zoo.SHIFTS:  # studied right after its evaluation: the model's piece of each study
+        piece = json.loads((records / "study" / kind / "unet.json").read_text())
+        assert piece["entry"]["name"] == "unet" and f"--shift {kind}" in piece["command"]
+        assert 0 <= piece["results"]["performance"]["ged"] and piece["results"]["ood.auroc"]
+    with np.load(records / "figure" / "unet.npz") as z:
+        assert z["samples"].shape[1:] == (4, 32, 32) and len(z["case_ids"]) == z["samples"].shape[0] > 0
+    assert (doc.parent / "zoo.png").stat().st_size > 1000
 
     monkeypatch.setattr(zoo, "run_logged", lambda *a: pytest.fail(f"ran {a[0]} again"))
     assert zoo.main(["all", "--resume", *common]) == 0  # everything finished: nothing runs
@@ -125,6 +133,23 @@ def test_quick_end_to_end_resumes_an_interrupted_training_and_skips_finished_run
     assert "scripts/zoo_lidc.py tune --resume --models ssn" in text
     assert "*majority vote*" in text and "GED by the number of readers who drew nothing" in text
     assert "### Shift: noise" in text and "pending: `python scripts/zoo_lidc.py study" not in text
+    assert "#### failure.one_minus_dice.e_aurc" in text and "--shift blur" in text
+
+    # the work space is lost (a new machine), the records kept: nothing is tuned again; the study and the
+    # figure train the table's run again, evaluate it again (the record keeps the old numbers), study it
+    for lost in ("table", "study", "tune"):
+        shutil.rmtree(out / lost)
+    for kept in ("study", "figure"):
+        shutil.rmtree(records / kept)
+    calls.clear()
+    monkeypatch.setattr(zoo, "run_logged", lambda cmd, env, log: (calls.append(cmd), real(cmd, env, log)))
+    assert zoo.main(["study", "--resume", *common]) == 0
+    assert zoo.main(["figure", "--resume", *common]) == 0
+    assert [c[c.index("-m") + 2] for c in calls] == ["train", "evaluate", "study", "study"]
+    again = json.loads((records / "table" / "s0" / "unet.json").read_text())
+    assert again["previous"]["ged"] == m["ged"] and again["previous"]["finished"] == rec["finished"]
+    assert all((records / "study" / kind / "unet.json").is_file() for kind, _ in zoo.SHIFTS)
+    assert (records / "figure" / "unet.npz").is_file() and (doc.parent / "zoo.png").is_file()
 
 
 def test_tuning_one_model_keeps_the_other_models_choices(tmp_path, monkeypatch):
@@ -132,11 +157,11 @@ def test_tuning_one_model_keeps_the_other_models_choices(tmp_path, monkeypatch):
     not only the --models of the invocation that wrote it last."""
     zoo = _load("zoo_lidc")
     out = tmp_path / "z"
-    (out / "tune").mkdir(parents=True)
+    (out / "records" / "tune").mkdir(parents=True)
     geds = {"ssn": {"base": 0.30, "v1": 0.33, "v2": 0.26}, "unet": {"base": 0.35, "v1": 0.32}}
     for model, by_variant in geds.items():
         for variant, ged in by_variant.items():
-            (out / "tune" / f"{model}-{variant}.json").write_text(json.dumps({"metrics": {"ged": ged}}))
+            (out / "records" / "tune" / f"{model}-{variant}.json").write_text(json.dumps({"metrics": {"ged": ged}}))
     monkeypatch.setattr(zoo, "execute_all", lambda runs, failures: None)  # nothing to train here
     monkeypatch.setattr(zoo, "report", lambda args: None)
     assert zoo.main(["tune", "--quick", "--resume", "--models", "unet", "--out", str(out)]) == 0
@@ -147,39 +172,59 @@ def test_tuning_one_model_keeps_the_other_models_choices(tmp_path, monkeypatch):
 
 
 def test_report_sums_the_cpu_time_of_every_stage(tmp_path):
-    """The compute section: per stage the finished runs and the CPU hours of all started ones."""
+    """The compute section: per stage the recorded runs and the CPU hours of their processes; a record
+    transcribed from an earlier report counts through earlier_compute.json, not twice."""
     zoo = _load("zoo_lidc")
     out = tmp_path / "z"
-    for folder, name, train_s, eval_s, done in [("tune", "unet-base", 1800.0, 360.0, True),
-                                                 ("tune", "unet-v1", 900.0, 0.0, False),  # interrupted
-                                                 ("table/s0", "unet", 3600.0, 720.0, True),
-                                                 ("table/s1", "unet", 3240.0, 0.0, False)]:
-        (out / folder).mkdir(parents=True, exist_ok=True)
-        (out / folder / f"{name}.time.json").write_text(json.dumps({"train_cpu_s": train_s, "eval_cpu_s": eval_s}))
-        if done:
-            (out / folder / f"{name}.json").write_text("{}")
-    (out / "study").mkdir()
-    (out / "study" / "noise.json").write_text(json.dumps({"cpu_s": 1440.0, "wall_s": 2000.0}))
+    records = out / "records"
+    for folder, name, rec in [("tune", "unet-base", {"train_cpu_s": 1800.0, "eval_cpu_s": 360.0}),
+                              ("tune", "unet-v1", {"train_cpu_s": 900.0, "eval_cpu_s": 0.0, "transcribed": "x"}),
+                              ("table/s0", "unet", {"train_cpu_s": 3600.0, "eval_cpu_s": 720.0}),
+                              ("table/s1", "unet", {"train_cpu_s": 3240.0, "eval_cpu_s": 0.0}),
+                              ("study/noise", "unet", {"cpu_s": 1440.0, "wall_s": 2000.0})]:
+        (records / folder).mkdir(parents=True, exist_ok=True)
+        (records / folder / f"{name}.json").write_text(json.dumps(rec))
     args = zoo.build_parser().parse_args(["report", "--quick", "--out", str(out)])
     zoo.check_args(args)
     c = zoo.compute(args)
-    assert c["tune"] == {"runs": 1, "started": 2, "cpu_s": 3060.0}
-    assert c["table"] == {"runs": 1, "started": 2, "cpu_s": 7560.0}
-    assert c["study"] == {"runs": 1, "started": 1, "cpu_s": 1440.0}
+    assert c["tune"] == {"runs": 2, "cpu_s": 2160.0}
+    assert c["table"] == {"runs": 2, "cpu_s": 7560.0}
+    assert c["study"] == {"runs": 1, "cpu_s": 1440.0}
     lines = zoo.compute_lines(args)
-    assert "| tune | 1 | 0.85 |" in lines and "| table | 1 | 2.10 |" in lines and "| study | 1 | 0.40 |" in lines
-    assert "| **all** | 3 | **3.35** |" in lines
+    assert "| tune | 2 | 0.60 |" in lines and "| table | 2 | 2.10 |" in lines and "| study | 1 | 0.40 |" in lines
+    assert "| **all** | 5 | **3.10** |" in lines
+
+    (records / "earlier_compute.json").write_text(json.dumps({"note": "before the records.", "tune": {"cpu_s": 900.0}}))
+    assert zoo.compute(args)["tune"] == {"runs": 2, "cpu_s": 3060.0}
+    lines = zoo.compute_lines(args)
+    assert "| **all** | 5 | **3.35** |" in lines
+    assert any(line.startswith("These hours include 0.25 CPU h of earlier work: before the records.") for line in lines)
+
+
+def test_a_record_of_other_settings_is_an_error_naming_it(tmp_path, capsys):
+    zoo = _load("zoo_lidc")
+    out = tmp_path / "z"
+    (out / "records" / "tune").mkdir(parents=True)
+    (out / "records" / "tune" / "unet-base.json").write_text(json.dumps({"overrides": ["train.steps=99"],
+                                                                        "metrics": {"ged": 0.3}}))
+    assert zoo.main(["tune", "--quick", "--resume", "--models", "unet", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "unet-base.json" in err and "train.steps=99" in err and "remove that record" in err
+    # records without --resume: the same one-line refusal as a busy --out
+    assert zoo.main(["tune", "--quick", "--models", "unet", "--out", str(tmp_path / "new"),
+                     "--records", str(out / "records")]) == 2
+    assert "--records" in capsys.readouterr().err
 
 
 def test_readme_table_ranks_finished_rows_by_ged_and_splices_between_the_markers(tmp_path):
     zoo = _load("zoo_lidc")
     out = tmp_path / "z"
-    (out / "table" / "s0").mkdir(parents=True)
+    (out / "records" / "table" / "s0").mkdir(parents=True)
     for model, variant, ged, hm, div, cpu in [("unet", "v1", 0.337, 0.374, 0.589, 1332.0),
                                               ("prob_unet", "v2", 0.105, 0.734, 0.419, 2088.0)]:
         rec = {"model": model, "variant": variant, "train_cpu_s": cpu,
                "metrics": {"ged": ged, "hm_iou": hm, "sample_diversity": div, "reference_diversity": 0.391}}
-        (out / "table" / "s0" / f"{model}.json").write_text(json.dumps(rec))
+        (out / "records" / "table" / "s0" / f"{model}.json").write_text(json.dumps(rec))
     args = zoo.build_parser().parse_args(["report", "--quick", "--out", str(out), "--models", "unet", "prob_unet",
                                           "ssn"])
     zoo.check_args(args)
