@@ -77,6 +77,9 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     (tmp_path / "busy" / "x").write_text("x")
     assert zoo.main(["all", "--quick", "--out", str(tmp_path / "busy")]) == 2
     assert "--resume" in capsys.readouterr().err
+    assert zoo.main(["tune", "--quick", "--threads", "0", "--out", str(tmp_path / "t")]) == 2
+    assert "--threads" in capsys.readouterr().err
+    assert zoo.child_env(2)["OMP_NUM_THREADS"] == "2" and zoo.child_env()["MKL_NUM_THREADS"] == "1"
 
 
 def test_quick_end_to_end_resumes_an_interrupted_training_and_skips_finished_runs(tmp_path, monkeypatch):
@@ -111,6 +114,7 @@ def test_quick_end_to_end_resumes_an_interrupted_training_and_skips_finished_run
     m = rec["metrics"]
     assert rec["split"] == "test" and rec["variant"] == tuned["variant"] and rec["parameters"] > 0
     assert rec["ms_per_100_samples"] > 0 and rec["train_cpu_s"] > 0 and rec["attempts"] == 2
+    assert rec["threads"] == 1
     assert 0 <= m["ged"] and m["by_empty_raters"] and m["empty_gap"] is not None and m["ece"] is not None
     assert rec["reproduce"].startswith("probunet train configs/zoo/lidc/unet.yaml")
     assert "checkpoints/last.pt" in rec["commands"][1]  # the budget's checkpoint, not best.pt
