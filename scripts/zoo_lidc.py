@@ -708,6 +708,19 @@ def compute_lines(args) -> list[str]:
     return lines
 
 
+def transcribed_lines(records: list, table: bool = False) -> list[str]:
+    """A line naming the records (of ``records``) transcribed from an earlier report, if any."""
+    done = [r for r in records if r and r.get("transcribed")]
+    if not done:
+        return []
+    line = (f"\nTranscribed from {done[0]['transcribed']} (their runs' work space is gone): "
+            f"{', '.join(r['name'] for r in done)}.")
+    if table:
+        line += (f" Where the study or the figure needs one of these models, `python {ME} study --resume` trains "
+                 "and evaluates it again, and its record then holds the new numbers.")
+    return [line]
+
+
 README_BEGIN = "<!-- zoo_lidc table: written by python scripts/zoo_lidc.py report -->"
 README_END = "<!-- end of the zoo_lidc table -->"
 
@@ -795,6 +808,7 @@ def report(args) -> Path:
     if goals:
         lines.append("\nGECO goals resolved from the training split (`train.geco.goal: auto`): " + "; ".join(
             f"{n}: {g['goal_scale']:g} x {g['rater_entropy']:.4f} nats = {g['goal']:.4f}" for n, g in goals) + ".")
+    lines += transcribed_lines([r.record for r in tune.values()])
     lines.append("\nCommands (one per row):\n")
     lines += [f"- {r.name}: `{r.reproduce()}`" for r in tune.values()]
     lines.append("")
@@ -834,6 +848,7 @@ def report(args) -> Path:
                  "readers' masks (sample s marks the pixels at least s mod A + 1 of the A readers mark): a floor, "
                  "not a competitor. Train CPU h: CPU time of the training process(es), all attempts; train img/s: "
                  "the logged median, wall clock on a shared machine.\n")
+    lines += [line + "\n" for line in transcribed_lines([table_record(args, m) for m in args.models], True)]
     lines.append("Commands (one per row):\n")
     lines += [f"- {model}: `{cmd}`" for model, cmd in rows_cmds]
 

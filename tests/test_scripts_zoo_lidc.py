@@ -279,3 +279,12 @@ def test_the_report_writes_study_paths_as_out_was_given(tmp_path):
     text = f"probunet study {real}/table/s0/unet/checkpoints/last.pt --out {tmp_path}/runs/zoo/study/noise"
     assert zoo.portable(args, text) == ("probunet study runs/zoo/table/s0/unet/checkpoints/last.pt "
                                         "--out runs/zoo/study/noise")
+
+
+def test_the_report_names_the_transcribed_records():
+    zoo = _load("zoo_lidc")
+    recs = [{"name": "unet", "transcribed": "docs/zoo_lidc.md of commit abc"}, None, {"name": "ssn"}]
+    (line,) = zoo.transcribed_lines(recs, table=True)
+    assert "Transcribed from docs/zoo_lidc.md of commit abc" in line and ": unet." in line and "ssn" not in line
+    assert "study --resume" in line and "study --resume" not in zoo.transcribed_lines(recs)[0]
+    assert zoo.transcribed_lines([{"name": "ssn"}, None]) == []
