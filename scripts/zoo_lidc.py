@@ -783,7 +783,9 @@ def report(args) -> Path:
              "<model>.yaml`, batch 16, Adam at lr 3e-4 with a weight average (EMA 0.995), He-normal init, "
              f"features 32-64-128-192, {NUM_SAMPLES} samples per image. Numbers: CPU, one thread per run.\n",
              f"Everything here, resumable: `{cmd_all}` (then `python {ME} report{data}{out}{quick}`). "
-             "Each row's own command is under its table.\n"]
+             "Each row's own command is under its table. The table is made of its records "
+             f"(`{args.records_arg}/`, each run's numbers, commands and CPU time): a run recorded there is not "
+             "run again, and the trained runs themselves need not outlive the machine they ran on.\n"]
 
     # tuning
     tune = {r.name: r for r in tune_runs(args)}
