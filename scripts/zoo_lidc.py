@@ -473,8 +473,8 @@ def figure_samples_path(args, model: str) -> Path:
 
 def missing_extras(args, model: str) -> list[str]:
     """What a finished seed-0 table run still lacks in ``--records``: its study pieces, its figure samples."""
-    todo = [f"study {kind}" for kind, _ in SHIFTS if not study_piece_path(args, kind, model).is_file()]
-    return todo + ([] if figure_samples_path(args, model).is_file() else ["figure samples"])
+    todo = [] if figure_samples_path(args, model).is_file() else ["figure samples"]
+    return todo + [f"study {kind}" for kind, _ in SHIFTS if not study_piece_path(args, kind, model).is_file()]
 
 
 def extras_of(run: Run, failures: list[str]) -> None:
@@ -493,11 +493,11 @@ def extras_of(run: Run, failures: list[str]) -> None:
             prev = rec.get("previous") or {}
             print(f"    GED {rec['metrics']['ged']:.4f} (recorded before: {_f(prev.get('ged'), 4)}), "
                   f"HM-IoU {rec['metrics']['hm_iou']:.4f} (before: {_f(prev.get('hm_iou'), 4)})", flush=True)
+        if not figure_samples_path(args, run.model).is_file():  # seconds, where a study takes long
+            figure_samples(run)
         for kind, severity in SHIFTS:
             if not study_piece_path(args, kind, run.model).is_file():
                 study_piece(run, kind, severity)
-        if not figure_samples_path(args, run.model).is_file():
-            figure_samples(run)
     except RuntimeError as exc:
         failures.append(f"{run.folder}/{run.name} ({', '.join(todo)}): {exc}")
         print(f"    FAILED: {exc}", flush=True)
