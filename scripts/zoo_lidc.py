@@ -850,7 +850,8 @@ def report(args) -> Path:
                  "readers' masks (sample s marks the pixels at least s mod A + 1 of the A readers mark): a floor, "
                  "not a competitor. Train CPU h: CPU time of the training process(es), all attempts; train img/s: "
                  "the logged median, wall clock on a shared machine.\n")
-    lines += [line + "\n" for line in transcribed_lines([table_record(args, m) for m in args.models], True)]
+    lines += [line.lstrip("\n") + "\n" for line in transcribed_lines([table_record(args, m) for m in args.models],
+                                                                      True)]
     lines.append("Commands (one per row):\n")
     lines += [f"- {model}: `{cmd}`" for model, cmd in rows_cmds]
 
