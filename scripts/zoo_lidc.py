@@ -721,6 +721,20 @@ def transcribed_lines(records: list, table: bool = False) -> list[str]:
     return [line]
 
 
+def cpu_lines(records: list) -> list[str]:
+    """A line naming the CPU each record's training ran on (torch's kernel level and bf16 units, from its
+    train summary): the timing columns compare only between rows of one CPU."""
+    groups: dict[str, list[str]] = {}
+    for r in records:
+        if r:
+            cpu = (r.get("train_summary") or {}).get("cpu_capability") or "not recorded"
+            groups.setdefault(cpu, []).append(r["name"])
+    if len(groups) < 2 and "not recorded" not in groups:
+        return [f"\nTimings: one CPU for every row ({next(iter(groups))})."] if groups else []
+    return ["\nTimings compare only between rows of one CPU; the CPU of each row's training: " + "; ".join(
+        f"{cpu}: {', '.join(names)}" for cpu, names in groups.items()) + "."]
+
+
 README_BEGIN = "<!-- zoo_lidc table: written by python scripts/zoo_lidc.py report -->"
 README_END = "<!-- end of the zoo_lidc table -->"
 
@@ -850,8 +864,8 @@ def report(args) -> Path:
                  "readers' masks (sample s marks the pixels at least s mod A + 1 of the A readers mark): a floor, "
                  "not a competitor. Train CPU h: CPU time of the training process(es), all attempts; train img/s: "
                  "the logged median, wall clock on a shared machine.\n")
-    lines += [line.lstrip("\n") + "\n" for line in transcribed_lines([table_record(args, m) for m in args.models],
-                                                                      True)]
+    table_recs = [table_record(args, m) for m in args.models]
+    lines += [line.lstrip("\n") + "\n" for line in transcribed_lines(table_recs, True) + cpu_lines(table_recs)]
     lines.append("Commands (one per row):\n")
     lines += [f"- {model}: `{cmd}`" for model, cmd in rows_cmds]
 

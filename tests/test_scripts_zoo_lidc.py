@@ -288,3 +288,14 @@ def test_the_report_names_the_transcribed_records():
     assert "Transcribed from docs/zoo_lidc.md of commit abc" in line and ": unet." in line and "ssn" not in line
     assert "study --resume" in line and "study --resume" not in zoo.transcribed_lines(recs)[0]
     assert zoo.transcribed_lines([{"name": "ssn"}, None]) == []
+
+
+def test_the_report_names_the_cpu_of_each_rows_timings():
+    zoo = _load("zoo_lidc")
+    amx, avx = ({"train_summary": {"cpu_capability": c}} for c in ("AMX, amx_bf16", "AVX512, avx512_bf16"))
+    recs = [{"name": "ssn", **amx}, {"name": "phiseg", **avx}, {"name": "unet", **amx}, {"name": "hpu_net"}, None]
+    (line,) = zoo.cpu_lines(recs)
+    assert "AMX, amx_bf16: ssn, unet; AVX512, avx512_bf16: phiseg; not recorded: hpu_net." in line
+    assert zoo.cpu_lines([{"name": "ssn", **amx}, {"name": "unet", **amx}]) == [
+        "\nTimings: one CPU for every row (AMX, amx_bf16)."]
+    assert zoo.cpu_lines([None]) == []
