@@ -531,6 +531,17 @@ def study_piece(run: Run, kind: str, severity: float) -> dict:
     return piece
 
 
+# what ``probunet study`` writes to describe its risks and calibration, not settings (the transcribed pieces
+# lack them)
+STUDY_DESCRIPTIONS = ("risks", "calibration")
+
+
+def settings_differ(a: dict, b: dict) -> bool:
+    """Whether two study pieces were made with other settings (descriptions left aside)."""
+    keys = (set(a) | set(b)) - set(STUDY_DESCRIPTIONS)
+    return any(a.get(k) != b.get(k) for k in keys)
+
+
 def study_of(args, kind: str) -> dict | None:
     """The study of the ``kind`` shift over every model with a piece in ``--records``, in the form
     ``probunet study`` writes (settings, results per question and model, the best scores)."""
@@ -544,7 +555,7 @@ def study_of(args, kind: str) -> dict | None:
         for question, values in piece["results"].items():
             results.setdefault(question, {})[piece["model"]] = values
     settings = {**pieces[0]["settings"], "models": [p["entry"] for p in pieces]}
-    differ = [p["model"] for p in pieces[1:] if p["settings"] != pieces[0]["settings"]]
+    differ = [p["model"] for p in pieces[1:] if settings_differ(p["settings"], pieces[0]["settings"])]
     return {"settings": settings, "results": results, "best": best_scores(results),
             "commands": {p["model"]: p["command"] for p in pieces}, "settings_differ": differ}
 
@@ -731,8 +742,9 @@ def cpu_lines(records: list) -> list[str]:
             groups.setdefault(cpu, []).append(r["name"])
     if len(groups) < 2 and "not recorded" not in groups:
         return [f"\nTimings: one CPU for every row ({next(iter(groups))})."] if groups else []
-    return ["\nTimings compare only between rows of one CPU; the CPU of each row's training: " + "; ".join(
-        f"{cpu}: {', '.join(names)}" for cpu, names in groups.items()) + "."]
+    order = sorted(groups, key=lambda cpu: cpu == "not recorded")
+    return ["\nTimings compare only between rows of one CPU. The CPU each row trained on (torch's kernel level, "
+            "bf16 units): " + "; ".join(f"{cpu}: {', '.join(groups[cpu])}" for cpu in order) + "."]
 
 
 README_BEGIN = "<!-- zoo_lidc table: written by python scripts/zoo_lidc.py report -->"

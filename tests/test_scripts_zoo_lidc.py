@@ -296,6 +296,17 @@ def test_the_report_names_the_cpu_of_each_rows_timings():
     recs = [{"name": "ssn", **amx}, {"name": "phiseg", **avx}, {"name": "unet", **amx}, {"name": "hpu_net"}, None]
     (line,) = zoo.cpu_lines(recs)
     assert "AMX, amx_bf16: ssn, unet; AVX512, avx512_bf16: phiseg; not recorded: hpu_net." in line
+    assert zoo.cpu_lines([{"name": "ssn"}, {"name": "unet", **amx}])[0].endswith("amx_bf16: unet; not recorded: ssn.")
     assert zoo.cpu_lines([{"name": "ssn", **amx}, {"name": "unet", **amx}]) == [
         "\nTimings: one CPU for every row (AMX, amx_bf16)."]
     assert zoo.cpu_lines([None]) == []
+
+
+def test_study_pieces_differ_in_settings_not_in_descriptions():
+    zoo = _load("zoo_lidc")
+    made = {"num_samples": 16, "seed": 0, "shift": "noise", "severity": 2.0,
+            "risks": {"ged": "D^2_GED of the samples against the raters"}, "calibration": "ECE 10 bins"}
+    transcribed = {k: v for k, v in made.items() if k not in ("risks", "calibration")}
+    assert not zoo.settings_differ(made, transcribed)
+    assert zoo.settings_differ(made, {**transcribed, "num_samples": 8})
+    assert zoo.settings_differ(made, {**transcribed, "threshold": 0.2})
