@@ -38,7 +38,8 @@ Variants (``VARIANTS``; ``base`` is the shipped config):
 Two folders. ``--out`` (default runs/zoo_lidc) is the work space: every run as
 ``tune/<model>-<variant>/`` or ``table/s<seed>/<model>/`` (checkpoints, evaluation) with
 ``<name>.yaml`` (its config), ``<name>.log`` and ``<name>.time.json`` (CPU and wall
-seconds of its commands) beside it, ``study/<shift>/<model>/`` and ``choices.json``.
+seconds of its commands) beside it, ``study/<model>/`` (its studies of both shifts: the second
+samples only its shifted set), ``study/<shift>/<model>.log`` and ``choices.json``.
 ``--records`` (default docs/zoo_lidc_records, committed with the report) keeps what
 the table is made of, small files that outlive the work space:
 
@@ -507,7 +508,7 @@ def study_piece(run: Run, kind: str, severity: float) -> dict:
     """``probunet study`` of one table run (test split and its ``kind`` shift) in the work space; its
     answers (the study answers every question per model) go to ``--records`` as the model's piece."""
     args = run.args
-    out = args.out / "study" / kind / run.model
+    out = args.out / "study" / run.model  # both shifts: the second samples only its shifted set
     cmd = ["probunet", "study", str(run.checkpoint), "--out", str(out), "--shift", kind, "--severity",
            f"{severity:g}", "--num-samples", str(NUM_SAMPLES), "--seed", "0", "--no-progress"]
     log = args.out / "study" / kind / f"{run.model}.log"

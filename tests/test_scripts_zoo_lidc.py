@@ -122,6 +122,10 @@ def test_quick_end_to_end_resumes_an_interrupted_training_and_skips_finished_run
         piece = json.loads((records / "study" / kind / "unet.json").read_text())
         assert piece["entry"]["name"] == "unet" and f"--shift {kind}" in piece["command"]
         assert 0 <= piece["results"]["performance"]["ged"] and piece["results"]["ood.auroc"]
+    # both shifts studied in one folder: the second sampled only its shifted set
+    (first, _), (second, _) = zoo.SHIFTS
+    assert "its test set read from" not in (out / "study" / first / "unet.log").read_text()
+    assert "its test set read from" in (out / "study" / second / "unet.log").read_text()
     with np.load(records / "figure" / "unet.npz") as z:
         assert z["samples"].shape[1:] == (4, 32, 32) and len(z["case_ids"]) == z["samples"].shape[0] > 0
     assert (doc.parent / "zoo.png").stat().st_size > 1000

@@ -26,8 +26,9 @@ Files in ``out``: ``study.json`` ({"cases": {"<model>/<set>/<case>": {map: {aggr
 "risks": {"<model>/<set>/<case>": {risk: value}}, "results": {question: {model: {score: value}}},
 "settings": ...}), ``study.md`` (one table per question, a row per model), ``study.csv`` (a row per
 model, set and case), ``risk_coverage.png``, ``reliability.png``, ``ood.png``; ``runs/<model>/`` for
-the configs trained here and ``cache/<model>.json`` per finished model, so a killed study resumes
-where it stopped.
+the configs trained here, ``cache/<model>.json`` per finished model and ``cache/<model>.<set>.json``
+per scored set, so a killed study resumes where it stopped, and a study of another shift (or ``--ood``)
+into the same folder scores only the shifted set again: the test split's scores do not depend on it.
 
 The study scores the test split each run recorded when it started (``RUN/splits.json`` or the
 checkpoint's record, as ``probunet evaluate`` does): cases added to the data folder since are left out
@@ -531,10 +532,48 @@ def study_model(sm: StudyModel, settings: StudySettings, out: Path, train=None, 
               "model_name": cfg.model.name, "member": getattr(cfg.model, "member", None), "kind": spec.kind,
               "maps": list(maps), "why": spec.why, "sets": {}}
     for name, items in sets.items():
-        result["sets"][name] = score_set(model, spec, items, cfg, settings, maps, device,
-                                         desc=f"{sm.name} {name}", progress=progress)
+        set_rel, skey = set_cache_path(sm.name, name), set_cache_key(key, name)
+        scored = _read_cache(out / set_rel, skey) if folder.owns(set_rel) else None
+        if scored is not None:
+            logger.info("%s: its %s set read from %s", sm.name, name, out / set_rel)
+        else:
+            scored = score_set(model, spec, items, cfg, settings, maps, device, desc=f"{sm.name} {name}",
+                               progress=progress)
+            folder.write_text(set_rel, json.dumps(_finite({"key": skey, "scored": scored})) + "\n")
+        result["sets"][name] = scored
     folder.write_text(rel, json.dumps(_finite(result)) + "\n")
     return result
+
+
+# settings that change only the shifted set: the test split's scores do not depend on them
+SHIFT_SETTINGS = ("shift", "severity", "ood")
+
+
+def set_cache_path(model: str, set_name: str) -> str:
+    """``cache/<model>.<set>.json``: one set's scores (relative to the study folder)."""
+    return f"cache/{model}.{set_name}.json"
+
+
+def set_cache_key(key: dict, set_name: str) -> dict:
+    """The cache key of one set's scores: the model's ``key`` with that set's data only and, for the test
+    split, without the shift settings, so a study of another shift (or ``--ood``) into the same folder
+    reuses the test split's scores."""
+    settings = dict(key["settings"])
+    if set_name == TEST:
+        for k in SHIFT_SETTINGS:
+            settings.pop(k, None)
+    return {**key, "set": set_name, "settings": settings, "data": key["data"][set_name]}
+
+
+def _read_cache(path: Path, key: dict) -> Optional[dict]:
+    """The scores cached at ``path`` under ``key``, or None (absent, unreadable or another key)."""
+    if not path.is_file():
+        return None
+    try:
+        cached = json.loads(path.read_text())
+    except ValueError:
+        return None
+    return cached.get("scored") if isinstance(cached, dict) and cached.get("key") == key else None
 
 
 # ----------------------------------------------------------------------------- results
@@ -852,7 +891,8 @@ def run_study(sources: Sequence[str], out: str | Path, settings: Optional[StudyS
     models = resolve_sources(sources, out)
     folder = StudyFolder(out)
     # every path the study may write, checked before any work
-    folder.check([*OUTPUT_FILES, *(f"cache/{sm.name}.json" for sm in models)],
+    folder.check([*OUTPUT_FILES, *(f"cache/{sm.name}.json" for sm in models),
+                  *(set_cache_path(sm.name, name) for sm in models for name in (TEST, SHIFTED))],
                  [sm.name for sm in models if sm.trained_here])
     ensure_writable_dir(out, "--out")  # a read-only or missing folder: one line, before the work
     lock = FolderLock(out, what="study folder").acquire()

@@ -140,7 +140,7 @@ def test_evaluate_splits_a_dataset_of_other_case_ids_by_its_config(shared_run, t
 
 
 @pytest.mark.parametrize("name", ["study.csv", "study.md", "study.json", "reliability.png", "risk_coverage.png",
-                                  "cache/run.json"])
+                                  "cache/run.json", "cache/run.test.json"])
 def test_study_never_replaces_a_file_it_did_not_write(shared_run, tmp_path, capsys, monkeypatch, name):
     import probunet.study.pipeline as study_mod
 
@@ -178,6 +178,37 @@ def test_a_study_replaces_its_own_files_but_not_a_file_changed_since(shared_run,
     assert main(["study", str(run), "--out", str(out), *STUDY]) == 2
     _one_line_error(capsys, "study", "study.md", "changed since")
     assert (out / "study.md").read_text() == "# my notes on the study\n"
+
+
+def test_a_study_of_another_shift_scores_only_the_shifted_set_again(shared_run, tmp_path, monkeypatch):
+    import probunet.study.pipeline as study_mod
+
+    run, _, _ = shared_run
+    scored, real = [], study_mod.score_set
+
+    def counting(*a, desc, **k):
+        scored.append(desc)
+        return real(*a, desc=desc, **k)
+
+    monkeypatch.setattr(study_mod, "score_set", counting)
+
+    def study(out, *extra):
+        assert main(["--quiet", "study", str(run), "--out", str(tmp_path / out), *STUDY, *extra]) == 0
+        return json.loads((tmp_path / out / "study.json").read_text())
+
+    def test_cases(s):
+        return {k: v for k, v in s["cases"].items() if k.startswith("run/test/")}
+
+    noise = study("s", "--shift", "noise")
+    assert scored == ["run test", "run shifted"]
+    blur = study("s", "--shift", "blur")
+    assert scored[2:] == ["run shifted"]  # the test split's scores read from cache/run.test.json
+    assert blur["settings"]["shift"] == "blur" and test_cases(blur) == test_cases(noise)
+    fresh = study("fresh", "--shift", "blur")  # a study of its own: the same numbers
+    assert scored[3:] == ["run test", "run shifted"]
+    assert fresh["cases"] == blur["cases"] and fresh["results"] == blur["results"]
+    study("s", "--shift", "blur", "--seed", "1")  # other samples: both sets again
+    assert scored[5:] == ["run test", "run shifted"]
 
 
 def test_a_read_only_out_is_one_line_naming_it(shared_run, read_only, capsys):  # noqa: F811
