@@ -733,6 +733,21 @@ def transcribed_lines(records: list, table: bool = False) -> list[str]:
     return [line]
 
 
+def retrained_lines(records: list) -> list[str]:
+    """A line naming the runs trained again (their work space lost) with their new and earlier GED and
+    HM-IoU: the same command and seed, rerun; the difference is how far a rerun moves a row."""
+    again = [r for r in records if r and r.get("previous")]
+    if not again:
+        return []
+
+    def pair(r: dict, key: str) -> str:
+        return f"{_f(r['metrics'][key])} (before {_f(r['previous'].get(key))})"
+
+    return ["\nTrained and evaluated again with the same command and seed (the earlier work space was gone), "
+            "GED and HM-IoU now against before: " + "; ".join(
+                f"{r['name']} {pair(r, 'ged')}, {pair(r, 'hm_iou')}" for r in again) + "."]
+
+
 def cpu_lines(records: list) -> list[str]:
     """A line naming the CPU each record's training ran on (torch's kernel level and bf16 units, from its
     train summary): the timing columns compare only between rows of one CPU."""
@@ -878,7 +893,8 @@ def report(args) -> Path:
                  "not a competitor. Train CPU h: CPU time of the training process(es), all attempts; train img/s: "
                  "the logged median, wall clock on a shared machine.\n")
     table_recs = [table_record(args, m) for m in args.models]
-    lines += [line.lstrip("\n") + "\n" for line in transcribed_lines(table_recs, True) + cpu_lines(table_recs)]
+    lines += [line.lstrip("\n") + "\n" for line in transcribed_lines(table_recs, True) + retrained_lines(table_recs)
+              + cpu_lines(table_recs)]
     lines.append("Commands (one per row):\n")
     lines += [f"- {model}: `{cmd}`" for model, cmd in rows_cmds]
 

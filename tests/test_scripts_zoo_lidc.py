@@ -314,3 +314,12 @@ def test_study_pieces_differ_in_settings_not_in_descriptions():
     assert not zoo.settings_differ(made, transcribed)
     assert zoo.settings_differ(made, {**transcribed, "num_samples": 8})
     assert zoo.settings_differ(made, {**transcribed, "threshold": 0.2})
+
+
+def test_the_report_names_the_runs_trained_again_with_both_numbers():
+    zoo = _load("zoo_lidc")
+    again = {"name": "hpu_net", "metrics": {"ged": 0.1428, "hm_iou": 0.6783},
+             "previous": {"ged": 0.14, "hm_iou": 0.682, "finished": None}}
+    (line,) = zoo.retrained_lines([again, {"name": "ssn", "metrics": {"ged": 0.2}}, None])
+    assert "hpu_net 0.143 (before 0.140), 0.678 (before 0.682)." in line and "ssn" not in line
+    assert zoo.retrained_lines([{"name": "ssn"}, None]) == []
