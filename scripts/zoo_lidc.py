@@ -558,7 +558,14 @@ def study_of(args, kind: str) -> dict | None:
     settings = {**pieces[0]["settings"], "models": [p["entry"] for p in pieces]}
     differ = [p["model"] for p in pieces[1:] if settings_differ(p["settings"], pieces[0]["settings"])]
     return {"settings": settings, "results": results, "best": best_scores(results),
-            "commands": {p["model"]: p["command"] for p in pieces}, "settings_differ": differ}
+            "commands": {p["model"]: p["command"] for p in pieces}, "settings_differ": differ,
+            "earlier_run": [p["model"] for p in pieces if studied_an_earlier_run(p, table_record(args, p["model"]))]}
+
+
+def studied_an_earlier_run(piece: dict, record: dict | None) -> bool:
+    """Whether a study piece was made on an earlier run of its model's table command than the one its table
+    row now reports (the row trained again since, its work space lost)."""
+    return bool(record) and piece.get("table_record") != record.get("finished")
 
 
 def stage_study(args, failures) -> None:
@@ -945,6 +952,9 @@ def report(args) -> Path:
         if study["settings_differ"]:
             lines.append(f"Studied with other settings than {study['settings']['models'][0]['name']}: "
                          f"{', '.join(study['settings_differ'])}.\n")
+        if study.get("earlier_run"):
+            lines.append(f"Studied on an earlier run of the same command and seed, not on the rerun its table row now "
+                         f"reports: {', '.join(study['earlier_run'])}.\n")
         lines.append("Commands:\n")
         by_cmd: dict[str, list[str]] = {}
         for model, cmd in study["commands"].items():  # a study of several models at once: its command once

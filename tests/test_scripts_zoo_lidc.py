@@ -323,3 +323,12 @@ def test_the_report_names_the_runs_trained_again_with_both_numbers():
     (line,) = zoo.retrained_lines([again, {"name": "ssn", "metrics": {"ged": 0.2}}, None])
     assert "hpu_net 0.143 (before 0.140), 0.678 (before 0.682)." in line and "ssn" not in line
     assert zoo.retrained_lines([{"name": "ssn"}, None]) == []
+
+
+def test_a_study_piece_of_a_run_trained_again_since_is_named():
+    zoo = _load("zoo_lidc")
+    assert zoo.studied_an_earlier_run({"table_record": None}, {"finished": "2026-12-08T01:54:29"})
+    assert zoo.studied_an_earlier_run({"table_record": "2026-12-07T10:00:00"}, {"finished": "2026-12-08T01:54:29"})
+    assert not zoo.studied_an_earlier_run({"table_record": "2026-12-08T01:54:29"}, {"finished": "2026-12-08T01:54:29"})
+    assert not zoo.studied_an_earlier_run({"table_record": None}, {"finished": None})  # both transcribed
+    assert not zoo.studied_an_earlier_run({"table_record": None}, None)
