@@ -73,6 +73,8 @@ RISKS = {
 DEFAULT_FAILURE = {"one_minus_dice": 0.2, "ged": 0.3}
 CACHE_VERSION = 2
 TEST, SHIFTED = "test", "shifted"
+# settings that change only the shifted set: the test split's scores do not depend on them
+SHIFT_SETTINGS = ("shift", "severity", "ood")
 
 
 @dataclass
@@ -512,13 +514,10 @@ def study_model(sm: StudyModel, settings: StudySettings, out: Path, train=None, 
     rel = f"cache/{sm.name}.json"
     cache = out / rel
     if cache.is_file() and folder.owns(rel):
-        try:
-            cached = json.loads(cache.read_text())
-            if cached.get("key") == key:
-                logger.info("%s: results read from %s", sm.name, cache)
-                return cached
-        except ValueError:
-            pass
+        cached = _read_cache(cache, key)
+        if cached is not None:
+            logger.info("%s: results read from %s", sm.name, cache)
+            return cached
         logger.info("%s: %s is stale (other settings, checkpoint or data); scoring again", sm.name, cache)
     spec = model_maps(model)
     maps = check_maps(spec, settings.maps) if settings.maps else spec.maps
@@ -533,7 +532,7 @@ def study_model(sm: StudyModel, settings: StudySettings, out: Path, train=None, 
               "maps": list(maps), "why": spec.why, "sets": {}}
     for name, items in sets.items():
         set_rel, skey = set_cache_path(sm.name, name), set_cache_key(key, name)
-        scored = _read_cache(out / set_rel, skey) if folder.owns(set_rel) else None
+        scored = (_read_cache(out / set_rel, skey) or {}).get("scored") if folder.owns(set_rel) else None
         if scored is not None:
             logger.info("%s: its %s set read from %s", sm.name, name, out / set_rel)
         else:
@@ -543,10 +542,6 @@ def study_model(sm: StudyModel, settings: StudySettings, out: Path, train=None, 
         result["sets"][name] = scored
     folder.write_text(rel, json.dumps(_finite(result)) + "\n")
     return result
-
-
-# settings that change only the shifted set: the test split's scores do not depend on them
-SHIFT_SETTINGS = ("shift", "severity", "ood")
 
 
 def set_cache_path(model: str, set_name: str) -> str:
@@ -566,14 +561,15 @@ def set_cache_key(key: dict, set_name: str) -> dict:
 
 
 def _read_cache(path: Path, key: dict) -> Optional[dict]:
-    """The scores cached at ``path`` under ``key``, or None (absent, unreadable or another key)."""
+    """The JSON object cached at ``path`` when its ``"key"`` is ``key``; None when absent, unreadable or
+    written under another key (stale)."""
     if not path.is_file():
         return None
     try:
         cached = json.loads(path.read_text())
     except ValueError:
         return None
-    return cached.get("scored") if isinstance(cached, dict) and cached.get("key") == key else None
+    return cached if isinstance(cached, dict) and cached.get("key") == key else None
 
 
 # ----------------------------------------------------------------------------- results
